@@ -1,0 +1,1 @@
+"""bert_jax: BERT and ALBERT encoders in JAX/Flax NNX, pretraining and fine-tuning."""

@@ -1,0 +1,297 @@
+"""NNX building blocks of the BERT encoder: dense, embedding, LayerNorm, attention, one layer.
+
+Layers know shapes, dtypes and logical axis names (`bert_jax.axes`), nothing else. Every
+weight is an `nnx.Param` carrying `logical_axes` metadata; the sharding rules that map those
+names to a device mesh live outside the model. Parameters are stored in `param_dtype`
+(float32) and cast to the compute `dtype` (for example bfloat16) at use; LayerNorm statistics
+and attention softmax are always computed in float32.
+
+Randomness is explicit: dropout takes a key, there is no RNG state inside a module.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bert_jax import axes
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+
+def truncated_normal(stddev: float):
+    """The original BERT initializer: a normal cut at two standard deviations, not rescaled."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * stddev).astype(
+            dtype
+        )
+
+    return init
+
+
+def param(value: jax.Array, logical_axes: Axes) -> nnx.Param:
+    """An `nnx.Param` annotated with one logical axis name (or None) per dimension."""
+    if len(logical_axes) != value.ndim:
+        raise ValueError(f"{len(logical_axes)} logical axes {logical_axes} for shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: bool) -> jax.Array:
+    """Inverted dropout; the identity when `deterministic` or `rate == 0`."""
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout needs an rng key when deterministic=False")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """`gelu` is the exact erf GELU of the original BERT; `gelu_new` the tanh approximation."""
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu(x)
+    raise ValueError(f"unknown activation {name!r}; use 'gelu', 'gelu_new' or 'relu'")
+
+
+class Dense(nnx.Module):
+    """A dense layer over one or more trailing input axes into one or more output axes.
+
+    Attention projections use it with split heads: query kernel [D, H, K], output kernel
+    [H, K, D], so that the head axis can be sharded (tensor parallelism).
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        kernel_axes: Axes,
+        init_std: float,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        self.in_features = _as_tuple(in_features)
+        self.out_features = _as_tuple(out_features)
+        self.dtype = dtype
+        shape = self.in_features + self.out_features
+        self.kernel = param(
+            truncated_normal(init_std)(rngs.params(), shape, param_dtype), kernel_axes
+        )
+        if use_bias:
+            bias_axes = tuple(kernel_axes[len(self.in_features) :])
+            self.bias = param(jnp.zeros(self.out_features, param_dtype), bias_axes)
+        else:
+            self.bias = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., *in_features] -> [..., *out_features] in the compute dtype."""
+        n_in = len(self.in_features)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ()))
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """An embedding table [N, D]; `attend` is the tied output projection of the MLM decoder."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        table_axes: Axes,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        self.dtype = dtype
+        table = truncated_normal(init_std)(rngs.params(), (num_embeddings, features), param_dtype)
+        self.embedding = param(table, table_axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids: [...] int32 -> [..., D]."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> logits [..., N] against every row of the table."""
+        return jnp.einsum(
+            "...d,nd->...n", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with float32 statistics whatever the compute dtype (epsilon 1e-12 in BERT)."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        epsilon: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        del rngs  # Deterministic initialisation; the argument keeps the layer API uniform.
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = param(jnp.ones((features,), param_dtype), (axes.EMBED,))
+        self.bias = param(jnp.zeros((features,), param_dtype), (axes.EMBED,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention under a key padding mask, split-head projections."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        head_dim = hidden_size // num_heads
+        kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
+        self.query = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.key = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.value = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.output = Dense(
+            (num_heads, head_dim), hidden_size, kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), **kw
+        )
+        self.dtype = dtype
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        probs_dropout: float = 0.0,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        return_probs: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Attends every position to the unmasked ones.
+
+        Args:
+          x: [B, L, D] hidden states.
+          mask: [B, L] bool, True where a token is real (the original `input_mask`).
+          probs_dropout: dropout rate on the attention probabilities (training only).
+          rng: key for that dropout.
+          deterministic: no dropout when True.
+          return_probs: also return the attention probabilities [B, H, L, L] float32.
+
+        Returns:
+          ([B, L, D] output, probabilities or None).
+        """
+        q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, H, K]
+        key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, L] over (B, H, Lq, Lk)
+        use_dropout = not deterministic and probs_dropout > 0.0
+        if return_probs or use_dropout:
+            # The explicit path: needed to return or drop out the probabilities. The fused
+            # kernel below cannot do either.
+            scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+            logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(key_mask, logits * scale, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1)
+            dropped = dropout(probs, probs_dropout, rng, deterministic)
+            ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
+        else:
+            probs = None
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        return self.output(ctx), (probs if return_probs else None)
+
+
+class TransformerLayer(nnx.Module):
+    """One post-LN Transformer layer: attention, add & norm, GELU feed-forward, add & norm."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        hidden_act: str,
+        hidden_dropout: float,
+        attention_dropout: float,
+        layer_norm_eps: float,
+        init_std: float,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attention = SelfAttention(hidden_size, num_heads, init_std=init_std, **kw)
+        self.attention_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
+        self.intermediate = Dense(
+            hidden_size,
+            intermediate_size,
+            kernel_axes=(axes.EMBED, axes.MLP),
+            init_std=init_std,
+            **kw,
+        )
+        self.output = Dense(
+            intermediate_size,
+            hidden_size,
+            kernel_axes=(axes.MLP, axes.EMBED),
+            init_std=init_std,
+            **kw,
+        )
+        self.output_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
+        self.hidden_act = hidden_act
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        return_probs: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x: [B, L, D], mask: [B, L] bool -> ([B, L, D], probabilities [B, H, L, L] or None)."""
+        keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+        attended, probs = self.attention(
+            x,
+            mask,
+            probs_dropout=self.attention_dropout,
+            rng=keys[0],
+            deterministic=deterministic,
+            return_probs=return_probs,
+        )
+        x = self.attention_layer_norm(
+            x + dropout(attended, self.hidden_dropout, keys[1], deterministic)
+        )
+        h = self.output(activation(self.hidden_act, self.intermediate(x)))
+        x = self.output_layer_norm(x + dropout(h, self.hidden_dropout, keys[2], deterministic))
+        return x, probs
+
+
+def _as_tuple(n: int | Sequence[int]) -> tuple[int, ...]:
+    return (n,) if isinstance(n, int) else tuple(n)

@@ -1,0 +1,65 @@
+"""Pretraining losses and on-device metrics (jnp only)."""
+
+import jax
+import jax.numpy as jnp
+
+
+def weighted_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sum of weighted token losses, sum of weighted correct predictions, sum of weights.
+
+    Args:
+      logits: [..., V] float32.
+      labels: [...] int32.
+      weights: [...] float32 (0 for padded predictions).
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def pretraining_loss(mlm_logits, nsp_logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked-LM loss (mean over real predictions, as the original) + next-sentence loss.
+
+    Args:
+      mlm_logits: [B, P, V] float32 at `masked_lm_positions`.
+      nsp_logits: [B, 2] float32.
+      batch: holds `masked_lm_ids` [B, P] int32, `masked_lm_weights` [B, P] float32 and
+        `next_sentence_labels` [B] int32.
+
+    Returns:
+      (total loss, metric sums: the `*_sum` entries add over batches, `*_count` normalise them).
+    """
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_sum, mlm_correct, mlm_count = weighted_cross_entropy(
+        mlm_logits, batch["masked_lm_ids"], weights
+    )
+    nsp_weights = jnp.ones(nsp_logits.shape[:1], jnp.float32)
+    nsp_sum, nsp_correct, nsp_count = weighted_cross_entropy(
+        nsp_logits, batch["next_sentence_labels"], nsp_weights
+    )
+    # The original divides by (sum of weights + 1e-5) so an all-padding batch gives 0, not NaN.
+    loss = mlm_sum / (mlm_count + 1e-5) + nsp_sum / nsp_count
+    metrics = {
+        "mlm_loss_sum": mlm_sum,
+        "mlm_correct_sum": mlm_correct,
+        "mlm_count": mlm_count,
+        "nsp_loss_sum": nsp_sum,
+        "nsp_correct_sum": nsp_correct,
+        "nsp_count": nsp_count,
+    }
+    return loss, metrics
+
+
+def summarize(sums: dict[str, float]) -> dict[str, float]:
+    """Metric sums (possibly added over batches) -> losses and accuracies."""
+    mlm_n = max(float(sums["mlm_count"]), 1e-5)
+    nsp_n = max(float(sums["nsp_count"]), 1e-5)
+    return {
+        "mlm_loss": float(sums["mlm_loss_sum"]) / mlm_n,
+        "mlm_accuracy": float(sums["mlm_correct_sum"]) / mlm_n,
+        "nsp_loss": float(sums["nsp_loss_sum"]) / nsp_n,
+        "nsp_accuracy": float(sums["nsp_correct_sum"]) / nsp_n,
+    }

@@ -1,0 +1,397 @@
+"""BertConfig, the BERT encoder and its pretraining heads (masked LM and next-sentence).
+
+The encoder's layers are stacked: one `TransformerLayer` whose weights carry a leading
+`layers` axis, applied with `jax.lax.scan`, so that compile time does not grow with depth.
+Models are used functionally: `split_params` once, then `merge_params` inside pure jitted
+functions (see `train_lib`).
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from bert_jax import axes, layers
+
+_ACTIVATIONS = ("gelu", "gelu_new", "relu")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Sizes and numerics of a BERT encoder; field names follow the original `bert_config.json`.
+
+    Defaults are BERT-Base. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; choose heads that divide the "
+                f"hidden size (BERT uses hidden_size / 64 heads)"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"BertConfig.hidden_act={self.hidden_act!r}; use one of {_ACTIVATIONS}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"BertConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES}")
+        if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError("BertConfig.initializer_range and layer_norm_eps must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> "BertConfig":
+        """A released size: `bert_base`, `bert_large`, or the small-BERT grid `L-4_H-256`.
+
+        The small BERTs (Turc et al., 2019) have heads = H / 64 and intermediate size 4 H.
+        """
+        if name in _NAMED:
+            return dataclasses.replace(_NAMED[name], **overrides)
+        match = re.fullmatch(r"(?:bert_)?(?:uncased_)?L-(\d+)_H-(\d+)(?:_A-\d+)?", name)
+        if match:
+            n_layers, hidden = int(match[1]), int(match[2])
+            if n_layers in _SMALL_LAYERS and hidden in _SMALL_HIDDEN:
+                sizes = dict(
+                    num_hidden_layers=n_layers,
+                    hidden_size=hidden,
+                    num_attention_heads=hidden // 64,
+                    intermediate_size=4 * hidden,
+                )
+                return cls(**{**sizes, **overrides})
+        raise ValueError(
+            f"unknown BERT size {name!r}; use one of {sorted(_NAMED)} or L-<layers>_H-<hidden> "
+            f"with layers in {_SMALL_LAYERS} and hidden in {_SMALL_HIDDEN}"
+        )
+
+
+_NAMED = {
+    "bert_base": BertConfig(),
+    "bert_large": BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+}
+_SMALL_LAYERS = (2, 4, 6, 8, 10, 12)
+_SMALL_HIDDEN = (128, 256, 512, 768)
+
+
+@struct.dataclass
+class EncoderOutput:
+    """sequence_output [B, L, D]; pooled_output [B, D]; hidden_states [1 + layers, B, L, D]
+    (embeddings first) and attentions [layers, B, H, L, L] when requested, else None."""
+
+    sequence_output: jax.Array
+    pooled_output: jax.Array
+    hidden_states: jax.Array | None = None
+    attentions: jax.Array | None = None
+
+
+@struct.dataclass
+class PretrainingOutput:
+    """mlm_logits [B, P, V] float32 at the masked positions; nsp_logits [B, 2] float32."""
+
+    mlm_logits: jax.Array
+    nsp_logits: jax.Array
+    encoder: EncoderOutput
+
+
+def _layer_kwargs(config: BertConfig) -> dict[str, Any]:
+    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        d = config.hidden_size
+        self.word_embeddings = layers.Embed(
+            config.vocab_size, d, table_axes=(axes.VOCAB, axes.EMBED), **kw
+        )
+        self.position_embeddings = layers.Embed(
+            config.max_position_embeddings, d, table_axes=(None, axes.EMBED), **kw
+        )
+        self.token_type_embeddings = layers.Embed(
+            config.type_vocab_size, d, table_axes=(None, axes.EMBED), **kw
+        )
+        self.layer_norm = layers.LayerNorm(
+            d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
+        )
+        self.dropout_rate = config.hidden_dropout_prob
+
+    def __call__(self, input_ids, segment_ids, *, rng=None, deterministic=True) -> jax.Array:
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(segment_ids)
+        )
+        return layers.dropout(self.layer_norm(x), self.dropout_rate, rng, deterministic)
+
+
+class BertEncoder(nnx.Module):
+    """`num_hidden_layers` Transformer layers with stacked weights, run by `jax.lax.scan`."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        def make_layer(key: jax.Array) -> layers.TransformerLayer:
+            return layers.TransformerLayer(
+                config.hidden_size,
+                config.num_attention_heads,
+                config.intermediate_size,
+                hidden_act=config.hidden_act,
+                hidden_dropout=config.hidden_dropout_prob,
+                attention_dropout=config.attention_probs_dropout_prob,
+                layer_norm_eps=config.layer_norm_eps,
+                init_std=config.initializer_range,
+                rngs=nnx.Rngs(params=key),
+                **_layer_kwargs(config),
+            )
+
+        keys = jax.random.split(rngs.params(), config.num_hidden_layers)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
+        stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+        for var in _variables(stacked):
+            var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
+        self.layer = nnx.merge(graphdef, stacked)
+        self.remat = config.remat
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """x: [B, L, D] -> (last [B, L, D], every layer's [N, B, L, D], probs [N, B, H, L, L])."""
+        graphdef, stacked = nnx.split(self.layer)
+        n_layers = jax.tree.leaves(stacked)[0].shape[0]
+        keys = None if rng is None else jax.random.split(rng, n_layers)
+
+        def body(h, xs):
+            layer_state, key = xs
+            layer = nnx.merge(graphdef, layer_state)
+            h, probs = layer(
+                h, mask, rng=key, deterministic=deterministic, return_probs=output_attentions
+            )
+            return h, (h if output_hidden_states else None, probs)
+
+        if self.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, (hidden, probs) = jax.lax.scan(body, x, (stacked, keys))
+        return x, hidden, probs
+
+
+class BertModel(nnx.Module):
+    """The BERT encoder: embeddings, Transformer layers, pooler (dense + tanh on [CLS])."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.encoder = BertEncoder(config, rngs=rngs)
+        self.pooler = layers.Dense(
+            config.hidden_size,
+            config.hidden_size,
+            kernel_axes=(axes.EMBED, axes.MLP),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        """Encodes a batch.
+
+        Args:
+          input_ids: [B, L] int32 token ids.
+          input_mask: [B, L] int32 or bool, 1 for real tokens and 0 for padding.
+          segment_ids: [B, L] int32 token types (0 for sentence A, 1 for sentence B).
+          rng: dropout key; required when deterministic=False.
+        """
+        check_input_shapes(self.config, input_ids, input_mask, segment_ids)
+        emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
+        x = self.embeddings(input_ids, segment_ids, rng=emb_key, deterministic=deterministic)
+        seq, hidden, probs = self.encoder(
+            x,
+            input_mask.astype(bool),
+            rng=enc_key,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        pooled = jnp.tanh(self.pooler(seq[:, 0]))
+        if output_hidden_states:
+            hidden = jnp.concatenate([x[None], hidden], axis=0)
+        return EncoderOutput(seq, pooled, hidden, probs)
+
+
+class BertForPreTraining(nnx.Module):
+    """BERT with the masked-LM head (tied decoder) and the next-sentence head."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        d = config.hidden_size
+        self.bert = BertModel(config, rngs=rngs)
+        self.transform = layers.Dense(d, d, kernel_axes=(axes.EMBED, axes.MLP), **kw)
+        self.transform_layer_norm = layers.LayerNorm(
+            d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
+        )
+        self.output_bias = layers.param(
+            jnp.zeros((config.vocab_size,), jnp.dtype(config.param_dtype)), (axes.VOCAB,)
+        )
+        self.seq_relationship = layers.Dense(d, 2, kernel_axes=(axes.EMBED, None), **kw)
+        self.hidden_act = config.hidden_act
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        masked_lm_positions: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> PretrainingOutput:
+        """Runs the encoder, then the MLM head on the masked positions only.
+
+        Args:
+          input_ids, input_mask, segment_ids: [B, L] as in `BertModel`.
+          masked_lm_positions: [B, P] int32 positions whose tokens are predicted (padded
+            entries point anywhere; their loss weight is 0).
+        """
+        enc = self.bert(
+            input_ids,
+            input_mask,
+            segment_ids,
+            rng=rng,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        # Only the P masked positions go through the head: never [B, L, V] logits.
+        gathered = jnp.take_along_axis(enc.sequence_output, masked_lm_positions[..., None], axis=1)
+        h = self.transform_layer_norm(layers.activation(self.hidden_act, self.transform(gathered)))
+        logits = self.bert.embeddings.word_embeddings.attend(h).astype(jnp.float32)
+        mlm_logits = logits + self.output_bias[...].astype(jnp.float32)
+        nsp_logits = self.seq_relationship(enc.pooled_output).astype(jnp.float32)
+        return PretrainingOutput(mlm_logits, nsp_logits, enc)
+
+
+def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -> None:
+    """Raises ValueError naming the offending input when a batch does not fit the config."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    for name, arr in (("input_mask", input_mask), ("segment_ids", segment_ids)):
+        if arr.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; every "
+                f"[batch, length] feature must have the same shape"
+            )
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; shorten the inputs or enlarge the config"
+        )
+
+
+def create_model(config: BertConfig, seed: int = 0, model_cls=BertForPreTraining) -> nnx.Module:
+    """A freshly initialised model (allocates the parameters)."""
+    return model_cls(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: BertConfig, model_cls=BertForPreTraining) -> nnx.Module:
+    """The model with ShapeDtypeStruct leaves: shapes and metadata, no allocation."""
+    return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(params=0)))
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+    """The model's static graph and its parameters as a plain nested dict of arrays."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef: nnx.GraphDef, params: Params) -> nnx.Module:
+    """Rebuilds a model from `split_params` output; cheap, used inside jitted steps."""
+    return nnx.merge(graphdef, params)
+
+
+def param_logical_axes(model: nnx.Module) -> Params:
+    """Nested dict (same structure as the params) of each weight's logical axis names."""
+    _, state = nnx.split(model)
+    out: Params = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]:
+        node = out
+        keys = [k.key for k in path]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = var.get_metadata()["logical_axes"]
+    return out
+
+
+def count_params(config: BertConfig, model_cls=BertModel) -> int:
+    """Number of parameters, from shapes only (nothing is allocated)."""
+    _, params = split_params(abstract_model(config, model_cls))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _variables(state: nnx.State) -> list[nnx.Variable]:
+    return jax.tree.leaves(state, is_leaf=_is_variable)

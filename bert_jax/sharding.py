@@ -1,0 +1,119 @@
+"""Device mesh, logical axis names -> NamedShardings, and host batches -> global arrays.
+
+The sharding policy lives here and in the rules of `axes.py`, never inside the model: weights
+carry logical names, and these functions turn them into `PartitionSpec`s for a given mesh.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from bert_jax import axes
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 to take the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [config.data, config.fsdp, config.tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {config}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split as {config}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        shape = dict(zip(axes.MESH_AXES, sizes, strict=True))
+        raise ValueError(
+            f"mesh {shape} needs {int(np.prod(sizes))} devices but {len(devices)} are present; "
+            f"make the product of the mesh sizes equal the device count"
+        )
+    return jax.make_mesh(
+        tuple(sizes), axes.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> PartitionSpec:
+    """The PartitionSpec of one array from its logical axis names.
+
+    A dimension stays replicated when no rule names it, when its mesh axes are already used by
+    an earlier dimension, or when their size does not divide it.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical, shape, strict=True):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+        split = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or size % split:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(logical_tree, abstract_tree, mesh: Mesh, rules: Rules):
+    """NamedShardings for a tree of arrays, given the same tree of logical axis tuples."""
+    return jax.tree.map(
+        lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)),
+        logical_tree,
+        abstract_tree,
+        is_leaf=lambda n: isinstance(n, tuple),
+    )
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Leading (batch) dimension split over the mesh axes the `batch` rule names."""
+    target = dict(rules).get(axes.BATCH)
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return NamedSharding(mesh, PartitionSpec(mesh_axes or None))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    spec = batch_sharding(mesh, rules).spec[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict:
+    """Assembles global arrays from each process's slice of the batch.
+
+    Raises:
+      ValueError when the global batch is not divisible by the data-parallel degree.
+    """
+    sharding = batch_sharding(mesh, rules)
+    dp = data_parallel_size(mesh, rules)
+    out = {}
+    for key, local in host_batch.items():
+        global_size = local.shape[0] * jax.process_count()
+        if global_size % dp:
+            raise ValueError(
+                f"global batch size {global_size} is not divisible by the data-parallel degree "
+                f"{dp} (mesh {dict(mesh.shape)}); change the batch size or the mesh"
+            )
+        global_shape = (global_size, *local.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

@@ -1,0 +1,138 @@
+"""Tokenizers behind one small protocol: WordPiece with the original BERT rules.
+
+`WordPieceTokenizer` reads a released `vocab.txt` and applies the original BERT tokenization
+(text cleaning, CJK characters split, optional lower-casing with accent stripping, punctuation
+split, greedy longest-match-first word pieces, words over 100 characters to [UNK]) through the
+Hugging Face `tokenizers` library, which implements exactly these rules in Rust and batch-encodes
+fast. `train_wordpiece_vocab` builds a `vocab.txt` from a corpus for pretraining from scratch.
+"""
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline and the model need of a tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    unk_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def id_to_token(self, token_id: int) -> str: ...
+
+
+class WordPieceTokenizer:
+    """The original BERT WordPiece tokenizer for a `vocab.txt` (one token per line)."""
+
+    def __init__(self, vocab_file: str | os.PathLike, *, do_lower_case: bool = True):
+        if not os.path.isfile(vocab_file):
+            raise FileNotFoundError(f"WordPiece vocabulary {vocab_file} does not exist")
+        vocab = tokenizers.models.WordPiece.read_file(str(vocab_file))
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(
+                f"vocabulary {vocab_file} lacks the special tokens {missing}; a BERT vocab.txt "
+                f"must contain {list(SPECIAL_TOKENS)}"
+            )
+        model = tokenizers.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+        tok = tokenizers.Tokenizer(model)
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True,
+            handle_chinese_chars=True,
+            strip_accents=do_lower_case,
+            lowercase=do_lower_case,
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        self._tok = tok
+        self._vocab = vocab
+        self.vocab_file = os.fspath(vocab_file)
+        self.do_lower_case = do_lower_case
+        self.vocab_size = len(vocab)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            vocab[t] for t in SPECIAL_TOKENS
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Word pieces of `text` as strings (`##` marks a continuation)."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+    def is_continuation(self) -> list[bool]:
+        """Per id, whether the piece continues a word (`##...`); whole-word masking needs it."""
+        table = [False] * self.vocab_size
+        for token, i in self._vocab.items():
+            table[i] = token.startswith("##")
+        return table
+
+
+def train_wordpiece_vocab(
+    files: Sequence[str | os.PathLike],
+    output_file: str | os.PathLike,
+    *,
+    vocab_size: int,
+    do_lower_case: bool = True,
+    min_frequency: int = 2,
+) -> str:
+    """Learns a WordPiece vocabulary from text files and writes it as `vocab.txt`.
+
+    The special tokens take ids 0-4 in the order of `SPECIAL_TOKENS`. The file is written to a
+    temporary name and renamed, so an interrupted run never leaves a truncated vocabulary.
+
+    Returns:
+      The path of the written vocabulary.
+    """
+    if vocab_size <= len(SPECIAL_TOKENS) + 100:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a WordPiece vocabulary")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=True,
+        strip_accents=do_lower_case,
+        lowercase=do_lower_case,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tok.train([os.fspath(f) for f in files], trainer)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    output_file = os.fspath(output_file)
+    os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(output_file) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(token + "\n" for token, _ in vocab)
+    os.replace(tmp, output_file)
+    return output_file

@@ -1,0 +1,189 @@
+"""TrainState, its sharded creation, and the pure jitted pretraining and evaluation steps."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from bert_jax import losses, models, sharding
+from bert_jax.models import BertConfig
+from bert_jax.optim import OptimConfig, make_optimizer, make_schedule
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step changes: step [] int32, params, optimizer state, base dropout key
+    (raw uint32[2], folded with the step so that each step draws fresh, reproducible masks)."""
+
+    step: jax.Array
+    params: models.Params
+    opt_state: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled pieces of a run: static graph, optimizer, shardings and jitted steps.
+
+    `abstract_state` is the state's shapes, dtypes and shardings (what a restore targets).
+    """
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: TrainState
+    abstract_state: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    pretrain_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval_step: Callable[[models.Params, Batch], dict]
+    init: Callable[[int], TrainState]
+
+
+def create_trainer(
+    model_config: BertConfig, optim_config: OptimConfig, mesh: Mesh, rules: sharding.Rules
+) -> Trainer:
+    """Builds the jitted init, pretraining and eval steps with shardings from an abstract pass.
+
+    No state is allocated here; `trainer.init(seed)` creates it directly in its shardings.
+    """
+    tx = make_optimizer(optim_config)
+    abstract = models.abstract_model(model_config)
+    graphdef, abstract_params = models.split_params(abstract)
+    param_shardings = sharding.tree_shardings(
+        models.param_logical_axes(abstract), abstract_params, mesh, rules
+    )
+    repl = sharding.replicated(mesh)
+
+    def init_fn(seed: int) -> TrainState:
+        _, params = models.split_params(models.create_model(model_config, seed))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+        )
+
+    abstract_state = jax.eval_shape(lambda: init_fn(0))
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    state_shardings = TrainState(
+        step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl
+    )
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    step_fn = make_pretrain_step(graphdef, tx, optim_config)
+    return Trainer(
+        graphdef=graphdef,
+        tx=tx,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_state,
+            state_shardings,
+        ),
+        batch_sharding=batch_sharding,
+        pretrain_step=jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, repl),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(
+            make_eval_step(graphdef),
+            in_shardings=(param_shardings, batch_sharding),
+            out_shardings=repl,
+        ),
+        init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
+    )
+
+
+def _forward(graphdef, params, batch, *, rng, deterministic):
+    model = models.merge_params(graphdef, params)
+    out = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        batch["masked_lm_positions"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
+
+
+def make_pretrain_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: OptimConfig
+):
+    """`pretrain_step(state, batch) -> (state, metrics)`, a pure function to jit.
+
+    With `grad_accum_steps = k` the batch [B, ...] is split into k micro-batches of B / k
+    whose gradients are averaged by a scan before one optimizer update, so that memory holds
+    one micro-batch of activations.
+    """
+    k = config.grad_accum_steps
+    schedule = make_schedule(config)
+
+    def micro_grads(params, micro, rng):
+        def loss_fn(p):
+            return _forward(graphdef, p, micro, rng=rng, deterministic=False)
+
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, sums, grads
+
+    def pretrain_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        if batch["input_ids"].shape[0] % k:
+            raise ValueError(
+                f"batch size {batch['input_ids'].shape[0]} is not divisible by grad_accum_steps={k}"
+            )
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if k == 1:
+            loss, sums, grads = micro_grads(state.params, batch, step_key)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                index, mb = xs
+                loss, sums, grads = micro_grads(
+                    state.params, mb, jax.random.fold_in(step_key, index)
+                )
+                return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+            zeros = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(micro_grads, state.params, batch, step_key)
+            )
+            (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **sums,
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return pretrain_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    """`eval_step(params, batch) -> metric sums` without dropout."""
+
+    def eval_step(params: models.Params, batch: Batch) -> dict:
+        _, sums = _forward(graphdef, params, batch, rng=None, deterministic=True)
+        return sums
+
+    return eval_step

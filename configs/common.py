@@ -1,0 +1,60 @@
+"""Defaults shared by every pretraining config: a named model size, data, optimizer, mesh, loop.
+
+Every leaf can be overridden on the command line, e.g. `--config.optim.learning_rate=5e-5`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from bert_jax import models
+
+
+def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Every field of models.BertConfig (bert_config.json names); `size` picks the released one.
+    config.model = dataclasses.asdict(models.BertConfig.named(size))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.
+    config.data.vocab_file = ""  # A vocab.txt; empty: learn a WordPiece vocab from the corpus.
+    config.data.vocab_size = config.model.vocab_size
+    config.data.do_lower_case = True
+    config.data.max_seq_length = 128
+    config.data.max_predictions_per_seq = 20
+    config.data.masked_lm_prob = 0.15
+    config.data.short_seq_prob = 0.1
+    config.data.dupe_factor = 10
+    config.data.whole_word_mask = False
+    config.data.eval_fraction = 0.05
+    config.data.cache_dir = ""  # Empty: $BERT_JAX_CACHE or ~/.cache/bert_jax.
+    config.data.seed = 12345
+
+    # The BERT paper: Adam 1e-4, 10k warmup steps, 1M steps at batch 256, decay 0.01.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"
+    config.optim.learning_rate = 1e-4
+    config.optim.warmup_steps = 10_000
+    config.optim.total_steps = -1  # -1: train.num_steps.
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-6
+    config.optim.weight_decay = 0.01
+    config.optim.clip_norm = 1.0
+    config.optim.grad_accum_steps = 1
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: all devices the other axes leave.
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 256  # Global, over all devices and hosts.
+    config.train.num_steps = 1_000_000
+    config.train.seed = 0
+    config.train.log_every = 100
+    config.train.eval_every = 10_000
+    config.train.eval_batches = 20
+    config.train.checkpoint_every = 10_000
+    config.train.keep_checkpoints = 3
+    return config

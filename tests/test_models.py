@@ -1,0 +1,158 @@
+"""The encoder against the Hugging Face PyTorch BERT built from the same config, sizes, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bert_jax import convert, models
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=40,
+    type_vocab_size=2,
+)
+
+
+def _hf_model(**sizes) -> transformers.BertForPreTraining:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(**sizes, hidden_act="gelu", attn_implementation="eager")
+    model = transformers.BertForPreTraining(config).eval()
+    # Non-trivial LayerNorm and bias values so that a swapped or dropped tensor shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _padded_batch(rng: np.random.Generator, vocab: int):
+    lengths = np.array([12, 7, 3])
+    ids = rng.integers(1, vocab, size=(3, 12))
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
+    ids = ids * mask
+    segments = ((np.arange(12)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    positions = np.array([[1, 4, 9, 11], [1, 2, 5, 0], [1, 2, 0, 0]])
+    return ids.astype(np.int32), mask, segments, positions.astype(np.int32)
+
+
+def test_matches_hugging_face_bert_for_pretraining():
+    hf = _hf_model(**TINY)
+    config = models.BertConfig(**TINY)
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params = convert.params_from_hf(state, config)
+    graphdef, _ = models.split_params(models.abstract_model(config))
+    ids, mask, segments, positions = _padded_batch(np.random.default_rng(0), TINY["vocab_size"])
+
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(segments, dtype=torch.long),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+        pooled = hf.bert(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(segments, dtype=torch.long),
+        ).pooler_output.numpy()
+    model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, params))
+    out = model(ids, mask, segments, positions, output_hidden_states=True, output_attentions=True)
+
+    real = mask.astype(bool)
+    ref_hidden = np.stack([h.numpy() for h in ref.hidden_states])
+    assert out.encoder.hidden_states.shape == ref_hidden.shape
+    # Padded positions are compared too: HF and bert_jax both compute them from the same inputs.
+    np.testing.assert_allclose(out.encoder.hidden_states, ref_hidden, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.encoder.sequence_output, ref_hidden[-1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.encoder.pooled_output, pooled, atol=1e-5, rtol=0)
+    ref_probs = np.stack([a.numpy() for a in ref.attentions])
+    np.testing.assert_allclose(
+        out.encoder.attentions * real[None, :, None, :, None],
+        ref_probs * real[None, :, None, :, None],
+        atol=1e-5,
+        rtol=0,
+    )
+    ref_mlm = np.take_along_axis(ref.prediction_logits.numpy(), positions[..., None], axis=1)
+    np.testing.assert_allclose(out.mlm_logits, ref_mlm, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.nsp_logits, ref.seq_relationship_logits.numpy(), atol=1e-5)
+
+
+def test_fused_attention_path_matches_explicit_path():
+    config = models.BertConfig(**TINY)
+    model = models.create_model(config)
+    ids, mask, segments, positions = _padded_batch(np.random.default_rng(1), TINY["vocab_size"])
+    fused = model(ids, mask, segments, positions)
+    explicit = model(ids, mask, segments, positions, output_attentions=True)
+    np.testing.assert_allclose(fused.mlm_logits, explicit.mlm_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, hf_sizes",
+    [
+        ("bert_base", dict()),
+        (
+            "bert_large",
+            dict(
+                hidden_size=1024,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                intermediate_size=4096,
+            ),
+        ),
+    ],
+)
+def test_parameter_counts_match_published_sizes(name, hf_sizes):
+    counted = models.count_params(models.BertConfig.named(name))
+    # The exact figure of the reference implementation, computed from shapes on the meta device.
+    with torch.device("meta"):
+        reference = transformers.BertModel(transformers.BertConfig(**hf_sizes))
+    assert counted == sum(p.numel() for p in reference.parameters())
+    # The published sizes: 110M (base, 0.5% above the exact 109.5M) and 340M (large, whose
+    # exact count is 335.1M: the paper's figure is 1.4% high, so large gets 1.5%).
+    published, tolerance = {"bert_base": (110e6, 0.01), "bert_large": (340e6, 0.015)}[name]
+    assert abs(counted - published) / published < tolerance
+
+
+def test_small_bert_grid_names():
+    config = models.BertConfig.named("L-4_H-256")
+    assert (config.num_hidden_layers, config.hidden_size) == (4, 256)
+    assert (config.num_attention_heads, config.intermediate_size) == (4, 1024)
+    assert models.BertConfig.named("uncased_L-12_H-768_A-12") == models.BertConfig.named(
+        "bert_base"
+    )
+    with pytest.raises(ValueError, match="unknown BERT size"):
+        models.BertConfig.named("L-3_H-128")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hidden_size=100, num_attention_heads=12), "not divisible by num_attention_heads"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
+        (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob must be in"),
+        (dict(hidden_act="swish"), "hidden_act"),
+        (dict(dtype="float64"), "dtype"),
+    ],
+)
+def test_invalid_config_raises_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        models.BertConfig(**overrides)
+
+
+def test_batch_shape_mismatch_names_the_feature():
+    config = models.BertConfig(**TINY)
+    model = models.create_model(config)
+    ids = np.ones((2, 8), np.int32)
+    with pytest.raises(ValueError, match="segment_ids has shape"):
+        model(ids, np.ones((2, 8), np.int32), np.ones((2, 7), np.int32), np.zeros((2, 2), np.int32))
+    too_long = np.ones((1, 41), np.int32)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model(too_long, too_long, too_long, np.zeros((1, 2), np.int32))

@@ -1,0 +1,62 @@
+"""WordPiece against the pure-Python reference of the original BERT rules (transformers'
+`BertTokenizerLegacy`, a port of google-research/bert tokenization.py)."""
+
+import pytest
+from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+from bert_jax import tokenization
+
+TEXT = [
+    "Hello, World! The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé Ångström façade",
+    "Straße und Größe: Übermäßig schöne Äpfel",
+    "北京大学的学生在学习自然语言处理",
+    "東京は日本の首都です。ひらがなとカタカナ",
+    "emoji 😀🎉 mixed with text👍",
+    "control\x00chars\x07 and\ttabs\r\nnewlines\u200b zero width",
+    "see https://example.com/path?q=1&x=2 or mail me@example.org",
+    "supercalifragilisticexpialidocious" * 4 + " short",
+    "don't can't won't it's 3.14 1,000,000 $5 #hash @user",
+]
+
+
+def _write_vocab(tmp_path, name, lower):
+    words = " ".join(TEXT).split()
+    corpus = tmp_path / f"{name}_corpus.txt"
+    corpus.write_text("\n".join(TEXT * 3 + words), encoding="utf-8")
+    return tokenization.train_wordpiece_vocab(
+        [corpus],
+        tmp_path / f"{name}_vocab.txt",
+        vocab_size=400,
+        do_lower_case=lower,
+        min_frequency=1,
+    )
+
+
+@pytest.mark.parametrize("lower", [True, False], ids=["uncased", "cased"])
+def test_matches_reference_tokenizer(tmp_path, lower):
+    vocab = _write_vocab(tmp_path, "uncased" if lower else "cased", lower)
+    ours = tokenization.WordPieceTokenizer(vocab, do_lower_case=lower)
+    ref = BertTokenizerLegacy(vocab, do_lower_case=lower)
+    probes = TEXT + ["UNSEEN Wörds 漢字 xyzzyq", "A" * 101, "ÀÉÎÕÜ àéîõü"]
+    for text in probes:
+        assert ours.tokenize(text) == ref.tokenize(text), text
+        assert ours.encode(text) == ref.convert_tokens_to_ids(ref.tokenize(text)), text
+    assert ours.encode_batch(probes) == [ours.encode(t) for t in probes]
+
+
+def test_special_ids_and_long_words(tmp_path):
+    vocab = _write_vocab(tmp_path, "uncased", True)
+    tok = tokenization.WordPieceTokenizer(vocab)
+    ids = [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id]
+    assert [tok.id_to_token(i) for i in ids] == list(tokenization.SPECIAL_TOKENS)
+    assert tok.encode("a" * 101) == [tok.unk_id]  # over 100 characters: one [UNK]
+
+
+def test_vocab_without_special_tokens_is_rejected(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        tokenization.WordPieceTokenizer(vocab)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tokenization.WordPieceTokenizer(tmp_path / "missing.txt")

@@ -1,0 +1,242 @@
+r"""Pretrains BERT with masked LM + next-sentence prediction.
+
+    python train.py                                   # tiny config, default corpus, ./workdir
+    python train.py --config=configs/bert_base.py --workdir=/ckpt/base \
+        --config.data.corpus='/data/*.txt' --config.data.vocab_file=/data/vocab.txt
+
+Writes to --workdir: orbax checkpoints (rerunning the same command resumes from the latest),
+TensorBoard events, the config used and a summary. Nothing here does math: it wires the
+library's data, trainer and checkpointer together and runs the loop.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bert_jax import axes, checkpoint, input_pipeline, losses, models, sharding, train_lib
+from bert_jax.input_pipeline import DataConfig
+from bert_jax.optim import OptimConfig
+from bert_jax.pretraining_data import MaskingConfig
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "tiny.py"), "Config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, logs and summary go here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    batch_size: int
+    num_steps: int
+    seed: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: models.BertConfig
+    data: DataConfig
+    optim: OptimConfig
+    mesh: sharding.MeshConfig
+    train: LoopConfig
+
+
+def parse_config(cfg) -> RunConfig:
+    """The ConfigDict as typed, validated dataclasses (the library never sees ml_collections)."""
+    data = dict(cfg.data)
+    masking = {f.name: data.pop(f.name) for f in dataclasses.fields(MaskingConfig)}
+    optim = dict(cfg.optim)
+    if optim["total_steps"] == -1:
+        optim["total_steps"] = cfg.train.num_steps
+    return RunConfig(
+        model=models.BertConfig(**cfg.model),
+        data=DataConfig(masking=MaskingConfig(**masking), **data),
+        optim=OptimConfig(**optim),
+        mesh=sharding.MeshConfig(**cfg.mesh),
+        train=LoopConfig(**cfg.train),
+    )
+
+
+def evaluate(trainer, params, batches, mesh) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in batches:
+        sums = jax.device_get(
+            trainer.eval_step(params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES))
+        )
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return losses.summarize(totals)
+
+
+def restore_or_init(trainer, ckpt, iterator, run: RunConfig, config_json: dict):
+    """The latest checkpoint's state (and iterator position), or a fresh state."""
+    step = ckpt.latest_step()
+    if step is None:
+        return trainer.init(run.train.seed)
+    state, data_state, saved = ckpt.restore(step, trainer.abstract_state)
+    if saved["model"] != config_json["model"]:
+        raise ValueError(
+            f"the checkpoint in {ckpt.directory} was written with another model config; use a "
+            f"new --workdir or the same model config"
+        )
+    iterator.restore(data_state)
+    tqdm.tqdm.write(f"resumed from step {step} in {ckpt.directory}")
+    return state
+
+
+def _host_slice(batch, local: int):
+    start = jax.process_index() * local
+    return {k: v[start : start + local] for k, v in batch.items()}
+
+
+def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
+    """Runs (or resumes) pretraining and returns the summary it also writes and prints."""
+    dataset = input_pipeline.load_pretraining_data(run.data)
+    if dataset.tokenizer.vocab_size > run.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {dataset.tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{run.model.vocab_size}; set --config.model.vocab_size={dataset.tokenizer.vocab_size}"
+        )
+    mesh = sharding.make_mesh(run.mesh)
+    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
+    local = run.train.batch_size // jax.process_count()
+    iterator = input_pipeline.BatchIterator(
+        dataset.train,
+        run.train.batch_size,
+        seed=run.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    eval_batches = [
+        _host_slice(b, local)
+        for b in input_pipeline.eval_batches(
+            dataset.eval, run.train.batch_size, run.train.eval_batches
+        )
+    ]
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=run.train.keep_checkpoints,
+    )
+    writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    with jax.set_mesh(mesh):
+        state = restore_or_init(trainer, ckpt, iterator, run, config_json)
+        history = _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json)
+    ckpt.close()
+    writer.close()
+    return history
+
+
+def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json) -> dict:
+    cfg = run.train
+    first_step = int(state.step)
+    tokens_per_step = cfg.batch_size * run.data.masking.max_seq_length
+    start = time.time()
+    initial_eval = {}
+    if first_step == 0:
+        initial_eval = evaluate(trainer, state.params, eval_batches, trainer.mesh)
+        _log_eval(writer, 0, initial_eval)
+    bar = tqdm.tqdm(
+        total=cfg.num_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True
+    )
+    window_start, window_steps, eval_metrics, previous = time.time(), 0, {}, None
+    for step in range(first_step, cfg.num_steps):
+        batch = sharding.global_batch(next(iterator), trainer.mesh, axes.DEFAULT_RULES)
+        state, metrics = trainer.pretrain_step(state, batch)
+        # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
+        # queue of multi-device programs can deadlock XLA:CPU's collectives.
+        jax.block_until_ready(previous)
+        previous = metrics
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+            metrics = jax.device_get(metrics)
+            rate = window_steps * tokens_per_step / (time.time() - window_start)
+            summary = losses.summarize(metrics)
+            scalars = {
+                **{f"train/{k}": v for k, v in summary.items()},
+                "train/learning_rate": float(metrics["learning_rate"]),
+                "train/grad_norm": float(metrics["grad_norm"]),
+                "train/tokens_per_second": rate,
+            }
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, done)
+            bar.set_postfix(
+                mlm=f"{summary['mlm_loss']:.3f}",
+                nsp=f"{summary['nsp_loss']:.3f}",
+                tok_s=f"{rate:.0f}",
+            )
+            window_start, window_steps = time.time(), 0
+        if done % cfg.eval_every == 0 or done == cfg.num_steps:
+            eval_metrics = evaluate(trainer, state.params, eval_batches, trainer.mesh)
+            _log_eval(writer, done, eval_metrics)
+        if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
+            ckpt.save(done, state, iterator.state(), config_json)
+        bar.update(1)
+    bar.close()
+    if not eval_metrics:  # Nothing left to train: report the restored model.
+        eval_metrics = evaluate(trainer, state.params, eval_batches, trainer.mesh)
+    elapsed = time.time() - start
+    steps_run = cfg.num_steps - first_step
+    return {
+        "steps": cfg.num_steps,
+        "steps_this_run": steps_run,
+        "seconds": elapsed,
+        "tokens_per_second": steps_run * tokens_per_step / max(elapsed, 1e-9),
+        "initial_eval": initial_eval,
+        "eval": eval_metrics,
+    }
+
+
+def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        writer.add_scalar(f"eval/{key}", value, step)
+    tqdm.tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    # Orbax reports every save at INFO through absl; keep the console for the progress bar.
+    logging.set_verbosity(logging.WARNING)
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    config_json = json.loads(_CONFIG.value.to_json())
+    run = parse_config(_CONFIG.value)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_json, f, indent=2)
+    summary = train(run, workdir, config_json)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(_format_summary(summary))
+
+
+def _format_summary(s: dict) -> str:
+    e = s["eval"]
+    lines = [
+        f"steps {s['steps']} ({s['steps_this_run']} this run) in {s['seconds']:.0f} s, "
+        f"{s['tokens_per_second']:.0f} tokens/s",
+    ]
+    if e:
+        lines.append(
+            f"held-out MLM loss {e['mlm_loss']:.3f} acc {e['mlm_accuracy']:.3f} | "
+            f"NSP loss {e['nsp_loss']:.3f} acc {e['nsp_accuracy']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    app.run(main)
