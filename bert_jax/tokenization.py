@@ -51,14 +51,7 @@ class WordPieceTokenizer:
                 f"must contain {list(SPECIAL_TOKENS)}"
             )
         model = tokenizers.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
-        tok = tokenizers.Tokenizer(model)
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True,
-            handle_chinese_chars=True,
-            strip_accents=do_lower_case,
-            lowercase=do_lower_case,
-        )
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok = _bert_tokenizer(model, do_lower_case)
         tok.decoder = decoders.WordPiece(prefix="##")
         self._tok = tok
         self._vocab = vocab
@@ -113,14 +106,7 @@ def train_wordpiece_vocab(
     """
     if vocab_size <= len(SPECIAL_TOKENS) + 100:
         raise ValueError(f"vocab_size={vocab_size} is too small for a WordPiece vocabulary")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True,
-        handle_chinese_chars=True,
-        strip_accents=do_lower_case,
-        lowercase=do_lower_case,
-    )
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok = _bert_tokenizer(tokenizers.models.WordPiece(unk_token="[UNK]"), do_lower_case)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -136,3 +122,17 @@ def train_wordpiece_vocab(
         f.writelines(token + "\n" for token, _ in vocab)
     os.replace(tmp, output_file)
     return output_file
+
+
+def _bert_tokenizer(model: tokenizers.models.Model, do_lower_case: bool) -> tokenizers.Tokenizer:
+    """The original BERT BasicTokenizer steps in front of `model`: clean the text, split CJK
+    characters, optionally lower-case and strip accents, split on whitespace and punctuation."""
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=True,
+        strip_accents=do_lower_case,
+        lowercase=do_lower_case,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tok

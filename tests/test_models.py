@@ -156,3 +156,35 @@ def test_batch_shape_mismatch_names_the_feature():
     too_long = np.ones((1, 41), np.int32)
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model(too_long, too_long, too_long, np.zeros((1, 2), np.int32))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
+    fp32 = models.BertConfig(**TINY)
+    bf16 = models.BertConfig(**TINY, dtype="bfloat16")
+    _, params = models.split_params(models.create_model(fp32))
+    ids, mask, segments, positions = _padded_batch(np.random.default_rng(2), TINY["vocab_size"])
+    outs = {}
+    for name, config in (("fp32", fp32), ("bf16", bf16)):
+        graphdef, abstract = models.split_params(models.abstract_model(config))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
+        model = models.merge_params(graphdef, params)
+        out = model(ids, mask, segments, positions)
+        outs[name] = out
+    assert outs["bf16"].encoder.sequence_output.dtype == jnp.bfloat16
+    assert outs["bf16"].mlm_logits.dtype == jnp.float32
+    np.testing.assert_allclose(outs["bf16"].mlm_logits, outs["fp32"].mlm_logits, atol=0.1)
+
+
+def test_remat_changes_memory_not_results():
+    ids, mask, segments, positions = _padded_batch(np.random.default_rng(3), TINY["vocab_size"])
+    grads = []
+    for remat in (False, True):
+        config = models.BertConfig(**TINY, remat=remat)
+        graphdef, params = models.split_params(models.create_model(config))
+
+        def loss(p, graphdef=graphdef):
+            out = models.merge_params(graphdef, p)(ids, mask, segments, positions)
+            return jnp.sum(out.mlm_logits**2) + jnp.sum(out.nsp_logits**2)
+
+        grads.append(jax.grad(loss)(params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
