@@ -92,43 +92,31 @@ def restore_or_init(trainer, ckpt, iterator, run: RunConfig, config_json: dict):
             f"the checkpoint in {ckpt.directory} was written with another model config; use a "
             f"new --workdir or the same model config"
         )
-    iterator.restore(data_state)
+    iterator.set_state(data_state)
     tqdm.tqdm.write(f"resumed from step {step} in {ckpt.directory}")
     return state
 
 
-def _host_slice(batch, local: int):
-    start = jax.process_index() * local
-    return {k: v[start : start + local] for k, v in batch.items()}
-
-
 def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
     """Runs (or resumes) pretraining and returns the summary it also writes and prints."""
-    dataset = input_pipeline.load_pretraining_data(run.data)
-    if dataset.tokenizer.vocab_size > run.model.vocab_size:
+    data = input_pipeline.load_pretraining_data(run.data)
+    if data.tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
-            f"the tokenizer has {dataset.tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{run.model.vocab_size}; set --config.model.vocab_size={dataset.tokenizer.vocab_size}"
+            f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{run.model.vocab_size}; set --config.model.vocab_size={data.tokenizer.vocab_size}"
+        )
+    if run.data.masking.max_seq_length > run.model.max_position_embeddings:
+        raise ValueError(
+            f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
+            f"model.max_position_embeddings={run.model.max_position_embeddings}"
         )
     mesh = sharding.make_mesh(run.mesh)
     trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
-    local = run.train.batch_size // jax.process_count()
-    iterator = input_pipeline.BatchIterator(
-        dataset.train,
-        run.train.batch_size,
-        seed=run.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    eval_batches = [
-        _host_slice(b, local)
-        for b in input_pipeline.eval_batches(
-            dataset.eval, run.train.batch_size, run.train.eval_batches
-        )
-    ]
+    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
+    eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=run.train.keep_checkpoints,
+        os.path.join(workdir, "checkpoints"), max_to_keep=run.train.keep_checkpoints
     )
     writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
     with jax.set_mesh(mesh):
@@ -183,7 +171,7 @@ def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json
             eval_metrics = evaluate(trainer, state.params, eval_batches, trainer.mesh)
             _log_eval(writer, done, eval_metrics)
         if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
-            ckpt.save(done, state, iterator.state(), config_json)
+            ckpt.save(done, state, iterator.get_state(), config_json)
         bar.update(1)
     bar.close()
     if not eval_metrics:  # Nothing left to train: report the restored model.

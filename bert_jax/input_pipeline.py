@@ -1,288 +1,427 @@
-"""Corpora -> tokenizer + cached pretraining instances -> resumable fixed-shape host batches.
+"""Corpus -> tokenizer -> sharded ArrayRecord pairs -> grain loader of fixed-shape batches.
 
-A corpus is text files in the original BERT format (one sentence per line, a blank line between
-documents). With no corpus given, the default corpus is built from the docstrings of the Python
-standard library (one document per docstring), which every Python installation carries.
-Instances are built once per (corpus, vocabulary, masking config, seed) and cached as `.npz`;
-every file is written under a temporary name and renamed, so a crash never leaves a partial one.
+Preprocessing (`prepare`) tokenizes the documents once, cuts sentence pairs (`pretraining_data`)
+and writes them to `num_shards` ArrayRecord files, one process per shard. A shard counts as done
+when its stats file exists, written after both of its record files were renamed into place, so
+an interrupted run redoes only unfinished shards and never trusts a half-written one.
+
+Loading (`PretrainingData.train_iterator`) is a grain pipeline: each process takes a disjoint
+slice of the pairs, shuffles it per epoch from the seed, masks each pair (dynamically: new masks
+every epoch, drawn from the seed and the element's position; or statically), batches, and
+prefetches in worker processes. The iterator's state is a small dict saved with checkpoints; a
+restored iterator yields exactly the batches an uninterrupted one would have.
 """
 
-import ast
 import dataclasses
-import glob
 import hashlib
 import json
+import multiprocessing
 import os
-import re
-import sys
-import sysconfig
 import tempfile
-import warnings
 from collections.abc import Iterator
 
+import grain
 import numpy as np
+import tqdm
+from array_record.python import array_record_module
 
-from bert_jax import pretraining_data, tokenization
+from bert_jax import corpus, pretraining_data, tokenization
 from bert_jax.pretraining_data import MaskingConfig
 
 Batch = dict[str, np.ndarray]
+_FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the text comes from and how it becomes instances.
+    """Where the text comes from and how it becomes batches.
 
-    corpus: comma-separated paths or globs of text files; empty for the default corpus.
-    vocab_file: a WordPiece `vocab.txt`; empty to learn one of `vocab_size` from the corpus.
-    eval_fraction: share of the documents held out for evaluation (never trained on).
-    cache_dir: where corpora, vocabularies and instances are cached; empty for
-      `$BERT_JAX_CACHE` or `~/.cache/bert_jax`.
+    corpus: comma-separated paths or globs of text files; with neither this nor `tfds_name`,
+      the default corpus (the Python standard library's docstrings).
+    tfds_name / tfds_split / tfds_data_dir / tfds_text_key: a TFDS text corpus prepared as
+      ArrayRecord, read without tensorflow.
+    tokenizer: "wordpiece" (BERT) or "sentencepiece" (ALBERT).
+    vocab_file: a `vocab.txt` or SentencePiece `.model`; empty to learn one of `vocab_size`.
+    eval_fraction: share of documents held out for evaluation (never trained on).
+    cache_dir: corpora, vocabularies and shards; empty for $BERT_JAX_CACHE or ~/.cache/bert_jax.
+    preprocessed_dir: write/read the shards here instead of a cache folder named by a hash.
+    num_shards / preprocess_workers: shard files and processes writing them (0: all cores).
+    loader_workers: grain worker processes that mask and batch (0: in the training process).
     """
 
     corpus: str = ""
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    tfds_text_key: str = "text"
+    tokenizer: str = "wordpiece"
     vocab_file: str = ""
     vocab_size: int = 8192
+    spm_model_type: str = "unigram"
     do_lower_case: bool = True
     masking: MaskingConfig = MaskingConfig()
     eval_fraction: float = 0.05
     cache_dir: str = ""
+    preprocessed_dir: str = ""
     seed: int = 12345
+    num_shards: int = 8
+    preprocess_workers: int = 0
+    loader_workers: int = 0
 
-
-@dataclasses.dataclass
-class PretrainingDataset:
-    tokenizer: tokenization.WordPieceTokenizer
-    train: Batch
-    eval: Batch
+    def __post_init__(self):
+        if self.tokenizer not in ("wordpiece", "sentencepiece"):
+            raise ValueError(f"data.tokenizer={self.tokenizer!r}; use wordpiece or sentencepiece")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+        if self.num_shards < 1:
+            raise ValueError("data.num_shards must be at least 1")
 
 
 def cache_dir(config: DataConfig) -> str:
-    default = os.environ.get(
-        "BERT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bert_jax")
-    )
-    return config.cache_dir or default
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "bert_jax")
+    return config.cache_dir or os.environ.get("BERT_JAX_CACHE", home_cache)
 
 
 def corpus_files(config: DataConfig) -> list[str]:
-    """The corpus text files, building the default corpus when none is configured."""
+    """The corpus text files (none for a TFDS corpus); builds the default corpus if needed."""
+    if config.tfds_name:
+        return []
     if not config.corpus:
-        return [build_stdlib_corpus(os.path.join(cache_dir(config), "corpora"))]
+        return [corpus.build_stdlib_corpus(os.path.join(cache_dir(config), "corpora"))]
+    import glob
+
     files: list[str] = []
     for pattern in (p.strip() for p in config.corpus.split(",") if p.strip()):
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        matched = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
         if not matched:
             raise FileNotFoundError(
                 f"corpus path {pattern!r} matches no file; give text files (one sentence per "
                 f"line, blank line between documents) or leave data.corpus empty for the default"
             )
-        files.extend(m for m in matched if os.path.isfile(m))
+        files.extend(matched)
     return files
 
 
-def read_documents(files: list[str]) -> list[list[str]]:
-    """Documents (lists of sentences) from text files in the original BERT format."""
-    documents: list[list[str]] = [[]]
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    documents[-1].append(line)
-                elif documents[-1]:
-                    documents.append([])
-        if documents[-1]:
-            documents.append([])
-    return [d for d in documents if d]
+def iter_documents(config: DataConfig, stats: corpus.CorpusStats) -> Iterator[list[str]]:
+    if config.tfds_name:
+        return corpus.iter_tfds_documents(
+            config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_key, stats
+        )
+    return corpus.iter_text_documents(corpus_files(config), stats)
 
 
-def build_stdlib_corpus(directory: str) -> str:
-    """Writes (once) the default corpus: the Python standard library's docstrings.
-
-    The sources are parsed with `ast`, never imported. Each module is one document: the
-    sentences of its module, class and function docstrings in source order (docstrings alone
-    are mostly one or two sentences, too short for next-sentence pairs). Paragraphs are split
-    into sentences at sentence-final punctuation.
-
-    Returns:
-      The path of the corpus file.
-    """
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    path = os.path.join(directory, f"python{version}_stdlib_docstrings.txt")
-    if os.path.exists(path):
-        return path
-    root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
-    documents = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in skip)
-        for name in sorted(n for n in names if n.endswith(".py")):
-            sentences = _docstring_sentences(os.path.join(folder, name))
-            if sentences:
-                documents.append(sentences)
-    text = "\n\n".join("\n".join(doc) for doc in documents) + "\n"
-    _atomic_write(path, text.encode("utf-8"))
-    return path
+def load_tokenizer(kind: str, path: str, do_lower_case: bool) -> tokenization.Tokenizer:
+    if kind == "sentencepiece":
+        return tokenization.SentencePieceTokenizer(path, do_lower_case=do_lower_case)
+    return tokenization.WordPieceTokenizer(path, do_lower_case=do_lower_case)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'`])")
-
-
-def _docstring_sentences(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(f.read())
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return []
-    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    nodes = sorted(
-        (n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0)
-    )
-    sentences = []
-    for node in nodes:
-        for paragraph in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
-            sentences.extend(s for s in _SENTENCE_END.split(" ".join(paragraph.split())) if s)
-    return sentences
-
-
-def make_tokenizer(config: DataConfig, files: list[str]) -> tokenization.WordPieceTokenizer:
-    """The configured vocabulary, or one learned from the corpus (cached by corpus hash)."""
+def make_tokenizer(config: DataConfig) -> tokenization.Tokenizer:
+    """The configured vocabulary, or one learned from the corpus (cached by corpus identity)."""
     if config.vocab_file:
-        return tokenization.WordPieceTokenizer(
-            config.vocab_file, do_lower_case=config.do_lower_case
-        )
-    key = _digest([_file_digest(f) for f in files], config.vocab_size, config.do_lower_case)
-    vocab = os.path.join(cache_dir(config), "vocab", f"wordpiece_{config.vocab_size}_{key}.txt")
-    if not os.path.exists(vocab):
-        tokenization.train_wordpiece_vocab(
-            files, vocab, vocab_size=config.vocab_size, do_lower_case=config.do_lower_case
-        )
-    return tokenization.WordPieceTokenizer(vocab, do_lower_case=config.do_lower_case)
-
-
-def load_pretraining_data(config: DataConfig) -> PretrainingDataset:
-    """Tokenizer and train/eval instances for `config`, built once and cached."""
-    files = corpus_files(config)
-    tokenizer = make_tokenizer(config, files)
-    key = _digest(
-        [_file_digest(f) for f in files],
-        _file_digest(tokenizer.vocab_file),
-        dataclasses.asdict(config.masking),
-        config.eval_fraction,
-        config.seed,
-    )
-    path = os.path.join(cache_dir(config), "instances", f"{key}.npz")
+        return load_tokenizer(config.tokenizer, config.vocab_file, config.do_lower_case)
+    suffix = "model" if config.tokenizer == "sentencepiece" else "txt"
+    key = _digest(_corpus_identity(config), config.vocab_size, config.do_lower_case)
+    name = f"{config.tokenizer}_{config.spm_model_type}_{config.vocab_size}_{key}.{suffix}"
+    path = os.path.join(cache_dir(config), "vocab", name)
     if not os.path.exists(path):
-        train, eval_ = _build_instances(config, files, tokenizer)
-        arrays = {f"train/{k}": v for k, v in train.items()} | {
-            f"eval/{k}": v for k, v in eval_.items()
-        }
-        fd, tmp = tempfile.mkstemp(dir=_makedirs(os.path.dirname(path)), suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    with np.load(path) as data:
-        train = {k: data[f"train/{k}"] for k in pretraining_data.FEATURES}
-        eval_ = {k: data[f"eval/{k}"] for k in pretraining_data.FEATURES}
-    return PretrainingDataset(tokenizer, train, eval_)
+        if config.tokenizer == "sentencepiece":
+            sentences = (s for d in iter_documents(config, corpus.CorpusStats()) for s in d)
+            tokenization.train_sentencepiece(
+                sentences,
+                path,
+                vocab_size=config.vocab_size,
+                model_type=config.spm_model_type,
+                do_lower_case=config.do_lower_case,
+            )
+        elif config.tfds_name:
+            raise ValueError("learning a WordPiece vocabulary from a TFDS corpus needs text files")
+        else:
+            tokenization.train_wordpiece_vocab(
+                corpus_files(config),
+                path,
+                vocab_size=config.vocab_size,
+                do_lower_case=config.do_lower_case,
+            )
+    return load_tokenizer(config.tokenizer, path, config.do_lower_case)
 
 
-def _build_instances(config, files, tokenizer):
-    documents = read_documents(files)
-    if not any(len(d) >= 2 for d in documents):
-        raise ValueError(
-            f"corpus {files} has no document with two or more sentences; the format is one "
-            f"sentence per line with a blank line between documents"
-        )
-    flat = tokenizer.encode_batch([s for d in documents for s in d])
-    tokenized, start = [], 0
-    for d in documents:
-        tokenized.append(flat[start : start + len(d)])
-        start += len(d)
-    order = np.random.default_rng(config.seed).permutation(len(tokenized))
-    n_eval = max(1, int(round(len(tokenized) * config.eval_fraction)))
-    held_out = [tokenized[i] for i in order[:n_eval]]
-    kept = [tokenized[i] for i in order[n_eval:]]
-    ids = pretraining_data.SpecialIds(
+def special_ids(tokenizer: tokenization.Tokenizer) -> pretraining_data.SpecialIds:
+    return pretraining_data.SpecialIds(
         cls_id=tokenizer.cls_id,
         sep_id=tokenizer.sep_id,
         mask_id=tokenizer.mask_id,
         vocab_size=tokenizer.vocab_size,
         is_continuation=np.array(tokenizer.is_continuation()),
     )
-    train = pretraining_data.create_instances(kept, config.masking, ids, config.seed)
-    eval_ = pretraining_data.create_instances(held_out, config.masking, ids, config.seed + 1)
-    return train, eval_
 
 
-class BatchIterator(Iterator[Batch]):
-    """Endless shuffled batches over in-memory instances; resumable from `state()`.
+@dataclasses.dataclass
+class PretrainingData:
+    """The tokenizer and the preprocessed pairs of one DataConfig, ready to be loaded."""
 
-    Each epoch is a fresh permutation seeded by (seed, epoch); the remainder is dropped. A
-    process yields only its own contiguous share of every global batch.
-    """
+    config: DataConfig
+    tokenizer: tokenization.Tokenizer
+    directory: str
+    metadata: dict
 
-    def __init__(
-        self,
-        arrays: Batch,
-        global_batch_size: int,
-        *,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-    ):
-        n = len(next(iter(arrays.values())))
+    def _source(self, split: str) -> grain.MapDataset:
+        paths = [os.path.join(self.directory, s) for s in self.metadata["shards"][split]]
+        return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(_Decode())
+
+    def train_iterator(
+        self, global_batch_size: int, *, seed: int, process_index: int = 0, process_count: int = 1
+    ) -> grain.DatasetIterator:
+        """Endless batches of this process's share: [global_batch_size / process_count, ...]."""
         if global_batch_size % process_count:
             raise ValueError(
                 f"global batch size {global_batch_size} is not divisible by the "
                 f"{process_count} processes"
             )
-        if n < global_batch_size:
+        local = global_batch_size // process_count
+        ds = self._source("train")[process_index::process_count]
+        if len(ds) < local:
             raise ValueError(
-                f"only {n} instances for a batch of {global_batch_size}; use a larger corpus, "
-                f"a larger data.masking.dupe_factor or a smaller batch"
+                f"only {len(ds)} training pairs per process for a batch of {local}; use a "
+                f"larger corpus, a larger data.masking.dupe_factor or a smaller batch"
             )
-        self.arrays = arrays
-        self.global_batch_size = global_batch_size
-        self.seed = seed
-        self.local = global_batch_size // process_count
-        self.offset = process_index * self.local
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
+        masking, ids = self.config.masking, special_ids(self.tokenizer)
+        if not masking.dynamic_masking:
+            ds = ds.map_with_index(_StaticMask(masking, ids, seed, len(ds)))
+        ds = ds.shuffle(seed=seed)
+        if masking.dynamic_masking:
+            ds = ds.random_map(_DynamicMask(masking, ids), seed=seed)
+        ds = ds.repeat(None).batch(local, drop_remainder=True).to_iter_dataset()
+        if self.config.loader_workers > 0:
+            options = grain.MultiprocessingOptions(num_workers=self.config.loader_workers)
+            ds = ds.mp_prefetch(options)
+        return iter(ds)
 
-    def _permutation(self) -> np.ndarray:
-        n = len(next(iter(self.arrays.values())))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+    def eval_batches(
+        self, global_batch_size: int, max_batches: int, *, process_index=0, process_count=1
+    ) -> list[Batch]:
+        """The first `max_batches` held-out batches (this process's rows), fixed masks."""
+        n = len(self._source("eval"))
+        count = min(max_batches, n // global_batch_size)
+        if count == 0:
+            raise ValueError(
+                f"only {n} held-out pairs for an eval batch of {global_batch_size}; raise "
+                f"data.eval_fraction or lower train.batch_size"
+            )
+        local = global_batch_size // process_count
+        ds = self._source("eval")[: count * global_batch_size]
+        ds = ds.map_with_index(
+            _StaticMask(self.config.masking, special_ids(self.tokenizer), self.config.seed + 1, n)
+        )
+        batches = list(ds.batch(global_batch_size))
+        return [
+            {k: v[process_index * local : (process_index + 1) * local] for k, v in b.items()}
+            for b in batches
+        ]
 
-    def __next__(self) -> Batch:
-        if self.position + self.global_batch_size > len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        start = self.position + self.offset
-        rows = np.sort(self._order[start : start + self.local])
-        self.position += self.global_batch_size
-        return {k: v[rows] for k, v in self.arrays.items()}
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def restore(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"iterator state was saved with seed {state['seed']}, not {self.seed}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
+class _Decode(grain.transforms.Map):
+    def map(self, record: bytes) -> pretraining_data.Pair:
+        return pretraining_data.decode_pair(record)
 
 
-def eval_batches(arrays: Batch, global_batch_size: int, max_batches: int) -> list[Batch]:
-    """The first `max_batches` full batches of the held-out instances, in a fixed order."""
-    n = len(next(iter(arrays.values())))
-    count = min(max_batches, n // global_batch_size)
-    if count == 0:
-        raise ValueError(f"only {n} held-out instances for an eval batch of {global_batch_size}")
-    return [
-        {k: v[i * global_batch_size : (i + 1) * global_batch_size] for k, v in arrays.items()}
-        for i in range(count)
-    ]
+class _DynamicMask(grain.transforms.RandomMap):
+    def __init__(self, masking: MaskingConfig, ids: pretraining_data.SpecialIds):
+        self.masking, self.ids = masking, ids
+
+    def random_map(self, pair, rng: np.random.Generator) -> Batch:
+        return pretraining_data.make_instance(pair, self.masking, self.ids, rng)
+
+
+class _StaticMask(grain.transforms.MapWithIndex):
+    """Masks drawn from (seed, pair index) alone: the same in every epoch."""
+
+    def __init__(self, masking: MaskingConfig, ids: pretraining_data.SpecialIds, seed: int, n: int):
+        self.masking, self.ids, self.seed, self.n = masking, ids, seed, n
+
+    def map_with_index(self, index: int, pair) -> Batch:
+        # A repeated grain dataset passes indices past its length (epoch * n + i).
+        rng = np.random.default_rng([self.seed, index % self.n])
+        return pretraining_data.make_instance(pair, self.masking, self.ids, rng)
+
+
+def load_pretraining_data(config: DataConfig) -> PretrainingData:
+    """Tokenizer and preprocessed shards for `config`, preparing whatever is missing."""
+    tokenizer = make_tokenizer(config)
+    directory = config.preprocessed_dir or os.path.join(
+        cache_dir(config), "pairs", _digest(_shard_settings(config, tokenizer))
+    )
+    metadata = prepare(config, tokenizer, directory)
+    return PretrainingData(config, tokenizer, directory, metadata)
+
+
+def prepare(config: DataConfig, tokenizer: tokenization.Tokenizer, directory: str) -> dict:
+    """Writes the sharded pairs (skipping finished shards) and returns the metadata.
+
+    Raises:
+      ValueError when the directory holds shards made with other settings (another tokenizer,
+      masking or seed), or when the corpus yields no usable pair.
+    """
+    settings = _shard_settings(config, tokenizer)
+    meta_path = os.path.join(directory, "metadata.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            metadata = json.load(f)
+        _check_settings(metadata["settings"], settings, directory)
+        return metadata
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.startswith("stats-"):
+            with open(os.path.join(directory, name)) as f:
+                _check_settings(json.load(f)["settings"], settings, directory)
+    jobs = [(config, tokenizer.vocab_file, directory, shard) for shard in range(config.num_shards)]
+    workers = min(config.preprocess_workers or os.cpu_count() or 1, config.num_shards)
+    results = []
+    bar = tqdm.tqdm(total=len(jobs), desc="preprocess", unit="shard", dynamic_ncols=True)
+    if workers == 1:
+        for job in jobs:
+            results.append(_write_shard(job))
+            bar.update(1)
+    else:
+        # spawn, not fork: the parent may already run JAX's threads.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap_unordered(_write_shard, jobs):
+                results.append(result)
+                bar.update(1)
+    bar.close()
+    return _write_metadata(directory, settings, sorted(results, key=lambda r: r["shard"]))
+
+
+def _write_metadata(directory: str, settings: dict, results: list[dict]) -> dict:
+    totals = {
+        k: sum(r[k] for r in results) for k in ("documents", "single_sentence", "train", "eval")
+    }
+    problems = [p for r in results for p in r["problems"]]
+    for problem in sorted(set(problems)):
+        tqdm.tqdm.write(f"warning: {problem}")
+    if totals["train"] == 0:
+        raise ValueError(
+            f"the corpus gave no training pair: {totals['documents']} documents, of which "
+            f"{totals['single_sentence']} have a single sentence (skipped); documents need two "
+            f"or more sentences, one per line, with a blank line between documents"
+        )
+    metadata = {
+        "format_version": _FORMAT_VERSION,
+        "settings": settings,
+        "counts": totals,
+        "shards": {
+            split: [r["files"][split] for r in results if r[split] > 0]
+            for split in ("train", "eval")
+        },
+    }
+    corpus.atomic_write(
+        os.path.join(directory, "metadata.json"), json.dumps(metadata, indent=1).encode()
+    )
+    return metadata
+
+
+def _write_shard(job) -> dict:
+    """Worker: tokenizes this shard's documents, cuts pairs, writes train/eval ArrayRecords."""
+    config, vocab_file, directory, shard = job
+    stats_path = os.path.join(directory, f"stats-{shard:05d}.json")
+    if os.path.exists(stats_path):  # finished by an earlier run
+        with open(stats_path) as f:
+            return json.load(f)
+    tokenizer = load_tokenizer(config.tokenizer, vocab_file, config.do_lower_case)
+    stats = corpus.CorpusStats()
+    docs: dict[str, list[list[str]]] = {"train": [], "eval": []}
+    single = 0
+    for index, document in enumerate(iter_documents(config, stats)):
+        if index % config.num_shards != shard:
+            continue
+        if len(document) < 2:
+            single += 1  # cannot make a next-sentence pair
+            continue
+        docs["eval" if _held_out(index, config) else "train"].append(document)
+    result = {
+        "shard": shard,
+        "settings": _shard_settings(config, tokenizer),
+        "documents": len(docs["train"]) + len(docs["eval"]) + single,
+        "single_sentence": single,
+        "problems": stats.report(),
+        "files": {},
+    }
+    for split in ("train", "eval"):
+        rng = np.random.default_rng([config.seed, shard, split == "eval"])
+        tokenized = _tokenize(tokenizer, docs[split])
+        pairs = (
+            pretraining_data.create_pairs(
+                tokenized, config.masking, rng, passes=config.masking.dupe_factor
+            )
+            if tokenized
+            else []
+        )
+        name = f"{split}-{shard:05d}-of-{config.num_shards:05d}.array_record"
+        _write_records(
+            os.path.join(directory, name), [pretraining_data.encode_pair(p) for p in pairs]
+        )
+        result[split], result["files"][split] = len(pairs), name
+    corpus.atomic_write(stats_path, json.dumps(result).encode())
+    return result
+
+
+def _tokenize(tokenizer, documents: list[list[str]]) -> list[list[list[int]]]:
+    flat = tokenizer.encode_batch([s for d in documents for s in d])
+    out, start = [], 0
+    for d in documents:
+        out.append(flat[start : start + len(d)])
+        start += len(d)
+    return out
+
+
+def _write_records(path: str, records: list[bytes]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
+    os.replace(tmp, path)
+
+
+def _held_out(index: int, config: DataConfig) -> bool:
+    # A fixed hash of (seed, document index): the split does not depend on the shard count.
+    h = hashlib.blake2b(f"{config.seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < config.eval_fraction
+
+
+def _corpus_identity(config: DataConfig) -> list:
+    if config.tfds_name:
+        return [config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_key]
+    return [_file_digest(f) for f in corpus_files(config)]
+
+
+def _shard_settings(config: DataConfig, tokenizer: tokenization.Tokenizer) -> dict:
+    """What the shards depend on; shards made with other settings are refused."""
+    masking = dataclasses.asdict(config.masking)
+    pairing = {
+        k: masking[k] for k in ("max_seq_length", "short_seq_prob", "dupe_factor", "next_sentence")
+    }
+    return {
+        "format_version": _FORMAT_VERSION,
+        "corpus": _corpus_identity(config),
+        "tokenizer": config.tokenizer,
+        "vocab_sha256": _file_digest(tokenizer.vocab_file),
+        "do_lower_case": config.do_lower_case,
+        "pairing": pairing,
+        "eval_fraction": config.eval_fraction,
+        "seed": config.seed,
+        "num_shards": config.num_shards,
+    }
+
+
+def _check_settings(found: dict, wanted: dict, directory: str) -> None:
+    if found != wanted:
+        differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        raise ValueError(
+            f"the shards in {directory} were written with other settings ({differing} differ, "
+            f"e.g. another tokenizer or vocabulary); use another data.preprocessed_dir or delete it"
+        )
 
 
 def _file_digest(path: str) -> str:
@@ -295,15 +434,3 @@ def _file_digest(path: str) -> str:
 
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _makedirs(directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    return directory
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=_makedirs(os.path.dirname(path)), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

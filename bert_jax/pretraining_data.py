@@ -1,11 +1,20 @@
-"""Documents of tokenized sentences -> masked-LM + next-sentence pretraining instances.
+"""Documents of tokenized sentences -> sentence pairs -> masked-LM + NSP/SOP instances.
 
-Reproduces the semantics of the original `create_pretraining_data.py`: segments fill a
-target length (shorter with probability `short_seq_prob`), sentence A is a random prefix of the
-chunk, sentence B its true continuation or (50%, or always for a one-segment chunk) a span of
-another document, the pair is truncated from the longer side at a random end, and 15% of the
-tokens (at most `max_predictions_per_seq`) are predicted: 80% replaced by [MASK], 10% by a
-random token, 10% kept. Randomness is one seeded `numpy.random.Generator`.
+Reproduces the original `create_pretraining_data.py` in two stages, so that masking can be
+static (drawn once, as the original) or dynamic (drawn when a batch is made):
+
+1. `create_pairs`: segments fill a target length (shorter with probability `short_seq_prob`);
+   sentence A is a random prefix of the chunk; for NSP, B is the true continuation or (50%, or
+   always for a one-segment chunk) a span of another document, the unused segments going back;
+   for SOP (ALBERT) B is the true continuation and the two are swapped half the time (a chunk
+   of one sentence is cut in two, so that SOP pairs never mix documents; ALBERT's script took
+   a random document there). The pair is truncated from the longer side at a random end.
+2. `make_instance`: [CLS] A [SEP] B [SEP], then 15% of the tokens (at most
+   `max_predictions_per_seq`) are predicted: 80% become [MASK], 10% a random token, 10% stay.
+   Whole-word masking keeps a word's pieces together; n-gram masking (ALBERT) masks spans of up
+   to `ngram_max` words with probability proportional to 1/n.
+
+Randomness is a `numpy.random.Generator` passed in; nothing here has hidden state.
 """
 
 import dataclasses
@@ -14,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 Document = Sequence[Sequence[int]]  # sentences of token ids
+Pair = tuple[np.ndarray, np.ndarray, int]  # tokens A, tokens B, label (1: random / swapped)
 
 FEATURES = (
     "input_ids",
@@ -28,7 +38,13 @@ FEATURES = (
 
 @dataclasses.dataclass(frozen=True)
 class MaskingConfig:
-    """How instances are cut and masked (the original flags of create_pretraining_data)."""
+    """How pairs are cut and masked (the flags of the original create_pretraining_data).
+
+    next_sentence: "nsp" (BERT, B random half the time) or "sop" (ALBERT, A and B swapped).
+    ngram_max: 1 masks single words (tokens); 3 is ALBERT's n-gram masking.
+    dynamic_masking: draw masks per epoch when batches are made; False fixes them per pair,
+      with `dupe_factor` differently masked copies, as the original.
+    """
 
     max_seq_length: int = 128
     max_predictions_per_seq: int = 20
@@ -36,6 +52,9 @@ class MaskingConfig:
     short_seq_prob: float = 0.1
     dupe_factor: int = 10
     whole_word_mask: bool = False
+    ngram_max: int = 1
+    next_sentence: str = "nsp"
+    dynamic_masking: bool = True
 
     def __post_init__(self):
         if self.max_seq_length < 5:
@@ -44,8 +63,10 @@ class MaskingConfig:
             )
         if not 0.0 < self.masked_lm_prob < 1.0:
             raise ValueError(f"masked_lm_prob={self.masked_lm_prob} must be in (0, 1)")
-        if self.max_predictions_per_seq < 1 or self.dupe_factor < 1:
-            raise ValueError("max_predictions_per_seq and dupe_factor must be at least 1")
+        if self.max_predictions_per_seq < 1 or self.dupe_factor < 1 or self.ngram_max < 1:
+            raise ValueError("max_predictions_per_seq, dupe_factor and ngram_max must be >= 1")
+        if self.next_sentence not in ("nsp", "sop"):
+            raise ValueError(f"next_sentence={self.next_sentence!r}; use 'nsp' or 'sop'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,24 +77,16 @@ class SpecialIds:
     sep_id: int
     mask_id: int
     vocab_size: int
-    is_continuation: np.ndarray | None = None  # [V] bool, for whole-word masking
+    is_continuation: np.ndarray | None = None  # [V] bool: the piece continues a word
 
 
-def create_instances(
-    documents: Sequence[Document], config: MaskingConfig, ids: SpecialIds, seed: int
-) -> dict[str, np.ndarray]:
-    """All instances of `dupe_factor` passes over the documents, as fixed-shape arrays.
+def create_pairs(
+    documents: Sequence[Document], config: MaskingConfig, rng: np.random.Generator, passes: int = 1
+) -> list[Pair]:
+    """Sentence pairs from `passes` passes over the documents, in document order.
 
-    Args:
-      documents: each a list of sentences, each a list of token ids (no special tokens).
-      config: lengths and masking probabilities.
-      ids: special token ids and the vocabulary size.
-      seed: seed of the generator; the same inputs and seed give the same instances.
-
-    Returns:
-      Dict of the `FEATURES`: [N, max_seq_length] int32 input_ids/input_mask/segment_ids,
-      [N, max_predictions_per_seq] masked_lm_positions/ids (int32) and weights (float32),
-      [N] int32 next_sentence_labels (1 when segment B is random).
+    Raises:
+      ValueError when no document has two sentences (no pair could be a true continuation).
     """
     documents = [d for d in documents if any(len(s) for s in d)]
     if not any(len(d) >= 2 for d in documents):
@@ -81,22 +94,20 @@ def create_instances(
             "no document has two or more sentences: the corpus format is one sentence per line "
             "with a blank line between documents"
         )
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(config.dupe_factor):
+    pairs: list[Pair] = []
+    for _ in range(passes):
         for index in range(len(documents)):
-            rows.extend(_document_instances(documents, index, config, ids, rng))
-    order = rng.permutation(len(rows))
-    return _to_arrays([rows[i] for i in order], config)
+            pairs.extend(_document_pairs(documents, index, config, rng))
+    return pairs
 
 
-def _document_instances(documents, index, config, ids, rng):
+def _document_pairs(documents, index, config, rng) -> list[Pair]:
     document = documents[index]
     max_tokens = config.max_seq_length - 3  # [CLS] A [SEP] B [SEP]
     target = max_tokens
     if rng.random() < config.short_seq_prob:
         target = int(rng.integers(2, max_tokens + 1))
-    instances = []
+    pairs = []
     chunk: list[Sequence[int]] = []
     length = 0
     i = 0
@@ -104,25 +115,28 @@ def _document_instances(documents, index, config, ids, rng):
         chunk.append(document[i])
         length += len(document[i])
         if i == len(document) - 1 or length >= target:
-            if chunk:
-                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-                tokens_a = [t for s in chunk[:a_end] for t in s]
-                tokens_b: list[int] = []
-                is_random_next = len(chunk) == 1 or rng.random() < 0.5
-                if is_random_next and len(documents) > 1:
-                    tokens_b = _random_continuation(documents, index, target - len(tokens_a), rng)
-                    i -= len(chunk) - a_end  # the unused segments go back into the stream
-                else:
-                    is_random_next = False
-                    tokens_b = [t for s in chunk[a_end:] for t in s]
-                _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
-                if tokens_a and tokens_b:
-                    instances.append(
-                        _masked_instance(tokens_a, tokens_b, is_random_next, config, ids, rng)
-                    )
+            if config.next_sentence == "sop" and len(chunk) == 1 and len(chunk[0]) >= 2:
+                # SOP needs two segments of one document: cut the lone sentence in two.
+                cut = int(rng.integers(1, len(chunk[0])))
+                chunk = [chunk[0][:cut], chunk[0][cut:]]
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            tokens_a = [t for s in chunk[:a_end] for t in s]
+            label = 0
+            random_next = len(chunk) == 1 or (config.next_sentence == "nsp" and rng.random() < 0.5)
+            if random_next and len(documents) > 1:
+                label = 1
+                tokens_b = _random_continuation(documents, index, target - len(tokens_a), rng)
+                i -= len(chunk) - a_end  # the unused segments go back into the stream
+            else:
+                tokens_b = [t for s in chunk[a_end:] for t in s]
+                if config.next_sentence == "sop" and rng.random() < 0.5:
+                    tokens_a, tokens_b, label = tokens_b, tokens_a, 1
+            _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
+            if tokens_a and tokens_b:
+                pairs.append((np.array(tokens_a, np.int32), np.array(tokens_b, np.int32), label))
             chunk, length = [], 0
         i += 1
-    return instances
+    return pairs
 
 
 def _random_continuation(documents, index, target_length, rng) -> list[int]:
@@ -152,12 +166,33 @@ def _truncate_pair(tokens_a: list[int], tokens_b: list[int], max_tokens: int, rn
             longer.pop()
 
 
-def _masked_instance(tokens_a, tokens_b, is_random_next, config, ids, rng):
-    tokens = np.array([ids.cls_id, *tokens_a, ids.sep_id, *tokens_b, ids.sep_id], np.int32)
-    segments = np.zeros(len(tokens), np.int32)
-    segments[len(tokens_a) + 2 :] = 1
-    positions, labels, tokens = mask_tokens(tokens, config, ids, rng)
-    return tokens, segments, positions, labels, int(is_random_next)
+def make_instance(
+    pair: Pair, config: MaskingConfig, ids: SpecialIds, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """One masked, padded instance: the `FEATURES` of one example (no batch dimension)."""
+    tokens_a, tokens_b, label = pair
+    n = len(tokens_a) + len(tokens_b) + 3
+    if n > config.max_seq_length:
+        raise ValueError(f"pair of {n} tokens exceeds max_seq_length={config.max_seq_length}")
+    tokens = np.concatenate([[ids.cls_id], tokens_a, [ids.sep_id], tokens_b, [ids.sep_id]])
+    positions, labels, corrupted = mask_tokens(tokens.astype(np.int32), config, ids, rng)
+    length, preds = config.max_seq_length, config.max_predictions_per_seq
+    out = {
+        "input_ids": np.zeros(length, np.int32),
+        "input_mask": np.zeros(length, np.int32),
+        "segment_ids": np.zeros(length, np.int32),
+        "masked_lm_positions": np.zeros(preds, np.int32),
+        "masked_lm_ids": np.zeros(preds, np.int32),
+        "masked_lm_weights": np.zeros(preds, np.float32),
+        "next_sentence_labels": np.array(label, np.int32),
+    }
+    out["input_ids"][:n] = corrupted
+    out["input_mask"][:n] = 1
+    out["segment_ids"][len(tokens_a) + 2 : n] = 1
+    out["masked_lm_positions"][: len(positions)] = positions
+    out["masked_lm_ids"][: len(positions)] = labels
+    out["masked_lm_weights"][: len(positions)] = 1.0
+    return out
 
 
 def mask_tokens(tokens: np.ndarray, config: MaskingConfig, ids: SpecialIds, rng):
@@ -167,58 +202,82 @@ def mask_tokens(tokens: np.ndarray, config: MaskingConfig, ids: SpecialIds, rng)
       tokens: [n] int32 ids including [CLS] and [SEP].
 
     Returns:
-      (sorted positions, their original ids, the corrupted tokens).
+      (sorted positions [k] int32, their original ids [k], the corrupted tokens [n]).
     """
-    candidates: list[list[int]] = []
-    for i, t in enumerate(tokens):
-        if t in (ids.cls_id, ids.sep_id):
-            continue
-        if config.whole_word_mask and candidates and ids.is_continuation is not None:
-            if ids.is_continuation[t] and candidates[-1][-1] == i - 1:
-                candidates[-1].append(i)
-                continue
-        candidates.append([i])
-    rng.shuffle(candidates)
+    groups = _maskable_groups(tokens, config, ids)
     n_predict = min(
         config.max_predictions_per_seq, max(1, int(round(len(tokens) * config.masked_lm_prob)))
     )
+    ngrams = np.arange(1, config.ngram_max + 1)
+    weights = 1.0 / ngrams
     chosen: list[int] = []
-    for group in candidates:
+    covered: set[int] = set()
+    for start in rng.permutation(len(groups)):
         if len(chosen) >= n_predict:
             break
-        if len(chosen) + len(group) > n_predict:
+        span = groups[start : start + config.ngram_max]
+        n = 1
+        if config.ngram_max > 1:
+            p = weights[: len(span)] / weights[: len(span)].sum()
+            n = int(rng.choice(ngrams[: len(span)], p=p))
+        # Shorten the span until it fits the budget (ALBERT), else skip it (BERT).
+        while n > 1 and len(chosen) + sum(len(g) for g in span[:n]) > n_predict:
+            n -= 1
+        index_set = [i for g in span[:n] for i in g]
+        if len(chosen) + len(index_set) > n_predict or covered.intersection(index_set):
             continue
-        chosen.extend(group)
-    chosen.sort()
-    positions = np.array(chosen, np.int32)
+        chosen.extend(index_set)
+        covered.update(index_set)
+    positions = np.array(sorted(chosen), np.int32)
     labels = tokens[positions].copy()
     corrupted = tokens.copy()
     for p in positions:
-        u = rng.random()
-        if u < 0.8:
+        if rng.random() < 0.8:
             corrupted[p] = ids.mask_id
         elif rng.random() >= 0.5:
             corrupted[p] = int(rng.integers(0, ids.vocab_size))
     return positions, labels, corrupted
 
 
-def _to_arrays(rows, config: MaskingConfig) -> dict[str, np.ndarray]:
-    n, length, preds = len(rows), config.max_seq_length, config.max_predictions_per_seq
-    out = {
-        "input_ids": np.zeros((n, length), np.int32),
-        "input_mask": np.zeros((n, length), np.int32),
-        "segment_ids": np.zeros((n, length), np.int32),
-        "masked_lm_positions": np.zeros((n, preds), np.int32),
-        "masked_lm_ids": np.zeros((n, preds), np.int32),
-        "masked_lm_weights": np.zeros((n, preds), np.float32),
-        "next_sentence_labels": np.zeros((n,), np.int32),
-    }
-    for r, (tokens, segments, positions, labels, is_random) in enumerate(rows):
-        out["input_ids"][r, : len(tokens)] = tokens
-        out["input_mask"][r, : len(tokens)] = 1
-        out["segment_ids"][r, : len(tokens)] = segments
-        out["masked_lm_positions"][r, : len(positions)] = positions
-        out["masked_lm_ids"][r, : len(positions)] = labels
-        out["masked_lm_weights"][r, : len(positions)] = 1.0
-        out["next_sentence_labels"][r] = is_random
-    return out
+def _maskable_groups(tokens: np.ndarray, config: MaskingConfig, ids: SpecialIds) -> list[list[int]]:
+    """Positions that may be predicted, grouped into words when whole-word masking is on."""
+    groups: list[list[int]] = []
+    whole_word = config.whole_word_mask and ids.is_continuation is not None
+    for i, t in enumerate(tokens.tolist()):
+        if t in (ids.cls_id, ids.sep_id):
+            continue
+        if whole_word and groups and ids.is_continuation[t] and groups[-1][-1] == i - 1:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def create_instances(
+    documents: Sequence[Document], config: MaskingConfig, ids: SpecialIds, seed: int
+) -> dict[str, np.ndarray]:
+    """All instances of `dupe_factor` statically masked passes, shuffled, as stacked arrays.
+
+    This is the original create_pretraining_data in memory; the input pipeline instead stores
+    the pairs and masks them as batches are made.
+
+    Returns:
+      The `FEATURES` with a leading [N] dimension.
+    """
+    rng = np.random.default_rng(seed)
+    pairs = create_pairs(documents, config, rng, passes=config.dupe_factor)
+    rows = [make_instance(pairs[i], config, ids, rng) for i in rng.permutation(len(pairs))]
+    return {k: np.stack([r[k] for r in rows]) for k in FEATURES}
+
+
+def encode_pair(pair: Pair) -> bytes:
+    """Serialises a pair for a record file: [label, len(A)] + A + B as little-endian int32."""
+    tokens_a, tokens_b, label = pair
+    header = np.array([label, len(tokens_a)], "<i4")
+    return np.concatenate([header, tokens_a.astype("<i4"), tokens_b.astype("<i4")]).tobytes()
+
+
+def decode_pair(record: bytes) -> Pair:
+    values = np.frombuffer(record, "<i4")
+    label, len_a = int(values[0]), int(values[1])
+    return values[2 : 2 + len_a].astype(np.int32), values[2 + len_a :].astype(np.int32), label

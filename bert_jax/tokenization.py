@@ -1,15 +1,18 @@
-"""Tokenizers behind one small protocol: WordPiece with the original BERT rules.
+"""Tokenizers behind one small protocol: WordPiece (BERT) and SentencePiece (ALBERT).
 
 `WordPieceTokenizer` reads a released `vocab.txt` and applies the original BERT tokenization
 (text cleaning, CJK characters split, optional lower-casing with accent stripping, punctuation
 split, greedy longest-match-first word pieces, words over 100 characters to [UNK]) through the
 Hugging Face `tokenizers` library, which implements exactly these rules in Rust and batch-encodes
 fast. `train_wordpiece_vocab` builds a `vocab.txt` from a corpus for pretraining from scratch.
+`SentencePieceTokenizer` loads a SentencePiece `.model` (ALBERT's tokenizer) and
+`train_sentencepiece` learns one (unigram or BPE) with the special symbols reserved.
 """
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import tokenizers
@@ -35,6 +38,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def id_to_token(self, token_id: int) -> str: ...
+
+    def is_continuation(self) -> list[bool]: ...
 
 
 class WordPieceTokenizer:
@@ -136,3 +141,108 @@ def _bert_tokenizer(model: tokenizers.models.Model, do_lower_case: bool) -> toke
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     return tok
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model with ALBERT's text preprocessing (whitespace collapsed, quotes
+    normalised, accents stripped and lower-cased when `do_lower_case`)."""
+
+    def __init__(self, model_file: str | os.PathLike, *, do_lower_case: bool = True):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"SentencePiece model {model_file} does not exist")
+        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+        self.vocab_file = os.fspath(model_file)
+        self.do_lower_case = do_lower_case
+        self.vocab_size = self._sp.get_piece_size()
+        self.unk_id = self._sp.unk_id()
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._special("[PAD]")
+        self.cls_id, self.sep_id, self.mask_id = (self._special(t) for t in SPECIAL_TOKENS[2:])
+
+    def _special(self, token: str) -> int:
+        token_id = self._sp.piece_to_id(token)
+        if token_id == self._sp.unk_id() and token != "[UNK]":
+            raise ValueError(
+                f"SentencePiece model {self.vocab_file} lacks the special symbol {token}; train "
+                f"it with user_defined_symbols [CLS], [SEP], [MASK] (see train_sentencepiece)"
+            )
+        return token_id
+
+    def preprocess(self, text: str) -> str:
+        return albert_preprocess(text, self.do_lower_case)
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(self.preprocess(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode([self.preprocess(t) for t in texts], num_threads=os.cpu_count())
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._sp.encode(self.preprocess(text), out_type=str)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def is_continuation(self) -> list[bool]:
+        """A piece continues a word unless it starts one (the `▁` prefix) or is special."""
+        special = {self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id}
+        return [
+            i not in special and not self._sp.id_to_piece(i).startswith("\u2581")
+            for i in range(self.vocab_size)
+        ]
+
+
+def albert_preprocess(text: str, do_lower_case: bool) -> str:
+    """ALBERT's `preprocess_text`: collapse whitespace, `` and '' to ", strip accents, lower."""
+    text = " ".join(text.split()).replace("``", '"').replace("''", '"')
+    if do_lower_case:
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    return text
+
+
+def train_sentencepiece(
+    sentences: Iterator[str],
+    model_file: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "unigram",
+    do_lower_case: bool = True,
+) -> str:
+    """Learns a SentencePiece model (unigram or BPE) from sentences and writes `model_file`.
+
+    [PAD] = 0, [UNK] = 1, [CLS] = 2, [SEP] = 3, [MASK] = 4 (ALBERT's layout); the text gets
+    the same `albert_preprocess` as at encoding time. Written under a temporary name first.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model_type={model_type!r}; use 'unigram' or 'bpe'")
+    model_file = os.fspath(model_file)
+    directory = os.path.dirname(model_file) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".model.tmp")
+    with os.fdopen(fd, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(albert_preprocess(s, do_lower_case) for s in sentences),
+            model_writer=f,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece="[PAD]",
+            unk_piece="[UNK]",
+            user_defined_symbols=list(SPECIAL_TOKENS[2:]),
+            normalization_rule_name="identity",
+            hard_vocab_limit=False,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    os.replace(tmp, model_file)
+    return model_file

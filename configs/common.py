@@ -17,8 +17,14 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.
-    config.data.vocab_file = ""  # A vocab.txt; empty: learn a WordPiece vocab from the corpus.
+    config.data.tfds_name = ""  # Or a TFDS text corpus prepared as ArrayRecord.
+    config.data.tfds_split = "train"
+    config.data.tfds_data_dir = ""
+    config.data.tfds_text_key = "text"
+    config.data.tokenizer = "wordpiece"  # Or "sentencepiece".
+    config.data.vocab_file = ""  # vocab.txt / .model; empty: learn one from the corpus.
     config.data.vocab_size = config.model.vocab_size
+    config.data.spm_model_type = "unigram"
     config.data.do_lower_case = True
     config.data.max_seq_length = 128
     config.data.max_predictions_per_seq = 20
@@ -26,9 +32,16 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.data.short_seq_prob = 0.1
     config.data.dupe_factor = 10
     config.data.whole_word_mask = False
+    config.data.ngram_max = 1  # 3: ALBERT's n-gram masking.
+    config.data.next_sentence = "nsp"  # Or "sop" (sentence-order prediction).
+    config.data.dynamic_masking = True  # False: masks fixed at preprocessing, as the original.
     config.data.eval_fraction = 0.05
     config.data.cache_dir = ""  # Empty: $BERT_JAX_CACHE or ~/.cache/bert_jax.
+    config.data.preprocessed_dir = ""  # Empty: a folder of the cache named by the settings.
     config.data.seed = 12345
+    config.data.num_shards = 8
+    config.data.preprocess_workers = 0  # 0: one per core.
+    config.data.loader_workers = 0  # grain worker processes; 0: mask in the training process.
 
     # The BERT paper: Adam 1e-4, 10k warmup steps, 1M steps at batch 256, decay 0.01.
     config.optim = ml_collections.ConfigDict()

@@ -70,6 +70,7 @@ def test_masking_rates():
     assert abs(kept - 0.1) < 0.015
     assert abs(1 - masked - kept - 0.1) < 0.015
     assert not np.isin(original, [IDS.cls_id, IDS.sep_id]).any()
+    assert (inst["input_mask"][rows, pos] == 1).all()  # never a padding position
     for r in range(len(weights)):  # positions are sorted and distinct, as in the original
         p = inst["masked_lm_positions"][r, : int(n_masked[r])]
         assert (np.diff(p) > 0).all()
@@ -113,3 +114,38 @@ def test_deterministic_for_a_seed():
 def test_corpus_without_multi_sentence_documents_is_rejected():
     with pytest.raises(ValueError, match="no document has two or more sentences"):
         pd.create_instances([[[5, 6, 7]], [[8, 9]]], pd.MaskingConfig(), IDS, seed=0)
+
+
+def test_sentence_order_prediction_swaps_consecutive_segments():
+    config = pd.MaskingConfig(max_seq_length=64, dupe_factor=2, next_sentence="sop")
+    inst = pd.create_instances(_corpus(), config, IDS, seed=7)
+    labels = inst["next_sentence_labels"]
+    assert 0.4 < labels.mean() < 0.6
+    for row in range(len(labels)):
+        ids, seps, n = _split(row, inst)
+        a, b = _origin(ids[1 : seps[0]]), _origin(ids[seps[0] + 1 : n - 1])
+        assert {d for d, _ in a} == {d for d, _ in b}  # never another document
+        if labels[row] == 0:
+            assert max(s for _, s in a) <= min(s for _, s in b)
+        else:
+            assert max(s for _, s in b) <= min(s for _, s in a)
+
+
+def _neighbour_masked_rate(ngram_max):
+    config = pd.MaskingConfig(max_seq_length=128, dupe_factor=3, ngram_max=ngram_max)
+    inst = pd.create_instances(_corpus(n_docs=40), config, IDS, seed=8)
+    masked = np.zeros(inst["input_ids"].shape, bool)
+    rows, cols = np.nonzero(inst["masked_lm_weights"] > 0)
+    masked[rows, inst["masked_lm_positions"][rows, cols]] = True
+    expected = np.minimum(20, np.maximum(1, np.round(inst["input_mask"].sum(1) * 0.15)))
+    np.testing.assert_array_equal(masked.sum(1), expected)  # the budget holds for spans too
+    return (masked[:, :-1] & masked[:, 1:]).sum() / masked[:, :-1].sum()
+
+
+def test_ngram_masking_masks_spans():
+    single, spans = _neighbour_masked_rate(1), _neighbour_masked_rate(3)
+    assert single < 0.25  # about the masking rate when positions are drawn independently
+    # p(n) = 6/11, 3/11, 2/11 for n = 1, 2, 3: 18/11 tokens and 7/11 adjacent pairs per span,
+    # so 7/18 = 0.39 of the masked tokens are followed by one of their span (less at the
+    # budget's edge, where spans are shortened).
+    assert spans > 0.33

@@ -60,3 +60,49 @@ def test_vocab_without_special_tokens_is_rejected(tmp_path):
         tokenization.WordPieceTokenizer(vocab)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tokenization.WordPieceTokenizer(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_trains_encodes_and_decodes(tmp_path, model_type):
+    import sentencepiece as spm
+
+    sentences = [s for t in TEXT for s in (t, t.upper(), t.lower())] * 20
+    path = tokenization.train_sentencepiece(
+        iter(sentences), tmp_path / "sp.model", vocab_size=300, model_type=model_type
+    )
+    tok = tokenization.SentencePieceTokenizer(path)
+    ids = [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id]
+    assert ids == [0, 1, 2, 3, 4]
+    assert [tok.id_to_token(i) for i in ids] == list(tokenization.SPECIAL_TOKENS)
+    # The SentencePiece library itself, after ALBERT's preprocessing, is the reference.
+    ref = spm.SentencePieceProcessor(model_file=str(path))
+    for text in TEXT[:6]:
+        expected = tokenization.albert_preprocess(text, True)
+        assert tok.encode(text) == ref.encode(expected)
+        assert tok.decode(tok.encode(text)) == expected
+    assert tok.encode_batch(TEXT) == [tok.encode(t) for t in TEXT]
+    continuation = tok.is_continuation()
+    pieces = tok.tokenize("supercalifragilistic")
+    assert pieces[0].startswith("\u2581") and all(
+        continuation[i] for i in tok.encode("supercalifragilistic")[1:]
+    )
+
+
+def test_albert_preprocessing_matches_the_original_rules():
+    assert tokenization.albert_preprocess("  Café\t``Naïve''  ", True) == 'cafe "naive"'
+    assert tokenization.albert_preprocess("Café  X", False) == "Café X"
+
+
+def test_sentencepiece_model_without_special_symbols_is_rejected(tmp_path):
+    import sentencepiece as spm
+
+    prefix = tmp_path / "plain"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT * 20),
+        model_prefix=str(prefix),
+        vocab_size=100,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    with pytest.raises(ValueError, match="lacks the special symbol"):
+        tokenization.SentencePieceTokenizer(f"{prefix}.model")

@@ -21,7 +21,10 @@ SENTENCES = [
 
 
 def _corpus(tmp_path):
-    docs = ["\n".join(SENTENCES[i % 7 :] + SENTENCES[: i % 7]) for i in range(40)]
+    docs = [
+        "\n".join(f"{s[:-1]} in story {i}." for s in SENTENCES[i % 7 :] + SENTENCES[: i % 7])
+        for i in range(40)
+    ]
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return path
@@ -38,6 +41,7 @@ def _run(tmp_path, workdir, steps, *extra, check=True):
         "--config.model.vocab_size=300",
         "--config.data.max_seq_length=64",
         "--config.data.dupe_factor=4",
+        "--config.data.eval_fraction=0.2",
         "--config.train.batch_size=16",
         f"--config.train.num_steps={steps}",
         "--config.train.log_every=5",
