@@ -3,6 +3,7 @@ r"""Pretrains BERT with masked LM + next-sentence prediction.
     python train.py                                   # tiny config, default corpus, ./workdir
     python train.py --config=configs/bert_base.py --workdir=/ckpt/base \
         --config.data.corpus='/data/*.txt' --config.data.vocab_file=/data/vocab.txt
+    python train.py --config=... --preprocess_only     # only tokenize and write the shards
 
 Writes to --workdir: orbax checkpoints (rerunning the same command resumes from the latest),
 TensorBoard events, the config used and a summary. Nothing here does math: it wires the
@@ -31,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "tiny.py"), "Config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, logs and summary go here.")
+_PREPROCESS_ONLY = flags.DEFINE_bool(
+    "preprocess_only", False, "Prepare the tokenizer and the sharded pairs, then exit."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +207,10 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     config_json = json.loads(_CONFIG.value.to_json())
     run = parse_config(_CONFIG.value)
+    if _PREPROCESS_ONLY.value:
+        data = input_pipeline.load_pretraining_data(run.data)
+        print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
+        return
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_json, f, indent=2)
     summary = train(run, workdir, config_json)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 import tqdm
+from absl import flags
 from array_record.python import array_record_module
 
 from bert_jax import corpus, pretraining_data, tokenization
@@ -193,6 +194,10 @@ class PretrainingData:
             ds = ds.random_map(_DynamicMask(masking, ids), seed=seed)
         ds = ds.repeat(None).batch(local, drop_remainder=True).to_iter_dataset()
         if self.config.loader_workers > 0:
+            if not flags.FLAGS.is_parsed():
+                # grain's workers read absl flags; outside an absl app (a notebook, a
+                # test) take their defaults.
+                flags.FLAGS.mark_as_parsed()
             options = grain.MultiprocessingOptions(num_workers=self.config.loader_workers)
             ds = ds.mp_prefetch(options)
         return iter(ds)

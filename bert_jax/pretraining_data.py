@@ -40,6 +40,8 @@ FEATURES = (
 class MaskingConfig:
     """How pairs are cut and masked (the flags of the original create_pretraining_data).
 
+    dupe_factor: passes over the corpus when cutting pairs (each pass cuts differently; with
+      static masking each copy also gets its own masks, as the original).
     next_sentence: "nsp" (BERT, B random half the time) or "sop" (ALBERT, A and B swapped).
     ngram_max: 1 masks single words (tokens); 3 is ALBERT's n-gram masking.
     dynamic_masking: draw masks per epoch when batches are made; False fixes them per pair,

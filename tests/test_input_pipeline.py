@@ -187,3 +187,18 @@ def test_tfds_corpus_round_trip(tmp_path):
     assert data.metadata["counts"]["documents"] == 40
     (batch,) = _take(data.train_iterator(4, seed=0), 1)
     assert (batch["input_ids"][:, 0] == data.tokenizer.cls_id).all()
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
+    in_process = ip.load_pretraining_data(_config(tmp_path))
+    workers = ip.load_pretraining_data(_config(tmp_path, loader_workers=2))
+    expected = _take(in_process.train_iterator(8, seed=5), 12)
+    iterator = workers.train_iterator(8, seed=5)
+    got = _take(iterator, 6)
+    state = iterator.get_state()
+    resumed = workers.train_iterator(8, seed=5)
+    resumed.set_state(state)
+    got += _take(resumed, 6)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        np.testing.assert_array_equal(a["masked_lm_positions"], b["masked_lm_positions"])

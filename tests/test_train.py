@@ -96,3 +96,11 @@ def test_train_reports_bad_inputs_clearly(tmp_path):
     assert heads.returncode != 0 and "not divisible by num_attention_heads" in heads.stderr
     small = _run(tmp_path, tmp_path / "w3", 5, "--config.model.vocab_size=100", check=False)
     assert small.returncode != 0 and "set --config.model.vocab_size=" in small.stderr
+
+
+@pytest.mark.slow
+def test_preprocess_only_writes_shards_and_stops(tmp_path):
+    proc = _run(tmp_path, tmp_path / "w", 5, "--preprocess_only")
+    assert '"train":' in proc.stdout
+    assert list((tmp_path / "cache" / "pairs").glob("*/metadata.json"))
+    assert not (tmp_path / "w" / "checkpoints").exists()
