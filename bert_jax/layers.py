@@ -208,7 +208,8 @@ class SelfAttention(nnx.Module):
         Returns:
           ([B, L, D] output, probabilities or None).
         """
-        q, k, v = self.query(x), self.key(x), self.value(x)  # [B, L, H, K]
+        qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
+        q, k, v = (axes.constrain(p(x), qkv_axes) for p in (self.query, self.key, self.value))
         key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, L] over (B, H, Lq, Lk)
         use_dropout = not deterministic and probs_dropout > 0.0
         if return_probs or use_dropout:
@@ -288,9 +289,10 @@ class TransformerLayer(nnx.Module):
         x = self.attention_layer_norm(
             x + dropout(attended, self.hidden_dropout, keys[1], deterministic)
         )
-        h = self.output(activation(self.hidden_act, self.intermediate(x)))
+        h = axes.constrain(self.intermediate(x), (axes.BATCH, axes.LENGTH, axes.MLP))
+        h = self.output(activation(self.hidden_act, h))
         x = self.output_layer_norm(x + dropout(h, self.hidden_dropout, keys[2], deterministic))
-        return x, probs
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, None)), probs
 
 
 def _as_tuple(n: int | Sequence[int]) -> tuple[int, ...]:

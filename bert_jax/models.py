@@ -168,7 +168,8 @@ class BertEmbeddings(nnx.Module):
             + self.position_embeddings(positions)
             + self.token_type_embeddings(segment_ids)
         )
-        return layers.dropout(self.layer_norm(x), self.dropout_rate, rng, deterministic)
+        x = layers.dropout(self.layer_norm(x), self.dropout_rate, rng, deterministic)
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, None))
 
 
 class BertEncoder(nnx.Module):

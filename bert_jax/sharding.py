@@ -13,7 +13,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import axes
 
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+Rules = axes.Rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,25 +50,8 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 def logical_to_spec(
     logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
 ) -> PartitionSpec:
-    """The PartitionSpec of one array from its logical axis names.
-
-    A dimension stays replicated when no rule names it, when its mesh axes are already used by
-    an earlier dimension, or when their size does not divide it.
-    """
-    table = dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(logical, shape, strict=True):
-        target = table.get(name) if name is not None else None
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
-        split = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
-        if not mesh_axes or size % split:
-            spec.append(None)
-            continue
-        used.update(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-    return PartitionSpec(*spec)
+    """The PartitionSpec of one array on `mesh` (see `axes.partition_spec`)."""
+    return axes.partition_spec(logical, shape, dict(mesh.shape), rules)
 
 
 def tree_shardings(logical_tree, abstract_tree, mesh: Mesh, rules: Rules):
@@ -79,6 +62,25 @@ def tree_shardings(logical_tree, abstract_tree, mesh: Mesh, rules: Rules):
         abstract_tree,
         is_leaf=lambda n: isinstance(n, tuple),
     )
+
+
+def check_divisible(sizes: Mapping[str, int], mesh: Mesh, rules: Rules) -> None:
+    """Raises a clear error when a named dimension cannot be split as the rules ask.
+
+    Args:
+      sizes: logical axis name -> size in the model, e.g. {"heads": 12, "mlp": 3072}.
+    """
+    table = dict(rules)
+    for name, size in sizes.items():
+        target = table.get(name)
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        degree = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if size % degree:
+            raise ValueError(
+                f"the model's {name} dimension ({size}) is not divisible by {degree}, the size "
+                f"of mesh axes {mesh_axes} it is split over (mesh {dict(mesh.shape)}); change "
+                f"the mesh (--config.mesh.*) or the model size"
+            )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -10,7 +10,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from bert_jax import losses, models, sharding
+from bert_jax import axes, losses, models, sharding
 from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig, make_optimizer, make_schedule
 
@@ -53,6 +53,15 @@ def create_trainer(
 
     No state is allocated here; `trainer.init(seed)` creates it directly in its shardings.
     """
+    sharding.check_divisible(
+        {
+            axes.HEADS: model_config.num_attention_heads,
+            axes.MLP: model_config.intermediate_size,
+            axes.EMBED: model_config.hidden_size,
+        },
+        mesh,
+        rules,
+    )
     tx = make_optimizer(optim_config)
     abstract = models.abstract_model(model_config)
     graphdef, abstract_params = models.split_params(abstract)
@@ -83,7 +92,7 @@ def create_trainer(
         step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    step_fn = make_pretrain_step(graphdef, tx, optim_config)
+    step_fn = make_pretrain_step(graphdef, tx, optim_config, rules)
     return Trainer(
         graphdef=graphdef,
         tx=tx,
@@ -102,7 +111,7 @@ def create_trainer(
             donate_argnums=0,
         ),
         eval_step=jax.jit(
-            make_eval_step(graphdef),
+            make_eval_step(graphdef, rules),
             in_shardings=(param_shardings, batch_sharding),
             out_shardings=repl,
         ),
@@ -110,21 +119,25 @@ def create_trainer(
     )
 
 
-def _forward(graphdef, params, batch, *, rng, deterministic):
+def _forward(graphdef, params, batch, rules, *, rng, deterministic):
     model = models.merge_params(graphdef, params)
-    out = model(
-        batch["input_ids"],
-        batch["input_mask"],
-        batch["segment_ids"],
-        batch["masked_lm_positions"],
-        rng=rng,
-        deterministic=deterministic,
-    )
+    with axes.axis_rules(rules):  # active while tracing: activations get their shardings
+        out = model(
+            batch["input_ids"],
+            batch["input_mask"],
+            batch["segment_ids"],
+            batch["masked_lm_positions"],
+            rng=rng,
+            deterministic=deterministic,
+        )
     return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
 
 
 def make_pretrain_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: OptimConfig
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    config: OptimConfig,
+    rules: sharding.Rules = axes.DEFAULT_RULES,
 ):
     """`pretrain_step(state, batch) -> (state, metrics)`, a pure function to jit.
 
@@ -137,7 +150,7 @@ def make_pretrain_step(
 
     def micro_grads(params, micro, rng):
         def loss_fn(p):
-            return _forward(graphdef, p, micro, rng=rng, deterministic=False)
+            return _forward(graphdef, p, micro, rules, rng=rng, deterministic=False)
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, sums, grads
@@ -179,11 +192,11 @@ def make_pretrain_step(
     return pretrain_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, rules: sharding.Rules = axes.DEFAULT_RULES):
     """`eval_step(params, batch) -> metric sums` without dropout."""
 
     def eval_step(params: models.Params, batch: Batch) -> dict:
-        _, sums = _forward(graphdef, params, batch, rng=None, deterministic=True)
+        _, sums = _forward(graphdef, params, batch, rules, rng=None, deterministic=True)
         return sums
 
     return eval_step

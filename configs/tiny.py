@@ -12,12 +12,12 @@ def get_config(arg: str | None = None):
     config.model.vocab_size = 8192
     config.data.vocab_size = 8192
     config.data.dupe_factor = 5
-    config.optim.learning_rate = 1e-3
-    config.optim.warmup_steps = 60
+    config.optim.learning_rate = 2e-3
+    config.optim.warmup_steps = 80
     config.train.batch_size = 32
-    config.train.num_steps = 600
+    config.train.num_steps = 800
     config.train.log_every = 20
-    config.train.eval_every = 150
+    config.train.eval_every = 200
     config.train.eval_batches = 10
-    config.train.checkpoint_every = 150
+    config.train.checkpoint_every = 200
     return config
