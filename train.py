@@ -20,6 +20,7 @@ import numpy as np
 import tensorboardX
 import tqdm
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from bert_jax import axes, checkpoint, input_pipeline, losses, models, sharding, train_lib
@@ -34,6 +35,18 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, logs and summary go here.")
 _PREPROCESS_ONLY = flags.DEFINE_bool(
     "preprocess_only", False, "Prepare the tokenizer and the sharded pairs, then exit."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process run with jax.distributed. Without the three flags below the cluster "
+    "is detected from the environment (Cloud TPU pod slices, SLURM, Open MPI).",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for every process to join."
 )
 
 
@@ -74,6 +87,34 @@ def parse_config(cfg) -> RunConfig:
     )
 
 
+def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingData:
+    """Process 0 prepares the shards; the others wait, then read what it wrote."""
+    if jax.process_index() == 0:
+        data = input_pipeline.load_pretraining_data(config)
+    multihost_utils.sync_global_devices("bert_jax: data prepared")
+    if jax.process_index() != 0:
+        data = input_pipeline.load_pretraining_data(config)
+    return data
+
+
+def memory_report(trainer: train_lib.Trainer, run: RunConfig) -> str:
+    """Per-device bytes of parameters, optimizer state and (estimated) activations."""
+    mesh = trainer.mesh
+    batch_devices = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
+    per_device = run.train.batch_size // batch_devices // run.optim.grad_accum_steps
+    activations = train_lib.activation_bytes_estimate(
+        run.model, max(per_device, 1), run.data.masking.max_seq_length, mesh.shape["tensor"]
+    )
+    params = sharding.bytes_per_device(trainer.abstract_state.params)
+    opt = sharding.bytes_per_device(trainer.abstract_state.opt_state)
+    return (
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
+        f"process(es); per device: parameters {params / 2**20:.1f} MiB, optimizer state "
+        f"{opt / 2**20:.1f} MiB, activations ~{activations / 2**20:.1f} MiB (estimate, "
+        f"{per_device} sequences of {run.data.masking.max_seq_length})"
+    )
+
+
 def evaluate(trainer, params, batches, mesh) -> dict[str, float]:
     totals: dict[str, float] = {}
     for batch in batches:
@@ -97,13 +138,13 @@ def restore_or_init(trainer, ckpt, iterator, run: RunConfig, config_json: dict):
             f"new --workdir or the same model config"
         )
     iterator.set_state(data_state)
-    tqdm.tqdm.write(f"resumed from step {step} in {ckpt.directory}")
+    _print(f"resumed from step {step} in {ckpt.directory}")
     return state
 
 
 def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
     """Runs (or resumes) pretraining and returns the summary it also writes and prints."""
-    data = input_pipeline.load_pretraining_data(run.data)
+    data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
             f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -115,14 +156,21 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
             f"model.max_position_embeddings={run.model.max_position_embeddings}"
         )
     mesh = sharding.make_mesh(run.mesh)
+    if run.train.batch_size % sharding.data_parallel_size(mesh, axes.DEFAULT_RULES):
+        raise ValueError(
+            f"train.batch_size={run.train.batch_size} is not divisible by the data-parallel "
+            f"degree {sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)} (mesh "
+            f"{dict(mesh.shape)}); change the batch size or the mesh"
+        )
     trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
+    _print(memory_report(trainer, run))
     hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
     iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
     eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=run.train.keep_checkpoints
     )
-    writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = _Writer(os.path.join(workdir, "tensorboard"))
     with jax.set_mesh(mesh):
         state = restore_or_init(trainer, ckpt, iterator, run, config_json)
         history = _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json)
@@ -141,8 +189,14 @@ def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json
         initial_eval = evaluate(trainer, state.params, eval_batches, trainer.mesh)
         _log_eval(writer, 0, initial_eval)
     bar = tqdm.tqdm(
-        total=cfg.num_steps, initial=first_step, desc="pretrain", unit="step", dynamic_ncols=True
+        total=cfg.num_steps,
+        initial=first_step,
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
     )
+    history = []
     window_start, window_steps, eval_metrics, previous = time.time(), 0, {}, None
     for step in range(first_step, cfg.num_steps):
         batch = sharding.global_batch(next(iterator), trainer.mesh, axes.DEFAULT_RULES)
@@ -165,6 +219,7 @@ def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json
             }
             for key, value in scalars.items():
                 writer.add_scalar(key, value, done)
+            history.append([done, float(metrics["loss"])])
             bar.set_postfix(
                 mlm=f"{summary['mlm_loss']:.3f}",
                 nsp=f"{summary['nsp_loss']:.3f}",
@@ -187,6 +242,7 @@ def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json
         "steps_this_run": steps_run,
         "seconds": elapsed,
         "tokens_per_second": steps_run * tokens_per_step / max(elapsed, 1e-9),
+        "train_loss": history,
         "initial_eval": initial_eval,
         "eval": eval_metrics,
     }
@@ -195,7 +251,27 @@ def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json
 def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
         writer.add_scalar(f"eval/{key}", value, step)
-    tqdm.tqdm.write(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    _print(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+class _Writer:
+    """TensorBoard events from process 0 only (every process computes the same metrics)."""
+
+    def __init__(self, logdir: str):
+        self._writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def main(argv):
@@ -203,20 +279,32 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     # Orbax reports every save at INFO through absl; keep the console for the progress bar.
     logging.set_verbosity(logging.WARNING)
+    run = parse_config(_CONFIG.value)  # bad configs fail here, before any device work
+    if _DISTRIBUTED.value:
+        sharding.initialize_distributed(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value
+        )
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     config_json = json.loads(_CONFIG.value.to_json())
-    run = parse_config(_CONFIG.value)
     if _PREPROCESS_ONLY.value:
-        data = input_pipeline.load_pretraining_data(run.data)
-        print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
+        data = load_data(run.data)
+        _print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
         return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_json, f, indent=2)
+    lead = jax.process_index() == 0
+    if lead:
+        _write_json(os.path.join(workdir, "config.json"), config_json)
     summary = train(run, workdir, config_json)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(_format_summary(summary))
+    if lead:
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+        print(_format_summary(summary))
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _format_summary(s: dict) -> str:

@@ -173,17 +173,22 @@ class PretrainingData:
     def train_iterator(
         self, global_batch_size: int, *, seed: int, process_index: int = 0, process_count: int = 1
     ) -> grain.DatasetIterator:
-        """Endless batches of this process's share: [global_batch_size / process_count, ...]."""
+        """Endless batches of this process's rows: [global_batch_size / process_count, ...].
+
+        The global order (shuffle, masks) depends on the seed alone; process p decodes and
+        masks only rows [p * local, (p + 1) * local) of every global batch, so any number of
+        processes assembles the same global batches.
+        """
         if global_batch_size % process_count:
             raise ValueError(
                 f"global batch size {global_batch_size} is not divisible by the "
                 f"{process_count} processes"
             )
         local = global_batch_size // process_count
-        ds = self._source("train")[process_index::process_count]
-        if len(ds) < local:
+        ds = self._source("train")
+        if len(ds) < global_batch_size:
             raise ValueError(
-                f"only {len(ds)} training pairs per process for a batch of {local}; use a "
+                f"only {len(ds)} training pairs for a batch of {global_batch_size}; use a "
                 f"larger corpus, a larger data.masking.dupe_factor or a smaller batch"
             )
         masking, ids = self.config.masking, special_ids(self.tokenizer)
@@ -192,15 +197,17 @@ class PretrainingData:
         ds = ds.shuffle(seed=seed)
         if masking.dynamic_masking:
             ds = ds.random_map(_DynamicMask(masking, ids), seed=seed)
-        ds = ds.repeat(None).batch(local, drop_remainder=True).to_iter_dataset()
+        rows = _HostRows(ds.repeat(None), global_batch_size, local, process_index * local)
+        host = grain.MapDataset.range(2**62).map(rows)
+        host = host.batch(local, drop_remainder=True).to_iter_dataset()
         if self.config.loader_workers > 0:
             if not flags.FLAGS.is_parsed():
                 # grain's workers read absl flags; outside an absl app (a notebook, a
                 # test) take their defaults.
                 flags.FLAGS.mark_as_parsed()
             options = grain.MultiprocessingOptions(num_workers=self.config.loader_workers)
-            ds = ds.mp_prefetch(options)
-        return iter(ds)
+            host = host.mp_prefetch(options)
+        return iter(host)
 
     def eval_batches(
         self, global_batch_size: int, max_batches: int, *, process_index=0, process_count=1
@@ -223,6 +230,22 @@ class PretrainingData:
             {k: v[process_index * local : (process_index + 1) * local] for k, v in b.items()}
             for b in batches
         ]
+
+
+class _HostRows(grain.transforms.Map):
+    """This process's k-th element -> its row of the global stream (random access)."""
+
+    def __init__(self, stream: grain.MapDataset, global_batch: int, local: int, offset: int):
+        self.stream, self.global_batch, self.local, self.offset = (
+            stream,
+            global_batch,
+            local,
+            offset,
+        )
+
+    def map(self, k: int) -> Batch:
+        batch, row = divmod(k, self.local)
+        return self.stream[batch * self.global_batch + self.offset + row]
 
 
 class _Decode(grain.transforms.Map):

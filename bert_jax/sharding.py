@@ -5,7 +5,11 @@ carry logical names, and these functions turn them into `PartitionSpec`s for a g
 """
 
 import dataclasses
+import os
+import sys
+import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,6 +27,52 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_s: int = 300,
+) -> None:
+    """Joins a multi-process run through `jax.distributed` (before any device is touched).
+
+    With no arguments the cluster is detected from the environment (Cloud TPU pods, SLURM,
+    Open MPI). CPU processes exchange collectives through gloo.
+
+    Raises:
+      RuntimeError naming the coordinator when not every process joined within `timeout_s`.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    coordinator = coordinator_address or "auto-detected"
+    message = (
+        f"jax.distributed could not bring up the run (coordinator {coordinator}, "
+        f"{num_processes or '?'} processes) within {timeout_s} s. Start every process with the "
+        f"same --coordinator_address and --num_processes and a distinct --process_id, or "
+        f"raise --distributed_timeout"
+    )
+    # JAX's own timeout aborts the process from C++ with a terse log line; this watchdog
+    # fires first and exits with a message that says what to do.
+    joined = threading.Event()
+
+    def watchdog() -> None:
+        if not joined.wait(timeout_s):
+            sys.stderr.write(f"error: {message}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s + 60,
+        )
+    except Exception as e:  # jax raises several types here, all fatal for the run
+        raise RuntimeError(f"{message}: {e}") from e
+    finally:
+        joined.set()
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -81,6 +131,15 @@ def check_divisible(sizes: Mapping[str, int], mesh: Mesh, rules: Rules) -> None:
                 f"of mesh axes {mesh_axes} it is split over (mesh {dict(mesh.shape)}); change "
                 f"the mesh (--config.mesh.*) or the model size"
             )
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying shardings."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

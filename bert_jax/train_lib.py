@@ -200,3 +200,26 @@ def make_eval_step(graphdef: nnx.GraphDef, rules: sharding.Rules = axes.DEFAULT_
         return sums
 
     return eval_step
+
+
+def activation_bytes_estimate(
+    config: BertConfig, batch_per_device: int, seq_len: int, tensor_degree: int = 1
+) -> int:
+    """Activation memory per device kept for the backward pass, estimated.
+
+    Korthikanti et al. (2022), eq. 2 and 4: per layer s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
+    16 bits, scaled to the compute dtype; with remat only each layer's input is kept.
+    """
+    s, b, h, a, t = (
+        seq_len,
+        batch_per_device,
+        config.hidden_size,
+        config.num_attention_heads,
+        tensor_degree,
+    )
+    scale = jnp.dtype(config.dtype).itemsize / 2
+    if config.remat:
+        per_layer = 2 * s * b * h
+    else:
+        per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+    return int(per_layer * scale * config.num_hidden_layers)

@@ -142,16 +142,16 @@ def test_dynamic_masks_change_per_epoch_static_ones_do_not(tmp_path):
         assert np.array_equal(pos0, pos1) != dynamic
 
 
-def test_processes_read_disjoint_shares(tmp_path):
+def test_processes_split_each_global_batch(tmp_path):
     data = ip.load_pretraining_data(_config(tmp_path))
-    n = len(data._source("train"))
-    seen = []
-    for p in range(2):
-        (batch,) = _take(
-            data.train_iterator(2 * (n // 2), seed=1, process_index=p, process_count=2), 1
-        )
-        seen.append({row.tobytes() for row in batch["input_ids"]})
-    assert len(seen[0]) > 0 and len(seen[1]) > 0
+    whole = _take(data.train_iterator(8, seed=1), 5)
+    halves = [
+        _take(data.train_iterator(8, seed=1, process_index=p, process_count=2), 5) for p in (0, 1)
+    ]
+    for step in range(5):  # process 0 has the first 4 rows, process 1 the last 4
+        for key in whole[step]:
+            joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
+            np.testing.assert_array_equal(joined, whole[step][key])
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         data.train_iterator(8, seed=1, process_count=3)
 

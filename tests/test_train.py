@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -30,8 +31,8 @@ def _corpus(tmp_path):
     return path
 
 
-def _run(tmp_path, workdir, steps, *extra, check=True):
-    args = [
+def _args(tmp_path, workdir, steps, *extra):
+    return [
         sys.executable,
         os.path.join(ROOT, "train.py"),
         f"--workdir={workdir}",
@@ -52,8 +53,21 @@ def _run(tmp_path, workdir, steps, *extra, check=True):
         "--config.optim.total_steps=30",
         *extra,
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def _env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _run(tmp_path, workdir, steps, *extra, devices=8, check=True):
+    proc = subprocess.run(
+        _args(tmp_path, workdir, steps, *extra),
+        capture_output=True,
+        text=True,
+        env=_env(devices),
+        timeout=600,
+        cwd=tmp_path,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -104,3 +118,72 @@ def test_preprocess_only_writes_shards_and_stops(tmp_path):
     assert '"train":' in proc.stdout
     assert list((tmp_path / "cache" / "pairs").glob("*/metadata.json"))
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def _run_two_processes(tmp_path, workdir, steps):
+    """train.py as two processes of 4 CPU devices each, joined through jax.distributed."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            _args(tmp_path, workdir, steps)
+            + [
+                "--distributed",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--distributed_timeout=120",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(4),
+            cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path):
+    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+    _run(tmp_path, one, 4)  # 1 process x 8 devices
+    outputs = _run_two_processes(tmp_path, two, 4)  # 2 processes x 4 devices
+    assert "2 process(es)" in outputs[0][0] and "eval step" in outputs[0][0]
+    assert "eval step" not in outputs[1][0]  # process 0 alone reports
+    np.testing.assert_allclose(
+        np.array(_summary(two)["train_loss"]), np.array(_summary(one)["train_loss"]), rtol=1e-5
+    )
+    # Continue each run in the other layout: the 2-process checkpoint on 1 device, the
+    # 1-process checkpoint on 2 processes. Both continue identically.
+    _run(tmp_path, two, 6, devices=1)
+    _run_two_processes(tmp_path, one, 6)
+    for a, b in zip(_summary(one)["train_loss"], _summary(two)["train_loss"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    for key, value in _summary(one)["eval"].items():
+        np.testing.assert_allclose(_summary(two)["eval"][key], value, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_missing_process_fails_fast_with_a_clear_message(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    lonely = _run(
+        tmp_path,
+        tmp_path / "w",
+        5,
+        "--distributed",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        "--process_id=0",
+        "--distributed_timeout=5",
+        devices=4,
+        check=False,
+    )
+    assert lonely.returncode != 0 and "could not bring up the run" in lonely.stderr
