@@ -13,6 +13,7 @@ library's data, trainer and checkpointer together and runs the loop.
 import dataclasses
 import json
 import os
+import signal
 import time
 
 import jax
@@ -59,7 +60,10 @@ class LoopConfig:
     eval_every: int
     eval_batches: int
     checkpoint_every: int
+    checkpoint_minutes: float
     keep_checkpoints: int
+    keep_every: int
+    max_bad_steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,31 +119,197 @@ def memory_report(trainer: train_lib.Trainer, run: RunConfig) -> str:
     )
 
 
-def evaluate(trainer, params, batches, mesh) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for batch in batches:
-        sums = jax.device_get(
-            trainer.eval_step(params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES))
+def check_compatible(meta: dict, path: str, config_json: dict, vocab_sha256: str) -> None:
+    """Refuses, before reading any array, a checkpoint of another model or vocabulary."""
+    saved = meta["config"]["model"]
+    differing = sorted(k for k in config_json["model"] if saved.get(k) != config_json["model"][k])
+    if differing:
+        details = ", ".join(
+            f"{k}: {saved.get(k)} there, {config_json['model'][k]} here" for k in differing
         )
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    return losses.summarize(totals)
-
-
-def restore_or_init(trainer, ckpt, iterator, run: RunConfig, config_json: dict):
-    """The latest checkpoint's state (and iterator position), or a fresh state."""
-    step = ckpt.latest_step()
-    if step is None:
-        return trainer.init(run.train.seed)
-    state, data_state, saved = ckpt.restore(step, trainer.abstract_state)
-    if saved["model"] != config_json["model"]:
         raise ValueError(
-            f"the checkpoint in {ckpt.directory} was written with another model config; use a "
-            f"new --workdir or the same model config"
+            f"checkpoint {path} was written with another model config ({details}); use a new "
+            f"--workdir or the same model config"
         )
-    iterator.set_state(data_state)
-    _print(f"resumed from step {step} in {ckpt.directory}")
-    return state
+    if meta["vocab_sha256"] != vocab_sha256:
+        raise ValueError(
+            f"checkpoint {path} was trained with another vocabulary (sha256 "
+            f"{meta['vocab_sha256'][:12]}..., this run has {vocab_sha256[:12]}...); use the "
+            f"same data.vocab_file or a new --workdir"
+        )
+
+
+class Loop:
+    """The training loop's moving parts: state, iterator, checkpoints, logs, guards."""
+
+    def __init__(self, run, trainer, data, ckpt, writer, meta):
+        self.run, self.cfg, self.trainer, self.ckpt, self.writer = (
+            run,
+            run.train,
+            trainer,
+            ckpt,
+            writer,
+        )
+        self.meta = meta
+        hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
+        self.eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
+        self.tokens_per_step = run.train.batch_size * run.data.masking.max_seq_length
+        self.history: list[list[float]] = []
+        self.bad_streak, self.rolled_back, self.skipped = 0, False, 0
+        self.last_save = time.time()
+        self.sigterm = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        del signum, frame
+        self.sigterm = True
+
+    def restore_or_init(self):
+        """The newest readable checkpoint's state (and iterator position), or a fresh state."""
+        found = self.ckpt.restore_latest(
+            self.trainer.abstract_state,
+            lambda meta, path: check_compatible(
+                meta, path, self.meta["config"], self.meta["vocab_sha256"]
+            ),
+        )
+        if found is None:
+            return self.trainer.init(self.cfg.seed)
+        step, state, data_state, _ = found
+        self.iterator.set_state(data_state)
+        _print(f"resumed from step {step} in {self.ckpt.directory}")
+        return state
+
+    def evaluate(self, params) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in self.eval_batches:
+            batch = sharding.global_batch(batch, self.trainer.mesh, axes.DEFAULT_RULES)
+            for key, value in jax.device_get(self.trainer.eval_step(params, batch)).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return losses.summarize(totals)
+
+    def save(self, state) -> None:
+        self.ckpt.save(int(state.step), state, self.iterator.get_state(), self.meta)
+        self.last_save = time.time()
+
+    def checkpoint_due(self, done: int) -> bool:
+        due = done % self.cfg.checkpoint_every == 0 or done == self.cfg.num_steps
+        minutes = self.cfg.checkpoint_minutes
+        if minutes > 0 and not due:
+            due = time.time() - self.last_save > 60 * minutes
+            if jax.process_count() > 1:  # every process must take the same decision
+                due = bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+        return due
+
+    def preempted(self, step: int) -> bool:
+        """SIGTERM here or on any process, or JAX's preemption notice (TPU maintenance)."""
+        if jax.process_count() == 1:
+            return self.sigterm
+        anyone = multihost_utils.process_allgather(np.array(self.sigterm)).any()
+        return bool(anyone) or multihost_utils.reached_preemption_sync_point(step)
+
+    def guard(self, metrics, step: int):
+        """Counts non-finite steps; returns True when the run must roll back."""
+        if bool(metrics["finite"]):
+            self.bad_streak = 0
+            return False
+        self.skipped += 1
+        self.bad_streak += 1
+        _print(f"warning: step {step} had a non-finite loss or gradient and was not applied")
+        self.writer.add_scalar("train/skipped_steps", self.skipped, step)
+        if self.bad_streak < self.cfg.max_bad_steps:
+            return False
+        if self.rolled_back or self.ckpt.latest_step() is None:
+            raise RuntimeError(
+                f"{self.bad_streak} consecutive non-finite steps up to step {step}"
+                + (" again after rolling back" if self.rolled_back else "")
+                + "; the run diverges: lower optim.learning_rate or check the data"
+            )
+        return True
+
+    def rollback(self):
+        self.ckpt.wait()
+        step, state, data_state, _ = self.ckpt.restore_latest(self.trainer.abstract_state)
+        self.iterator.set_state(data_state)
+        self.rolled_back, self.bad_streak = True, 0
+        _print(f"rolled back to the checkpoint of step {step} after non-finite steps")
+        return state
+
+    def log(self, metrics, done: int, rate: float, bar) -> None:
+        summary = losses.summarize(metrics)
+        scalars = {
+            **{f"train/{k}": v for k, v in summary.items()},
+            "train/learning_rate": float(metrics["learning_rate"]),
+            "train/grad_norm": float(metrics["grad_norm"]),
+            "train/tokens_per_second": rate,
+        }
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, done)
+        self.history.append([done, float(metrics["loss"])])
+        bar.set_postfix(
+            mlm=f"{summary['mlm_loss']:.3f}", nsp=f"{summary['nsp_loss']:.3f}", tok_s=f"{rate:.0f}"
+        )
+
+    def run_steps(self, state) -> dict:
+        cfg, first_step, start = self.cfg, int(state.step), time.time()
+        initial_eval = {} if first_step else self.evaluate(state.params)
+        if initial_eval:
+            _log_eval(self.writer, 0, initial_eval)
+        bar = tqdm.tqdm(
+            total=cfg.num_steps,
+            initial=first_step,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+        )
+        window, eval_metrics, previous, preempted = (time.time(), 0), {}, None, False
+        while int(state.step) < cfg.num_steps:
+            batch = sharding.global_batch(
+                next(self.iterator), self.trainer.mesh, axes.DEFAULT_RULES
+            )
+            state, metrics = self.trainer.pretrain_step(state, batch)
+            # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
+            # queue of multi-device programs can deadlock XLA:CPU's collectives.
+            if previous is not None and self.guard(jax.device_get(previous[1]), previous[0]):
+                state, previous = self.rollback(), None
+                bar.n = int(state.step)
+                continue
+            done = int(state.step)
+            previous = (done, metrics)
+            window = (window[0], window[1] + 1)
+            if done % cfg.log_every == 0 or done == cfg.num_steps:
+                rate = window[1] * self.tokens_per_step / (time.time() - window[0])
+                self.log(jax.device_get(metrics), done, rate, bar)
+                window = (time.time(), 0)
+            if done % cfg.eval_every == 0 or done == cfg.num_steps:
+                eval_metrics = self.evaluate(state.params)
+                _log_eval(self.writer, done, eval_metrics)
+            bar.update(1)
+            if self.preempted(done):
+                self.save(state)
+                preempted = True
+                _print(f"preempted: saved step {done}; run the same command again to resume")
+                break
+            if self.checkpoint_due(done):
+                self.save(state)
+        bar.close()
+        if previous is not None:
+            self.guard(jax.device_get(previous[1]), previous[0])
+        if not eval_metrics:  # Nothing left to train: report the restored model.
+            eval_metrics = self.evaluate(state.params)
+        elapsed, steps_run = time.time() - start, int(state.step) - first_step
+        return {
+            "steps": int(state.step),
+            "steps_this_run": steps_run,
+            "preempted": preempted,
+            "skipped_steps": self.skipped,
+            "seconds": elapsed,
+            "tokens_per_second": steps_run * self.tokens_per_step / max(elapsed, 1e-9),
+            "train_loss": self.history,
+            "initial_eval": initial_eval,
+            "eval": eval_metrics,
+        }
 
 
 def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
@@ -164,88 +334,24 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
         )
     trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
     _print(memory_report(trainer, run))
-    hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
-    eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=run.train.keep_checkpoints
+    directory = os.path.join(workdir, "checkpoints")
+    checkpoint.preflight(
+        directory, sharding.bytes_per_device(trainer.abstract_state) * jax.device_count()
     )
+    ckpt = checkpoint.Checkpointer(
+        directory, max_to_keep=run.train.keep_checkpoints, keep_period=run.train.keep_every or None
+    )
+    meta = {
+        "config": config_json,
+        "vocab_sha256": input_pipeline.file_digest(data.tokenizer.vocab_file),
+    }
     writer = _Writer(os.path.join(workdir, "tensorboard"))
+    loop = Loop(run, trainer, data, ckpt, writer, meta)
     with jax.set_mesh(mesh):
-        state = restore_or_init(trainer, ckpt, iterator, run, config_json)
-        history = _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json)
+        summary = loop.run_steps(loop.restore_or_init())
     ckpt.close()
     writer.close()
-    return history
-
-
-def _loop(run, trainer, state, iterator, eval_batches, ckpt, writer, config_json) -> dict:
-    cfg = run.train
-    first_step = int(state.step)
-    tokens_per_step = cfg.batch_size * run.data.masking.max_seq_length
-    start = time.time()
-    initial_eval = {}
-    if first_step == 0:
-        initial_eval = evaluate(trainer, state.params, eval_batches, trainer.mesh)
-        _log_eval(writer, 0, initial_eval)
-    bar = tqdm.tqdm(
-        total=cfg.num_steps,
-        initial=first_step,
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    )
-    history = []
-    window_start, window_steps, eval_metrics, previous = time.time(), 0, {}, None
-    for step in range(first_step, cfg.num_steps):
-        batch = sharding.global_batch(next(iterator), trainer.mesh, axes.DEFAULT_RULES)
-        state, metrics = trainer.pretrain_step(state, batch)
-        # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
-        # queue of multi-device programs can deadlock XLA:CPU's collectives.
-        jax.block_until_ready(previous)
-        previous = metrics
-        window_steps += 1
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.num_steps:
-            metrics = jax.device_get(metrics)
-            rate = window_steps * tokens_per_step / (time.time() - window_start)
-            summary = losses.summarize(metrics)
-            scalars = {
-                **{f"train/{k}": v for k, v in summary.items()},
-                "train/learning_rate": float(metrics["learning_rate"]),
-                "train/grad_norm": float(metrics["grad_norm"]),
-                "train/tokens_per_second": rate,
-            }
-            for key, value in scalars.items():
-                writer.add_scalar(key, value, done)
-            history.append([done, float(metrics["loss"])])
-            bar.set_postfix(
-                mlm=f"{summary['mlm_loss']:.3f}",
-                nsp=f"{summary['nsp_loss']:.3f}",
-                tok_s=f"{rate:.0f}",
-            )
-            window_start, window_steps = time.time(), 0
-        if done % cfg.eval_every == 0 or done == cfg.num_steps:
-            eval_metrics = evaluate(trainer, state.params, eval_batches, trainer.mesh)
-            _log_eval(writer, done, eval_metrics)
-        if done % cfg.checkpoint_every == 0 or done == cfg.num_steps:
-            ckpt.save(done, state, iterator.get_state(), config_json)
-        bar.update(1)
-    bar.close()
-    if not eval_metrics:  # Nothing left to train: report the restored model.
-        eval_metrics = evaluate(trainer, state.params, eval_batches, trainer.mesh)
-    elapsed = time.time() - start
-    steps_run = cfg.num_steps - first_step
-    return {
-        "steps": cfg.num_steps,
-        "steps_this_run": steps_run,
-        "seconds": elapsed,
-        "tokens_per_second": steps_run * tokens_per_step / max(elapsed, 1e-9),
-        "train_loss": history,
-        "initial_eval": initial_eval,
-        "eval": eval_metrics,
-    }
+    return summary
 
 
 def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:

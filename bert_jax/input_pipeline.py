@@ -421,7 +421,7 @@ def _held_out(index: int, config: DataConfig) -> bool:
 def _corpus_identity(config: DataConfig) -> list:
     if config.tfds_name:
         return [config.tfds_name, config.tfds_split, config.tfds_data_dir, config.tfds_text_key]
-    return [_file_digest(f) for f in corpus_files(config)]
+    return [file_digest(f) for f in corpus_files(config)]
 
 
 def _shard_settings(config: DataConfig, tokenizer: tokenization.Tokenizer) -> dict:
@@ -434,7 +434,7 @@ def _shard_settings(config: DataConfig, tokenizer: tokenization.Tokenizer) -> di
         "format_version": _FORMAT_VERSION,
         "corpus": _corpus_identity(config),
         "tokenizer": config.tokenizer,
-        "vocab_sha256": _file_digest(tokenizer.vocab_file),
+        "vocab_sha256": file_digest(tokenizer.vocab_file),
         "do_lower_case": config.do_lower_case,
         "pairing": pairing,
         "eval_fraction": config.eval_fraction,
@@ -452,7 +452,7 @@ def _check_settings(found: dict, wanted: dict, directory: str) -> None:
         )
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -180,13 +180,26 @@ def make_pretrain_step(
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were;
+        # the step counter still moves so that the next step draws new dropout masks.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         metrics = {
             **sums,
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step),
+            "finite": finite,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
         return new_state, metrics
 
     return pretrain_step

@@ -69,5 +69,8 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.train.eval_every = 10_000
     config.train.eval_batches = 20
     config.train.checkpoint_every = 10_000
+    config.train.checkpoint_minutes = 30.0  # Also save this often (0: only by steps).
     config.train.keep_checkpoints = 3
+    config.train.keep_every = 100_000  # Keep these steps for good (0: none).
+    config.train.max_bad_steps = 10  # Consecutive non-finite steps before rolling back.
     return config

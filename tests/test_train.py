@@ -4,117 +4,54 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SENTENCES = [
-    "The cat sat on the mat and looked at the birds.",
-    "It was a sunny day in the garden behind the house.",
-    "Birds were singing in the old oak tree all morning.",
-    "A dog barked somewhere far away across the fields.",
-    "The children played football after school on Friday.",
-    "Their mother called them in for dinner at six.",
-    "After dinner they read books until it was dark.",
-]
-
-
-def _corpus(tmp_path):
-    docs = [
-        "\n".join(f"{s[:-1]} in story {i}." for s in SENTENCES[i % 7 :] + SENTENCES[: i % 7])
-        for i in range(40)
-    ]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
-
-
-def _args(tmp_path, workdir, steps, *extra):
-    return [
-        sys.executable,
-        os.path.join(ROOT, "train.py"),
-        f"--workdir={workdir}",
-        f"--config.data.corpus={_corpus(tmp_path)}",
-        f"--config.data.cache_dir={tmp_path / 'cache'}",
-        "--config.data.vocab_size=300",
-        "--config.model.vocab_size=300",
-        "--config.data.max_seq_length=64",
-        "--config.data.dupe_factor=4",
-        "--config.data.eval_fraction=0.2",
-        "--config.train.batch_size=16",
-        f"--config.train.num_steps={steps}",
-        "--config.train.log_every=5",
-        "--config.train.eval_every=10",
-        "--config.train.eval_batches=2",
-        "--config.train.checkpoint_every=10",
-        "--config.optim.warmup_steps=5",
-        "--config.optim.total_steps=30",
-        *extra,
-    ]
-
-
-def _env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
-def _run(tmp_path, workdir, steps, *extra, devices=8, check=True):
-    proc = subprocess.run(
-        _args(tmp_path, workdir, steps, *extra),
-        capture_output=True,
-        text=True,
-        env=_env(devices),
-        timeout=600,
-        cwd=tmp_path,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
+from cli import read_summary, run_train, train_args, train_env
 
 
 @pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_resumes_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _run(tmp_path, straight, 30)
-    first = _run(tmp_path, split, 20)
+    run_train(tmp_path, straight, 30)
+    first = run_train(tmp_path, split, 20)
     assert "held-out MLM loss" in first.stdout
     assert sorted(os.listdir(split / "checkpoints")) == ["10", "20"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(split / "tensorboard"))
     assert json.loads((split / "config.json").read_text())["train"]["num_steps"] == 20
 
-    _run(tmp_path, split, 30)  # the same command with more steps: continues from step 20
-    resumed = _summary(split)
+    run_train(tmp_path, split, 30)  # the same command with more steps: continues from step 20
+    resumed = read_summary(split)
     assert resumed["steps_this_run"] == 10 and resumed["steps"] == 30
     # Resumed = never stopped: same data order, dropout keys and optimizer state.
-    for key, value in _summary(straight)["eval"].items():
+    for key, value in read_summary(straight)["eval"].items():
         np.testing.assert_allclose(resumed["eval"][key], value, rtol=1e-5, err_msg=key)
-    assert _summary(straight)["eval"]["mlm_loss"] < _summary(straight)["initial_eval"]["mlm_loss"]
+    assert (
+        read_summary(straight)["eval"]["mlm_loss"]
+        < read_summary(straight)["initial_eval"]["mlm_loss"]
+    )
 
-    again = _run(tmp_path, split, 30)  # finished: nothing is retrained
-    assert _summary(split)["steps_this_run"] == 0 and "resumed from step 30" in again.stdout
+    again = run_train(tmp_path, split, 30)  # finished: nothing is retrained
+    assert read_summary(split)["steps_this_run"] == 0 and "resumed from step 30" in again.stdout
 
 
 @pytest.mark.slow
 def test_train_reports_bad_inputs_clearly(tmp_path):
-    missing = _run(
+    missing = run_train(
         tmp_path, tmp_path / "w1", 5, "--config.data.corpus=/no/such/corpus.txt", check=False
     )
     assert missing.returncode != 0 and "matches no file" in missing.stderr
-    heads = _run(tmp_path, tmp_path / "w2", 5, "--config.model.num_attention_heads=7", check=False)
+    heads = run_train(
+        tmp_path, tmp_path / "w2", 5, "--config.model.num_attention_heads=7", check=False
+    )
     assert heads.returncode != 0 and "not divisible by num_attention_heads" in heads.stderr
-    small = _run(tmp_path, tmp_path / "w3", 5, "--config.model.vocab_size=100", check=False)
+    small = run_train(tmp_path, tmp_path / "w3", 5, "--config.model.vocab_size=100", check=False)
     assert small.returncode != 0 and "set --config.model.vocab_size=" in small.stderr
 
 
 @pytest.mark.slow
 def test_preprocess_only_writes_shards_and_stops(tmp_path):
-    proc = _run(tmp_path, tmp_path / "w", 5, "--preprocess_only")
+    proc = run_train(tmp_path, tmp_path / "w", 5, "--preprocess_only")
     assert '"train":' in proc.stdout
     assert list((tmp_path / "cache" / "pairs").glob("*/metadata.json"))
     assert not (tmp_path / "w" / "checkpoints").exists()
@@ -127,7 +64,7 @@ def _run_two_processes(tmp_path, workdir, steps):
         port = sock.getsockname()[1]
     procs = [
         subprocess.Popen(
-            _args(tmp_path, workdir, steps)
+            train_args(tmp_path, workdir, steps)
             + [
                 "--distributed",
                 f"--coordinator_address=localhost:{port}",
@@ -138,7 +75,7 @@ def _run_two_processes(tmp_path, workdir, steps):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(4),
+            env=train_env(4),
             cwd=tmp_path,
         )
         for i in range(2)
@@ -152,21 +89,23 @@ def _run_two_processes(tmp_path, workdir, steps):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
-    _run(tmp_path, one, 4)  # 1 process x 8 devices
+    run_train(tmp_path, one, 4)  # 1 process x 8 devices
     outputs = _run_two_processes(tmp_path, two, 4)  # 2 processes x 4 devices
     assert "2 process(es)" in outputs[0][0] and "eval step" in outputs[0][0]
     assert "eval step" not in outputs[1][0]  # process 0 alone reports
     np.testing.assert_allclose(
-        np.array(_summary(two)["train_loss"]), np.array(_summary(one)["train_loss"]), rtol=1e-5
+        np.array(read_summary(two)["train_loss"]),
+        np.array(read_summary(one)["train_loss"]),
+        rtol=1e-5,
     )
     # Continue each run in the other layout: the 2-process checkpoint on 1 device, the
     # 1-process checkpoint on 2 processes. Both continue identically.
-    _run(tmp_path, two, 6, devices=1)
+    run_train(tmp_path, two, 6, devices=1)
     _run_two_processes(tmp_path, one, 6)
-    for a, b in zip(_summary(one)["train_loss"], _summary(two)["train_loss"], strict=True):
+    for a, b in zip(read_summary(one)["train_loss"], read_summary(two)["train_loss"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)
-    for key, value in _summary(one)["eval"].items():
-        np.testing.assert_allclose(_summary(two)["eval"][key], value, rtol=1e-5, err_msg=key)
+    for key, value in read_summary(one)["eval"].items():
+        np.testing.assert_allclose(read_summary(two)["eval"][key], value, rtol=1e-5, err_msg=key)
 
 
 @pytest.mark.slow
@@ -174,7 +113,7 @@ def test_a_missing_process_fails_fast_with_a_clear_message(tmp_path):
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
-    lonely = _run(
+    lonely = run_train(
         tmp_path,
         tmp_path / "w",
         5,

@@ -1,0 +1,74 @@
+"""Helpers to run train.py as a user does, on a small corpus written in the test."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SENTENCES = [
+    "The cat sat on the mat and looked at the birds.",
+    "It was a sunny day in the garden behind the house.",
+    "Birds were singing in the old oak tree all morning.",
+    "A dog barked somewhere far away across the fields.",
+    "The children played football after school on Friday.",
+    "Their mother called them in for dinner at six.",
+    "After dinner they read books until it was dark.",
+]
+
+
+def write_corpus(tmp_path):
+    docs = [
+        "\n".join(f"{s[:-1]} in story {i}." for s in SENTENCES[i % 7 :] + SENTENCES[: i % 7])
+        for i in range(40)
+    ]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def train_args(tmp_path, workdir, steps, *extra):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--workdir={workdir}",
+        f"--config.data.corpus={write_corpus(tmp_path)}",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        "--config.data.vocab_size=300",
+        "--config.model.vocab_size=300",
+        "--config.data.max_seq_length=64",
+        "--config.data.dupe_factor=4",
+        "--config.data.eval_fraction=0.2",
+        "--config.train.batch_size=16",
+        f"--config.train.num_steps={steps}",
+        "--config.train.log_every=5",
+        "--config.train.eval_every=10",
+        "--config.train.eval_batches=2",
+        "--config.train.checkpoint_every=10",
+        "--config.optim.warmup_steps=5",
+        "--config.optim.total_steps=30",
+        *extra,
+    ]
+
+
+def train_env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run_train(tmp_path, workdir, steps, *extra, devices=8, check=True):
+    proc = subprocess.run(
+        train_args(tmp_path, workdir, steps, *extra),
+        capture_output=True,
+        text=True,
+        env=train_env(devices),
+        timeout=600,
+        cwd=tmp_path,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
