@@ -55,7 +55,7 @@ def train_env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def run_train(tmp_path, workdir, steps, *extra, devices=8, check=True):
+def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True):
     proc = subprocess.run(
         train_args(tmp_path, workdir, steps, *extra),
         capture_output=True,

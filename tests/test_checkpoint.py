@@ -27,7 +27,7 @@ def _start(tmp_path, workdir, steps):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=train_env(8),
+        env=train_env(1),
         cwd=tmp_path,
     )
 

@@ -13,14 +13,14 @@ from cli import read_summary, run_train, train_args, train_env
 @pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_resumes_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(tmp_path, straight, 30)
-    first = run_train(tmp_path, split, 20)
+    run_train(tmp_path, straight, 30, devices=8)
+    first = run_train(tmp_path, split, 20, devices=8)
     assert "held-out MLM loss" in first.stdout
     assert sorted(os.listdir(split / "checkpoints")) == ["10", "20"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(split / "tensorboard"))
     assert json.loads((split / "config.json").read_text())["train"]["num_steps"] == 20
 
-    run_train(tmp_path, split, 30)  # the same command with more steps: continues from step 20
+    run_train(tmp_path, split, 30, devices=8)  # the same command, more steps: goes on from 20
     resumed = read_summary(split)
     assert resumed["steps_this_run"] == 10 and resumed["steps"] == 30
     # Resumed = never stopped: same data order, dropout keys and optimizer state.
@@ -31,7 +31,7 @@ def test_train_writes_checkpoints_logs_and_resumes_exactly(tmp_path):
         < read_summary(straight)["initial_eval"]["mlm_loss"]
     )
 
-    again = run_train(tmp_path, split, 30)  # finished: nothing is retrained
+    again = run_train(tmp_path, split, 30, devices=8)  # finished: nothing is retrained
     assert read_summary(split)["steps_this_run"] == 0 and "resumed from step 30" in again.stdout
 
 
@@ -89,7 +89,7 @@ def _run_two_processes(tmp_path, workdir, steps):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path):
     one, two = tmp_path / "one_process", tmp_path / "two_processes"
-    run_train(tmp_path, one, 4)  # 1 process x 8 devices
+    run_train(tmp_path, one, 4, devices=8)  # 1 process x 8 devices
     outputs = _run_two_processes(tmp_path, two, 4)  # 2 processes x 4 devices
     assert "2 process(es)" in outputs[0][0] and "eval step" in outputs[0][0]
     assert "eval step" not in outputs[1][0]  # process 0 alone reports
