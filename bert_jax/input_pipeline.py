@@ -13,6 +13,7 @@ restored iterator yields exactly the batches an uninterrupted one would have.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -89,8 +90,6 @@ def corpus_files(config: DataConfig) -> list[str]:
         return []
     if not config.corpus:
         return [corpus.build_stdlib_corpus(os.path.join(cache_dir(config), "corpora"))]
-    import glob
-
     files: list[str] = []
     for pattern in (p.strip() for p in config.corpus.split(",") if p.strip()):
         matched = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
