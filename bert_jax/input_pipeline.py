@@ -212,7 +212,8 @@ class PretrainingData:
         self, global_batch_size: int, max_batches: int, *, process_index=0, process_count=1
     ) -> list[Batch]:
         """The first `max_batches` held-out batches (this process's rows), fixed masks."""
-        n = len(self._source("eval"))
+        source = self._source("eval")
+        n = len(source)
         count = min(max_batches, n // global_batch_size)
         if count == 0:
             raise ValueError(
@@ -220,7 +221,7 @@ class PretrainingData:
                 f"data.eval_fraction or lower train.batch_size"
             )
         local = global_batch_size // process_count
-        ds = self._source("eval")[: count * global_batch_size]
+        ds = source[: count * global_batch_size]
         ds = ds.map_with_index(
             _StaticMask(self.config.masking, special_ids(self.tokenizer), self.config.seed + 1, n)
         )
