@@ -4,6 +4,7 @@ r"""Pretrains BERT with masked LM + next-sentence prediction.
     python train.py --config=configs/bert_base.py --workdir=/ckpt/base \
         --config.data.corpus='/data/*.txt' --config.data.vocab_file=/data/vocab.txt
     python train.py --config=... --preprocess_only     # only tokenize and write the shards
+    python train.py --config.init_from=hf:/models/bert-base-uncased   # continue pretraining
 
 Writes to --workdir: orbax checkpoints (rerunning the same command resumes from the latest),
 TensorBoard events, the config used and a summary. Nothing here does math: it wires the
@@ -24,10 +25,21 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from bert_jax import axes, checkpoint, input_pipeline, losses, models, sharding, train_lib
+from bert_jax import (
+    axes,
+    checkpoint,
+    convert,
+    corpus,
+    input_pipeline,
+    losses,
+    models,
+    sharding,
+    train_lib,
+)
 from bert_jax.input_pipeline import DataConfig
 from bert_jax.optim import OptimConfig
 from bert_jax.pretraining_data import MaskingConfig
+from bert_jax.tokenization import WordPieceTokenizer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -73,6 +85,7 @@ class RunConfig:
     optim: OptimConfig
     mesh: sharding.MeshConfig
     train: LoopConfig
+    init_from: str = ""
 
 
 def parse_config(cfg) -> RunConfig:
@@ -88,7 +101,30 @@ def parse_config(cfg) -> RunConfig:
         optim=OptimConfig(**optim),
         mesh=sharding.MeshConfig(**cfg.mesh),
         train=LoopConfig(**cfg.train),
+        init_from=cfg.init_from,
     )
+
+
+def load_init(run: RunConfig, mesh, workdir: str) -> tuple[RunConfig, convert.Pretrained | None]:
+    """With `init_from`, the imported weights, and the run with their model config (this run
+    keeps its dtype, param_dtype and remat) and their vocabulary."""
+    if not run.init_from:
+        return run, None
+    numerics = {k: getattr(run.model, k) for k in ("dtype", "param_dtype", "remat")}
+    pretrained = convert.load_pretrained(
+        run.init_from, "BertForPreTraining", mesh=mesh, scratch_dir=workdir, **numerics
+    )
+    tok = pretrained.tokenizer
+    data = dataclasses.replace(
+        run.data,
+        tokenizer="wordpiece" if isinstance(tok, WordPieceTokenizer) else "sentencepiece",
+        vocab_file=tok.vocab_file,
+        do_lower_case=tok.do_lower_case,
+    )
+    _print(f"initialised from {pretrained.description}")
+    if pretrained.report.missing or pretrained.report.unexpected:
+        _print("warning: " + pretrained.report.describe(pretrained.description))
+    return dataclasses.replace(run, model=pretrained.config, data=data), pretrained
 
 
 def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingData:
@@ -142,7 +178,7 @@ def check_compatible(meta: dict, path: str, config_json: dict, vocab_sha256: str
 class Loop:
     """The training loop's moving parts: state, iterator, checkpoints, logs, guards."""
 
-    def __init__(self, run, trainer, data, ckpt, writer, meta):
+    def __init__(self, run, trainer, data, ckpt, writer, meta, pretrained=None):
         self.run, self.cfg, self.trainer, self.ckpt, self.writer = (
             run,
             run.train,
@@ -150,7 +186,7 @@ class Loop:
             ckpt,
             writer,
         )
-        self.meta = meta
+        self.meta, self.pretrained = meta, pretrained
         hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
         self.eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
@@ -174,7 +210,10 @@ class Loop:
             ),
         )
         if found is None:
-            return self.trainer.init(self.cfg.seed)
+            state = self.trainer.init(self.cfg.seed)
+            if self.pretrained is not None:
+                state = state.replace(params=convert.overlay(state.params, self.pretrained.params))
+            return state
         step, state, data_state, _ = found
         self.iterator.set_state(data_state)
         _print(f"resumed from step {step} in {self.ckpt.directory}")
@@ -314,6 +353,8 @@ class Loop:
 
 def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
     """Runs (or resumes) pretraining and returns the summary it also writes and prints."""
+    mesh = sharding.make_mesh(run.mesh)
+    run, pretrained = load_init(run, mesh, workdir)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
@@ -325,7 +366,6 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
             f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
             f"model.max_position_embeddings={run.model.max_position_embeddings}"
         )
-    mesh = sharding.make_mesh(run.mesh)
     if run.train.batch_size % sharding.data_parallel_size(mesh, axes.DEFAULT_RULES):
         raise ValueError(
             f"train.batch_size={run.train.batch_size} is not divisible by the data-parallel "
@@ -341,17 +381,40 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
     ckpt = checkpoint.Checkpointer(
         directory, max_to_keep=run.train.keep_checkpoints, keep_period=run.train.keep_every or None
     )
+    config_json = record_run(workdir, run, config_json, data.tokenizer)
     meta = {
         "config": config_json,
         "vocab_sha256": input_pipeline.file_digest(data.tokenizer.vocab_file),
     }
     writer = _Writer(os.path.join(workdir, "tensorboard"))
-    loop = Loop(run, trainer, data, ckpt, writer, meta)
+    loop = Loop(run, trainer, data, ckpt, writer, meta, pretrained)
     with jax.set_mesh(mesh):
         summary = loop.run_steps(loop.restore_or_init())
     ckpt.close()
     writer.close()
     return summary
+
+
+def record_run(workdir: str, run: RunConfig, config_json: dict, tokenizer) -> dict:
+    """Writes the workdir's config.json (the model config actually used) and a copy of the
+    vocabulary, which make the workdir a model that `convert` exports and `init_from` reads."""
+    config_json = {
+        **config_json,
+        "model": dataclasses.asdict(run.model),
+        "data": {
+            **config_json["data"],
+            "tokenizer": run.data.tokenizer,
+            "vocab_file": tokenizer.vocab_file,
+            "do_lower_case": run.data.do_lower_case,
+        },
+        "architecture": "BertForPreTraining",
+    }
+    if jax.process_index() == 0:
+        name = "vocab.txt" if run.data.tokenizer == "wordpiece" else "spm.model"
+        with open(tokenizer.vocab_file, "rb") as f:
+            corpus.atomic_write(os.path.join(workdir, name), f.read())
+        _write_json(os.path.join(workdir, "config.json"), config_json)
+    return config_json
 
 
 def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:
@@ -397,11 +460,8 @@ def main(argv):
         data = load_data(run.data)
         _print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
         return
-    lead = jax.process_index() == 0
-    if lead:
-        _write_json(os.path.join(workdir, "config.json"), config_json)
     summary = train(run, workdir, config_json)
-    if lead:
+    if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "summary.json"), summary)
         print(_format_summary(summary))
 

@@ -186,4 +186,9 @@ def restore_subtree(directory: str, step: int, path: tuple[str, ...], abstract: 
     node = restored["params"]
     for key in path:
         node = node[key]
+    # Orbax hands back the target's own placeholders for keys the checkpoint does not have.
+    if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(node)):
+        raise ValueError(
+            f"checkpoint {directory}/{step} has no params/{'/'.join(path)} (or only part of it)"
+        )
     return node

@@ -1,4 +1,5 @@
-"""BertConfig, the BERT encoder and its pretraining heads (masked LM and next-sentence).
+"""BertConfig, the BERT encoder and its heads: pretraining (masked LM + next sentence),
+masked LM alone, sequence classification / regression.
 
 The encoder's layers are stacked: one `TransformerLayer` whose weights carry a leading
 `layers` axis, applied with `jax.lax.scan`, so that compile time does not grow with depth.
@@ -119,11 +120,12 @@ _SMALL_HIDDEN = (128, 256, 512, 768)
 
 @struct.dataclass
 class EncoderOutput:
-    """sequence_output [B, L, D]; pooled_output [B, D]; hidden_states [1 + layers, B, L, D]
-    (embeddings first) and attentions [layers, B, H, L, L] when requested, else None."""
+    """sequence_output [B, L, D]; pooled_output [B, D] (None without a pooler);
+    hidden_states [1 + layers, B, L, D] (embeddings first) and attentions
+    [layers, B, H, L, L] when requested, else None."""
 
     sequence_output: jax.Array
-    pooled_output: jax.Array
+    pooled_output: jax.Array | None
     hidden_states: jax.Array | None = None
     attentions: jax.Array | None = None
 
@@ -230,17 +232,21 @@ class BertEncoder(nnx.Module):
 class BertModel(nnx.Module):
     """The BERT encoder: embeddings, Transformer layers, pooler (dense + tanh on [CLS])."""
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, add_pooling_layer: bool = True):
         self.config = config
         self.embeddings = BertEmbeddings(config, rngs=rngs)
         self.encoder = BertEncoder(config, rngs=rngs)
-        self.pooler = layers.Dense(
-            config.hidden_size,
-            config.hidden_size,
-            kernel_axes=(axes.EMBED, axes.MLP),
-            init_std=config.initializer_range,
-            rngs=rngs,
-            **_layer_kwargs(config),
+        self.pooler = (
+            layers.Dense(
+                config.hidden_size,
+                config.hidden_size,
+                kernel_axes=(axes.EMBED, axes.MLP),
+                init_std=config.initializer_range,
+                rngs=rngs,
+                **_layer_kwargs(config),
+            )
+            if add_pooling_layer
+            else None
         )
 
     def __call__(
@@ -273,19 +279,21 @@ class BertModel(nnx.Module):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        pooled = jnp.tanh(self.pooler(seq[:, 0]))
+        pooled = None if self.pooler is None else jnp.tanh(self.pooler(seq[:, 0]))
         if output_hidden_states:
             hidden = jnp.concatenate([x[None], hidden], axis=0)
         return EncoderOutput(seq, pooled, hidden, probs)
 
 
-class BertForPreTraining(nnx.Module):
-    """BERT with the masked-LM head (tied decoder) and the next-sentence head."""
+class _MaskedLMModel(nnx.Module):
+    """The encoder plus the masked-LM head (dense + activation + LayerNorm, then the decoder
+    tied to the word embeddings and a per-token output bias), shared by the pretraining and
+    masked-LM models so that their weights have the same names."""
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    def _init_encoder_and_mlm(self, config: BertConfig, rngs: nnx.Rngs, add_pooling_layer: bool):
         kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
         d = config.hidden_size
-        self.bert = BertModel(config, rngs=rngs)
+        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=add_pooling_layer)
         self.transform = layers.Dense(d, d, kernel_axes=(axes.EMBED, axes.MLP), **kw)
         self.transform_layer_norm = layers.LayerNorm(
             d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
@@ -293,8 +301,28 @@ class BertForPreTraining(nnx.Module):
         self.output_bias = layers.param(
             jnp.zeros((config.vocab_size,), jnp.dtype(config.param_dtype)), (axes.VOCAB,)
         )
-        self.seq_relationship = layers.Dense(d, 2, kernel_axes=(axes.EMBED, None), **kw)
         self.hidden_act = config.hidden_act
+
+    def mlm_logits(self, sequence_output: jax.Array, positions: jax.Array | None) -> jax.Array:
+        """[B, P, V] float32 logits at `positions` ([B, P] int32), or at every position."""
+        h = sequence_output
+        if positions is not None:
+            # Only the P masked positions go through the head: never [B, L, V] logits.
+            h = jnp.take_along_axis(h, positions[..., None], axis=1)
+        h = self.transform_layer_norm(layers.activation(self.hidden_act, self.transform(h)))
+        logits = self.bert.embeddings.word_embeddings.attend(h).astype(jnp.float32)
+        return logits + self.output_bias[...].astype(jnp.float32)
+
+
+class BertForPreTraining(_MaskedLMModel):
+    """BERT with the masked-LM head (tied decoder) and the next-sentence head."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self._init_encoder_and_mlm(config, rngs, add_pooling_layer=True)
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        self.seq_relationship = layers.Dense(
+            config.hidden_size, 2, kernel_axes=(axes.EMBED, None), **kw
+        )
 
     def __call__(
         self,
@@ -324,13 +352,76 @@ class BertForPreTraining(nnx.Module):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        # Only the P masked positions go through the head: never [B, L, V] logits.
-        gathered = jnp.take_along_axis(enc.sequence_output, masked_lm_positions[..., None], axis=1)
-        h = self.transform_layer_norm(layers.activation(self.hidden_act, self.transform(gathered)))
-        logits = self.bert.embeddings.word_embeddings.attend(h).astype(jnp.float32)
-        mlm_logits = logits + self.output_bias[...].astype(jnp.float32)
+        mlm_logits = self.mlm_logits(enc.sequence_output, masked_lm_positions)
         nsp_logits = self.seq_relationship(enc.pooled_output).astype(jnp.float32)
         return PretrainingOutput(mlm_logits, nsp_logits, enc)
+
+
+class BertForMaskedLM(_MaskedLMModel):
+    """BERT with the masked-LM head only and no pooler (Hugging Face's `BertForMaskedLM`)."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self._init_encoder_and_mlm(config, rngs, add_pooling_layer=False)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        masked_lm_positions: jax.Array | None = None,
+        **kwargs,
+    ) -> tuple[jax.Array, EncoderOutput]:
+        """(MLM logits [B, P, V] float32 at the positions, or [B, L, V] without them; encoder
+        output). Keyword arguments as in `BertModel`."""
+        enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
+        return self.mlm_logits(enc.sequence_output, masked_lm_positions), enc
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT with dropout and a dense layer on the pooled output: `num_labels` classes, or a
+    regression score when `num_labels` is 1 (STS-B)."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int = 2,
+        *,
+        rngs: nnx.Rngs,
+        classifier_dropout: float | None = None,
+    ):
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.bert = BertModel(config, rngs=rngs)
+        self.classifier = layers.Dense(
+            config.hidden_size,
+            num_labels,
+            kernel_axes=(axes.EMBED, None),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+        self.dropout_rate = (
+            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        **kwargs,
+    ) -> tuple[jax.Array, EncoderOutput]:
+        """(logits [B, num_labels] float32, encoder output); arguments as in `BertModel`."""
+        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
+        enc = self.bert(
+            input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
+        )
+        pooled = layers.dropout(enc.pooled_output, self.dropout_rate, drop_key, deterministic)
+        return self.classifier(pooled).astype(jnp.float32), enc
 
 
 def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -> None:

@@ -178,3 +178,13 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules)
         global_shape = (global_size, *local.shape[1:])
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
     return out
+
+
+def place(host_tree: Any, shardings: Any) -> Any:
+    """Host (numpy) arrays as global arrays in `shardings`; each device receives only its own
+    slice, so a model sharded over the mesh never sits whole on one device."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        host_tree,
+        shardings,
+    )

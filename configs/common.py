@@ -14,6 +14,10 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Every field of models.BertConfig (bert_config.json names); `size` picks the released one.
     config.model = dataclasses.asdict(models.BertConfig.named(size))
+    # Start from released or earlier weights: "hf:<dir>" (Hugging Face), "tf:<dir>" (original
+    # TF checkpoint) or a bert_jax workdir. Their config.json and vocabulary then replace
+    # config.model (except dtype, param_dtype, remat) and config.data.vocab_file.
+    config.init_from = ""
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.

@@ -46,7 +46,8 @@ def test_matches_hugging_face_bert_for_pretraining():
     hf = _hf_model(**TINY)
     config = models.BertConfig(**TINY)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = convert.params_from_hf(state, config)
+    params, report = convert.params_from_hf(state, config)
+    assert report.missing == [] and report.unexpected == []
     graphdef, _ = models.split_params(models.abstract_model(config))
     ids, mask, segments, positions = _padded_batch(np.random.default_rng(0), TINY["vocab_size"])
 

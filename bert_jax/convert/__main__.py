@@ -1,0 +1,88 @@
+"""python -m bert_jax.convert: whole models between formats.
+
+python -m bert_jax.convert import-hf  HF_DIR   OUT_WORKDIR
+python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
+python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
+"""
+
+import argparse
+import sys
+import warnings
+
+import jax
+
+from bert_jax import axes, models, sharding
+from bert_jax.convert.names import model_class
+from bert_jax.convert.runs import load_pretrained, load_run, overlay, read_run, write_run
+from bert_jax.convert.sources import export_hf, read_hf_dir, read_tf_checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bert_jax.convert", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("import-hf", "Hugging Face model directory -> bert_jax workdir"),
+        ("import-tf", "original TF checkpoint directory -> bert_jax workdir"),
+        ("export-hf", "bert_jax workdir -> Hugging Face model directory"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("source")
+        p.add_argument("output")
+        if name == "export-hf":
+            p.add_argument("--step", type=int, default=None, help="default: the latest")
+    args = parser.parse_args(argv)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    if args.command == "export-hf":
+        run = read_run(args.source, args.step)
+        loaded = load_run(
+            args.source,
+            run["architecture"],
+            run["num_labels"],
+            mesh,
+            axes.DEFAULT_RULES,
+            {},
+            args.step,
+        )
+        architecture = export_hf(
+            jax.device_get(loaded.params),
+            loaded.config,
+            loaded.tokenizer,
+            args.output,
+            run["num_labels"],
+        )
+        print(f"wrote {architecture} of {loaded.description} to {args.output}")
+        return
+    prefix = "hf" if args.command == "import-hf" else "tf"
+    source = (
+        read_hf_dir(args.source, args.output) if prefix == "hf" else read_tf_checkpoint(args.source)
+    )
+    loaded = load_pretrained(
+        f"{prefix}:{args.source}",
+        source.architecture,
+        mesh=mesh,
+        num_labels=source.num_labels,
+        scratch_dir=args.output,
+    )
+    if loaded.report.missing:
+        warnings.warn(loaded.report.describe(args.source), stacklevel=1)
+        full = models.split_params(
+            models.create_model(
+                loaded.config, 0, model_class(source.architecture, source.num_labels)
+            )
+        )[1]
+        loaded.params = overlay(full, loaded.params)
+    write_run(
+        args.output,
+        loaded.config,
+        source.architecture,
+        source.num_labels,
+        jax.device_get(loaded.params),
+        loaded.tokenizer,
+    )
+    print(f"wrote {source.architecture} from {source.description} to {args.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

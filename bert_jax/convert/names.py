@@ -1,0 +1,335 @@
+"""The one rename table between bert_jax parameters and Hugging Face BERT tensor names.
+
+Every bert_jax parameter maps to its Hugging Face tensor name (PyTorch's [out, in] kernels;
+bert_jax stacks the layers and splits the attention heads); the table serves both directions.
+Original TF checkpoint variables come in through their Hugging Face names (`tf_to_hf_name`).
+"""
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bert_jax import models
+from bert_jax.models import BertConfig, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """bert_jax value from one Hugging Face tensor, and back."""
+
+    to_jax: Callable[[np.ndarray, BertConfig], np.ndarray]
+    to_hf: Callable[[np.ndarray, BertConfig], np.ndarray]
+
+
+_SAME = _Transform(lambda x, c: x, lambda x, c: x)
+_LINEAR = _Transform(lambda w, c: w.T, lambda w, c: w.T)
+_QKV_KERNEL = _Transform(  # [D, D] -> [D, H, K]
+    lambda w, c: w.T.reshape(c.hidden_size, c.num_attention_heads, c.head_dim),
+    lambda w, c: w.reshape(c.hidden_size, c.hidden_size).T,
+)
+_QKV_BIAS = _Transform(  # [D] -> [H, K]
+    lambda b, c: b.reshape(c.num_attention_heads, c.head_dim), lambda b, c: b.reshape(-1)
+)
+_ATTN_OUT_KERNEL = _Transform(  # [D, D] -> [H, K, D]
+    lambda w, c: w.T.reshape(c.num_attention_heads, c.head_dim, c.hidden_size),
+    lambda w, c: w.reshape(c.hidden_size, c.hidden_size).T,
+)
+
+_LAYER = "bert.encoder.layer.{i}."
+# (bert_jax path, Hugging Face name, transform); `{i}` marks a per-layer tensor stacked on
+# axis 0 in bert_jax. Paths are those of the models with an encoder under `bert`.
+_RENAMES: tuple[tuple[str, str, _Transform], ...] = (
+    *(
+        (f"bert/embeddings/{n}/embedding", f"bert.embeddings.{n}.weight", _SAME)
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ),
+    ("bert/embeddings/layer_norm/scale", "bert.embeddings.LayerNorm.weight", _SAME),
+    ("bert/embeddings/layer_norm/bias", "bert.embeddings.LayerNorm.bias", _SAME),
+    *(
+        (f"bert/encoder/layer/attention/{n}/kernel", f"{_LAYER}attention.self.{n}.weight", t)
+        for n in ("query", "key", "value")
+        for t in (_QKV_KERNEL,)
+    ),
+    *(
+        (f"bert/encoder/layer/attention/{n}/bias", f"{_LAYER}attention.self.{n}.bias", _QKV_BIAS)
+        for n in ("query", "key", "value")
+    ),
+    (
+        "bert/encoder/layer/attention/output/kernel",
+        f"{_LAYER}attention.output.dense.weight",
+        _ATTN_OUT_KERNEL,
+    ),
+    ("bert/encoder/layer/attention/output/bias", f"{_LAYER}attention.output.dense.bias", _SAME),
+    *(
+        (
+            f"bert/encoder/layer/{ours}_layer_norm/{a}",
+            f"{_LAYER}{theirs}.LayerNorm.{b}",
+            _SAME,
+        )
+        for ours, theirs in (("attention", "attention.output"), ("output", "output"))
+        for a, b in (("scale", "weight"), ("bias", "bias"))
+    ),
+    ("bert/encoder/layer/intermediate/kernel", f"{_LAYER}intermediate.dense.weight", _LINEAR),
+    ("bert/encoder/layer/intermediate/bias", f"{_LAYER}intermediate.dense.bias", _SAME),
+    ("bert/encoder/layer/output/kernel", f"{_LAYER}output.dense.weight", _LINEAR),
+    ("bert/encoder/layer/output/bias", f"{_LAYER}output.dense.bias", _SAME),
+    ("bert/pooler/kernel", "bert.pooler.dense.weight", _LINEAR),
+    ("bert/pooler/bias", "bert.pooler.dense.bias", _SAME),
+    ("transform/kernel", "cls.predictions.transform.dense.weight", _LINEAR),
+    ("transform/bias", "cls.predictions.transform.dense.bias", _SAME),
+    ("transform_layer_norm/scale", "cls.predictions.transform.LayerNorm.weight", _SAME),
+    ("transform_layer_norm/bias", "cls.predictions.transform.LayerNorm.bias", _SAME),
+    ("output_bias", "cls.predictions.bias", _SAME),
+    ("seq_relationship/kernel", "cls.seq_relationship.weight", _LINEAR),
+    ("seq_relationship/bias", "cls.seq_relationship.bias", _SAME),
+    ("classifier/kernel", "classifier.weight", _LINEAR),
+    ("classifier/bias", "classifier.bias", _SAME),
+)
+# Tensors a Hugging Face checkpoint may hold that are copies of others or buffers.
+_ALIASES = re.compile(r"(bert\.)?embeddings\.position_ids|cls\.predictions\.decoder\.(weight|bias)")
+
+ARCHITECTURES = (
+    "BertModel",
+    "BertForPreTraining",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+)
+
+
+def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:
+    """The bert_jax model for a Hugging Face architecture name."""
+    table = {
+        "BertModel": models.BertModel,
+        "BertForPreTraining": models.BertForPreTraining,
+        "BertForMaskedLM": models.BertForMaskedLM,
+        "BertForSequenceClassification": functools.partial(
+            models.BertForSequenceClassification, num_labels=num_labels
+        ),
+    }
+    if architecture not in table:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}"
+        )
+    return table[architecture]
+
+
+@dataclasses.dataclass
+class Report:
+    """What an import did not match: bert_jax paths without a source tensor (left as
+    initialised) and source tensors the target model has no place for."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+
+    def describe(self, source: str) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"freshly initialised (not in {source}): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"in {source} but not used by this model: {', '.join(self.unexpected)}")
+        return "; ".join(parts)
+
+
+def params_from_hf(
+    state_dict: Mapping[str, Any],
+    config: BertConfig,
+    architecture: str = "BertForPreTraining",
+    num_labels: int = 2,
+) -> tuple[Params, Report]:
+    """Converts a Hugging Face BERT state dict into (numpy) bert_jax params.
+
+    Args:
+      state_dict: tensor name -> array-like; names with or without the `bert.` prefix,
+        `LayerNorm.gamma/beta` as in old checkpoints.
+      config: the bert_jax config the weights were made for.
+      architecture: the target bert_jax model (one of `ARCHITECTURES`).
+
+    Returns:
+      (params holding every tensor found, report of what is missing or left over).
+
+    Raises:
+      ValueError naming a tensor whose shape does not fit the config.
+    """
+    names = {_normalize_hf_name(k): k for k in state_dict}
+    expected = abstract_params(config, architecture, num_labels)
+    bare = "bert" not in expected  # BertModel's own params have no `bert/` level
+    params: Params = {}
+    report, used = Report(), set()
+    for path, hf_name, transform in _RENAMES:
+        ours = path.removeprefix("bert/") if bare else path
+        want = get_path(expected, ours)
+        if want is None:
+            continue
+        hf_names = _expand(hf_name, config)
+        if not all(n in names for n in hf_names):
+            report.missing.append(ours)
+            continue
+        values = [
+            transform.to_jax(np.asarray(state_dict[names[n]], np.float32), config) for n in hf_names
+        ]
+        value = np.stack(values) if "{i}" in hf_name else values[0]
+        if value.shape != tuple(want.shape):
+            raise ValueError(
+                f"tensor {names[hf_names[0]]} has shape {np.shape(state_dict[names[hf_names[0]]])}"
+                f", which gives {value.shape} for {ours}, but the config needs {tuple(want.shape)};"
+                f" the weights were made for another config (check config.json)"
+            )
+        set_path(params, ours, value)
+        used.update(hf_names)
+    report.unexpected = sorted(
+        names[n] for n in names if n not in used and not _ALIASES.fullmatch(n)
+    )
+    return params, report
+
+
+def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:
+    """bert_jax params (any architecture) -> Hugging Face state dict of float32 numpy arrays.
+
+    A bare encoder (`BertModel`) gets names without the `bert.` prefix, as `save_pretrained`
+    writes them.
+    """
+    bare = "bert" not in params
+    out = {}
+    for path, hf_name, transform in _RENAMES:
+        value = get_path(params, path.removeprefix("bert/") if bare else path)
+        if value is None:
+            continue
+        value = np.asarray(jax.device_get(value), np.float32)
+        hf_names = _expand(hf_name, config)
+        parts = list(value) if "{i}" in hf_name else [value]
+        for name, part in zip(hf_names, parts, strict=True):
+            key = name.removeprefix("bert.") if bare else name
+            out[key] = np.ascontiguousarray(transform.to_hf(part, config))
+    return out
+
+
+def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> BertConfig:
+    """A BertConfig from a Hugging Face `config.json` or an original `bert_config.json`.
+
+    Raises:
+      ValueError naming `source` for another model type or an unsupported BERT variant.
+    """
+    model_type = hf.get("model_type", "bert")
+    if model_type != "bert":
+        raise ValueError(
+            f"{source} describes a {model_type!r} model, not BERT (model_type 'bert'); "
+            f"bert_jax imports BERT checkpoints"
+        )
+    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+        raise ValueError(
+            f"{source}: only the original BERT encoder (absolute positions, not a decoder) is "
+            f"supported"
+        )
+    act = {"gelu_python": "gelu", "gelu_pytorch_tanh": "gelu_new"}.get(
+        hf.get("hidden_act", "gelu"), hf.get("hidden_act", "gelu")
+    )
+    fields = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype", "param_dtype", "remat"}
+    values = {k: hf[k] for k in fields if k in hf}
+    try:
+        return BertConfig(**{**values, "hidden_act": act, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> dict:
+    """The `config.json` that `transformers` reads for `architecture`."""
+    hf = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("dtype", "param_dtype", "remat")
+    }
+    hf.update(
+        model_type="bert",
+        architectures=[architecture],
+        position_embedding_type="absolute",
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    if architecture == "BertForSequenceClassification":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if num_labels == 1:
+            hf["problem_type"] = "regression"
+    return hf
+
+
+def infer_architecture(tensors: Mapping[str, Any]) -> str:
+    names = {_normalize_hf_name(k) for k in tensors}
+    if "cls.seq_relationship.weight" in names:
+        return "BertForPreTraining"
+    if "cls.predictions.bias" in names:
+        return "BertForMaskedLM"
+    if "classifier.weight" in names:
+        return "BertForSequenceClassification"
+    return "BertModel"
+
+
+def tf_to_hf_name(name: str) -> str | None:
+    """`bert/encoder/layer_3/attention/self/query/kernel` -> `bert.encoder.layer.3...weight`."""
+    if re.search(r"(adam_[mv]|Momentum|global_step|bad_steps|loss_scale)", name):
+        return None
+    special = {
+        "cls/seq_relationship/output_weights": "cls.seq_relationship.weight",
+        "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
+        "cls/predictions/output_bias": "cls.predictions.bias",
+        "output_weights": "classifier.weight",  # run_classifier.py's head
+        "output_bias": "classifier.bias",
+    }
+    if name in special:
+        return special[name]
+    name = re.sub(r"layer_(\d+)", r"layer.\1", name)
+    name = re.sub(r"(word|position|token_type)_embeddings$", r"\1_embeddings/weight", name)
+    name = re.sub(r"/(kernel|gamma)$", "/weight", name)
+    name = re.sub(r"/beta$", "/bias", name)
+    return name.replace("/", ".")
+
+
+def architecture_of(params: Params) -> str:
+    if "bert" not in params:
+        return "BertModel"
+    if "classifier" in params:
+        return "BertForSequenceClassification"
+    if "seq_relationship" in params:
+        return "BertForPreTraining"
+    return "BertForMaskedLM"
+
+
+def abstract_params(config: BertConfig, architecture: str, num_labels: int) -> Params:
+    return models.split_params(
+        models.abstract_model(config, model_class(architecture, num_labels))
+    )[1]
+
+
+def _normalize_hf_name(name: str) -> str:
+    name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+    name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+    if name.startswith(("embeddings.", "encoder.", "pooler.")):
+        name = "bert." + name
+    return name
+
+
+def _expand(hf_name: str, config: BertConfig) -> list[str]:
+    if "{i}" not in hf_name:
+        return [hf_name]
+    return [hf_name.format(i=i) for i in range(config.num_hidden_layers)]
+
+
+def get_path(tree: Params, path: str):
+    for key in path.split("/"):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: Params, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value

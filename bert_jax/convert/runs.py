@@ -1,0 +1,208 @@
+"""Imported or earlier weights for a run (`--config.init_from`), and bert_jax workdirs as
+model files: read the latest checkpoint subtree by subtree, write an imported model as one."""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from bert_jax import axes, checkpoint, corpus, input_pipeline, models, sharding
+from bert_jax.convert.names import (
+    Report,
+    abstract_params,
+    get_path,
+    model_class,
+    params_from_hf,
+    set_path,
+)
+from bert_jax.convert.sources import check_vocab, read_hf_dir, read_json, read_tf_checkpoint
+from bert_jax.models import BertConfig, Params
+from bert_jax.tokenization import Tokenizer, WordPieceTokenizer
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """Imported weights for a run: the model config, the params found (placed in their
+    shardings), the tokenizer, and what did not match."""
+
+    config: BertConfig
+    params: Params
+    tokenizer: Tokenizer
+    report: Report
+    description: str
+
+
+def load_pretrained(
+    spec: str,
+    architecture: str,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules = axes.DEFAULT_RULES,
+    num_labels: int = 2,
+    scratch_dir: str | None = None,
+    **overrides: Any,
+) -> Pretrained:
+    """Weights for `architecture` from `hf:DIR`, `tf:DIR` or a bert_jax run directory.
+
+    Each array goes straight to its devices in the shardings the rules give on `mesh`.
+    Parameters the source lacks (a new task head) are absent from `params`; overlay the result
+    on a fresh initialisation with `overlay`.
+
+    Args:
+      spec: `hf:PATH`, `tf:PATH`, or the workdir of a bert_jax run (`PATH` or `bert_jax:PATH`).
+      architecture: the model to fill (one of `ARCHITECTURES`).
+      overrides: BertConfig fields of this run (dtype, param_dtype, remat, dropout).
+    """
+    kind, _, path = spec.partition(":") if re.match(r"^(hf|tf|bert_jax):", spec) else ("", "", spec)
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"init_from={spec!r}: {path} does not exist; pass hf:<Hugging Face directory>, "
+            f"tf:<original TF checkpoint directory> or a bert_jax workdir"
+        )
+    if kind in ("hf", "tf"):
+        scratch = scratch_dir or tempfile.mkdtemp(prefix="bert_jax_vocab_")
+        source = (
+            read_hf_dir(path, scratch, **overrides)
+            if kind == "hf"
+            else read_tf_checkpoint(path, **overrides)
+        )
+        params, report = params_from_hf(source.tensors, source.config, architecture, num_labels)
+        tokenizer = WordPieceTokenizer(source.vocab_file, do_lower_case=source.do_lower_case)
+        check_vocab(tokenizer, source.config, source.description)
+        shardings = _param_shardings(source.config, architecture, num_labels, mesh, rules)
+        placed = sharding.place(params, _prune(shardings, params))
+        return Pretrained(source.config, placed, tokenizer, report, source.description)
+    return load_run(path, architecture, num_labels, mesh, rules, overrides)
+
+
+def overlay(base: Params, imported: Params) -> Params:
+    """`base` with every leaf that `imported` has replaced by the imported one."""
+    if not isinstance(imported, Mapping):
+        return imported
+    return {k: overlay(v, imported[k]) if k in imported else v for k, v in base.items()}
+
+
+def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) -> Pretrained:
+    """The params of a bert_jax workdir's checkpoint, read subtree by subtree so that a
+    pretraining run can fill a classifier's encoder (and a missing pooler is reported)."""
+    run = read_run(path, step)
+    config = dataclasses.replace(run["config"], **overrides)
+    shardings = _param_shardings(config, architecture, num_labels, mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_params(config, architecture, num_labels),
+        shardings,
+    )
+    src_bare, dst_bare = run["architecture"] == "BertModel", "bert" not in abstract
+    enc_prefix = () if dst_bare else ("bert",)
+    encoder = abstract if dst_bare else abstract["bert"]
+    # (path in the target, path in the checkpoint or None when the source cannot have it)
+    groups = [(enc_prefix + (k,), (() if src_bare else ("bert",)) + (k,)) for k in encoder]
+    if not dst_bare:
+        groups += [((k,), None if src_bare else (k,)) for k in abstract if k != "bert"]
+    params: Params = {}
+    report = Report()
+    for target, src in groups:
+        name = "/".join(target)
+        try:
+            if src is None:
+                raise ValueError(name)
+            value = checkpoint.restore_subtree(
+                run["checkpoints"], run["step"], src, get_path(abstract, name)
+            )
+        except ValueError:
+            report.missing.append(name)
+            continue
+        set_path(params, name, value)
+    return Pretrained(config, params, run["tokenizer"], report, f"{path} step {run['step']}")
+
+
+def read_run(path: str, step: int | None = None) -> dict:
+    """A bert_jax workdir's model config, architecture, tokenizer and checkpoint step."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"{path} is not a bert_jax workdir (no config.json); for released weights pass "
+            f"hf:<directory> or tf:<directory>"
+        )
+    saved = read_json(config_file)
+    config = models.BertConfig(**saved["model"])
+    data = saved.get("data", {})
+    kind = data.get("tokenizer", "wordpiece")
+    vocab_name = "spm.model" if kind == "sentencepiece" else "vocab.txt"
+    vocab_file = os.path.join(path, vocab_name)
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"{path} has no {vocab_name}: the run's tokenizer is missing")
+    directory = os.path.join(path, "checkpoints")
+    steps = (
+        sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        if os.path.isdir(directory)
+        else []
+    )
+    if not steps or (step is not None and step not in steps):
+        raise FileNotFoundError(
+            f"{directory} has no checkpoint{'' if step is None else f' of step {step}'} "
+            f"(found {steps})"
+        )
+    return dict(
+        config=config,
+        architecture=saved.get("architecture", "BertForPreTraining"),
+        num_labels=saved.get("num_labels", 2),
+        tokenizer=input_pipeline.load_tokenizer(kind, vocab_file, data.get("do_lower_case", True)),
+        checkpoints=directory,
+        step=steps[-1] if step is None else step,
+    )
+
+
+def write_run(
+    out: str,
+    config: BertConfig,
+    architecture: str,
+    num_labels: int,
+    params: Params,
+    tokenizer: Tokenizer,
+) -> None:
+    """A bert_jax workdir holding `params` as the orbax checkpoint of step 0."""
+    if os.path.exists(os.path.join(out, "checkpoints")):
+        raise FileExistsError(f"{out} already holds checkpoints; choose a new output directory")
+    os.makedirs(out, exist_ok=True)
+    vocab_name = "vocab.txt" if isinstance(tokenizer, WordPieceTokenizer) else "spm.model"
+    target = os.path.join(out, vocab_name)
+    if not (os.path.exists(target) and os.path.samefile(tokenizer.vocab_file, target)):
+        shutil.copyfile(tokenizer.vocab_file, target)
+    config_json = {
+        "model": dataclasses.asdict(config),
+        "data": {
+            "tokenizer": "wordpiece" if vocab_name == "vocab.txt" else "sentencepiece",
+            "do_lower_case": tokenizer.do_lower_case,
+        },
+        "architecture": architecture,
+        "num_labels": num_labels,
+    }
+    ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"))
+    meta = {"config": config_json, "vocab_sha256": input_pipeline.file_digest(tokenizer.vocab_file)}
+    ckpt.save(0, {"params": params}, {}, meta)
+    ckpt.close()
+    corpus.atomic_write(
+        os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
+    )
+
+
+def _param_shardings(config, architecture, num_labels, mesh, rules) -> Params:
+    abstract = models.abstract_model(config, model_class(architecture, num_labels))
+    _, params = models.split_params(abstract)
+    return sharding.tree_shardings(models.param_logical_axes(abstract), params, mesh, rules)
+
+
+def _prune(tree: Params, like: Params) -> Params:
+    """`tree` restricted to the keys of `like`."""
+    if not isinstance(like, Mapping):
+        return tree
+    return {k: _prune(tree[k], v) for k, v in like.items()}

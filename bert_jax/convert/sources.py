@@ -1,0 +1,267 @@
+"""Models on disk, read lazily: Hugging Face directories and original TF checkpoints in,
+Hugging Face directories out."""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from bert_jax import corpus
+from bert_jax.convert.names import (
+    ARCHITECTURES,
+    architecture_of,
+    config_from_hf,
+    config_to_hf,
+    infer_architecture,
+    params_to_hf,
+    tf_to_hf_name,
+)
+from bert_jax.convert.tf_checkpoint import TFCheckpoint
+from bert_jax.models import BertConfig, Params
+from bert_jax.tokenization import Tokenizer, WordPieceTokenizer
+
+
+@dataclasses.dataclass
+class Source:
+    """A model on disk, read lazily: config, tensors under Hugging Face names, tokenizer."""
+
+    description: str
+    config: BertConfig
+    architecture: str
+    num_labels: int
+    tensors: Mapping[str, Any]
+    vocab_file: str
+    do_lower_case: bool
+
+
+def read_hf_dir(path: str, scratch_dir: str, **overrides: Any) -> Source:
+    """A Hugging Face model directory (`save_pretrained` output).
+
+    Args:
+      path: the directory.
+      scratch_dir: where `vocab.txt` is written when the directory only has `tokenizer.json`.
+      overrides: BertConfig fields that replace the directory's (e.g. dtype).
+    """
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"{path} has no config.json; a Hugging Face model directory holds config.json and "
+            f"model.safetensors (what save_pretrained writes)"
+        )
+    hf = read_json(config_file)
+    config = config_from_hf(hf, config_file, **overrides)
+    tensors = _hf_tensors(path)
+    architecture = (hf.get("architectures") or [None])[0] or infer_architecture(tensors)
+    if architecture not in ARCHITECTURES:
+        architecture = infer_architecture(tensors)
+    num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
+    vocab_file, lower = _hf_vocab(path, scratch_dir)
+    return Source(path, config, architecture, num_labels, tensors, vocab_file, lower)
+
+
+def read_tf_checkpoint(path: str, **overrides: Any) -> Source:
+    """An original google-research/bert release: `bert_config.json`, `vocab.txt` and
+    `bert_model.ckpt.*` in one directory (or the checkpoint prefix, with the others beside)."""
+    ckpt = TFCheckpoint(path)
+    folder = os.path.dirname(ckpt.prefix)
+    config_file = os.path.join(folder, "bert_config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{folder} has no bert_config.json beside {ckpt.prefix}")
+    config = config_from_hf(read_json(config_file), config_file, **overrides)
+    vocab_file = os.path.join(folder, "vocab.txt")
+    if not os.path.isfile(vocab_file):
+        raise FileNotFoundError(f"{folder} has no vocab.txt beside {ckpt.prefix}")
+    tensors = _TFTensors(ckpt)
+    # Released uncased models say so only in their folder name.
+    lower = "cased" not in os.path.basename(folder.rstrip("/")).lower().replace("uncased", "")
+    return Source(ckpt.prefix, config, infer_architecture(tensors), 2, tensors, vocab_file, lower)
+
+
+class _TFTensors(Mapping):
+    """A TF checkpoint's model variables under their Hugging Face names (optimizer slots and
+    counters left out), read on access."""
+
+    def __init__(self, ckpt: TFCheckpoint):
+        self._ckpt = ckpt
+        self._names = {}
+        for name in ckpt.names():
+            hf = tf_to_hf_name(name)
+            if hf is not None:
+                self._names[hf] = name
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        name = self._names[key]
+        value = self._ckpt.read(name)
+        # TF dense kernels are [in, out]; Hugging Face's Linear weights are [out, in].
+        return value.T if name.endswith("/kernel") else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _SafetensorsTensors(Mapping):
+    """Tensors of one or more safetensors files, each read when asked for."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._handles, self._where = {}, {}
+        for file in files:
+            try:
+                handle = safe_open(file, framework="numpy")
+            except Exception as e:
+                raise ValueError(
+                    f"{file} is not a readable safetensors file ({e}); it is damaged or "
+                    f"truncated: save or copy the model again"
+                ) from e
+            self._handles[file] = handle
+            for key in handle.keys():
+                self._where[key] = file
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        file = self._where[key]
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"cannot read tensor {key} from {file} ({e})") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _hf_tensors(path: str) -> Mapping[str, Any]:
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            files = sorted(set(read_json(index)["weight_map"].values()))
+            files = [os.path.join(path, f) for f in files]
+        elif os.path.isfile(os.path.join(path, single)):
+            files = [os.path.join(path, single)]
+        else:
+            continue
+        return (
+            _SafetensorsTensors(files) if single.endswith("safetensors") else _torch_tensors(files)
+        )
+    raise FileNotFoundError(
+        f"{path} has no model.safetensors (or pytorch_model.bin); save the model with "
+        f"save_pretrained into this directory"
+    )
+
+
+def _torch_tensors(files: list[str]) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {files[0]} needs PyTorch (pip install torch); or save the model as "
+            f"safetensors (save_pretrained does so by default)"
+        ) from e
+    out = {}
+    for file in files:
+        try:  # weights_only: tensors and containers only, never arbitrary pickled code
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"{file} is not a readable PyTorch weights file ({e})") from e
+        out.update({k: v.float().numpy() for k, v in state.items()})
+    return out
+
+
+def _hf_vocab(path: str, scratch_dir: str) -> tuple[str, bool]:
+    """(vocab.txt path, do_lower_case) of a Hugging Face directory's BERT tokenizer."""
+    settings_file = os.path.join(path, "tokenizer_config.json")
+    settings = read_json(settings_file) if os.path.isfile(settings_file) else {}
+    lower = bool(settings.get("do_lower_case", True))
+    vocab_file = os.path.join(path, "vocab.txt")
+    if os.path.isfile(vocab_file):
+        return vocab_file, lower
+    tokenizer_file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tokenizer_file):
+        raise FileNotFoundError(
+            f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there too "
+            f"(tokenizer.save_pretrained)"
+        )
+    spec = read_json(tokenizer_file)
+    if spec.get("model", {}).get("type") != "WordPiece":
+        raise ValueError(f"{tokenizer_file} is not a WordPiece tokenizer (BERT's)")
+    normalizer = spec.get("normalizer") or {}
+    lower = bool(normalizer.get("lowercase", lower))
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise ValueError(f"{tokenizer_file}: the vocabulary ids are not 0..n-1")
+    out = os.path.join(scratch_dir, "vocab.txt")
+    os.makedirs(scratch_dir, exist_ok=True)
+    corpus.atomic_write(out, "".join(t + "\n" for t, _ in vocab).encode("utf-8"))
+    return out, lower
+
+
+def export_hf(
+    params: Params, config: BertConfig, tokenizer: Tokenizer, out: str, num_labels: int = 2
+) -> str:
+    """Writes a directory that `transformers` loads with `from_pretrained`; returns the
+    architecture written. The directory is assembled aside and renamed into place, so a crash
+    leaves no half-written model, and an existing non-empty `out` is refused."""
+    if os.path.isdir(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
+    if not isinstance(tokenizer, WordPieceTokenizer):
+        raise ValueError("Hugging Face BERT export needs a WordPiece (vocab.txt) tokenizer")
+    from safetensors.numpy import save_file
+
+    architecture = architecture_of(params)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out)))
+    try:
+        save_file(
+            params_to_hf(params, config),
+            os.path.join(tmp, "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        hf_config = config_to_hf(config, architecture, num_labels)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        shutil.copyfile(tokenizer.vocab_file, os.path.join(tmp, "vocab.txt"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(
+                {
+                    "tokenizer_class": "BertTokenizer",
+                    "do_lower_case": tokenizer.do_lower_case,
+                    "model_max_length": config.max_position_embeddings,
+                },
+                f,
+                indent=2,
+            )
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return architecture
+
+
+def check_vocab(tokenizer: Tokenizer, config: BertConfig, source: str) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"the vocabulary {tokenizer.vocab_file} has {tokenizer.vocab_size} tokens but the "
+            f"word embedding matrix of {source} has {config.vocab_size} rows (vocab_size); "
+            f"the vocabulary belongs to another model"
+        )
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
