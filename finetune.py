@@ -1,20 +1,430 @@
-"""Fine-tunes a pretrained BERT on GLUE (not yet available).
+r"""Fine-tunes a pretrained BERT on GLUE and reports honest numbers.
 
-The GLUE task table, readers, official metrics and the fine-tuning loop are tracked in the
-GLUE issue; until they land this entry point says so instead of pretending to train.
+    python finetune.py --config=configs/glue.py --config.init_from=hf:/models/bert-base-uncased \
+        --config.data_dir=/data/glue_data --workdir=/runs/glue
+
+For every task, learning rate and seed: train, evaluate on dev after each epoch (and every
+`eval_every_steps`), keep the best checkpoint by the task's GLUE score, then predict the test
+sets from it. Writes to --workdir:
+
+    <task>/lr<lr>_seed<seed>/    the best checkpoint as a model (exportable with
+                                  `python -m bert_jax.convert export-hf`), TensorBoard events,
+                                  dev predictions and test predictions
+    submission/                   one GLUE server file per test set (CoLA.tsv, MNLI-m.tsv, AX.tsv,
+                                  ...), from the best dev run of the chosen learning rate
+    results.json, results.md      every run, and per task the median, mean and standard
+                                  deviation over seeds; published BERT-Base dev figures beside
+                                  them when the model is BERT-Base
 """
 
-import sys
+import dataclasses
+import json
+import os
+import shutil
 
-from absl import app
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from bert_jax import axes, checkpoint, convert, glue, sharding, train_lib
+from bert_jax.optim import OptimConfig
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "glue.py"), "Config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "glue_workdir", "Results and checkpoints go here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    init_from: str
+    tasks: tuple[str, ...]
+    source: str
+    data_dir: str
+    tfds_data_dir: str
+    max_seq_length: int
+    max_train_examples: int
+    batch_size: int
+    eval_batch_size: int
+    num_epochs: float
+    learning_rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    warmup_fraction: float
+    weight_decay: float
+    classifier_dropout: float
+    eval_every_steps: int
+    early_stopping_patience: int
+    log_every: int
+    numerics: dict
+    mesh: sharding.MeshConfig
+
+
+def parse_config(cfg) -> FinetuneConfig:
+    """The ConfigDict as a typed, validated dataclass; bad values fail here, before any work."""
+    if not cfg.init_from:
+        raise ValueError(
+            "--config.init_from is required: hf:<Hugging Face directory>, tf:<original TF "
+            "checkpoint directory> or a bert_jax pretraining workdir"
+        )
+    names = list(glue.TASKS) if cfg.tasks == "all" else [t for t in cfg.tasks.split(",") if t]
+    tasks = tuple(glue.get_task(t).name for t in names)
+    if cfg.source not in ("tsv", "tfds"):
+        raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
+    if cfg.source == "tsv" and not os.path.isdir(cfg.data_dir or ""):
+        raise FileNotFoundError(
+            f"GLUE data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
+            f"with CoLA/, SST-2/, MNLI/, ...> (the GLUE download), or --config.source=tfds with "
+            f"the data prepared by `tfds build glue/<task> --file_format=array_record`"
+        )
+    for name in ("batch_size", "eval_batch_size", "max_seq_length"):
+        if cfg[name] < 1:
+            raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
+    return FinetuneConfig(
+        init_from=cfg.init_from,
+        tasks=tasks,
+        source=cfg.source,
+        data_dir=cfg.data_dir,
+        tfds_data_dir=cfg.tfds_data_dir,
+        max_seq_length=cfg.max_seq_length,
+        max_train_examples=cfg.max_train_examples,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        num_epochs=cfg.num_epochs,
+        learning_rates=tuple(float(x) for x in str(cfg.learning_rates).split(",")),
+        seeds=tuple(int(x) for x in str(cfg.seeds).split(",")),
+        warmup_fraction=cfg.warmup_fraction,
+        weight_decay=cfg.weight_decay,
+        classifier_dropout=cfg.classifier_dropout,
+        eval_every_steps=cfg.eval_every_steps,
+        early_stopping_patience=cfg.early_stopping_patience,
+        log_every=cfg.log_every,
+        numerics=dict(cfg.model),
+        mesh=sharding.MeshConfig(**cfg.mesh),
+    )
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A task's encoded splits: train, the labelled dev sets and the test sets to predict."""
+
+    task: glue.Task
+    train: dict[str, np.ndarray]
+    dev: dict[str, tuple[glue.Examples, dict[str, np.ndarray]]]
+    test: dict[str, tuple[glue.Split, glue.Examples, dict[str, np.ndarray]]]
+
+
+def load_task(cfg: FinetuneConfig, task: glue.Task, tokenizer) -> TaskData:
+    def read(split: glue.Split, folder: str) -> glue.Examples:
+        if cfg.source == "tfds":
+            return glue.read_tfds(task, split, cfg.tfds_data_dir or None)
+        return glue.read_tsv(task, split, os.path.join(cfg.data_dir, folder))
+
+    def enc(examples):
+        return glue.encode(examples, tokenizer, cfg.max_seq_length)
+
+    train = read(task.split("train"), task.folder)
+    if cfg.max_train_examples:
+        keep = slice(0, cfg.max_train_examples)
+        train = glue.Examples(
+            train.text_a[keep],
+            None if train.text_b is None else train.text_b[keep],
+            train.labels[keep],
+            train.index[keep],
+        )
+    dev = {s.name: (ex := read(s, task.folder), enc(ex)) for s in task.dev_splits}
+    test = {}
+    for split in task.splits:
+        if not split.labelled:
+            examples = read(split, task.folder)
+            test[split.name] = (split, examples, enc(examples))
+    ax_dir = os.path.join(cfg.data_dir, glue.AX_FOLDER, glue.AX.file)
+    if task.name == "mnli" and (cfg.source == "tfds" or os.path.isfile(ax_dir)):
+        examples = read(glue.AX, glue.AX_FOLDER)
+        test["ax"] = (glue.AX, examples, enc(examples))
+    return TaskData(task, enc(train), dev, test)
+
+
+class Run:
+    """One fine-tuning run (task, learning rate, seed): train, evaluate, keep the best."""
+
+    def __init__(self, cfg, data: TaskData, trainer, pretrained, lr, seed, directory):
+        self.cfg, self.data, self.trainer, self.pretrained = cfg, data, trainer, pretrained
+        self.lr, self.seed, self.directory = lr, seed, directory
+        self.task = data.task
+        self.main_dev = self.task.dev_splits[0].name
+        self.writer = tensorboardX.SummaryWriter(os.path.join(directory, "tensorboard"))
+        meta = convert.describe_run(
+            directory,
+            pretrained.config,
+            "BertForSequenceClassification",
+            self.task.num_labels,
+            pretrained.tokenizer,
+        )
+        self.meta = {**meta, "task": self.task.name, "learning_rate": lr, "seed": seed}
+        ckpt_dir = os.path.join(directory, "checkpoints")
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts this run afresh
+        self.ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=1)
+
+    def predict(self, params, features) -> np.ndarray:
+        """Predicted classes (or scores) for every row of `features`, in order."""
+        outputs = []
+        n, b = len(features["input_ids"]), self.cfg.eval_batch_size
+        for start in range(0, n, b):
+            batch = {k: v[start : start + b] for k, v in features.items() if k != "label"}
+            real = len(batch["input_ids"])
+            batch = {k: _pad(v, b) for k, v in batch.items()}
+            batch = sharding.global_batch(batch, self.trainer.mesh, axes.DEFAULT_RULES)
+            outputs.append(
+                np.asarray(jax.device_get(self.trainer.predict_step(params, batch)))[:real]
+            )
+        logits = np.concatenate(outputs)
+        return logits[:, 0] if self.task.is_regression else logits.argmax(-1)
+
+    def evaluate(self, params, step: int) -> dict[str, dict[str, float]]:
+        results = {}
+        for name, (examples, features) in self.data.dev.items():
+            metrics = glue.compute_metrics(
+                self.task, self.predict(params, features), examples.labels
+            )
+            results[name] = metrics
+            for key, value in metrics.items():
+                self.writer.add_scalar(f"{name}/{key}", value, step)
+        return results
+
+    def train(self) -> dict:
+        cfg, train = self.cfg, self.data.train
+        n = len(train["input_ids"])
+        steps_per_epoch = n // cfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{self.task.name}: {n} training examples are fewer than one batch of "
+                f"{cfg.batch_size}; lower --config.batch_size"
+            )
+        total = max(1, int(round(cfg.num_epochs * steps_per_epoch)))
+        state = self.trainer.init(self.seed)
+        # Copies: the train step donates the state, and the imported weights serve every seed.
+        imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
+        state = state.replace(params=convert.overlay(state.params, imported))
+        rng = np.random.default_rng(self.seed)
+        best, best_step, evals_since_best, history = None, 0, 0, []
+        bar = tqdm.tqdm(
+            total=total,
+            desc=f"{self.task.name} lr={self.lr:g} seed={self.seed}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        order, step = np.empty(0, np.int64), 0
+        while step < total:
+            if len(order) < cfg.batch_size:  # a new epoch: reshuffle, drop the remainder
+                order = rng.permutation(n)
+            rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
+            batch = sharding.global_batch(
+                {k: v[rows] for k, v in train.items()}, self.trainer.mesh, axes.DEFAULT_RULES
+            )
+            state, metrics = self.trainer.train_step(state, batch)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss_sum"] / max(metrics["count"], 1e-5))
+                self.writer.add_scalar("train/loss", loss, step)
+                self.writer.add_scalar("train/learning_rate", float(metrics["learning_rate"]), step)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            due = step % steps_per_epoch == 0 or step == total
+            if cfg.eval_every_steps:
+                due = due or step % cfg.eval_every_steps == 0
+            if not due:
+                continue
+            results = self.evaluate(state.params, step)
+            score = results[self.main_dev]["score"]
+            history.append({"step": step, **results})
+            bar.set_postfix(dev=f"{score:.4f}")
+            if best is None or score > best[self.main_dev]["score"]:
+                best, best_step, evals_since_best = results, step, 0
+                self.ckpt.save(step, {"params": state.params}, {}, self.meta)
+            else:
+                evals_since_best += 1
+                if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
+                    tqdm.tqdm.write(
+                        f"early stop at step {step}: no gain in {evals_since_best} evaluations"
+                    )
+                    break
+        bar.close()
+        self.ckpt.wait()
+        return {"best_step": best_step, "dev": best, "history": history, "steps": step}
+
+    def predict_tests(self, best_step: int) -> dict[str, str]:
+        """Restores the best checkpoint; writes dev and test predictions beside it."""
+        abstract = {"params": self.trainer.abstract_state.params}
+        restored, _, _ = self.ckpt.restore(best_step, abstract)
+        params = restored["params"]
+        files = {}
+        for name, (split, examples, features) in self.data.test.items():
+            path = os.path.join(self.directory, "predictions", split.submission)
+            glue.write_submission(path, self.task, examples.index, self.predict(params, features))
+            files[name] = path
+        self.ckpt.close()
+        self.writer.close()
+        return files
+
+
+def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
+    task = glue.get_task(name)
+    dropout = None if cfg.classifier_dropout < 0 else cfg.classifier_dropout
+    pretrained = convert.load_pretrained(
+        cfg.init_from,
+        "BertForSequenceClassification",
+        mesh=mesh,
+        num_labels=task.num_labels,
+        scratch_dir=os.path.join(workdir, "vocab"),
+        **cfg.numerics,
+    )
+    if pretrained.report.unexpected or set(pretrained.report.missing) - {
+        "classifier",
+        "classifier/kernel",
+        "classifier/bias",
+    }:
+        tqdm.tqdm.write("note: " + pretrained.report.describe(pretrained.description))
+    if cfg.max_seq_length > pretrained.config.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_length={cfg.max_seq_length} exceeds the model's max_position_embeddings="
+            f"{pretrained.config.max_position_embeddings}"
+        )
+    data = load_task(cfg, task, pretrained.tokenizer)
+    runs = []
+    for lr in cfg.learning_rates:
+        steps = max(
+            1, int(round(cfg.num_epochs * (len(data.train["input_ids"]) // cfg.batch_size)))
+        )
+        optim = OptimConfig(
+            learning_rate=lr,
+            warmup_steps=int(cfg.warmup_fraction * steps),
+            total_steps=steps,
+            weight_decay=cfg.weight_decay,
+        )
+        objective = train_lib.classification(task.num_labels, classifier_dropout=dropout)
+        trainer = train_lib.create_trainer(
+            pretrained.config, optim, mesh, axes.DEFAULT_RULES, objective
+        )
+        for seed in cfg.seeds:
+            directory = os.path.join(workdir, task.name, f"lr{lr:g}_seed{seed}")
+            run = Run(cfg, data, trainer, pretrained, lr, seed, directory)
+            with jax.set_mesh(mesh):
+                result = run.train()
+                result["predictions"] = run.predict_tests(result["best_step"])
+            runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
+    return summarize_task(task, runs)
+
+
+def summarize_task(task: glue.Task, runs: list[dict]) -> dict:
+    """Per learning rate: median, mean and sample standard deviation over seeds of every dev
+    metric; the chosen learning rate is the one with the best median GLUE score."""
+    by_lr = {}
+    for lr in sorted({r["learning_rate"] for r in runs}):
+        group = [r for r in runs if r["learning_rate"] == lr]
+        stats = {}
+        for split in task.dev_splits:
+            for metric in (*task.metrics, "score"):
+                values = np.array([r["dev"][split.name][metric] for r in group])
+                stats[f"{split.name}/{metric}"] = {
+                    "median": float(np.median(values)),
+                    "mean": float(values.mean()),
+                    "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                    "values": values.tolist(),
+                }
+        by_lr[f"{lr:g}"] = stats
+    main = f"{task.dev_splits[0].name}/score"
+    chosen = max(by_lr, key=lambda lr: by_lr[lr][main]["median"])
+    group = [r for r in runs if f"{r['learning_rate']:g}" == chosen]
+    submitted = max(group, key=lambda r: r["dev"][task.dev_splits[0].name]["score"])
+    return {
+        "runs": runs,
+        "by_learning_rate": by_lr,
+        "chosen_learning_rate": chosen,
+        "submission_run": submitted["directory"],
+    }
+
+
+def results_table(results: dict, bert_base: bool) -> str:
+    """Markdown: per task and metric, median (mean ± std, n seeds) at the chosen rate."""
+    lines = [
+        "| task | metric | lr | median | mean ± std | seeds |"
+        + (" BERT-Base published |" if bert_base else ""),
+        "|---|---|---|---|---|---|" + ("---|" if bert_base else ""),
+    ]
+    for name, res in results.items():
+        task = glue.get_task(name)
+        stats = res["by_learning_rate"][res["chosen_learning_rate"]]
+        for split in task.dev_splits:
+            for metric in task.metrics:
+                s = stats[f"{split.name}/{metric}"]
+                label = metric if len(task.dev_splits) == 1 else f"{metric} ({split.name})"
+                row = (
+                    f"| {name} | {label} | {res['chosen_learning_rate']} | "
+                    f"{100 * s['median']:.2f} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
+                    f"{s['n']} |"
+                )
+                if bert_base:
+                    key = "accuracy_mismatched" if split.name == "dev_mismatched" else metric
+                    published = glue.PUBLISHED_BERT_BASE.get(name, {}).get(key)
+                    row += f" {published:.2f} |" if published is not None else " |"
+                lines.append(row)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv):
-    del argv
-    sys.exit(
-        "finetune.py: GLUE fine-tuning is not implemented yet (see the GLUE issue); "
-        "use train.py for pretraining"
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    cfg = parse_config(_CONFIG.value)
+    # Every learning rate, and the tasks of the same label count, compile the same programs:
+    # the persistent compilation cache turns all but the first into a lookup.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.environ.get("BERT_JAX_CACHE", os.path.expanduser("~/.cache/bert_jax"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax"))
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh)
+    results = {name: finetune_task(cfg, name, mesh, workdir) for name in cfg.tasks}
+    submission = os.path.join(workdir, "submission")
+    for res in results.values():
+        chosen = next(r for r in res["runs"] if r["directory"] == res["submission_run"])
+        for path in chosen["predictions"].values():
+            os.makedirs(submission, exist_ok=True)
+            shutil.copyfile(path, os.path.join(submission, os.path.basename(path)))
+    model = json.load(
+        open(os.path.join(next(iter(results.values()))["submission_run"], "config.json"))
+    )["model"]
+    bert_base = (
+        model["hidden_size"],
+        model["num_hidden_layers"],
+        model["num_attention_heads"],
+    ) == (768, 12, 12)
+    table = results_table(results, bert_base)
+    _write(
+        os.path.join(workdir, "results.json"),
+        json.dumps({"model": model, "tasks": results}, indent=2),
     )
+    _write(os.path.join(workdir, "results.md"), table)
+    print(table)
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ class Loop:
             batch = sharding.global_batch(
                 next(self.iterator), self.trainer.mesh, axes.DEFAULT_RULES
             )
-            state, metrics = self.trainer.pretrain_step(state, batch)
+            state, metrics = self.trainer.train_step(state, batch)
             # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
             # queue of multi-device programs can deadlock XLA:CPU's collectives.
             if previous is not None and self.guard(jax.device_get(previous[1]), previous[0]):

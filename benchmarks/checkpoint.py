@@ -57,7 +57,7 @@ def main():
         state = jax.block_until_ready(trainer.init(0))
         result["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
         batch = sharding.global_batch(_batch(args.batch), mesh, axes.DEFAULT_RULES)
-        state, _ = jax.block_until_ready(trainer.pretrain_step(state, batch))  # compile
+        state, _ = jax.block_until_ready(trainer.train_step(state, batch))  # compile
 
         ckpt = checkpoint.Checkpointer(os.path.join(tmp, "async"), max_to_keep=2)
         start = time.perf_counter()
@@ -84,11 +84,11 @@ def main():
         plain, saving = [], []
         for r in range(args.rounds):  # A B A B
             start = time.perf_counter()
-            state, _ = jax.block_until_ready(trainer.pretrain_step(state, batch))
+            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
             plain.append(time.perf_counter() - start)
             start = time.perf_counter()
             ckpt.save(10 + r, state, {}, {})
-            state, _ = jax.block_until_ready(trainer.pretrain_step(state, batch))
+            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
             saving.append(time.perf_counter() - start)
             ckpt.wait()
         ckpt.close()

@@ -63,3 +63,26 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
         "nsp_loss": float(sums["nsp_loss_sum"]) / nsp_n,
         "nsp_accuracy": float(sums["nsp_correct_sum"]) / nsp_n,
     }
+
+
+def classification_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy over classes, or mean squared error when `logits` is [B, 1] (STS-B).
+
+    Args:
+      logits: [B, C] float32.
+      batch: holds `label` [B] (int32 classes or float32 scores) and optionally
+        `label_weights` [B] float32 (0 for the padding rows of a last, partial batch).
+
+    Returns:
+      (mean loss over real rows, metric sums `loss_sum`, `correct_sum`, `count`).
+    """
+    weights = batch.get("label_weights", jnp.ones(logits.shape[:1], jnp.float32))
+    weights = weights.astype(jnp.float32)
+    if logits.shape[-1] == 1:
+        err = logits[:, 0] - batch["label"].astype(jnp.float32)
+        loss_sum, correct = jnp.sum(err**2 * weights), jnp.zeros((), jnp.float32)
+        count = jnp.sum(weights)
+    else:
+        loss_sum, correct, count = weighted_cross_entropy(logits, batch["label"], weights)
+    loss = loss_sum / jnp.maximum(count, 1e-5)
+    return loss, {"loss_sum": loss_sum, "correct_sum": correct, "count": count}

@@ -1,6 +1,11 @@
-"""TrainState, its sharded creation, and the pure jitted pretraining and evaluation steps."""
+"""TrainState, its sharded creation, and the pure jitted train, evaluation and predict steps.
+
+What a step computes is an `Objective`: the model class and its loss. `PRETRAINING` (MLM +
+NSP/SOP) and `classification(num_labels)` (GLUE) share the same step, optimizer and sharding.
+"""
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +20,61 @@ from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig, make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The model a run trains and what its steps compute from a batch.
+
+    `loss(model, batch, rng, deterministic) -> (loss, metric sums)`;
+    `predict(model, batch) -> outputs` for inference.
+    """
+
+    model_cls: Callable[..., nnx.Module]
+    loss: Callable[..., tuple[jax.Array, dict]]
+    predict: Callable[..., Any] | None = None
+
+
+def _pretraining_loss(model, batch, rng, deterministic):
+    out = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        batch["masked_lm_positions"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
+
+
+def _classifier_logits(model, batch, rng=None, deterministic=True):
+    logits, _ = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return logits
+
+
+PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss)
+
+
+def classification(num_labels: int, classifier_dropout: float | None = None) -> Objective:
+    """Sequence classification with `num_labels` classes, or regression when it is 1.
+    `classifier_dropout` None: the encoder's hidden dropout."""
+    return Objective(
+        functools.partial(
+            models.BertForSequenceClassification,
+            num_labels=num_labels,
+            classifier_dropout=classifier_dropout,
+        ),
+        lambda model, batch, rng, deterministic: losses.classification_loss(
+            _classifier_logits(model, batch, rng, deterministic), batch
+        ),
+        _classifier_logits,
+    )
 
 
 @struct.dataclass
@@ -41,15 +101,21 @@ class Trainer:
     state_shardings: TrainState
     abstract_state: TrainState
     batch_sharding: jax.sharding.NamedSharding
-    pretrain_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
     eval_step: Callable[[models.Params, Batch], dict]
+    predict_step: Callable[[models.Params, Batch], Any] | None
     init: Callable[[int], TrainState]
 
 
 def create_trainer(
-    model_config: BertConfig, optim_config: OptimConfig, mesh: Mesh, rules: sharding.Rules
+    model_config: BertConfig,
+    optim_config: OptimConfig,
+    mesh: Mesh,
+    rules: sharding.Rules,
+    objective: Objective = PRETRAINING,
 ) -> Trainer:
-    """Builds the jitted init, pretraining and eval steps with shardings from an abstract pass.
+    """Builds the jitted init, train, eval (and predict) steps with shardings from an abstract
+    pass.
 
     No state is allocated here; `trainer.init(seed)` creates it directly in its shardings.
     """
@@ -63,7 +129,7 @@ def create_trainer(
         rules,
     )
     tx = make_optimizer(optim_config)
-    abstract = models.abstract_model(model_config)
+    abstract = models.abstract_model(model_config, objective.model_cls)
     graphdef, abstract_params = models.split_params(abstract)
     param_shardings = sharding.tree_shardings(
         models.param_logical_axes(abstract), abstract_params, mesh, rules
@@ -71,7 +137,9 @@ def create_trainer(
     repl = sharding.replicated(mesh)
 
     def init_fn(seed: int) -> TrainState:
-        _, params = models.split_params(models.create_model(model_config, seed))
+        _, params = models.split_params(
+            models.create_model(model_config, seed, objective.model_cls)
+        )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -92,7 +160,7 @@ def create_trainer(
         step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    step_fn = make_pretrain_step(graphdef, tx, optim_config, rules)
+    step_fn = make_train_step(graphdef, tx, optim_config, rules, objective)
     return Trainer(
         graphdef=graphdef,
         tx=tx,
@@ -104,42 +172,41 @@ def create_trainer(
             state_shardings,
         ),
         batch_sharding=batch_sharding,
-        pretrain_step=jax.jit(
+        train_step=jax.jit(
             step_fn,
             in_shardings=(state_shardings, batch_sharding),
             out_shardings=(state_shardings, repl),
             donate_argnums=0,
         ),
         eval_step=jax.jit(
-            make_eval_step(graphdef, rules),
+            make_eval_step(graphdef, rules, objective),
             in_shardings=(param_shardings, batch_sharding),
             out_shardings=repl,
+        ),
+        predict_step=None
+        if objective.predict is None
+        else jax.jit(
+            make_predict_step(graphdef, rules, objective),
+            in_shardings=(param_shardings, batch_sharding),
         ),
         init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
     )
 
 
-def _forward(graphdef, params, batch, rules, *, rng, deterministic):
+def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic):
     model = models.merge_params(graphdef, params)
     with axes.axis_rules(rules):  # active while tracing: activations get their shardings
-        out = model(
-            batch["input_ids"],
-            batch["input_mask"],
-            batch["segment_ids"],
-            batch["masked_lm_positions"],
-            rng=rng,
-            deterministic=deterministic,
-        )
-    return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
+        return objective.loss(model, batch, rng, deterministic)
 
 
-def make_pretrain_step(
+def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     config: OptimConfig,
     rules: sharding.Rules = axes.DEFAULT_RULES,
+    objective: Objective = PRETRAINING,
 ):
-    """`pretrain_step(state, batch) -> (state, metrics)`, a pure function to jit.
+    """`train_step(state, batch) -> (state, metrics)`, a pure function to jit.
 
     With `grad_accum_steps = k` the batch [B, ...] is split into k micro-batches of B / k
     whose gradients are averaged by a scan before one optimizer update, so that memory holds
@@ -150,12 +217,12 @@ def make_pretrain_step(
 
     def micro_grads(params, micro, rng):
         def loss_fn(p):
-            return _forward(graphdef, p, micro, rules, rng=rng, deterministic=False)
+            return _forward(graphdef, p, micro, rules, objective, rng=rng, deterministic=False)
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, sums, grads
 
-    def pretrain_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         if batch["input_ids"].shape[0] % k:
             raise ValueError(
                 f"batch size {batch['input_ids'].shape[0]} is not divisible by grad_accum_steps={k}"
@@ -202,17 +269,34 @@ def make_pretrain_step(
         )
         return new_state, metrics
 
-    return pretrain_step
+    return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rules: sharding.Rules = axes.DEFAULT_RULES):
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    rules: sharding.Rules = axes.DEFAULT_RULES,
+    objective: Objective = PRETRAINING,
+):
     """`eval_step(params, batch) -> metric sums` without dropout."""
 
     def eval_step(params: models.Params, batch: Batch) -> dict:
-        _, sums = _forward(graphdef, params, batch, rules, rng=None, deterministic=True)
+        _, sums = _forward(graphdef, params, batch, rules, objective, rng=None, deterministic=True)
         return sums
 
     return eval_step
+
+
+def make_predict_step(
+    graphdef: nnx.GraphDef, rules: sharding.Rules, objective: Objective
+) -> Callable[[models.Params, Batch], Any]:
+    """`predict_step(params, batch) -> outputs` (e.g. logits [B, C]) without dropout."""
+
+    def predict_step(params: models.Params, batch: Batch):
+        model = models.merge_params(graphdef, params)
+        with axes.axis_rules(rules):
+            return objective.predict(model, batch)
+
+    return predict_step
 
 
 def activation_bytes_estimate(

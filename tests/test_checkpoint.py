@@ -172,12 +172,12 @@ def test_non_finite_step_is_not_applied():
     with jax.set_mesh(mesh):
         state = trainer.init(0)
         before = jax.device_get(state.params)
-        state, metrics = trainer.pretrain_step(
+        state, metrics = trainer.train_step(
             state, sharding.global_batch(poisoned, mesh, axes.DEFAULT_RULES)
         )
         assert not bool(metrics["finite"]) and int(state.step) == 1
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
-        state, metrics = trainer.pretrain_step(
+        state, metrics = trainer.train_step(
             state, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
         )
     assert bool(metrics["finite"])

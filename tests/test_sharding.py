@@ -40,7 +40,7 @@ def _train(mesh, steps=3):
         state = trainer.init(0)
         for step in range(steps):
             batch = sharding.global_batch(_batch(step), mesh, axes.DEFAULT_RULES)
-            state, metrics = jax.block_until_ready(trainer.pretrain_step(state, batch))
+            state, metrics = jax.block_until_ready(trainer.train_step(state, batch))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params), state
 

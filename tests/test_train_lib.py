@@ -53,7 +53,7 @@ def test_overfits_one_batch_to_near_zero_mlm_loss():
         first = None
         for _ in range(300):
             # Synchronous steps: XLA:CPU can deadlock when many 8-device programs are queued.
-            state, metrics = jax.block_until_ready(trainer.pretrain_step(state, batch))
+            state, metrics = jax.block_until_ready(trainer.train_step(state, batch))
             if first is None:
                 first = float(metrics["mlm_loss_sum"] / metrics["mlm_count"])
         final = trainer.eval_step(state.params, batch)
@@ -70,7 +70,7 @@ def test_gradient_accumulation_equals_the_full_batch():
         trainer, mesh = _trainer(grad_accum_steps=k)
         with jax.set_mesh(mesh):
             state = trainer.init(0)
-            state, metrics = trainer.pretrain_step(
+            state, metrics = trainer.train_step(
                 state, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
             )
         results.append((jax.device_get(state.params), float(metrics["grad_norm"])))
@@ -90,7 +90,7 @@ def test_state_is_created_sharded_on_a_2x2x2_mesh():
         assert kernel.addressable_shards[0].data.shape == (2, 16, 32)
         mu = state.opt_state[1][0].mu["bert"]["encoder"]["layer"]["intermediate"]["kernel"]
         assert mu.sharding.spec == kernel.sharding.spec  # optimizer state follows the params
-        state, metrics = trainer.pretrain_step(
+        state, metrics = trainer.train_step(
             state, sharding.global_batch(_batch(), mesh, axes.DEFAULT_RULES)
         )
     assert np.isfinite(float(metrics["loss"]))

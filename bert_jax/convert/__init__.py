@@ -18,6 +18,7 @@ from bert_jax.convert.names import (
 )
 from bert_jax.convert.runs import (
     Pretrained,
+    describe_run,
     load_pretrained,
     load_run,
     overlay,
@@ -32,6 +33,7 @@ __all__ = [
     "Report",
     "config_from_hf",
     "config_to_hf",
+    "describe_run",
     "export_hf",
     "load_pretrained",
     "load_run",

@@ -172,6 +172,17 @@ def write_run(
     """A bert_jax workdir holding `params` as the orbax checkpoint of step 0."""
     if os.path.exists(os.path.join(out, "checkpoints")):
         raise FileExistsError(f"{out} already holds checkpoints; choose a new output directory")
+    meta = describe_run(out, config, architecture, num_labels, tokenizer)
+    ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"))
+    ckpt.save(0, {"params": params}, {}, meta)
+    ckpt.close()
+
+
+def describe_run(
+    out: str, config: BertConfig, architecture: str, num_labels: int, tokenizer: Tokenizer
+) -> dict:
+    """Writes what makes `out` a model besides its checkpoints (config.json with the model
+    config and architecture, and the vocabulary); returns the checkpoint metadata."""
     os.makedirs(out, exist_ok=True)
     vocab_name = "vocab.txt" if isinstance(tokenizer, WordPieceTokenizer) else "spm.model"
     target = os.path.join(out, vocab_name)
@@ -186,13 +197,10 @@ def write_run(
         "architecture": architecture,
         "num_labels": num_labels,
     }
-    ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"))
-    meta = {"config": config_json, "vocab_sha256": input_pipeline.file_digest(tokenizer.vocab_file)}
-    ckpt.save(0, {"params": params}, {}, meta)
-    ckpt.close()
     corpus.atomic_write(
         os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
     )
+    return {"config": config_json, "vocab_sha256": input_pipeline.file_digest(tokenizer.vocab_file)}
 
 
 def _param_shardings(config, architecture, num_labels, mesh, rules) -> Params:

@@ -1,0 +1,48 @@
+r"""GLUE fine-tuning with the BERT paper's recipe: batch 32, 3 epochs, 10% warmup then linear
+decay, dropout 0.1, AdamW with weight decay 0.01; several seeds per task, reported as median,
+mean and standard deviation.
+
+    python finetune.py --config=configs/glue.py --config.init_from=hf:/models/bert-base-uncased \
+        --config.data_dir=/data/glue_data --workdir=/runs/glue
+    python finetune.py --config=configs/glue.py --config.init_from=./workdir \
+        --config.tasks=mrpc,rte --config.seeds=1,2,3,4,5 --config.learning_rates=2e-5,3e-5,5e-5
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    # The encoder: hf:<dir>, tf:<dir> (original release) or a bert_jax pretraining workdir.
+    config.init_from = ""
+    config.tasks = "all"  # Comma-separated: cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli.
+    config.source = "tsv"  # "tsv": the GLUE folders under data_dir; "tfds": glue/<task>.
+    config.data_dir = ""  # Holds CoLA/, SST-2/, ..., diagnostic/ as the GLUE download does.
+    config.tfds_data_dir = ""  # Empty: ~/tensorflow_datasets.
+    config.max_seq_length = 128
+    config.max_train_examples = 0  # 0: all; fewer for quick runs.
+
+    config.batch_size = 32
+    config.eval_batch_size = 64
+    config.num_epochs = 3.0
+    config.learning_rates = "2e-5"  # A grid: "2e-5,3e-5,5e-5" (the paper picks on dev).
+    config.seeds = "0,1,2"  # One run per seed and learning rate.
+    config.warmup_fraction = 0.1
+    config.weight_decay = 0.01
+    config.classifier_dropout = -1.0  # -1: the encoder's hidden dropout (0.1).
+    config.eval_every_steps = 0  # 0: evaluate after every epoch only.
+    config.early_stopping_patience = 0  # Evaluations without improvement; 0: never stop.
+    config.log_every = 50
+
+    # Numerics of this run (the encoder's sizes come from init_from).
+    config.model = ml_collections.ConfigDict()
+    config.model.dtype = "float32"
+    config.model.param_dtype = "float32"
+    config.model.remat = False
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    return config

@@ -1,0 +1,318 @@
+"""GLUE: readers of every task's layout, packing, official metrics against scikit-learn/scipy,
+a learning test, and finetune.py end to end on all tasks."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import glue_data
+import numpy as np
+import pytest
+import scipy.stats
+import tensorflow_datasets as tfds
+from sklearn import metrics as skm
+
+from bert_jax import convert, glue, models, sharding
+from bert_jax.tokenization import WordPieceTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import finetune  # noqa: E402
+from configs import glue as glue_config  # noqa: E402
+
+
+def _tiny_model(tmp_path, hidden=32, layers=2) -> str:
+    """A randomly initialised bert_jax encoder saved as a workdir (what init_from reads)."""
+    config = models.BertConfig(
+        vocab_size=len(glue_data.VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
+    params = models.split_params(models.create_model(config, 0, models.BertModel))[1]
+    tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    out = str(tmp_path / "model")
+    convert.write_run(out, config, "BertModel", 2, params, tokenizer)
+    return out
+
+
+def _cfg(**kw) -> finetune.FinetuneConfig:
+    base = dict(
+        init_from="",
+        tasks=("sst2",),
+        source="tsv",
+        data_dir="",
+        tfds_data_dir="",
+        max_seq_length=16,
+        max_train_examples=0,
+        batch_size=8,
+        eval_batch_size=16,
+        num_epochs=1.0,
+        learning_rates=(1e-3,),
+        seeds=(0,),
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        classifier_dropout=-1.0,
+        eval_every_steps=0,
+        early_stopping_patience=0,
+        log_every=10,
+        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
+        mesh=sharding.MeshConfig(data=-1),
+    )
+    return finetune.FinetuneConfig(**{**base, **kw})
+
+
+def test_every_task_reads_its_layout(tmp_path):
+    glue_data.write_glue(tmp_path, n=12)
+    for task in glue.TASKS.values():
+        folder = tmp_path / task.folder
+        for split in task.splits:
+            examples = glue.read_tsv(task, split, str(folder))
+            assert len(examples) > 0, (task.name, split.name)
+            assert (examples.text_b is None) == (task.text_b is None)
+            assert all("w" in t for t in examples.text_a)
+            if split.labelled:
+                # The labels follow the text: "good" (or MNLI's "good"/"yes"/"bad") decides.
+                for text, label in zip(examples.text_a, examples.labels, strict=True):
+                    if task.is_regression:
+                        assert label == (4.5 if "good" in text.split() else 0.5)
+                    elif task.name == "mnli":
+                        key = next(w for w in ("good", "yes", "bad") if w in text.split())
+                        gold = {"good": "entailment", "yes": "neutral", "bad": "contradiction"}
+                        assert task.labels[label] == gold[key]
+                    else:
+                        positive = "good" in text.split()
+                        positive_label = {"qnli": "entailment", "rte": "entailment"}.get(
+                            task.name, "1"
+                        )
+                        assert (task.labels[label] == positive_label) == positive
+            else:
+                assert examples.labels is None
+                assert examples.index == [str(i) for i in range(len(examples))]
+    # MRPC's second sentence starts with an unbalanced quote: fields are split on tabs only.
+    mrpc = glue.read_tsv(glue.TASKS["mrpc"], glue.TASKS["mrpc"].split("dev"), tmp_path / "MRPC")
+    assert all(t.startswith('"') for t in mrpc.text_b)
+    ax = glue.read_tsv(glue.TASKS["mnli"], glue.AX, str(tmp_path / "diagnostic"))
+    assert len(ax) == 4 and ax.text_b is not None
+
+
+def test_pair_packing_truncates_like_the_original(tmp_path):
+    tok = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    w = {t: i for i, t in enumerate(glue_data.VOCAB)}
+    examples = glue.Examples(
+        ["w1 w2 w3 w4 w5", "w1 w2 w3 w4", "good"],
+        ["w6 w7 w8", "w6 w7 w8 w9", "bad"],
+        None,
+        ["0", "1", "2"],
+    )
+    f = glue.encode(examples, tok, 9)
+    cls, sep = tok.cls_id, tok.sep_id
+    # Budget 6: (5, 3) -> pop the longer twice -> (3, 3); (4, 4) -> pop b on the tie, then a.
+    assert f["input_ids"][0].tolist() == [
+        cls,
+        w["w1"],
+        w["w2"],
+        w["w3"],
+        sep,
+        w["w6"],
+        w["w7"],
+        w["w8"],
+        sep,
+    ]
+    assert f["input_ids"][1].tolist() == [
+        cls,
+        w["w1"],
+        w["w2"],
+        w["w3"],
+        sep,
+        w["w6"],
+        w["w7"],
+        w["w8"],
+        sep,
+    ]
+    assert f["segment_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert f["input_ids"][2].tolist()[:5] == [cls, w["good"], sep, w["bad"], sep]
+    assert f["input_mask"][2].tolist() == [1] * 5 + [0] * 4
+    single = glue.encode(
+        glue.Examples(["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"], None, None, ["0"]), tok, 6
+    )
+    assert single["input_ids"][0].tolist() == [cls, w["w1"], w["w2"], w["w3"], w["w4"], sep]
+
+
+def test_metrics_match_scikit_learn_and_scipy():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.where(rng.random(200) < 0.8, y, 1 - y)
+    cola = glue.compute_metrics(glue.TASKS["cola"], p, y)
+    assert cola["mcc"] == pytest.approx(skm.matthews_corrcoef(y, p), abs=1e-12)
+    # Matthews from its definition on the confusion matrix, independently of scikit-learn.
+    tp, tn = np.sum((p == 1) & (y == 1)), np.sum((p == 0) & (y == 0))
+    fp, fn = np.sum((p == 1) & (y == 0)), np.sum((p == 0) & (y == 1))
+    mcc = (tp * tn - fp * fn) / np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    assert cola["mcc"] == pytest.approx(mcc, abs=1e-12)
+    mrpc = glue.compute_metrics(glue.TASKS["mrpc"], p, y)
+    assert mrpc["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-12)
+    assert mrpc["accuracy"] == pytest.approx(np.mean(p == y), abs=1e-12)
+    assert mrpc["score"] == pytest.approx((mrpc["f1"] + mrpc["accuracy"]) / 2)
+    scores = rng.uniform(0, 5, 100)
+    preds = scores + rng.normal(0, 1, 100)
+    stsb = glue.compute_metrics(glue.TASKS["stsb"], preds, scores)
+    assert stsb["pearson"] == pytest.approx(scipy.stats.pearsonr(scores, preds)[0], abs=1e-12)
+    assert stsb["spearman"] == pytest.approx(scipy.stats.spearmanr(scores, preds)[0], abs=1e-12)
+    three = rng.integers(0, 3, 50)
+    assert glue.compute_metrics(glue.TASKS["mnli"], three, three)["accuracy"] == 1.0
+    # Edge cases: one class only (MCC undefined: 0, as scikit-learn), constant predictions
+    # (scipy gives NaN; the GLUE score here is 0 so that model selection still works).
+    ones = np.ones(20, int)
+    assert glue.compute_metrics(glue.TASKS["cola"], ones, y[:20])["mcc"] == 0.0
+    assert skm.matthews_corrcoef(y[:20], ones) == 0.0
+    constant = np.full(100, 2.5)
+    with pytest.warns(scipy.stats.ConstantInputWarning):
+        assert np.isnan(scipy.stats.pearsonr(scores, constant)[0])
+    edge = glue.compute_metrics(glue.TASKS["stsb"], constant, scores)
+    assert edge["pearson"] == 0.0 and edge["spearman"] == 0.0
+    assert glue.compute_metrics(glue.TASKS["mrpc"], np.zeros(10, int), y[:10])["f1"] == 0.0
+
+
+def test_tfds_glue_through_data_source():
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        for task in glue.TASKS.values():
+            for split in task.splits:
+                examples = glue.read_tfds(task, split, None)
+                assert len(examples) == 6 and (examples.text_b is None) == (task.text_b is None)
+                if split.labelled:
+                    assert examples.labels.shape == (6,)
+                    if not task.is_regression:
+                        assert set(examples.labels.tolist()) <= set(range(task.num_labels))
+        assert len(glue.read_tfds(glue.TASKS["mnli"], glue.AX, None)) == 6
+    with pytest.raises(FileNotFoundError, match=r"tfds build glue/rte --file_format=array_record"):
+        glue.read_tfds(glue.TASKS["rte"], glue.TASKS["rte"].split("train"), "/nonexistent")
+
+
+def test_fine_tuning_learns_a_task_determined_by_the_text(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [[glue_data.sentence(rng, "good" if i % 2 else "bad"), str(i % 2)] for i in range(600)]
+    glue_data.write_tsv(tmp_path / "glue/SST-2/train.tsv", ["sentence", "label"], rows[:480])
+    glue_data.write_tsv(tmp_path / "glue/SST-2/dev.tsv", ["sentence", "label"], rows[480:])
+    glue_data.write_tsv(
+        tmp_path / "glue/SST-2/test.tsv",
+        ["index", "sentence"],
+        [["0", "w1 good w2"], ["1", "w3 bad"]],
+    )
+    cfg = _cfg(
+        init_from=_tiny_model(tmp_path, hidden=64),
+        data_dir=str(tmp_path / "glue"),
+        num_epochs=3.0,
+        batch_size=16,
+        learning_rates=(5e-4,),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    result = finetune.finetune_task(cfg, "sst2", mesh, str(tmp_path / "work"))
+    (run,) = result["runs"]
+    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
+    lines = open(run["predictions"]["test"]).read().splitlines()
+    assert lines == ["index\tprediction", "0\t1", "1\t0"]
+
+
+@pytest.mark.slow
+def test_finetune_runs_every_task_and_writes_submissions(tmp_path):
+    test_rows = glue_data.write_glue(tmp_path / "glue", n=16)
+    model = _tiny_model(tmp_path)
+    workdir = tmp_path / "work"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "finetune.py"),
+            f"--workdir={workdir}",
+            f"--config.init_from={model}",
+            f"--config.data_dir={tmp_path / 'glue'}",
+            "--config.max_seq_length=16",
+            "--config.batch_size=8",
+            "--config.eval_batch_size=8",
+            "--config.num_epochs=1",
+            "--config.seeds=0,1",
+            "--config.learning_rates=1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    submission = workdir / "submission"
+    assert sorted(os.listdir(submission)) == sorted(test_rows)
+    for name, rows in test_rows.items():
+        with open(submission / name) as f:
+            table = list(csv.reader(f, delimiter="\t"))
+        assert table[0] == ["index", "prediction"] and len(table) == rows + 1, name
+        assert [r[0] for r in table[1:]] == [str(i) for i in range(rows)]
+        values = {r[1] for r in table[1:]}
+        if name == "STS-B.tsv":
+            assert all(0.0 <= float(v) <= 5.0 for v in values)
+        else:
+            task = (
+                next(t for t in glue.TASKS.values() if name in [s.submission for s in t.splits])
+                if name != "AX.tsv"
+                else glue.TASKS["mnli"]
+            )
+            assert values <= set(task.labels), name
+    results = json.load(open(workdir / "results.json"))
+    assert sorted(results["tasks"]) == sorted(glue.TASKS)
+    cola = results["tasks"]["cola"]["by_learning_rate"]["0.001"]["dev/mcc"]
+    assert cola["n"] == 2 and len(cola["values"]) == 2
+    assert cola["median"] == pytest.approx(np.median(cola["values"]))
+    assert cola["std"] == pytest.approx(np.std(cola["values"], ddof=1))
+    mnli = results["tasks"]["mnli"]["by_learning_rate"]["0.001"]
+    assert "dev_matched/accuracy" in mnli and "dev_mismatched/accuracy" in mnli
+    assert "| mnli | accuracy (dev_mismatched) |" in open(workdir / "results.md").read()
+    # The best checkpoint of a run is a model: it exports to Hugging Face.
+    run_dir = results["tasks"]["rte"]["submission_run"]
+    out = tmp_path / "rte_hf"
+    subprocess.run(
+        [sys.executable, "-m", "bert_jax.convert", "export-hf", run_dir, str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    assert json.load(open(out / "config.json"))["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    assert os.path.isdir(os.path.join(run_dir, "tensorboard"))
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    glue_data.write_glue(tmp_path / "glue", n=6)
+    sst2 = glue.TASKS["sst2"]
+    with pytest.raises(ValueError, match="unknown GLUE task 'sst3'"):
+        glue.get_task("sst3")
+    with pytest.raises(FileNotFoundError, match=r"nowhere/SST-2/train.tsv does not exist"):
+        glue.read_tsv(sst2, sst2.split("train"), str(tmp_path / "nowhere" / "SST-2"))
+    path = tmp_path / "glue/SST-2/train.tsv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + [lines[3] + "\textra"] + lines[4:]) + "\n")
+    with pytest.raises(ValueError, match=r"train.tsv:4: 3 tab-separated columns where the header"):
+        glue.read_tsv(sst2, sst2.split("train"), str(tmp_path / "glue/SST-2"))
+    rte = glue.TASKS["rte"]
+    path = tmp_path / "glue/RTE/dev.tsv"
+    path.write_text(path.read_text().replace("not_entailment", "contradiction", 1))
+    with pytest.raises(ValueError, match=r"dev.tsv:\d+: unknown label 'contradiction' for rte"):
+        glue.read_tsv(rte, rte.split("dev"), str(tmp_path / "glue/RTE"))
+    config = glue_config.get_config()
+    config.init_from = "hf:/somewhere"
+    config.data_dir = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="pass --config.data_dir=<folder"):
+        finetune.parse_config(config)
+    config.data_dir, config.tasks = str(tmp_path / "glue"), "cola,sts"
+    with pytest.raises(ValueError, match="unknown GLUE task 'sts'"):
+        finetune.parse_config(config)
+    config.init_from = ""
+    with pytest.raises(ValueError, match="--config.init_from is required"):
+        finetune.parse_config(config)
