@@ -19,6 +19,12 @@ from flax import nnx, struct
 from bert_jax import axes, layers
 
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
+_SHARING = ("none", "all", "attention", "ffn")
+# The TransformerLayer attributes each partial sharing mode shares across layers.
+_SHARED_PARTS = {
+    "attention": ("attention", "attention_layer_norm"),
+    "ffn": ("intermediate", "output", "output_layer_norm"),
+}
 _DTYPES = ("float32", "bfloat16", "float16")
 
 Params = dict[str, Any]
@@ -43,6 +49,14 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+    # ALBERT: factorized embeddings of size E (0: the hidden size, as BERT) and cross-layer
+    # sharing of all weights, attention only or feed-forward only; with "all", released
+    # checkpoints' layer groups (layer i uses group i * groups // layers, and each group
+    # applies `inner_group_num` layers of its own).
+    embedding_size: int = 0
+    share_layers: str = "none"
+    num_hidden_groups: int = 1
+    inner_group_num: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
@@ -78,6 +92,51 @@ class BertConfig:
                 raise ValueError(f"BertConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES}")
         if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
             raise ValueError("BertConfig.initializer_range and layer_norm_eps must be positive")
+        self._check_albert()
+
+    def _check_albert(self) -> None:
+        if not isinstance(self.embedding_size, int) or self.embedding_size < 0:
+            raise ValueError(f"BertConfig.embedding_size must be >= 0, got {self.embedding_size!r}")
+        if self.embedding_size > self.hidden_size:
+            raise ValueError(
+                f"BertConfig.embedding_size={self.embedding_size} is larger than hidden_size="
+                f"{self.hidden_size}: factorized embeddings are meant to be smaller (ALBERT uses "
+                f"128); use embedding_size <= hidden_size, or 0 for BERT's unfactorized table"
+            )
+        if self.share_layers not in _SHARING:
+            raise ValueError(
+                f"BertConfig.share_layers={self.share_layers!r}; use one of {_SHARING}"
+            )
+        groups, inner = self.num_hidden_groups, self.inner_group_num
+        if groups < 1 or inner < 1 or self.num_hidden_layers % groups:
+            raise ValueError(
+                f"BertConfig.num_hidden_groups={groups} must be positive and divide "
+                f"num_hidden_layers={self.num_hidden_layers} (inner_group_num={inner} >= 1)"
+            )
+        if (groups > 1 or inner > 1) and self.share_layers != "all":
+            raise ValueError(
+                "layer groups (num_hidden_groups or inner_group_num > 1) are ALBERT's sharing "
+                "scheme: set share_layers='all'"
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        """E: the width of the embedding tables (the hidden size unless factorized)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def num_weight_sets(self) -> int:
+        """Distinct sets of layer weights: L for BERT, groups x inner layers for ALBERT."""
+        if self.share_layers == "all":
+            return self.num_hidden_groups * self.inner_group_num
+        return self.num_hidden_layers
+
+    def layer_schedule(self) -> list[int]:
+        """The weight set each applied layer uses, in order (L x inner_group_num entries)."""
+        if self.share_layers != "all":
+            return list(range(self.num_hidden_layers))
+        g, k, n = self.num_hidden_groups, self.inner_group_num, self.num_hidden_layers
+        return [(i * g // n) * k + j for i in range(n) for j in range(k)]
 
     @property
     def head_dim(self) -> int:
@@ -114,6 +173,27 @@ _NAMED = {
         hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
     ),
 }
+_ALBERT = dict(
+    vocab_size=30000,
+    embedding_size=128,
+    share_layers="all",
+    hidden_act="gelu_new",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+for _name, (_layers, _hidden) in {
+    "albert_base": (12, 768),
+    "albert_large": (24, 1024),
+    "albert_xlarge": (24, 2048),
+    "albert_xxlarge": (12, 4096),
+}.items():
+    _NAMED[_name] = BertConfig(
+        num_hidden_layers=_layers,
+        hidden_size=_hidden,
+        num_attention_heads=_hidden // 64,
+        intermediate_size=4 * _hidden,
+        **_ALBERT,
+    )
 _SMALL_LAYERS = (2, 4, 6, 8, 10, 12)
 _SMALL_HIDDEN = (128, 256, 512, 768)
 
@@ -148,7 +228,7 @@ class BertEmbeddings(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
-        d = config.hidden_size
+        d = config.embed_dim
         self.word_embeddings = layers.Embed(
             config.vocab_size, d, table_axes=(axes.VOCAB, axes.EMBED), **kw
         )
@@ -175,7 +255,13 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-    """`num_hidden_layers` Transformer layers with stacked weights, run by `jax.lax.scan`."""
+    """The Transformer layers with stacked weights, run by `jax.lax.scan`.
+
+    Weights carry a leading axis of the distinct sets: L for BERT; 1 for what ALBERT shares
+    (all weights, or attention / feed-forward only), or groups x inner layers for ALBERT's
+    layer groups. Shared weights are read from the closure at every step of the scan, so
+    compile time and parameter memory do not grow with depth (activations still do).
+    """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         def make_layer(key: jax.Array) -> layers.TransformerLayer:
@@ -192,12 +278,30 @@ class BertEncoder(nnx.Module):
                 **_layer_kwargs(config),
             )
 
-        keys = jax.random.split(rngs.params(), config.num_hidden_layers)
+        keys = jax.random.split(rngs.params(), config.num_weight_sets)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
         stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+        self.shared_parts = _SHARED_PARTS.get(config.share_layers, ())
+        for name in self.shared_parts:  # one copy of the shared sublayers, for every layer
+            for var in _variables(stacked[name]):
+                var.set_value(var.get_value()[:1])
         for var in _variables(stacked):
             var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
         self.layer = nnx.merge(graphdef, stacked)
+        self.embedding_projection = (
+            layers.Dense(
+                config.embed_dim,
+                config.hidden_size,
+                kernel_axes=(None, axes.EMBED),
+                init_std=config.initializer_range,
+                rngs=rngs,
+                **_layer_kwargs(config),
+            )
+            if config.embed_dim != config.hidden_size
+            else None
+        )
+        self.share_all = config.share_layers == "all"
+        self.schedule = tuple(config.layer_schedule())
         self.remat = config.remat
 
     def __call__(
@@ -210,14 +314,26 @@ class BertEncoder(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-        """x: [B, L, D] -> (last [B, L, D], every layer's [N, B, L, D], probs [N, B, H, L, L])."""
+        """x: [B, L, E] -> (last [B, L, D], every layer's [N, B, L, D], probs [N, B, H, L, L]);
+        also returns the input as projected to D."""
+        if self.embedding_projection is not None:
+            x = self.embedding_projection(x)
         graphdef, stacked = nnx.split(self.layer)
-        n_layers = jax.tree.leaves(stacked)[0].shape[0]
-        keys = None if rng is None else jax.random.split(rng, n_layers)
+        weights = nnx.to_pure_dict(stacked)
+        steps = len(self.schedule)
+        keys = None if rng is None else jax.random.split(rng, steps)
+        if self.share_all:  # every set is read from the closure, by index for groups
+            scanned, fixed = {}, weights
+            index = jnp.asarray(self.schedule, jnp.int32) if max(self.schedule) else None
+        else:
+            scanned = {k: v for k, v in weights.items() if k not in self.shared_parts}
+            fixed = {k: v for k, v in weights.items() if k in self.shared_parts}
+            index = None
 
         def body(h, xs):
-            layer_state, key = xs
-            layer = nnx.merge(graphdef, layer_state)
+            per_layer, key, i = xs
+            own = jax.tree.map(lambda w: w[0] if i is None else w[i], fixed)
+            layer = nnx.merge(graphdef, {**per_layer, **own})
             h, probs = layer(
                 h, mask, rng=key, deterministic=deterministic, return_probs=output_attentions
             )
@@ -225,8 +341,8 @@ class BertEncoder(nnx.Module):
 
         if self.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, (hidden, probs) = jax.lax.scan(body, x, (stacked, keys))
-        return x, hidden, probs
+        out, (hidden, probs) = jax.lax.scan(body, x, (scanned, keys, index), length=steps)
+        return out, hidden, probs, x
 
 
 class BertModel(nnx.Module):
@@ -271,7 +387,7 @@ class BertModel(nnx.Module):
         check_input_shapes(self.config, input_ids, input_mask, segment_ids)
         emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
         x = self.embeddings(input_ids, segment_ids, rng=emb_key, deterministic=deterministic)
-        seq, hidden, probs = self.encoder(
+        seq, hidden, probs, x = self.encoder(
             x,
             input_mask.astype(bool),
             rng=enc_key,
@@ -292,11 +408,13 @@ class _MaskedLMModel(nnx.Module):
 
     def _init_encoder_and_mlm(self, config: BertConfig, rngs: nnx.Rngs, add_pooling_layer: bool):
         kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
-        d = config.hidden_size
+        d, e = config.hidden_size, config.embed_dim
         self.bert = BertModel(config, rngs=rngs, add_pooling_layer=add_pooling_layer)
-        self.transform = layers.Dense(d, d, kernel_axes=(axes.EMBED, axes.MLP), **kw)
+        # ALBERT maps to the factorized size E, where the tied decoder lives.
+        out_axis = axes.MLP if e == d else None
+        self.transform = layers.Dense(d, e, kernel_axes=(axes.EMBED, out_axis), **kw)
         self.transform_layer_norm = layers.LayerNorm(
-            d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
+            e, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
         )
         self.output_bias = layers.param(
             jnp.zeros((config.vocab_size,), jnp.dtype(config.param_dtype)), (axes.VOCAB,)

@@ -78,3 +78,51 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.train.keep_every = 100_000  # Keep these steps for good (0: none).
     config.train.max_bad_steps = 10  # Consecutive non-finite steps before rolling back.
     return config
+
+
+def get_albert_config(size: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """ALBERT's recipe (Lan et al., 2019): SentencePiece, n-gram masking up to 3, sentence-order
+    prediction, LAMB at 0.00176 for batch 4096 and 125k steps, no dropout.
+
+    `arg` is a comma-separated list of: `bf16` (bfloat16 compute) and `tiny`: the same model
+    family shrunk for a CPU (4 shared layers of 128, E = 64, vocabulary 8192, 1,000 steps at
+    batch 32 on the default corpus).
+    """
+    args = set((arg or "").split(","))
+    config = get_config(size)
+    config.data.tokenizer = "sentencepiece"
+    config.data.vocab_size = config.model.vocab_size
+    config.data.ngram_max = 3
+    config.data.next_sentence = "sop"
+    config.data.max_seq_length = 512
+    config.optim.name = "lamb"
+    config.optim.learning_rate = 0.00176
+    config.optim.warmup_steps = 3125
+    config.train.batch_size = 4096
+    config.train.num_steps = 125_000
+    if "bf16" in args:
+        config.model.dtype = "bfloat16"
+    if "tiny" in args:
+        config.model.update(
+            vocab_size=8192,
+            embedding_size=64,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=512,
+        )
+        config.data.vocab_size = 8192
+        config.data.max_seq_length = 128
+        config.data.dupe_factor = 5
+        config.optim.name = "adamw"
+        config.optim.learning_rate = 2e-3
+        config.optim.warmup_steps = 100
+        config.train.update(
+            batch_size=32,
+            num_steps=1000,
+            log_every=20,
+            eval_every=250,
+            eval_batches=10,
+            checkpoint_every=250,
+        )
+    return config

@@ -27,10 +27,11 @@ def write_corpus(tmp_path):
     return path
 
 
-def train_args(tmp_path, workdir, steps, *extra):
+def train_args(tmp_path, workdir, steps, *extra, config=None):
     return [
         sys.executable,
         os.path.join(ROOT, "train.py"),
+        *([f"--config={os.path.join(ROOT, config)}"] if config else []),
         f"--workdir={workdir}",
         f"--config.data.corpus={write_corpus(tmp_path)}",
         f"--config.data.cache_dir={tmp_path / 'cache'}",
@@ -55,9 +56,9 @@ def train_env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True):
+def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True, config=None):
     proc = subprocess.run(
-        train_args(tmp_path, workdir, steps, *extra),
+        train_args(tmp_path, workdir, steps, *extra, config=config),
         capture_output=True,
         text=True,
         env=train_env(devices),

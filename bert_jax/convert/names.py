@@ -91,32 +91,100 @@ _RENAMES: tuple[tuple[str, str, _Transform], ...] = (
     ("classifier/kernel", "classifier.weight", _LINEAR),
     ("classifier/bias", "classifier.bias", _SAME),
 )
-# Tensors a Hugging Face checkpoint may hold that are copies of others or buffers.
-_ALIASES = re.compile(r"(bert\.)?embeddings\.position_ids|cls\.predictions\.decoder\.(weight|bias)")
-
-ARCHITECTURES = (
-    "BertModel",
-    "BertForPreTraining",
-    "BertForMaskedLM",
-    "BertForSequenceClassification",
+_ALAYER = "albert.encoder.albert_layer_groups.{g}.albert_layers.{k}."
+# ALBERT's names; `{g}.{k}` marks a tensor of weight set g * inner_group_num + k (one set when
+# all layers share their weights).
+_ALBERT_RENAMES: tuple[tuple[str, str, _Transform], ...] = (
+    *(
+        (f"bert/embeddings/{n}/embedding", f"albert.embeddings.{n}.weight", _SAME)
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ),
+    ("bert/embeddings/layer_norm/scale", "albert.embeddings.LayerNorm.weight", _SAME),
+    ("bert/embeddings/layer_norm/bias", "albert.embeddings.LayerNorm.bias", _SAME),
+    (
+        "bert/encoder/embedding_projection/kernel",
+        "albert.encoder.embedding_hidden_mapping_in.weight",
+        _LINEAR,
+    ),
+    (
+        "bert/encoder/embedding_projection/bias",
+        "albert.encoder.embedding_hidden_mapping_in.bias",
+        _SAME,
+    ),
+    *(
+        (f"bert/encoder/layer/attention/{n}/kernel", f"{_ALAYER}attention.{n}.weight", _QKV_KERNEL)
+        for n in ("query", "key", "value")
+    ),
+    *(
+        (f"bert/encoder/layer/attention/{n}/bias", f"{_ALAYER}attention.{n}.bias", _QKV_BIAS)
+        for n in ("query", "key", "value")
+    ),
+    (
+        "bert/encoder/layer/attention/output/kernel",
+        f"{_ALAYER}attention.dense.weight",
+        _ATTN_OUT_KERNEL,
+    ),
+    ("bert/encoder/layer/attention/output/bias", f"{_ALAYER}attention.dense.bias", _SAME),
+    (
+        "bert/encoder/layer/attention_layer_norm/scale",
+        f"{_ALAYER}attention.LayerNorm.weight",
+        _SAME,
+    ),
+    ("bert/encoder/layer/attention_layer_norm/bias", f"{_ALAYER}attention.LayerNorm.bias", _SAME),
+    ("bert/encoder/layer/intermediate/kernel", f"{_ALAYER}ffn.weight", _LINEAR),
+    ("bert/encoder/layer/intermediate/bias", f"{_ALAYER}ffn.bias", _SAME),
+    ("bert/encoder/layer/output/kernel", f"{_ALAYER}ffn_output.weight", _LINEAR),
+    ("bert/encoder/layer/output/bias", f"{_ALAYER}ffn_output.bias", _SAME),
+    ("bert/encoder/layer/output_layer_norm/scale", f"{_ALAYER}full_layer_layer_norm.weight", _SAME),
+    ("bert/encoder/layer/output_layer_norm/bias", f"{_ALAYER}full_layer_layer_norm.bias", _SAME),
+    ("bert/pooler/kernel", "albert.pooler.weight", _LINEAR),
+    ("bert/pooler/bias", "albert.pooler.bias", _SAME),
+    ("transform/kernel", "predictions.dense.weight", _LINEAR),
+    ("transform/bias", "predictions.dense.bias", _SAME),
+    ("transform_layer_norm/scale", "predictions.LayerNorm.weight", _SAME),
+    ("transform_layer_norm/bias", "predictions.LayerNorm.bias", _SAME),
+    ("output_bias", "predictions.bias", _SAME),
+    ("seq_relationship/kernel", "sop_classifier.classifier.weight", _LINEAR),
+    ("seq_relationship/bias", "sop_classifier.classifier.bias", _SAME),
+    ("classifier/kernel", "classifier.weight", _LINEAR),
+    ("classifier/bias", "classifier.bias", _SAME),
 )
+# Tensors a Hugging Face checkpoint may hold that are copies of others or buffers.
+_ALIASES = re.compile(
+    r"(bert\.|albert\.)?embeddings\.position_ids|(cls\.)?predictions\.decoder\.(weight|bias)"
+)
+
+_HEADS = ("Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification")
+ARCHITECTURES = tuple(f"{family}{head}" for family in ("Bert", "Albert") for head in _HEADS)
 
 
 def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:
-    """The bert_jax model for a Hugging Face architecture name."""
-    table = {
-        "BertModel": models.BertModel,
-        "BertForPreTraining": models.BertForPreTraining,
-        "BertForMaskedLM": models.BertForMaskedLM,
-        "BertForSequenceClassification": functools.partial(
-            models.BertForSequenceClassification, num_labels=num_labels
-        ),
-    }
-    if architecture not in table:
+    """The bert_jax model for a Hugging Face architecture name (BERT's or ALBERT's)."""
+    if architecture not in ARCHITECTURES:
         raise ValueError(
             f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}"
         )
-    return table[architecture]
+    head = architecture.removeprefix("Albert").removeprefix("Bert")
+    if head == "ForSequenceClassification":
+        return functools.partial(models.BertForSequenceClassification, num_labels=num_labels)
+    return getattr(models, "Bert" + head)
+
+
+def family(config: BertConfig) -> str:
+    """Which Hugging Face layout holds a config: "albert" when all layers share weights."""
+    if config.share_layers == "all":
+        return "albert"
+    if config.share_layers != "none" or config.embedding_size not in (0, config.hidden_size):
+        raise ValueError(
+            f"share_layers={config.share_layers!r} with embedding_size={config.embedding_size} "
+            f"has no Hugging Face layout (BERT: no sharing, no factorized embeddings; ALBERT: "
+            f"share_layers='all')"
+        )
+    return "bert"
+
+
+def _table(config: BertConfig) -> tuple[tuple[tuple[str, str, _Transform], ...], str]:
+    return (_ALBERT_RENAMES, "albert.") if family(config) == "albert" else (_RENAMES, "bert.")
 
 
 @dataclasses.dataclass
@@ -156,12 +224,13 @@ def params_from_hf(
     Raises:
       ValueError naming a tensor whose shape does not fit the config.
     """
-    names = {_normalize_hf_name(k): k for k in state_dict}
+    table, prefix = _table(config)
+    names = {_normalize_hf_name(k, prefix): k for k in state_dict}
     expected = abstract_params(config, architecture, num_labels)
     bare = "bert" not in expected  # BertModel's own params have no `bert/` level
     params: Params = {}
     report, used = Report(), set()
-    for path, hf_name, transform in _RENAMES:
+    for path, hf_name, transform in table:
         ours = path.removeprefix("bert/") if bare else path
         want = get_path(expected, ours)
         if want is None:
@@ -173,7 +242,7 @@ def params_from_hf(
         values = [
             transform.to_jax(np.asarray(state_dict[names[n]], np.float32), config) for n in hf_names
         ]
-        value = np.stack(values) if "{i}" in hf_name else values[0]
+        value = np.stack(values) if _stacked(hf_name) else values[0]
         if value.shape != tuple(want.shape):
             raise ValueError(
                 f"tensor {names[hf_names[0]]} has shape {np.shape(state_dict[names[hf_names[0]]])}"
@@ -194,17 +263,18 @@ def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:
     A bare encoder (`BertModel`) gets names without the `bert.` prefix, as `save_pretrained`
     writes them.
     """
+    table, prefix = _table(config)
     bare = "bert" not in params
     out = {}
-    for path, hf_name, transform in _RENAMES:
+    for path, hf_name, transform in table:
         value = get_path(params, path.removeprefix("bert/") if bare else path)
         if value is None:
             continue
         value = np.asarray(jax.device_get(value), np.float32)
         hf_names = _expand(hf_name, config)
-        parts = list(value) if "{i}" in hf_name else [value]
+        parts = list(value) if _stacked(hf_name) else [value]
         for name, part in zip(hf_names, parts, strict=True):
-            key = name.removeprefix("bert.") if bare else name
+            key = name.removeprefix(prefix) if bare else name
             out[key] = np.ascontiguousarray(transform.to_hf(part, config))
     return out
 
@@ -216,11 +286,13 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
       ValueError naming `source` for another model type or an unsupported BERT variant.
     """
     model_type = hf.get("model_type", "bert")
-    if model_type != "bert":
+    if model_type not in ("bert", "albert"):
         raise ValueError(
-            f"{source} describes a {model_type!r} model, not BERT (model_type 'bert'); "
-            f"bert_jax imports BERT checkpoints"
+            f"{source} describes a {model_type!r} model, not BERT or ALBERT (model_type "
+            f"'bert' or 'albert'); bert_jax imports those checkpoints"
         )
+    if model_type == "albert":
+        overrides = {"share_layers": "all", **overrides}
     if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
         raise ValueError(
             f"{source}: only the original BERT encoder (absolute positions, not a decoder) is "
@@ -229,7 +301,12 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
     act = {"gelu_python": "gelu", "gelu_pytorch_tanh": "gelu_new"}.get(
         hf.get("hidden_act", "gelu"), hf.get("hidden_act", "gelu")
     )
-    fields = {f.name for f in dataclasses.fields(BertConfig)} - {"dtype", "param_dtype", "remat"}
+    fields = {f.name for f in dataclasses.fields(BertConfig)} - {
+        "dtype",
+        "param_dtype",
+        "remat",
+        "share_layers",
+    }
     values = {k: hf[k] for k in fields if k in hf}
     try:
         return BertConfig(**{**values, "hidden_act": act, **overrides})
@@ -239,19 +316,21 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
 
 def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> dict:
     """The `config.json` that `transformers` reads for `architecture`."""
-    hf = {
-        k: v
-        for k, v in dataclasses.asdict(config).items()
-        if k not in ("dtype", "param_dtype", "remat")
-    }
+    albert = family(config) == "albert"
+    skip = ("dtype", "param_dtype", "remat", "share_layers")
+    if not albert:
+        skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
+    hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    if albert:
+        hf["embedding_size"] = config.embed_dim
     hf.update(
-        model_type="bert",
+        model_type="albert" if albert else "bert",
         architectures=[architecture],
         position_embedding_type="absolute",
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-    if architecture == "BertForSequenceClassification":
+    if architecture.endswith("ForSequenceClassification"):
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
         if num_labels == 1:
@@ -260,14 +339,17 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
 
 
 def infer_architecture(tensors: Mapping[str, Any]) -> str:
-    names = {_normalize_hf_name(k) for k in tensors}
-    if "cls.seq_relationship.weight" in names:
-        return "BertForPreTraining"
-    if "cls.predictions.bias" in names:
-        return "BertForMaskedLM"
+    """The architecture whose heads a checkpoint's tensor names show."""
+    names = set(tensors)
+    albert = any(n.startswith(("albert.", "predictions.", "sop_classifier.")) for n in names)
+    prefix = "Albert" if albert else "Bert"
+    if {"cls.seq_relationship.weight", "sop_classifier.classifier.weight"} & names:
+        return prefix + "ForPreTraining"
+    if {"cls.predictions.bias", "predictions.bias"} & names:
+        return prefix + "ForMaskedLM"
     if "classifier.weight" in names:
-        return "BertForSequenceClassification"
-    return "BertModel"
+        return prefix + "ForSequenceClassification"
+    return prefix + "Model"
 
 
 def tf_to_hf_name(name: str) -> str | None:
@@ -290,14 +372,15 @@ def tf_to_hf_name(name: str) -> str | None:
     return name.replace("/", ".")
 
 
-def architecture_of(params: Params) -> str:
+def architecture_of(params: Params, config: BertConfig) -> str:
+    prefix = "Albert" if family(config) == "albert" else "Bert"
     if "bert" not in params:
-        return "BertModel"
+        return prefix + "Model"
     if "classifier" in params:
-        return "BertForSequenceClassification"
+        return prefix + "ForSequenceClassification"
     if "seq_relationship" in params:
-        return "BertForPreTraining"
-    return "BertForMaskedLM"
+        return prefix + "ForPreTraining"
+    return prefix + "ForMaskedLM"
 
 
 def abstract_params(config: BertConfig, architecture: str, num_labels: int) -> Params:
@@ -306,18 +389,24 @@ def abstract_params(config: BertConfig, architecture: str, num_labels: int) -> P
     )[1]
 
 
-def _normalize_hf_name(name: str) -> str:
+def _normalize_hf_name(name: str, prefix: str = "bert.") -> str:
     name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
     name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
     if name.startswith(("embeddings.", "encoder.", "pooler.")):
-        name = "bert." + name
+        name = prefix + name
     return name
 
 
+def _stacked(hf_name: str) -> bool:
+    return "{i}" in hf_name or "{g}" in hf_name
+
+
 def _expand(hf_name: str, config: BertConfig) -> list[str]:
-    if "{i}" not in hf_name:
+    """The Hugging Face names of one bert_jax tensor: one per weight set when stacked."""
+    if not _stacked(hf_name):
         return [hf_name]
-    return [hf_name.format(i=i) for i in range(config.num_hidden_layers)]
+    k = config.inner_group_num
+    return [hf_name.format(i=s, g=s // k, k=s % k) for s in range(config.num_weight_sets)]
 
 
 def get_path(tree: Params, path: str):

@@ -74,7 +74,8 @@ def load_pretrained(
             else read_tf_checkpoint(path, **overrides)
         )
         params, report = params_from_hf(source.tensors, source.config, architecture, num_labels)
-        tokenizer = WordPieceTokenizer(source.vocab_file, do_lower_case=source.do_lower_case)
+        kind = "sentencepiece" if source.vocab_file.endswith(".model") else "wordpiece"
+        tokenizer = input_pipeline.load_tokenizer(kind, source.vocab_file, source.do_lower_case)
         check_vocab(tokenizer, source.config, source.description)
         shardings = _param_shardings(source.config, architecture, num_labels, mesh, rules)
         placed = sharding.place(params, _prune(shardings, params))
@@ -100,7 +101,7 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
         abstract_params(config, architecture, num_labels),
         shardings,
     )
-    src_bare, dst_bare = run["architecture"] == "BertModel", "bert" not in abstract
+    src_bare, dst_bare = run["architecture"].endswith("Model"), "bert" not in abstract
     enc_prefix = () if dst_bare else ("bert",)
     encoder = abstract if dst_bare else abstract["bert"]
     # (path in the target, path in the checkpoint or None when the source cannot have it)

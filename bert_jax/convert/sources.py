@@ -181,13 +181,13 @@ def _torch_tensors(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def _hf_vocab(path: str, scratch_dir: str) -> tuple[str, bool]:
-    """(vocab.txt path, do_lower_case) of a Hugging Face directory's BERT tokenizer."""
+    """(vocab.txt or spiece.model path, do_lower_case) of a Hugging Face directory."""
     settings_file = os.path.join(path, "tokenizer_config.json")
     settings = read_json(settings_file) if os.path.isfile(settings_file) else {}
     lower = bool(settings.get("do_lower_case", True))
-    vocab_file = os.path.join(path, "vocab.txt")
-    if os.path.isfile(vocab_file):
-        return vocab_file, lower
+    for name in ("vocab.txt", "spiece.model"):  # WordPiece (BERT), SentencePiece (ALBERT)
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name), lower
     tokenizer_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(
@@ -216,11 +216,9 @@ def export_hf(
     leaves no half-written model, and an existing non-empty `out` is refused."""
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    if not isinstance(tokenizer, WordPieceTokenizer):
-        raise ValueError("Hugging Face BERT export needs a WordPiece (vocab.txt) tokenizer")
     from safetensors.numpy import save_file
 
-    architecture = architecture_of(params)
+    architecture = architecture_of(params, config)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out)))
     try:
         save_file(
@@ -231,11 +229,13 @@ def export_hf(
         hf_config = config_to_hf(config, architecture, num_labels)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        shutil.copyfile(tokenizer.vocab_file, os.path.join(tmp, "vocab.txt"))
+        wordpiece = isinstance(tokenizer, WordPieceTokenizer)
+        vocab_name = "vocab.txt" if wordpiece else "spiece.model"
+        shutil.copyfile(tokenizer.vocab_file, os.path.join(tmp, vocab_name))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(
                 {
-                    "tokenizer_class": "BertTokenizer",
+                    "tokenizer_class": "BertTokenizer" if wordpiece else "AlbertTokenizer",
                     "do_lower_case": tokenizer.do_lower_case,
                     "model_max_length": config.max_position_embeddings,
                 },

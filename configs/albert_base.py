@@ -1,0 +1,15 @@
+"""ALBERT-Base: E = 128, 12 layers of 768 sharing one set of weights,
+12 heads, SentencePiece, n-gram masking and sentence-order prediction.
+
+    python train.py --config=configs/albert_base.py --workdir=gs://bucket/albert_base \
+        --config.data.corpus='/data/wiki/*.txt' --config.data.vocab_file=/data/spiece.model
+    python train.py --config=configs/albert_base.py:tiny    # the same family, CPU-sized
+
+Arguments: `bf16`, `tiny` (comma-separated); see `common.get_albert_config`.
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    return common.get_albert_config("albert_base", arg)

@@ -1,0 +1,308 @@
+"""ALBERT: factorized embeddings, cross-layer sharing and SOP, against `transformers`' ALBERT
+built from a config, and the parameter counts of the paper."""
+
+import json
+import os
+
+import cli
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from bert_jax import convert, models, sharding, tokenization
+
+SIZES = dict(
+    vocab_size=64,
+    embedding_size=16,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=24,
+)
+ARCHS = (
+    "AlbertModel",
+    "AlbertForPreTraining",
+    "AlbertForMaskedLM",
+    "AlbertForSequenceClassification",
+)
+
+
+def _spm(tmp_path) -> str:
+    words = [f"tok{i} word{i % 7} thing{i % 3}" for i in range(300)]
+    path = str(tmp_path / "spiece.model")
+    tokenization.train_sentencepiece(words, path, vocab_size=SIZES["vocab_size"])
+    return path
+
+
+def _hf_dir(tmp_path, architecture, groups=(1, 1)):
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(
+        **SIZES,
+        num_hidden_groups=groups[0],
+        inner_group_num=groups[1],
+        hidden_act="gelu_new",
+        # HF's SOP head is sized by num_labels too: 2 except for the classifier.
+        num_labels=3 if architecture.endswith("Classification") else 2,
+        attn_implementation="eager",
+    )
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / f"{architecture}_{groups[0]}_{groups[1]}"
+    model.save_pretrained(out)
+    os.replace(_spm(tmp_path), out / "spiece.model")
+    return str(out), model
+
+
+def _batch():
+    lengths = np.array([10, 6, 3])
+    ids = np.random.default_rng(0).integers(5, SIZES["vocab_size"], size=(3, 10))
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
+    segments = ((np.arange(10)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    positions = np.array([[1, 4, 9], [1, 2, 5], [1, 2, 0]], np.int32)
+    return (ids * mask).astype(np.int32), mask, segments, positions
+
+
+def _torch_outputs(model, architecture):
+    ids, mask, segments, positions = _batch()
+    inputs = dict(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(segments, dtype=torch.long),
+    )
+    with torch.no_grad():
+        base = model if architecture == "AlbertModel" else model.albert
+        enc = base(**inputs, output_hidden_states=True)
+        out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
+        if enc.pooler_output is not None:  # AlbertForMaskedLM has no pooler
+            out["pooled"] = enc.pooler_output.numpy()
+        if architecture != "AlbertModel":
+            head = model(**inputs)
+        if architecture == "AlbertForPreTraining":
+            out["mlm"] = np.take_along_axis(
+                head.prediction_logits.numpy(), positions[..., None], axis=1
+            )
+            out["sop"] = head.sop_logits.numpy()
+        elif architecture == "AlbertForMaskedLM":
+            out["mlm"] = head.logits.numpy()
+        elif architecture == "AlbertForSequenceClassification":
+            out["logits"] = head.logits.numpy()
+    return out
+
+
+def _jax_outputs(config, architecture, params):
+    ids, mask, segments, positions = _batch()
+    cls = convert.model_class(architecture, 3)
+    graphdef, _ = models.split_params(models.abstract_model(config, cls))
+    model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
+    kw = dict(output_hidden_states=True)
+    if architecture == "AlbertModel":
+        enc, out = model(ids, mask, segments, **kw), {}
+    elif architecture == "AlbertForPreTraining":
+        res = model(ids, mask, segments, positions, **kw)
+        enc, out = res.encoder, {"mlm": res.mlm_logits, "sop": res.nsp_logits}
+    elif architecture == "AlbertForMaskedLM":
+        logits, enc = model(ids, mask, segments, **kw)
+        out = {"mlm": logits}
+    else:
+        logits, enc = model(ids, mask, segments, **kw)
+        out = {"logits": logits}
+    out["hidden"] = enc.hidden_states
+    if enc.pooled_output is not None:
+        out["pooled"] = enc.pooled_output
+    return out
+
+
+def _assert_same(ours, ref):
+    assert sorted(ours) == sorted(ref)
+    for key in ref:
+        np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "architecture, groups",
+    [(a, (1, 1)) for a in ARCHS] + [("AlbertForPreTraining", (2, 2))],
+)
+def test_hugging_face_albert_round_trip(tmp_path, architecture, groups):
+    hf_dir, hf_model = _hf_dir(tmp_path, architecture, groups)
+    reference = _torch_outputs(hf_model, architecture)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    loaded = convert.load_pretrained(f"hf:{hf_dir}", architecture, mesh=mesh, num_labels=3)
+    assert loaded.report.missing == [] and loaded.report.unexpected == []
+    assert loaded.config.share_layers == "all" and loaded.config.embed_dim == 16
+    assert isinstance(loaded.tokenizer, tokenization.SentencePieceTokenizer)
+    _assert_same(_jax_outputs(loaded.config, architecture, loaded.params), reference)
+
+    exported = tmp_path / "exported"
+    assert (
+        convert.export_hf(
+            jax.device_get(loaded.params), loaded.config, loaded.tokenizer, str(exported), 3
+        )
+        == architecture
+    )
+    reloaded = getattr(transformers, architecture).from_pretrained(
+        exported, attn_implementation="eager"
+    )
+    _assert_same(_torch_outputs(reloaded.eval(), architecture), reference)
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    for name, value in load_file(str(exported / "model.safetensors")).items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "name, published",
+    [
+        ("albert_base", 12e6),
+        ("albert_large", 18e6),
+        ("albert_xlarge", 60e6),
+        ("albert_xxlarge", 235e6),
+    ],
+)
+def test_parameter_counts_match_the_paper(name, published):
+    config = models.BertConfig.named(name)
+    counted = models.count_params(config)
+    hf_config = transformers.AlbertConfig(
+        vocab_size=30000,
+        embedding_size=128,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+    )
+    with torch.device("meta"):
+        reference = transformers.AlbertModel(hf_config)
+    assert counted == sum(p.numel() for p in reference.parameters())
+    # The paper rounds to the million: base 11.7M -> 12M, large 17.7M -> 18M, xlarge
+    # 58.7M -> 60M (within 3.5%). Its xxlarge figure, 235M, is 5.6% above the exact 222.6M
+    # that the reference implementation counts too (the released model has 223M), so xxlarge
+    # is held to the reference count above and to 6% of the paper.
+    tolerance = 0.06 if name == "albert_xxlarge" else 0.035
+    assert abs(counted - published) / published < tolerance, counted
+
+
+def test_sharing_saves_parameters_not_depth():
+    base = dict(vocab_size=100, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    all4 = models.count_params(models.BertConfig(num_hidden_layers=4, share_layers="all", **base))
+    all8 = models.count_params(models.BertConfig(num_hidden_layers=8, share_layers="all", **base))
+    assert all4 == all8
+    none4 = models.count_params(models.BertConfig(num_hidden_layers=4, **base))
+    attention = 4 * (32 * 32 + 32) + 2 * 32  # q, k, v, output and their LayerNorm
+    ffn = 32 * 64 + 64 + 64 * 32 + 32 + 2 * 32
+    assert none4 - all4 == 3 * (attention + ffn)
+    attn4 = models.count_params(
+        models.BertConfig(num_hidden_layers=4, share_layers="attention", **base)
+    )
+    ffn4 = models.count_params(models.BertConfig(num_hidden_layers=4, share_layers="ffn", **base))
+    assert none4 - attn4 == 3 * attention and none4 - ffn4 == 3 * ffn
+    # A shared model computes what an unshared one does whose layers hold equal copies.
+    ids = jnp.asarray(np.random.default_rng(0).integers(5, 100, (2, 8)), jnp.int32)
+    mask, segments, positions = jnp.ones_like(ids), jnp.zeros_like(ids), ids[:, :3] % 8
+    plain = models.BertConfig(num_hidden_layers=4, **base)
+    graphdef, _ = models.split_params(models.abstract_model(plain))
+    for share in ("attention", "ffn", "all"):
+        config = models.BertConfig(num_hidden_layers=4, share_layers=share, **base)
+        model = models.create_model(config)
+        _, params = models.split_params(model)
+        copies = jax.tree.map(
+            lambda w: jnp.repeat(w, 4, axis=0) if w.shape[0] == 1 else w,
+            params["bert"]["encoder"]["layer"],
+        )
+        unshared = {**params, "bert": {**params["bert"], "encoder": {"layer": copies}}}
+        ours = model(ids, mask, segments, positions, output_hidden_states=True)
+        ref = models.merge_params(graphdef, unshared)(
+            ids, mask, segments, positions, output_hidden_states=True
+        )
+        np.testing.assert_allclose(ours.mlm_logits, ref.mlm_logits, atol=1e-5, rtol=0)
+        assert ours.encoder.hidden_states.shape == (5, 2, 8, 32)
+
+
+def test_bad_albert_configs_are_refused():
+    with pytest.raises(ValueError, match="embedding_size=256 is larger than hidden_size=128"):
+        models.BertConfig(hidden_size=128, num_attention_heads=2, embedding_size=256)
+    with pytest.raises(ValueError, match="num_hidden_groups=5 must be positive and divide"):
+        models.BertConfig(num_hidden_layers=12, num_hidden_groups=5, share_layers="all")
+    with pytest.raises(ValueError, match="set share_layers='all'"):
+        models.BertConfig(num_hidden_groups=2)
+    with pytest.raises(ValueError, match="share_layers='some'"):
+        models.BertConfig(share_layers="some")
+    partial = models.BertConfig(
+        num_hidden_layers=2,
+        share_layers="ffn",
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+    )
+    with pytest.raises(ValueError, match="has no Hugging Face layout"):
+        convert.config_to_hf(partial, "BertModel")
+
+
+@pytest.mark.slow
+def test_train_py_pretrains_albert_with_sop_and_resumes(tmp_path):
+    """configs/albert_base.py:tiny: SentencePiece, n-gram masking, SOP, one shared layer."""
+    workdir = tmp_path / "albert"
+    extra = ("--config.data.vocab_size=200", "--config.model.vocab_size=200")
+    cli.run_train(tmp_path, workdir, 20, *extra, config="configs/albert_base.py:tiny")
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["data"]["next_sentence"] == "sop" and saved["model"]["share_layers"] == "all"
+    assert (workdir / "spm.model").is_file()
+    cli.run_train(tmp_path, workdir, 30, *extra, config="configs/albert_base.py:tiny")
+    summary = cli.read_summary(workdir)
+    assert summary["steps_this_run"] == 10 and summary["steps"] == 30
+    assert {"mlm_loss", "nsp_loss", "nsp_accuracy"} <= set(summary["eval"])
+    # One set of layer weights in the checkpoint, whatever the depth.
+    work = convert.read_run(str(workdir))
+    assert work["config"].num_weight_sets == 1 and work["step"] == 30
+
+
+def test_glue_fine_tuning_with_an_albert_encoder(tmp_path):
+    import sys
+
+    import glue_data
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import finetune
+
+    hf_dir, _ = _hf_dir(tmp_path, "AlbertModel")
+    glue_data.write_glue(tmp_path / "glue", n=16)
+    cfg = finetune.FinetuneConfig(
+        init_from=f"hf:{hf_dir}",
+        tasks=("rte",),
+        source="tsv",
+        data_dir=str(tmp_path / "glue"),
+        tfds_data_dir="",
+        max_seq_length=16,
+        max_train_examples=0,
+        batch_size=8,
+        eval_batch_size=8,
+        num_epochs=1.0,
+        learning_rates=(1e-3,),
+        seeds=(0,),
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        classifier_dropout=-1.0,
+        eval_every_steps=0,
+        early_stopping_patience=0,
+        log_every=1,
+        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
+        mesh=sharding.MeshConfig(data=-1),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    result = finetune.finetune_task(cfg, "rte", mesh, str(tmp_path / "work"))
+    (run,) = result["runs"]
+    assert 0.0 <= run["dev"]["dev"]["accuracy"] <= 1.0 and run["steps"] == 2
+    saved = convert.read_run(run["directory"])
+    assert saved["config"].share_layers == "all"
+    assert isinstance(saved["tokenizer"], tokenization.SentencePieceTokenizer)
+    rows = open(run["predictions"]["test"]).read().splitlines()
+    assert rows[0] == "index\tprediction" and {r.split("\t")[1] for r in rows[1:]} <= {
+        "entailment",
+        "not_entailment",
+    }
