@@ -22,22 +22,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
+from benchmarks.checkpoint import pretraining_batch  # noqa: E402
 from bert_jax import axes, models, optim, sharding, train_lib  # noqa: E402
-
-
-def _batch(batch_size: int, length: int = 128, preds: int = 20) -> dict:
-    rng = np.random.default_rng(0)
-    return {
-        "input_ids": rng.integers(5, 30000, (batch_size, length)).astype(np.int32),
-        "input_mask": np.ones((batch_size, length), np.int32),
-        "segment_ids": np.zeros((batch_size, length), np.int32),
-        "masked_lm_positions": np.tile(np.arange(1, preds + 1, dtype=np.int32), (batch_size, 1)),
-        "masked_lm_ids": rng.integers(5, 30000, (batch_size, preds)).astype(np.int32),
-        "masked_lm_weights": np.ones((batch_size, preds), np.float32),
-        "next_sentence_labels": np.zeros(batch_size, np.int32),
-    }
 
 
 def measure(config: models.BertConfig, mesh, batch) -> dict:
@@ -78,7 +65,7 @@ def main():
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     with jax.set_mesh(mesh):
-        batch = sharding.global_batch(_batch(2), mesh, axes.DEFAULT_RULES)
+        batch = sharding.global_batch(pretraining_batch(2), mesh, axes.DEFAULT_RULES)
         for _ in range(args.rounds):
             for name, config in variants.items():
                 runs[name].append(measure(config, mesh, batch))

@@ -28,7 +28,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 from bert_jax import axes, checkpoint, models, optim, sharding, train_lib  # noqa: E402
 
 
-def _batch(batch_size: int, length: int = 128, preds: int = 20) -> dict:
+def pretraining_batch(batch_size: int, length: int = 128, preds: int = 20) -> dict:
+    """A BERT pretraining batch of random ids at BERT-Base vocabulary size."""
     rng = np.random.default_rng(0)
     return {
         "input_ids": rng.integers(5, 30000, (batch_size, length)).astype(np.int32),
@@ -56,7 +57,7 @@ def main():
     with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as tmp:
         state = jax.block_until_ready(trainer.init(0))
         result["state_bytes"] = sum(x.nbytes for x in jax.tree.leaves(state))
-        batch = sharding.global_batch(_batch(args.batch), mesh, axes.DEFAULT_RULES)
+        batch = sharding.global_batch(pretraining_batch(args.batch), mesh, axes.DEFAULT_RULES)
         state, _ = jax.block_until_ready(trainer.train_step(state, batch))  # compile
 
         ckpt = checkpoint.Checkpointer(os.path.join(tmp, "async"), max_to_keep=2)

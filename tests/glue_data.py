@@ -1,8 +1,11 @@
 """Writes small GLUE folders in the exact layout of the GLUE download, for the tests."""
 
 import os
+import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FILLER = [f"w{i}" for i in range(30)]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "yes", "no", *FILLER]
@@ -211,3 +214,33 @@ def write_vocab(path) -> str:
     with open(path, "w") as f:
         f.write("".join(t + "\n" for t in VOCAB))
     return str(path)
+
+
+def finetune_config(**kw):
+    """A FinetuneConfig for tests: tiny batches, one seed, one epoch; `kw` overrides."""
+    import finetune
+    from bert_jax import sharding
+
+    base = dict(
+        init_from="",
+        tasks=("sst2",),
+        source="tsv",
+        data_dir="",
+        tfds_data_dir="",
+        max_seq_length=16,
+        max_train_examples=0,
+        batch_size=8,
+        eval_batch_size=16,
+        num_epochs=1.0,
+        learning_rates=(1e-3,),
+        seeds=(0,),
+        warmup_fraction=0.1,
+        weight_decay=0.01,
+        classifier_dropout=-1.0,
+        eval_every_steps=0,
+        early_stopping_patience=0,
+        log_every=10,
+        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
+        mesh=sharding.MeshConfig(data=-1),
+    )
+    return finetune.FinetuneConfig(**{**base, **kw})

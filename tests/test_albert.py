@@ -5,6 +5,8 @@ import json
 import os
 
 import cli
+import glue_data
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,84 +63,21 @@ def _hf_dir(tmp_path, architecture, groups=(1, 1)):
     return str(out), model
 
 
-def _batch():
-    lengths = np.array([10, 6, 3])
-    ids = np.random.default_rng(0).integers(5, SIZES["vocab_size"], size=(3, 10))
-    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
-    segments = ((np.arange(10)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
-    positions = np.array([[1, 4, 9], [1, 2, 5], [1, 2, 0]], np.int32)
-    return (ids * mask).astype(np.int32), mask, segments, positions
-
-
-def _torch_outputs(model, architecture):
-    ids, mask, segments, positions = _batch()
-    inputs = dict(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        attention_mask=torch.tensor(mask),
-        token_type_ids=torch.tensor(segments, dtype=torch.long),
-    )
-    with torch.no_grad():
-        base = model if architecture == "AlbertModel" else model.albert
-        enc = base(**inputs, output_hidden_states=True)
-        out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
-        if enc.pooler_output is not None:  # AlbertForMaskedLM has no pooler
-            out["pooled"] = enc.pooler_output.numpy()
-        if architecture != "AlbertModel":
-            head = model(**inputs)
-        if architecture == "AlbertForPreTraining":
-            out["mlm"] = np.take_along_axis(
-                head.prediction_logits.numpy(), positions[..., None], axis=1
-            )
-            out["sop"] = head.sop_logits.numpy()
-        elif architecture == "AlbertForMaskedLM":
-            out["mlm"] = head.logits.numpy()
-        elif architecture == "AlbertForSequenceClassification":
-            out["logits"] = head.logits.numpy()
-    return out
-
-
-def _jax_outputs(config, architecture, params):
-    ids, mask, segments, positions = _batch()
-    cls = convert.model_class(architecture, 3)
-    graphdef, _ = models.split_params(models.abstract_model(config, cls))
-    model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
-    kw = dict(output_hidden_states=True)
-    if architecture == "AlbertModel":
-        enc, out = model(ids, mask, segments, **kw), {}
-    elif architecture == "AlbertForPreTraining":
-        res = model(ids, mask, segments, positions, **kw)
-        enc, out = res.encoder, {"mlm": res.mlm_logits, "sop": res.nsp_logits}
-    elif architecture == "AlbertForMaskedLM":
-        logits, enc = model(ids, mask, segments, **kw)
-        out = {"mlm": logits}
-    else:
-        logits, enc = model(ids, mask, segments, **kw)
-        out = {"logits": logits}
-    out["hidden"] = enc.hidden_states
-    if enc.pooled_output is not None:
-        out["pooled"] = enc.pooled_output
-    return out
-
-
-def _assert_same(ours, ref):
-    assert sorted(ours) == sorted(ref)
-    for key in ref:
-        np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=1e-5, rtol=0, err_msg=key)
-
-
 @pytest.mark.parametrize(
     "architecture, groups",
     [(a, (1, 1)) for a in ARCHS] + [("AlbertForPreTraining", (2, 2))],
 )
 def test_hugging_face_albert_round_trip(tmp_path, architecture, groups):
     hf_dir, hf_model = _hf_dir(tmp_path, architecture, groups)
-    reference = _torch_outputs(hf_model, architecture)
+    reference = hf_reference.torch_outputs(hf_model, architecture, SIZES["vocab_size"])
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     loaded = convert.load_pretrained(f"hf:{hf_dir}", architecture, mesh=mesh, num_labels=3)
     assert loaded.report.missing == [] and loaded.report.unexpected == []
     assert loaded.config.share_layers == "all" and loaded.config.embed_dim == 16
     assert isinstance(loaded.tokenizer, tokenization.SentencePieceTokenizer)
-    _assert_same(_jax_outputs(loaded.config, architecture, loaded.params), reference)
+    hf_reference.assert_same(
+        hf_reference.jax_outputs(loaded.config, architecture, loaded.params), reference
+    )
 
     exported = tmp_path / "exported"
     assert (
@@ -150,7 +89,9 @@ def test_hugging_face_albert_round_trip(tmp_path, architecture, groups):
     reloaded = getattr(transformers, architecture).from_pretrained(
         exported, attn_implementation="eager"
     )
-    _assert_same(_torch_outputs(reloaded.eval(), architecture), reference)
+    hf_reference.assert_same(
+        hf_reference.torch_outputs(reloaded.eval(), architecture, SIZES["vocab_size"]), reference
+    )
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     for name, value in load_file(str(exported / "model.safetensors")).items():
         np.testing.assert_array_equal(value, original[name], err_msg=name)
@@ -263,36 +204,17 @@ def test_train_py_pretrains_albert_with_sop_and_resumes(tmp_path):
 
 
 def test_glue_fine_tuning_with_an_albert_encoder(tmp_path):
-    import sys
-
-    import glue_data
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import finetune
+    import finetune  # the entry point: glue_data puts the repository on sys.path
 
     hf_dir, _ = _hf_dir(tmp_path, "AlbertModel")
     glue_data.write_glue(tmp_path / "glue", n=16)
-    cfg = finetune.FinetuneConfig(
+    cfg = glue_data.finetune_config(
         init_from=f"hf:{hf_dir}",
         tasks=("rte",),
-        source="tsv",
         data_dir=str(tmp_path / "glue"),
-        tfds_data_dir="",
-        max_seq_length=16,
-        max_train_examples=0,
         batch_size=8,
         eval_batch_size=8,
-        num_epochs=1.0,
-        learning_rates=(1e-3,),
-        seeds=(0,),
-        warmup_fraction=0.1,
-        weight_decay=0.01,
-        classifier_dropout=-1.0,
-        eval_every_steps=0,
-        early_stopping_patience=0,
         log_every=1,
-        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
-        mesh=sharding.MeshConfig(data=-1),
     )
     mesh = sharding.make_mesh(cfg.mesh)
     result = finetune.finetune_task(cfg, "rte", mesh, str(tmp_path / "work"))

@@ -19,6 +19,7 @@ from bert_jax.convert.tf_checkpoint import TFCheckpoint
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import cli  # noqa: E402
+import hf_reference  # noqa: E402
 import make_tf_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,71 +64,6 @@ def _hf_dir(tmp_path, architecture, *, num_labels=3, safe=True, name="hf"):
     return str(out), model
 
 
-def _batch():
-    lengths = np.array([10, 6, 3])
-    ids = np.random.default_rng(0).integers(5, SIZES["vocab_size"], size=(3, 10))
-    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
-    segments = ((np.arange(10)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
-    positions = np.array([[1, 4, 9], [1, 2, 5], [1, 2, 0]], np.int32)
-    return (ids * mask).astype(np.int32), mask, segments, positions
-
-
-def _torch_outputs(model, architecture):
-    ids, mask, segments, positions = _batch()
-    inputs = dict(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        attention_mask=torch.tensor(mask),
-        token_type_ids=torch.tensor(segments, dtype=torch.long),
-    )
-    with torch.no_grad():
-        base = model if architecture == "BertModel" else model.bert
-        enc = base(**inputs, output_hidden_states=True)
-        out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
-        if enc.pooler_output is not None:
-            out["pooled"] = enc.pooler_output.numpy()
-        if architecture != "BertModel":
-            head = model(**inputs)
-        if architecture == "BertForPreTraining":
-            out["mlm"] = np.take_along_axis(
-                head.prediction_logits.numpy(), positions[..., None], axis=1
-            )
-            out["nsp"] = head.seq_relationship_logits.numpy()
-        elif architecture == "BertForMaskedLM":
-            out["mlm"] = head.logits.numpy()
-        elif architecture == "BertForSequenceClassification":
-            out["logits"] = head.logits.numpy()
-    return out
-
-
-def _jax_outputs(config, architecture, params, num_labels=3):
-    ids, mask, segments, positions = _batch()
-    cls = convert.model_class(architecture, num_labels)
-    graphdef, _ = models.split_params(models.abstract_model(config, cls))
-    model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
-    kw = dict(output_hidden_states=True)
-    if architecture == "BertModel":
-        enc, out = model(ids, mask, segments, **kw), {}
-    elif architecture == "BertForPreTraining":
-        res = model(ids, mask, segments, positions, **kw)
-        enc, out = res.encoder, {"mlm": res.mlm_logits, "nsp": res.nsp_logits}
-    elif architecture == "BertForMaskedLM":
-        logits, enc = model(ids, mask, segments, **kw)
-        out = {"mlm": logits}
-    else:
-        logits, enc = model(ids, mask, segments, **kw)
-        out = {"logits": logits}
-    out["hidden"] = enc.hidden_states
-    if enc.pooled_output is not None:
-        out["pooled"] = enc.pooled_output
-    return out
-
-
-def _assert_same(ours, ref):
-    assert sorted(ours) == sorted(ref)
-    for key in ref:
-        np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=1e-5, rtol=0, err_msg=key)
-
-
 def _mesh():
     return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
 
@@ -135,7 +71,7 @@ def _mesh():
 @pytest.mark.parametrize("architecture", ARCHS)
 def test_hugging_face_round_trip(tmp_path, architecture):
     hf_dir, hf_model = _hf_dir(tmp_path, architecture)
-    reference = _torch_outputs(hf_model, architecture)
+    reference = hf_reference.torch_outputs(hf_model, architecture, SIZES["vocab_size"])
     mesh = _mesh()
     loaded = convert.load_pretrained(
         f"hf:{hf_dir}", architecture, mesh=mesh, num_labels=3, scratch_dir=str(tmp_path / "s")
@@ -147,7 +83,9 @@ def test_hugging_face_round_trip(tmp_path, architecture):
     kernel = enc["encoder"]["layer"]["intermediate"]["kernel"]
     assert kernel.sharding.mesh.shape == mesh.shape
     assert kernel.addressable_shards[0].data.shape != kernel.shape
-    _assert_same(_jax_outputs(loaded.config, architecture, loaded.params), reference)
+    hf_reference.assert_same(
+        hf_reference.jax_outputs(loaded.config, architecture, loaded.params), reference
+    )
 
     exported = tmp_path / "exported"
     written = convert.export_hf(
@@ -157,7 +95,9 @@ def test_hugging_face_round_trip(tmp_path, architecture):
     reloaded = getattr(transformers, architecture).from_pretrained(
         exported, attn_implementation="eager"
     )
-    _assert_same(_torch_outputs(reloaded.eval(), architecture), reference)
+    hf_reference.assert_same(
+        hf_reference.torch_outputs(reloaded.eval(), architecture, SIZES["vocab_size"]), reference
+    )
     # Export then import is bitwise identical.
     again = convert.load_pretrained(f"hf:{exported}", architecture, mesh=mesh, num_labels=3)
     jax.tree.map(
@@ -248,7 +188,7 @@ def _check_tf_import(directory, mesh):
     loaded = convert.load_pretrained(f"tf:{directory}", "BertForPreTraining", mesh=mesh)
     assert loaded.report.missing == [] and loaded.report.unexpected == []
     hf = _tf_reference_model(make_tf_checkpoint.fixture_values(), make_tf_checkpoint.CONFIG)
-    ids, mask, segments, positions = _batch()
+    ids, mask, segments, positions = hf_reference.padded_batch(SIZES["vocab_size"])
     ids = ids % make_tf_checkpoint.CONFIG["vocab_size"]
     with torch.no_grad():
         ref = hf(
@@ -290,9 +230,9 @@ def test_command_line_import_export(tmp_path):
     for name, value in exported.items():
         np.testing.assert_array_equal(value, original[name], err_msg=name)
     reloaded = transformers.BertForPreTraining.from_pretrained(out, attn_implementation="eager")
-    _assert_same(
-        _torch_outputs(reloaded.eval(), "BertForPreTraining"),
-        _torch_outputs(hf_model, "BertForPreTraining"),
+    hf_reference.assert_same(
+        hf_reference.torch_outputs(reloaded.eval(), "BertForPreTraining", SIZES["vocab_size"]),
+        hf_reference.torch_outputs(hf_model, "BertForPreTraining", SIZES["vocab_size"]),
     )
     # A bert_jax workdir fills a classifier's encoder; the new head is reported missing.
     loaded = convert.load_pretrained(str(work), "BertForSequenceClassification", mesh=_mesh())

@@ -40,32 +40,6 @@ def _tiny_model(tmp_path, hidden=32, layers=2) -> str:
     return out
 
 
-def _cfg(**kw) -> finetune.FinetuneConfig:
-    base = dict(
-        init_from="",
-        tasks=("sst2",),
-        source="tsv",
-        data_dir="",
-        tfds_data_dir="",
-        max_seq_length=16,
-        max_train_examples=0,
-        batch_size=8,
-        eval_batch_size=16,
-        num_epochs=1.0,
-        learning_rates=(1e-3,),
-        seeds=(0,),
-        warmup_fraction=0.1,
-        weight_decay=0.01,
-        classifier_dropout=-1.0,
-        eval_every_steps=0,
-        early_stopping_patience=0,
-        log_every=10,
-        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
-        mesh=sharding.MeshConfig(data=-1),
-    )
-    return finetune.FinetuneConfig(**{**base, **kw})
-
-
 def test_every_task_reads_its_layout(tmp_path):
     glue_data.write_glue(tmp_path, n=12)
     for task in glue.TASKS.values():
@@ -247,7 +221,7 @@ def test_fine_tuning_learns_a_task_determined_by_the_text(tmp_path):
         ["index", "sentence"],
         [["0", "w1 good w2"], ["1", "w3 bad"]],
     )
-    cfg = _cfg(
+    cfg = glue_data.finetune_config(
         init_from=_tiny_model(tmp_path, hidden=64),
         data_dir=str(tmp_path / "glue"),
         num_epochs=3.0,

@@ -1,0 +1,77 @@
+"""Runs a `transformers` BERT/ALBERT model and the matching bert_jax model on one padded batch
+and compares every output: the shared core of the conversion tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from bert_jax import convert, models
+
+
+def padded_batch(vocab_size: int):
+    """Three rows of 10, 6 and 3 real tokens, two segments each, three masked positions."""
+    lengths = np.array([10, 6, 3])
+    ids = np.random.default_rng(0).integers(5, vocab_size, size=(3, 10))
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
+    segments = ((np.arange(10)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    positions = np.array([[1, 4, 9], [1, 2, 5], [1, 2, 0]], np.int32)
+    return (ids * mask).astype(np.int32), mask, segments, positions
+
+
+def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.ndarray]:
+    """Hidden states of every layer, pooled output (when there is a pooler) and head logits
+    (MLM logits at the masked positions for pretraining, everywhere for masked LM)."""
+    ids, mask, segments, positions = padded_batch(vocab_size)
+    inputs = dict(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(segments, dtype=torch.long),
+    )
+    head_name = architecture.removeprefix("Albert").removeprefix("Bert")
+    with torch.no_grad():
+        base = model if head_name == "Model" else model.base_model
+        enc = base(**inputs, output_hidden_states=True)
+        out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
+        if enc.pooler_output is not None:  # the masked-LM models have no pooler
+            out["pooled"] = enc.pooler_output.numpy()
+        if head_name == "ForPreTraining":
+            head = model(**inputs)
+            out["mlm"] = np.take_along_axis(
+                head.prediction_logits.numpy(), positions[..., None], axis=1
+            )
+            sentence = getattr(head, "seq_relationship_logits", None)
+            out["sentence"] = (head.sop_logits if sentence is None else sentence).numpy()
+        elif head_name == "ForMaskedLM":
+            out["mlm"] = model(**inputs).logits.numpy()
+        elif head_name == "ForSequenceClassification":
+            out["logits"] = model(**inputs).logits.numpy()
+    return out
+
+
+def jax_outputs(config, architecture: str, params, num_labels: int = 3) -> dict:
+    """The same outputs from bert_jax params for `architecture`."""
+    ids, mask, segments, positions = padded_batch(config.vocab_size)
+    cls = convert.model_class(architecture, num_labels)
+    graphdef, _ = models.split_params(models.abstract_model(config, cls))
+    model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
+    head_name = architecture.removeprefix("Albert").removeprefix("Bert")
+    kw = dict(output_hidden_states=True)
+    if head_name == "Model":
+        enc, out = model(ids, mask, segments, **kw), {}
+    elif head_name == "ForPreTraining":
+        res = model(ids, mask, segments, positions, **kw)
+        enc, out = res.encoder, {"mlm": res.mlm_logits, "sentence": res.nsp_logits}
+    else:
+        logits, enc = model(ids, mask, segments, **kw)
+        out = {"mlm" if head_name == "ForMaskedLM" else "logits": logits}
+    out["hidden"] = enc.hidden_states
+    if enc.pooled_output is not None:
+        out["pooled"] = enc.pooled_output
+    return out
+
+
+def assert_same(ours: dict, ref: dict, atol: float = 1e-5) -> None:
+    assert sorted(ours) == sorted(ref)
+    for key in ref:
+        np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=atol, rtol=0, err_msg=key)
