@@ -400,11 +400,13 @@ def main(argv):
     model = json.load(
         open(os.path.join(next(iter(results.values()))["submission_run"], "config.json"))
     )["model"]
+    # BERT-Base sizes without ALBERT's sharing: the published figures are comparable.
     bert_base = (
         model["hidden_size"],
         model["num_hidden_layers"],
         model["num_attention_heads"],
-    ) == (768, 12, 12)
+        model.get("share_layers", "none"),
+    ) == (768, 12, 12, "none")
     table = results_table(results, bert_base)
     _write(
         os.path.join(workdir, "results.json"),
