@@ -29,7 +29,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bert_jax import axes, checkpoint, convert, glue, sharding, train_lib
+from bert_jax import axes, checkpoint, convert, corpus, glue, sharding, train_lib
 from bert_jax.optim import OptimConfig
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -148,6 +148,18 @@ def load_task(cfg: FinetuneConfig, task: glue.Task, tokenizer) -> TaskData:
     return TaskData(task, enc(train), dev, test)
 
 
+def run_length(cfg: FinetuneConfig, task: glue.Task, n: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `n` training examples; each epoch drops the last
+    partial batch, as the original does."""
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{task.name}: {n} training examples are fewer than one batch of "
+            f"{cfg.batch_size}; lower --config.batch_size"
+        )
+    return steps_per_epoch, max(1, int(round(cfg.num_epochs * steps_per_epoch)))
+
+
 class Run:
     """One fine-tuning run (task, learning rate, seed): train, evaluate, keep the best."""
 
@@ -198,13 +210,7 @@ class Run:
     def train(self) -> dict:
         cfg, train = self.cfg, self.data.train
         n = len(train["input_ids"])
-        steps_per_epoch = n // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"{self.task.name}: {n} training examples are fewer than one batch of "
-                f"{cfg.batch_size}; lower --config.batch_size"
-            )
-        total = max(1, int(round(cfg.num_epochs * steps_per_epoch)))
+        steps_per_epoch, total = run_length(cfg, self.task, n)
         state = self.trainer.init(self.seed)
         # Copies: the train step donates the state, and the imported weights serve every seed.
         imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
@@ -296,17 +302,15 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         )
     data = load_task(cfg, task, pretrained.tokenizer)
     runs = []
+    _, steps = run_length(cfg, task, len(data.train["input_ids"]))
+    objective = train_lib.classification(task.num_labels, classifier_dropout=dropout)
     for lr in cfg.learning_rates:
-        steps = max(
-            1, int(round(cfg.num_epochs * (len(data.train["input_ids"]) // cfg.batch_size)))
-        )
         optim = OptimConfig(
             learning_rate=lr,
             warmup_steps=int(cfg.warmup_fraction * steps),
             total_steps=steps,
             weight_decay=cfg.weight_decay,
         )
-        objective = train_lib.classification(task.num_labels, classifier_dropout=dropout)
         trainer = train_lib.create_trainer(
             pretrained.config, optim, mesh, axes.DEFAULT_RULES, objective
         )
@@ -408,11 +412,9 @@ def main(argv):
         model.get("share_layers", "none"),
     ) == (768, 12, 12, "none")
     table = results_table(results, bert_base)
-    _write(
-        os.path.join(workdir, "results.json"),
-        json.dumps({"model": model, "tasks": results}, indent=2),
-    )
-    _write(os.path.join(workdir, "results.md"), table)
+    results_json = json.dumps({"model": model, "tasks": results}, indent=2)
+    corpus.atomic_write(os.path.join(workdir, "results.json"), results_json.encode("utf-8"))
+    corpus.atomic_write(os.path.join(workdir, "results.md"), table.encode("utf-8"))
     print(table)
 
 
@@ -420,13 +422,6 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
     if len(x) == size:
         return x
     return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

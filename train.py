@@ -29,7 +29,6 @@ from bert_jax import (
     axes,
     checkpoint,
     convert,
-    corpus,
     input_pipeline,
     losses,
     models,
@@ -381,11 +380,7 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
     ckpt = checkpoint.Checkpointer(
         directory, max_to_keep=run.train.keep_checkpoints, keep_period=run.train.keep_every or None
     )
-    config_json = record_run(workdir, run, config_json, data.tokenizer)
-    meta = {
-        "config": config_json,
-        "vocab_sha256": input_pipeline.file_digest(data.tokenizer.vocab_file),
-    }
+    meta = record_run(workdir, run, config_json, data.tokenizer)
     writer = _Writer(os.path.join(workdir, "tensorboard"))
     loop = Loop(run, trainer, data, ckpt, writer, meta, pretrained)
     with jax.set_mesh(mesh):
@@ -397,24 +392,18 @@ def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
 
 def record_run(workdir: str, run: RunConfig, config_json: dict, tokenizer) -> dict:
     """Writes the workdir's config.json (the model config actually used) and a copy of the
-    vocabulary, which make the workdir a model that `convert` exports and `init_from` reads."""
-    config_json = {
-        **config_json,
-        "model": dataclasses.asdict(run.model),
-        "data": {
-            **config_json["data"],
-            "tokenizer": run.data.tokenizer,
-            "vocab_file": tokenizer.vocab_file,
-            "do_lower_case": run.data.do_lower_case,
-        },
-        "architecture": "BertForPreTraining",
-    }
-    if jax.process_index() == 0:
-        name = "vocab.txt" if run.data.tokenizer == "wordpiece" else "spm.model"
-        with open(tokenizer.vocab_file, "rb") as f:
-            corpus.atomic_write(os.path.join(workdir, name), f.read())
-        _write_json(os.path.join(workdir, "config.json"), config_json)
-    return config_json
+    vocabulary, which make the workdir a model that `convert` exports and `init_from` reads;
+    returns the checkpoint metadata."""
+    extra = {**config_json, "data": {**config_json["data"], "vocab_file": tokenizer.vocab_file}}
+    return convert.describe_run(
+        workdir,
+        run.model,
+        "BertForPreTraining",
+        2,
+        tokenizer,
+        extra=extra,
+        write=jax.process_index() == 0,
+    )
 
 
 def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:

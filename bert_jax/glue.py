@@ -15,6 +15,7 @@ import numpy as np
 import scipy.stats
 from sklearn import metrics as skm
 
+from bert_jax import corpus
 from bert_jax.tokenization import Tokenizer
 
 
@@ -357,11 +358,7 @@ def write_submission(path: str, task: Task, index: Sequence[str], predictions: n
     for i, p in zip(index, predictions, strict=True):
         value = f"{float(np.clip(p, 0.0, 5.0)):.3f}" if task.is_regression else task.labels[int(p)]
         rows.append(f"{i}\t{value}")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(rows) + "\n")
-    os.replace(tmp, path)
+    corpus.atomic_write(path, ("\n".join(rows) + "\n").encode("utf-8"))
 
 
 def _column(header: list[str], name: str, path: str) -> int:

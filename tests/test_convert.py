@@ -265,7 +265,6 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="word_embeddings"):
         convert.load_pretrained(f"hf:{hf_dir}", "BertModel", mesh=mesh)
     json.dump(original_config, open(config_file, "w"))
-    (tmp_path / "big_vocab.txt").write_text("")
     big = _vocab(tmp_path / "big_vocab.txt", size=SIZES["vocab_size"] + 5)
     os.replace(big, os.path.join(hf_dir, "vocab.txt"))
     with pytest.raises(ValueError, match=r"vocab.txt has 65 tokens but the word embedding"):

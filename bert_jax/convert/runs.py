@@ -180,27 +180,44 @@ def write_run(
 
 
 def describe_run(
-    out: str, config: BertConfig, architecture: str, num_labels: int, tokenizer: Tokenizer
+    out: str,
+    config: BertConfig,
+    architecture: str,
+    num_labels: int,
+    tokenizer: Tokenizer,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    write: bool = True,
 ) -> dict:
     """Writes what makes `out` a model besides its checkpoints (config.json with the model
-    config and architecture, and the vocabulary); returns the checkpoint metadata."""
-    os.makedirs(out, exist_ok=True)
+    config and architecture, and the vocabulary); returns the checkpoint metadata.
+
+    Args:
+      extra: more of the run's settings to record in config.json (a pretraining run's data,
+        optimizer and loop sections); the model, tokenizer and architecture entries win.
+      write: False to only build the metadata (the processes of a run other than the first).
+    """
+    extra = dict(extra or {})
     vocab_name = "vocab.txt" if isinstance(tokenizer, WordPieceTokenizer) else "spm.model"
-    target = os.path.join(out, vocab_name)
-    if not (os.path.exists(target) and os.path.samefile(tokenizer.vocab_file, target)):
-        shutil.copyfile(tokenizer.vocab_file, target)
     config_json = {
+        **extra,
         "model": dataclasses.asdict(config),
         "data": {
+            **extra.get("data", {}),
             "tokenizer": "wordpiece" if vocab_name == "vocab.txt" else "sentencepiece",
             "do_lower_case": tokenizer.do_lower_case,
         },
         "architecture": architecture,
         "num_labels": num_labels,
     }
-    corpus.atomic_write(
-        os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
-    )
+    if write:
+        os.makedirs(out, exist_ok=True)
+        target = os.path.join(out, vocab_name)
+        if not (os.path.exists(target) and os.path.samefile(tokenizer.vocab_file, target)):
+            shutil.copyfile(tokenizer.vocab_file, target)
+        corpus.atomic_write(
+            os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
+        )
     return {"config": config_json, "vocab_sha256": input_pipeline.file_digest(tokenizer.vocab_file)}
 
 
