@@ -156,12 +156,16 @@ def memory_report(trainer: train_lib.Trainer, run: RunConfig) -> str:
 
 def check_compatible(meta: dict, path: str, config_json: dict, vocab_sha256: str) -> None:
     """Refuses, before reading any array, a checkpoint of another model or vocabulary."""
-    saved = meta["config"]["model"]
-    differing = sorted(k for k in config_json["model"] if saved.get(k) != config_json["model"][k])
+    # Compared as BertConfigs: JSON's lists and earlier runs' spellings (remat true/false,
+    # fields added since) mean what this run's values mean.
+    fields = {f.name for f in dataclasses.fields(models.BertConfig)}
+    saved = dataclasses.asdict(
+        models.BertConfig(**{k: v for k, v in meta["config"]["model"].items() if k in fields})
+    )
+    here = dataclasses.asdict(models.BertConfig(**config_json["model"]))
+    differing = sorted(k for k in here if saved[k] != here[k])
     if differing:
-        details = ", ".join(
-            f"{k}: {saved.get(k)} there, {config_json['model'][k]} here" for k in differing
-        )
+        details = ", ".join(f"{k}: {saved[k]} there, {here[k]} here" for k in differing)
         raise ValueError(
             f"checkpoint {path} was written with another model config ({details}); use a new "
             f"--workdir or the same model config"

@@ -376,7 +376,7 @@ def _write_shard(job) -> dict:
     }
     for split in ("train", "eval"):
         rng = np.random.default_rng([config.seed, shard, split == "eval"])
-        tokenized = _tokenize(tokenizer, docs[split])
+        tokenized = tokenization.encode_grouped(tokenizer, docs[split])
         pairs = (
             pretraining_data.create_pairs(
                 tokenized, config.masking, rng, passes=config.masking.dupe_factor
@@ -391,15 +391,6 @@ def _write_shard(job) -> dict:
         result[split], result["files"][split] = len(pairs), name
     corpus.atomic_write(stats_path, json.dumps(result).encode())
     return result
-
-
-def _tokenize(tokenizer, documents: list[list[str]]) -> list[list[list[int]]]:
-    flat = tokenizer.encode_batch([s for d in documents for s in d])
-    out, start = [], 0
-    for d in documents:
-        out.append(flat[start : start + len(d)])
-        start += len(d)
-    return out
 
 
 def _write_records(path: str, records: list[bytes]) -> None:

@@ -171,10 +171,12 @@ class SelfAttention(nnx.Module):
         *,
         init_std: float,
         rngs: nnx.Rngs,
+        head_dim: int | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
-        head_dim = hidden_size // num_heads
+        # A pruned layer keeps the head size of the model and fewer heads.
+        head_dim = head_dim or hidden_size // num_heads
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
         self.query = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
@@ -194,6 +196,7 @@ class SelfAttention(nnx.Module):
         rng: jax.Array | None = None,
         deterministic: bool = True,
         return_probs: bool = False,
+        head_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Attends every position to the unmasked ones.
 
@@ -204,6 +207,8 @@ class SelfAttention(nnx.Module):
           rng: key for that dropout.
           deterministic: no dropout when True.
           return_probs: also return the attention probabilities [B, H, L, L] float32.
+          head_mask: [H] or [B, H] float, each head's output multiplied by it (0 silences a
+            head; the gradient with respect to it scores the head, Michel et al., 2019).
 
         Returns:
           ([B, L, D] output, probabilities or None).
@@ -224,6 +229,14 @@ class SelfAttention(nnx.Module):
         else:
             probs = None
             ctx = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+        if head_mask is not None:  # [H] or [B, H]
+            per_example = head_mask.ndim == 2
+            m = head_mask.astype(ctx.dtype)
+            ctx = ctx * (m[:, None, :, None] if per_example else m[:, None])
+            if probs is not None:
+                probs = probs * (
+                    head_mask[..., None, None] if per_example else head_mask[:, None, None]
+                )
         return self.output(ctx), (probs if return_probs else None)
 
 
@@ -242,11 +255,14 @@ class TransformerLayer(nnx.Module):
         layer_norm_eps: float,
         init_std: float,
         rngs: nnx.Rngs,
+        head_dim: int | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.attention = SelfAttention(hidden_size, num_heads, init_std=init_std, **kw)
+        self.attention = SelfAttention(
+            hidden_size, num_heads, init_std=init_std, head_dim=head_dim, **kw
+        )
         self.attention_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
         self.intermediate = Dense(
             hidden_size,
@@ -275,8 +291,10 @@ class TransformerLayer(nnx.Module):
         rng: jax.Array | None = None,
         deterministic: bool = True,
         return_probs: bool = False,
+        head_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x: [B, L, D], mask: [B, L] bool -> ([B, L, D], probabilities [B, H, L, L] or None)."""
+        """x: [B, L, D], mask: [B, L] bool, head_mask: [H] or None -> ([B, L, D],
+        probabilities [B, H, L, L] or None)."""
         keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         attended, probs = self.attention(
             x,
@@ -285,6 +303,7 @@ class TransformerLayer(nnx.Module):
             rng=keys[0],
             deterministic=deterministic,
             return_probs=return_probs,
+            head_mask=head_mask,
         )
         x = self.attention_layer_norm(
             x + dropout(attended, self.hidden_dropout, keys[1], deterministic)

@@ -26,6 +26,14 @@ _SHARED_PARTS = {
     "ffn": ("intermediate", "output", "output_layer_norm"),
 }
 _DTYPES = ("float32", "bfloat16", "float16")
+# What the backward pass recomputes instead of keeping: nothing; the attention scores,
+# probabilities and every elementwise result (the matmul outputs are kept: Korthikanti et
+# al.'s selective recomputation); or the whole layer from its input.
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 Params = dict[str, Any]
 
@@ -59,9 +67,16 @@ class BertConfig:
     inner_group_num: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # "minimal" or "full" (see REMAT_POLICIES); True / False: full / none.
+    # Heads removed from each layer (per layer, in the original numbering, as Hugging Face's
+    # `pruned_heads`); a pruned model runs its layers one by one, each of its own size.
+    pruned_heads: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # configs and config.json files of earlier runs
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"BertConfig.remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -93,6 +108,34 @@ class BertConfig:
         if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
             raise ValueError("BertConfig.initializer_range and layer_norm_eps must be positive")
         self._check_albert()
+        self._check_pruned_heads()
+
+    def _check_pruned_heads(self) -> None:
+        pruned = tuple(tuple(sorted(set(int(h) for h in p))) for p in self.pruned_heads or ())
+        object.__setattr__(self, "pruned_heads", pruned if any(pruned) else ())
+        if not self.pruned_heads:
+            return
+        if len(pruned) != self.num_hidden_layers:
+            raise ValueError(
+                f"BertConfig.pruned_heads has {len(pruned)} entries; it needs one per layer "
+                f"({self.num_hidden_layers}), empty for a layer that keeps its heads"
+            )
+        h = self.num_attention_heads
+        for i, p in enumerate(pruned):
+            if p and (p[0] < 0 or p[-1] >= h):
+                raise ValueError(f"BertConfig.pruned_heads[{i}]={p}: heads are 0..{h - 1}")
+            if len(p) == h:
+                raise ValueError(
+                    f"BertConfig.pruned_heads[{i}] removes all {h} heads of layer {i}; keep at "
+                    f"least one (a head mask of zeros silences a whole layer's attention)"
+                )
+        if self.share_layers != "none":
+            raise ValueError("pruned heads need unshared layers (share_layers='none')")
+
+    def kept_heads(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the heads layer `layer` keeps."""
+        removed = set(self.pruned_heads[layer]) if self.pruned_heads else set()
+        return tuple(h for h in range(self.num_attention_heads) if h not in removed)
 
     def _check_albert(self) -> None:
         if not isinstance(self.embedding_size, int) or self.embedding_size < 0:
@@ -264,10 +307,10 @@ class BertEncoder(nnx.Module):
     """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        def make_layer(key: jax.Array) -> layers.TransformerLayer:
+        def make_layer(key: jax.Array, heads: int = config.num_attention_heads):
             return layers.TransformerLayer(
                 config.hidden_size,
-                config.num_attention_heads,
+                heads,
                 config.intermediate_size,
                 hidden_act=config.hidden_act,
                 hidden_dropout=config.hidden_dropout_prob,
@@ -275,19 +318,19 @@ class BertEncoder(nnx.Module):
                 layer_norm_eps=config.layer_norm_eps,
                 init_std=config.initializer_range,
                 rngs=nnx.Rngs(params=key),
+                head_dim=config.head_dim,
                 **_layer_kwargs(config),
             )
 
         keys = jax.random.split(rngs.params(), config.num_weight_sets)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
-        stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+        self.kept_heads = None
+        if config.pruned_heads:  # layers of different sizes: one module each, no scan
+            self.kept_heads = tuple(config.kept_heads(i) for i in range(len(keys)))
+            self.layers = nnx.List(
+                [make_layer(k, len(h)) for k, h in zip(keys, self.kept_heads, strict=True)]
+            )
         self.shared_parts = _SHARED_PARTS.get(config.share_layers, ())
-        for name in self.shared_parts:  # one copy of the shared sublayers, for every layer
-            for var in _variables(stacked[name]):
-                var.set_value(var.get_value()[:1])
-        for var in _variables(stacked):
-            var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
-        self.layer = nnx.merge(graphdef, stacked)
+        self.layer = None if self.kept_heads else self._stacked_layers(make_layer, keys)
         self.embedding_projection = (
             layers.Dense(
                 config.embed_dim,
@@ -301,6 +344,7 @@ class BertEncoder(nnx.Module):
             else None
         )
         self.share_all = config.share_layers == "all"
+        self._num_heads = config.num_attention_heads
         self.schedule = tuple(config.layer_schedule())
         self.remat = config.remat
 
@@ -313,11 +357,19 @@ class BertEncoder(nnx.Module):
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        head_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-        """x: [B, L, E] -> (last [B, L, D], every layer's [N, B, L, D], probs [N, B, H, L, L]);
-        also returns the input as projected to D."""
+        """x: [B, L, E], head_mask: [N, H] or None -> (last [B, L, D], every layer's
+        [N, B, L, D], probs [N, B, H, L, L]); also returns the input as projected to D."""
         if self.embedding_projection is not None:
             x = self.embedding_projection(x)
+        if self.kept_heads is not None:
+            return (
+                *self._unrolled(
+                    x, mask, rng, deterministic, head_mask, output_attentions, output_hidden_states
+                ),
+                x,
+            )
         graphdef, stacked = nnx.split(self.layer)
         weights = nnx.to_pure_dict(stacked)
         steps = len(self.schedule)
@@ -331,18 +383,60 @@ class BertEncoder(nnx.Module):
             index = None
 
         def body(h, xs):
-            per_layer, key, i = xs
+            per_layer, key, i, heads = xs
             own = jax.tree.map(lambda w: w[0] if i is None else w[i], fixed)
             layer = nnx.merge(graphdef, {**per_layer, **own})
             h, probs = layer(
-                h, mask, rng=key, deterministic=deterministic, return_probs=output_attentions
+                h,
+                mask,
+                rng=key,
+                deterministic=deterministic,
+                return_probs=output_attentions,
+                head_mask=heads,
             )
             return h, (h if output_hidden_states else None, probs)
 
-        if self.remat:
-            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        out, (hidden, probs) = jax.lax.scan(body, x, (scanned, keys, index), length=steps)
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        xs = (scanned, keys, index, head_mask)
+        out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
         return out, hidden, probs, x
+
+    def _stacked_layers(self, make_layer, keys) -> layers.TransformerLayer:
+        """One layer module whose weights carry a leading axis of the weight sets."""
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
+        stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+        for name in self.shared_parts:  # one copy of the shared sublayers, for every layer
+            for var in _variables(stacked[name]):
+                var.set_value(var.get_value()[:1])
+        for var in _variables(stacked):
+            var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
+        return nnx.merge(graphdef, stacked)
+
+    def _unrolled(self, h, mask, rng, deterministic, head_mask, output_attentions, output_hidden):
+        """A pruned model's layers, each with its own heads; attention probabilities come back
+        in the original head numbering (zeros for removed heads)."""
+        keys = [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
+        hidden, probs = [], []
+        for i, (layer, kept) in enumerate(zip(self.layers, self.kept_heads, strict=True)):
+            heads = None if head_mask is None else head_mask[i, ..., jnp.asarray(kept)]
+            h, p = layer(
+                h,
+                mask,
+                rng=keys[i],
+                deterministic=deterministic,
+                return_probs=output_attentions,
+                head_mask=heads,
+            )
+            hidden.append(h)
+            if output_attentions:
+                full = jnp.zeros((*p.shape[:1], self._num_heads, *p.shape[2:]), p.dtype)
+                probs.append(full.at[:, jnp.asarray(kept)].set(p))
+        return (
+            h,
+            jnp.stack(hidden) if output_hidden else None,
+            jnp.stack(probs) if output_attentions else None,
+        )
 
 
 class BertModel(nnx.Module):
@@ -375,6 +469,7 @@ class BertModel(nnx.Module):
         deterministic: bool = True,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        head_mask: jax.Array | None = None,
     ) -> EncoderOutput:
         """Encodes a batch.
 
@@ -383,6 +478,8 @@ class BertModel(nnx.Module):
           input_mask: [B, L] int32 or bool, 1 for real tokens and 0 for padding.
           segment_ids: [B, L] int32 token types (0 for sentence A, 1 for sentence B).
           rng: dropout key; required when deterministic=False.
+          head_mask: [num_hidden_layers, num_attention_heads] float multiplying each head's
+            output (0 silences it), or [B, layers, heads] for a mask per example; None: all 1.
         """
         check_input_shapes(self.config, input_ids, input_mask, segment_ids)
         emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
@@ -394,11 +491,25 @@ class BertModel(nnx.Module):
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            head_mask=self._check_head_mask(head_mask),
         )
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(seq[:, 0]))
         if output_hidden_states:
             hidden = jnp.concatenate([x[None], hidden], axis=0)
         return EncoderOutput(seq, pooled, hidden, probs)
+
+    def _check_head_mask(self, head_mask):
+        """[N, H] (one mask) or [B, N, H] (one per example) -> [N, H] or [N, B, H]."""
+        if head_mask is None:
+            return None
+        want = (self.config.num_hidden_layers, self.config.num_attention_heads)
+        if tuple(head_mask.shape[-2:]) != want or head_mask.ndim not in (2, 3):
+            raise ValueError(
+                f"head_mask has shape {tuple(head_mask.shape)}; it must be [layers, heads] = "
+                f"{list(want)}, or [batch, layers, heads]"
+            )
+        head_mask = jnp.asarray(head_mask, jnp.float32)
+        return head_mask if head_mask.ndim == 2 else jnp.swapaxes(head_mask, 0, 1)
 
 
 class _MaskedLMModel(nnx.Module):
@@ -448,11 +559,7 @@ class BertForPreTraining(_MaskedLMModel):
         input_mask: jax.Array,
         segment_ids: jax.Array,
         masked_lm_positions: jax.Array,
-        *,
-        rng: jax.Array | None = None,
-        deterministic: bool = True,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
+        **kwargs,
     ) -> PretrainingOutput:
         """Runs the encoder, then the MLM head on the masked positions only.
 
@@ -460,16 +567,9 @@ class BertForPreTraining(_MaskedLMModel):
           input_ids, input_mask, segment_ids: [B, L] as in `BertModel`.
           masked_lm_positions: [B, P] int32 positions whose tokens are predicted (padded
             entries point anywhere; their loss weight is 0).
+          kwargs: as in `BertModel` (rng, deterministic, output_*, head_mask).
         """
-        enc = self.bert(
-            input_ids,
-            input_mask,
-            segment_ids,
-            rng=rng,
-            deterministic=deterministic,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )
+        enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
         mlm_logits = self.mlm_logits(enc.sequence_output, masked_lm_positions)
         nsp_logits = self.seq_relationship(enc.pooled_output).astype(jnp.float32)
         return PretrainingOutput(mlm_logits, nsp_logits, enc)

@@ -9,7 +9,9 @@ fast. `train_wordpiece_vocab` builds a `vocab.txt` from a corpus for pretraining
 `train_sentencepiece` learns one (unigram or BPE) with the special symbols reserved.
 """
 
+import bisect
 import os
+import re
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +42,22 @@ class Tokenizer(Protocol):
     def id_to_token(self, token_id: int) -> str: ...
 
     def is_continuation(self) -> list[bool]: ...
+
+    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]: ...
+
+
+def encode_grouped(tokenizer: Tokenizer, groups: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+    """The ids of every text of every group (documents' sentences, a line's words), from one
+    batched call, grouped as given."""
+    flat = tokenizer.encode_batch([t for group in groups for t in group])
+    out, start = [], 0
+    for group in groups:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+_WORD = re.compile(r"\S+")  # the words of str.split(): the same notion of whitespace
 
 
 class WordPieceTokenizer:
@@ -74,6 +92,20 @@ class WordPieceTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
+        """Per text, the ids of each whitespace-separated word (`str.split`'s words), from
+        one batched call: each piece goes to the word its character offset falls in (BERT's
+        pieces never cross whitespace), the same as encoding every word alone."""
+        out = []
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        for text, enc in zip(texts, encodings, strict=True):
+            starts = [m.start() for m in _WORD.finditer(text)]
+            words: list[list[int]] = [[] for _ in starts]
+            for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
+                words[bisect.bisect_right(starts, start) - 1].append(token_id)
+            out.append(words)
+        return out
 
     def tokenize(self, text: str) -> list[str]:
         """Word pieces of `text` as strings (`##` marks a continuation)."""
@@ -180,6 +212,10 @@ class SentencePieceTokenizer:
 
     def tokenize(self, text: str) -> list[str]:
         return self._sp.encode(self.preprocess(text), out_type=str)
+
+    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
+        """Per text, the ids of each whitespace-separated word, each word encoded alone."""
+        return encode_grouped(self, [t.split() for t in texts])
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))

@@ -305,7 +305,9 @@ def activation_bytes_estimate(
     """Activation memory per device kept for the backward pass, estimated.
 
     Korthikanti et al. (2022), eq. 2 and 4: per layer s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes at
-    16 bits, scaled to the compute dtype; with remat only each layer's input is kept.
+    16 bits, scaled to the compute dtype; with remat "minimal" the attention scores are
+    recomputed (their eq. 6, selective recomputation), with "full" only each layer's input
+    is kept.
     """
     s, b, h, a, t = (
         seq_len,
@@ -315,8 +317,10 @@ def activation_bytes_estimate(
         tensor_degree,
     )
     scale = jnp.dtype(config.dtype).itemsize / 2
-    if config.remat:
+    if config.remat == "full":
         per_layer = 2 * s * b * h
+    elif config.remat == "minimal":
+        per_layer = s * b * h * (10 + 24 / t)
     else:
         per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
     return int(per_layer * scale * config.num_hidden_layers)

@@ -3,8 +3,9 @@
     python train.py --config=configs/bert_large.py --workdir=gs://bucket/bert_large \
         --config.data.corpus='/data/wiki/*.txt' --config.data.vocab_file=/data/vocab.txt
 
-`bert_large.py:bf16` computes in bfloat16; add --config.model.remat=True to recompute
-activations in the backward pass when memory is short.
+`bert_large.py:bf16` computes in bfloat16; add --config.model.remat=minimal (recompute the
+attention scores and elementwise ops) or =full (recompute each layer from its input) when
+memory is short.
 """
 
 from configs import common

@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
-    config.model.remat = False
+    config.model.remat = "none"
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1

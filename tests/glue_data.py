@@ -240,7 +240,7 @@ def finetune_config(**kw):
         eval_every_steps=0,
         early_stopping_patience=0,
         log_every=10,
-        numerics=dict(dtype="float32", param_dtype="float32", remat=False),
+        numerics=dict(dtype="float32", param_dtype="float32", remat="none"),
         mesh=sharding.MeshConfig(data=-1),
     )
     return finetune.FinetuneConfig(**{**base, **kw})

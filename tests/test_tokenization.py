@@ -43,6 +43,8 @@ def test_matches_reference_tokenizer(tmp_path, lower):
         assert ours.tokenize(text) == ref.tokenize(text), text
         assert ours.encode(text) == ref.convert_tokens_to_ids(ref.tokenize(text)), text
     assert ours.encode_batch(probes) == [ours.encode(t) for t in probes]
+    # Pieces by word from one call, as if every whitespace-separated word were encoded alone.
+    assert ours.encode_words(probes) == [[ours.encode(w) for w in t.split()] for t in probes]
 
 
 def test_special_ids_and_long_words(tmp_path):
@@ -81,6 +83,7 @@ def test_sentencepiece_trains_encodes_and_decodes(tmp_path, model_type):
         assert tok.encode(text) == ref.encode(expected)
         assert tok.decode(tok.encode(text)) == expected
     assert tok.encode_batch(TEXT) == [tok.encode(t) for t in TEXT]
+    assert tok.encode_words(TEXT) == [[tok.encode(w) for w in t.split()] for t in TEXT]
     continuation = tok.is_continuation()
     pieces = tok.tokenize("supercalifragilistic")
     assert pieces[0].startswith("\u2581") and all(

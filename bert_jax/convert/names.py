@@ -301,11 +301,17 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
     act = {"gelu_python": "gelu", "gelu_pytorch_tanh": "gelu_new"}.get(
         hf.get("hidden_act", "gelu"), hf.get("hidden_act", "gelu")
     )
+    if hf.get("pruned_heads"):
+        raise ValueError(
+            f"{source} describes a model with pruned heads ({hf['pruned_heads']}); import the "
+            f"unpruned model and prune it with `python -m bert_jax.analysis prune`"
+        )
     fields = {f.name for f in dataclasses.fields(BertConfig)} - {
         "dtype",
         "param_dtype",
         "remat",
         "share_layers",
+        "pruned_heads",
     }
     values = {k: hf[k] for k in fields if k in hf}
     try:
@@ -317,7 +323,13 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
 def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> dict:
     """The `config.json` that `transformers` reads for `architecture`."""
     albert = family(config) == "albert"
-    skip = ("dtype", "param_dtype", "remat", "share_layers")
+    if config.pruned_heads:
+        raise ValueError(
+            "a model with pruned heads has layers of different sizes, which the Hugging Face "
+            "export does not write; export the model before pruning, or use it as a bert_jax "
+            "workdir (init_from, finetune.py, bert_jax.extract)"
+        )
+    skip = ("dtype", "param_dtype", "remat", "share_layers", "pruned_heads")
     if not albert:
         skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
     hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,9 +66,8 @@ def load_pretrained(
             f"tf:<original TF checkpoint directory> or a bert_jax workdir"
         )
     if kind in ("hf", "tf"):
-        scratch = scratch_dir or tempfile.mkdtemp(prefix="bert_jax_vocab_")
         source = (
-            read_hf_dir(path, scratch, **overrides)
+            read_hf_dir(path, scratch_dir, **overrides)
             if kind == "hf"
             else read_tf_checkpoint(path, **overrides)
         )

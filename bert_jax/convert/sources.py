@@ -2,6 +2,7 @@
 Hugging Face directories out."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -39,12 +40,13 @@ class Source:
     do_lower_case: bool
 
 
-def read_hf_dir(path: str, scratch_dir: str, **overrides: Any) -> Source:
+def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> Source:
     """A Hugging Face model directory (`save_pretrained` output).
 
     Args:
       path: the directory.
-      scratch_dir: where `vocab.txt` is written when the directory only has `tokenizer.json`.
+      scratch_dir: where `vocab.txt` is written when the directory only has `tokenizer.json`;
+        None: the cache ($BERT_JAX_CACHE or ~/.cache/bert_jax), under `vocab/<content hash>`.
       overrides: BertConfig fields that replace the directory's (e.g. dtype).
     """
     config_file = os.path.join(path, "config.json")
@@ -180,7 +182,7 @@ def _torch_tensors(files: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _hf_vocab(path: str, scratch_dir: str) -> tuple[str, bool]:
+def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool]:
     """(vocab.txt or spiece.model path, do_lower_case) of a Hugging Face directory."""
     settings_file = os.path.join(path, "tokenizer_config.json")
     settings = read_json(settings_file) if os.path.isfile(settings_file) else {}
@@ -202,9 +204,13 @@ def _hf_vocab(path: str, scratch_dir: str) -> tuple[str, bool]:
     vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise ValueError(f"{tokenizer_file}: the vocabulary ids are not 0..n-1")
+    text = "".join(t + "\n" for t, _ in vocab).encode("utf-8")
+    if scratch_dir is None:
+        cache = os.environ.get("BERT_JAX_CACHE") or os.path.expanduser("~/.cache/bert_jax")
+        scratch_dir = os.path.join(cache, "vocab", hashlib.sha256(text).hexdigest()[:16])
     out = os.path.join(scratch_dir, "vocab.txt")
     os.makedirs(scratch_dir, exist_ok=True)
-    corpus.atomic_write(out, "".join(t + "\n" for t, _ in vocab).encode("utf-8"))
+    corpus.atomic_write(out, text)
     return out, lower
 
 
