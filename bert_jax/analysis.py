@@ -392,7 +392,7 @@ def _model_batches(input_path, tokenizer, max_seq_length, batch_size, progress):
         raise FileNotFoundError(f"--input={input_path} does not exist")
     lines = extract.read_lines(input_path)
     bar = tqdm.tqdm(unit="line", desc="analyse", disable=not progress)
-    for batch in extract._batches(lines, tokenizer, max_seq_length, batch_size):
+    for batch in extract.batches(lines, tokenizer, max_seq_length, batch_size):
         n = len(batch.pop("examples"))
         batch.pop("piece_word")
         batch["example_weight"] = (np.arange(batch_size) < n).astype(np.float32)

@@ -135,17 +135,15 @@ def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.
         piece_word = batch["piece_word"]
         # [B, L, W]: which word each position belongs to; `first` keeps each word's first piece.
         onehot = (piece_word[:, :, None] == jnp.arange(length)[None, None, :]).astype(jnp.float32)
-        if pooling == "first":
-            onehot = onehot * (jnp.cumsum(onehot, axis=1) == 1)
-        counts = onehot.sum(axis=1)  # [B, W]
-        words = jnp.einsum("blw,nbld->bnwd", onehot, hidden)
+        pieces = onehot.sum(axis=1)  # [B, W]
+        pick = onehot * (jnp.cumsum(onehot, axis=1) == 1) if pooling == "first" else onehot
+        words = jnp.einsum("blw,nbld->bnwd", pick, hidden)
         if pooling == "mean":
-            words = words / jnp.maximum(counts, 1.0)[:, None, :, None]
+            words = words / jnp.maximum(pieces, 1.0)[:, None, :, None]
         mask = batch["input_mask"].astype(jnp.float32)
         mean = jnp.einsum("bl,bld->bd", mask, out.sequence_output.astype(jnp.float32))
         mean = mean / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
         cls = out.pooled_output if out.pooled_output is not None else out.sequence_output[:, 0]
-        pieces = (piece_word[:, :, None] == jnp.arange(length)[None, None, :]).sum(axis=1)
         return {"words": words, "pieces": pieces, "cls": cls.astype(jnp.float32), "mean": mean}
 
     return extract_step
@@ -298,7 +296,7 @@ def extract(
     bar = tqdm.tqdm(total=total, unit="line", desc="extract", disable=not progress)
     try:
         with jax.set_mesh(mesh):
-            for batch in _batches(read_lines(input_path), tokenizer, max_seq_length, batch_size):
+            for batch in batches(read_lines(input_path), tokenizer, max_seq_length, batch_size):
                 examples = batch.pop("examples")
                 out = jax.device_get(
                     step(pretrained.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES))
@@ -318,7 +316,7 @@ def extract(
     return {"lines": lines, "truncated": truncated, "output": output_path}
 
 
-def _batches(lines, tokenizer, max_seq_length, batch_size) -> Iterator[dict]:
+def batches(lines, tokenizer, max_seq_length, batch_size) -> Iterator[dict]:
     """Batches of `batch_size` rows (the last padded with empty rows), each as long as the
     smallest of 16, 32, 64, ... `max_seq_length` that holds its longest line: short lines do
     not pay for the longest possible, and there are a few shapes to compile, not one per batch."""

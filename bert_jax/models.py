@@ -398,6 +398,9 @@ class BertEncoder(nnx.Module):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+        if head_mask is not None and steps != head_mask.shape[0]:
+            # ALBERT's inner group layers: each applied layer's mask for its inner layers.
+            head_mask = jnp.repeat(head_mask, steps // head_mask.shape[0], axis=0)
         xs = (scanned, keys, index, head_mask)
         out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
         return out, hidden, probs, x

@@ -305,3 +305,19 @@ def test_glue_fine_tuning_with_an_albert_encoder(tmp_path):
         "entailment",
         "not_entailment",
     }
+
+
+def test_head_mask_reaches_the_inner_layers_of_albert_groups():
+    config = models.BertConfig.named(
+        "albert_base", **SIZES, num_hidden_groups=2, inner_group_num=2, share_layers="all"
+    )
+    graphdef, params = models.split_params(models.create_model(config, 0, models.BertModel))
+    ids, mask, segments, _ = hf_reference.padded_batch(SIZES["vocab_size"])
+    model = models.merge_params(graphdef, params)
+    plain = model(ids, mask, segments).sequence_output
+    ones = model(ids, mask, segments, head_mask=np.ones((4, 4), np.float32)).sequence_output
+    np.testing.assert_allclose(ones, plain, atol=1e-6)
+    last = np.ones((4, 4), np.float32)
+    last[3] = 0.0  # the last layer's heads, in both of its inner layers
+    masked = model(ids, mask, segments, head_mask=last).sequence_output
+    assert np.abs(np.asarray(masked - plain)).max() > 1e-3
