@@ -388,9 +388,7 @@ def main(argv):
     cfg = parse_config(_CONFIG.value)
     # Every learning rate, and the tasks of the same label count, compile the same programs:
     # the persistent compilation cache turns all but the first into a lookup.
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        cache = os.environ.get("BERT_JAX_CACHE", os.path.expanduser("~/.cache/bert_jax"))
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "jax"))
+    sharding.enable_compilation_cache()
     workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh)

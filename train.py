@@ -442,6 +442,9 @@ def main(argv):
     # Orbax reports every save at INFO through absl; keep the console for the progress bar.
     logging.set_verbosity(logging.WARNING)
     run = parse_config(_CONFIG.value)  # bad configs fail here, before any device work
+    # A resumed run (after preemption, a crash or a changed step count) loads its compiled
+    # train and eval steps from the persistent cache instead of compiling them again.
+    sharding.enable_compilation_cache()
     if _DISTRIBUTED.value:
         sharding.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value

@@ -185,6 +185,16 @@ def _docstring_sentences(path: str) -> list[str]:
     return sentences
 
 
+def cache_root() -> str:
+    """Where bert_jax caches corpora, vocabularies, shards and compiled programs.
+
+    $BERT_JAX_CACHE when set, else ~/.cache/bert_jax.
+    """
+    return os.environ.get("BERT_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "bert_jax"
+    )
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Writes `data` to a temporary file beside `path`, then renames it into place."""
     directory = os.path.dirname(path) or "."

@@ -80,8 +80,7 @@ class DataConfig:
 
 
 def cache_dir(config: DataConfig) -> str:
-    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "bert_jax")
-    return config.cache_dir or os.environ.get("BERT_JAX_CACHE", home_cache)
+    return config.cache_dir or corpus.cache_root()
 
 
 def corpus_files(config: DataConfig) -> list[str]:

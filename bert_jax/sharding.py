@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from bert_jax import axes
+from bert_jax import axes, corpus
 
 Rules = axes.Rules
 
@@ -27,6 +27,18 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+
+def enable_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache, under the bert_jax cache directory.
+
+    Programs that compiled once (a resumed run's train step, each fine-tuning run of a sweep)
+    are then read back instead of compiled again. An explicit $JAX_COMPILATION_CACHE_DIR or
+    `jax_compilation_cache_dir` setting is left as it is.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(corpus.cache_root(), "jax"))
 
 
 def initialize_distributed(

@@ -206,8 +206,9 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool]:
         raise ValueError(f"{tokenizer_file}: the vocabulary ids are not 0..n-1")
     text = "".join(t + "\n" for t, _ in vocab).encode("utf-8")
     if scratch_dir is None:
-        cache = os.environ.get("BERT_JAX_CACHE") or os.path.expanduser("~/.cache/bert_jax")
-        scratch_dir = os.path.join(cache, "vocab", hashlib.sha256(text).hexdigest()[:16])
+        scratch_dir = os.path.join(
+            corpus.cache_root(), "vocab", hashlib.sha256(text).hexdigest()[:16]
+        )
     out = os.path.join(scratch_dir, "vocab.txt")
     os.makedirs(scratch_dir, exist_ok=True)
     corpus.atomic_write(out, text)
