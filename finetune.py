@@ -59,6 +59,8 @@ class FinetuneConfig:
     eval_every_steps: int
     early_stopping_patience: int
     log_every: int
+    pack: bool
+    pack_max_examples: int
     numerics: dict
     mesh: sharding.MeshConfig
 
@@ -80,7 +82,7 @@ def parse_config(cfg) -> FinetuneConfig:
             f"with CoLA/, SST-2/, MNLI/, ...> (the GLUE download), or --config.source=tfds with "
             f"the data prepared by `tfds build glue/<task> --file_format=array_record`"
         )
-    for name in ("batch_size", "eval_batch_size", "max_seq_length"):
+    for name in ("batch_size", "eval_batch_size", "max_seq_length", "pack_max_examples"):
         if cfg[name] < 1:
             raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
     return FinetuneConfig(
@@ -102,6 +104,8 @@ def parse_config(cfg) -> FinetuneConfig:
         eval_every_steps=cfg.eval_every_steps,
         early_stopping_patience=cfg.early_stopping_patience,
         log_every=cfg.log_every,
+        pack=cfg.pack,
+        pack_max_examples=cfg.pack_max_examples,
         numerics=dict(cfg.model),
         mesh=sharding.MeshConfig(**cfg.mesh),
     )
@@ -167,6 +171,7 @@ class Run:
         self.cfg, self.data, self.trainer, self.pretrained = cfg, data, trainer, pretrained
         self.lr, self.seed, self.directory = lr, seed, directory
         self.task = data.task
+        self.data_parallel = sharding.data_parallel_size(trainer.mesh, axes.DEFAULT_RULES)
         self.main_dev = self.task.dev_splits[0].name
         self.writer = tensorboardX.SummaryWriter(os.path.join(directory, "tensorboard"))
         meta = convert.describe_run(
@@ -181,18 +186,27 @@ class Run:
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts this run afresh
         self.ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=1)
 
+    def batch(self, features: dict[str, np.ndarray], rows: np.ndarray | slice, size: int):
+        """The examples `rows` of `features` as a device batch: packed several to a row
+        (`glue.pack`), or padded with empty rows to `size`; and the packed slots' sources."""
+        host = {k: v[rows] for k, v in features.items()}
+        if self.cfg.pack:
+            host = glue.pack(host, self.cfg.pack_max_examples, self.data_parallel)
+            source = host.pop("source")
+        else:
+            host = {k: _pad(v, size) for k, v in host.items()}
+            source = None
+        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES), source
+
     def predict(self, params, features) -> np.ndarray:
         """Predicted classes (or scores) for every row of `features`, in order."""
         outputs = []
         n, b = len(features["input_ids"]), self.cfg.eval_batch_size
         for start in range(0, n, b):
-            batch = {k: v[start : start + b] for k, v in features.items() if k != "label"}
-            real = len(batch["input_ids"])
-            batch = {k: _pad(v, b) for k, v in batch.items()}
-            batch = sharding.global_batch(batch, self.trainer.mesh, axes.DEFAULT_RULES)
-            outputs.append(
-                np.asarray(jax.device_get(self.trainer.predict_step(params, batch)))[:real]
-            )
+            real = min(b, n - start)
+            batch, source = self.batch(features, slice(start, start + real), b)
+            out = np.asarray(jax.device_get(self.trainer.predict_step(params, batch)))
+            outputs.append(out[:real] if source is None else glue.unpack(out, source, real))
         logits = np.concatenate(outputs)
         return logits[:, 0] if self.task.is_regression else logits.argmax(-1)
 
@@ -228,9 +242,7 @@ class Run:
             if len(order) < cfg.batch_size:  # a new epoch: reshuffle, drop the remainder
                 order = rng.permutation(n)
             rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            batch = sharding.global_batch(
-                {k: v[rows] for k, v in train.items()}, self.trainer.mesh, axes.DEFAULT_RULES
-            )
+            batch, _ = self.batch(train, rows, cfg.batch_size)
             state, metrics = self.trainer.train_step(state, batch)
             step += 1
             bar.update(1)

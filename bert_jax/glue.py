@@ -302,6 +302,81 @@ def encode(examples: Examples, tokenizer: Tokenizer, max_seq_length: int) -> dic
     return dict(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids, label=label)
 
 
+def pack(
+    features: dict[str, np.ndarray], max_per_row: int = 16, row_multiple: int = 1
+) -> dict[str, np.ndarray]:
+    """Packs one-example-per-row features (`encode`) into fewer rows of several examples.
+
+    Short examples waste most of a padded row (an SST-2 sentence is about 25 of 128 tokens).
+    Here the examples are placed first-fit by decreasing length into rows of the same length,
+    at most `max_per_row` to a row; `models.Packing` keeps them apart in the encoder, so each
+    example's logits equal those of the example alone. The number of rows is rounded up to
+    `row_multiple` times a power of two (capped at the unpacked count), so that the packed
+    batches of a run take few distinct shapes and compile a few times only.
+
+    Returns:
+      input_ids, input_mask, segment_ids, example_ids (1, 2, ... per example, 0 for padding),
+      position_ids (from 0 at each example's [CLS]): [R, L] int32; cls_positions, label,
+      label_weights (1 for a real example) and source (the example's row in `features`, -1
+      for an unused slot): [R, max_per_row].
+    """
+    if max_per_row < 1:
+        raise ValueError(f"max_per_row={max_per_row} must be at least 1")
+    ids = features["input_ids"]
+    n, width = ids.shape
+    lengths = features["input_mask"].sum(axis=1).astype(np.int64)
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        for r, filled in enumerate(used):
+            if filled + lengths[i] <= width and len(rows[r]) < max_per_row:
+                rows[r].append(int(i))
+                used[r] += int(lengths[i])
+                break
+        else:
+            rows.append([int(i)])
+            used.append(int(lengths[i]))
+    cap = -(-n // row_multiple) * row_multiple
+    count = row_multiple
+    while count < len(rows) and count < cap:
+        count *= 2
+    count = max(min(count, cap), len(rows))
+    label = features["label"]
+    out = {
+        name: np.zeros((count, width), np.int32)
+        for name in ("input_ids", "input_mask", "segment_ids", "example_ids", "position_ids")
+    }
+    out["cls_positions"] = np.zeros((count, max_per_row), np.int32)
+    out["label"] = np.zeros((count, max_per_row), label.dtype)
+    out["label_weights"] = np.zeros((count, max_per_row), np.float32)
+    out["source"] = np.full((count, max_per_row), -1, np.int32)
+    for r, members in enumerate(rows):
+        start = 0
+        for slot, i in enumerate(members):
+            end = start + int(lengths[i])
+            out["input_ids"][r, start:end] = ids[i, : end - start]
+            out["segment_ids"][r, start:end] = features["segment_ids"][i, : end - start]
+            out["input_mask"][r, start:end] = 1
+            out["example_ids"][r, start:end] = slot + 1
+            out["position_ids"][r, start:end] = np.arange(end - start)
+            out["cls_positions"][r, slot] = start
+            out["label"][r, slot] = label[i]
+            out["label_weights"][r, slot] = 1.0
+            out["source"][r, slot] = i
+            start = end
+    return out
+
+
+def unpack(outputs: np.ndarray, source: np.ndarray, n: int) -> np.ndarray:
+    """Per-slot outputs [R, K, ...] of packed rows -> [n, ...] in the original order."""
+    real = source >= 0
+    result = np.zeros((n, *outputs.shape[2:]), outputs.dtype)
+    result[source[real]] = outputs[real]
+    if np.bincount(source[real], minlength=n).min(initial=1) != 1:
+        raise ValueError("every example must sit in exactly one packed slot")
+    return result
+
+
 def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The official GLUE metrics of `task`, plus `score`: the GLUE score of the task (the mean
     of its two metrics for MRPC, QQP and STS-B), which model selection uses.

@@ -9,6 +9,8 @@ and attention softmax are always computed in float32.
 Randomness is explicit: dropout takes a key, there is no RNG state inside a module.
 """
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,12 +52,37 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None, deterministic: boo
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+    """`jax.nn.gelu` whose backward pass keeps one array, the derivative, from the forward.
+
+    Differentiating `jax.nn.gelu` directly keeps every intermediate (the erf or tanh, the
+    exponential, the products): four arrays of [tokens, intermediate_size] per layer, written
+    in the forward pass and read in the backward. Here the forward computes the derivative in
+    the same loop as the value, so the backward reads one array and multiplies.
+    """
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+@gelu.defjvp
+def _gelu_jvp(approximate: bool, primals, tangents):
+    (x,), (t,) = primals, tangents
+    if approximate:  # 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+        c = math.sqrt(2.0 / math.pi)
+        tanh = jnp.tanh(c * (x + 0.044715 * x**3))
+        slope = 0.5 * (1.0 + tanh) + 0.5 * x * (1.0 - tanh * tanh) * c * (1.0 + 0.134145 * x * x)
+    else:  # x Phi(x): Phi(x) + x phi(x)
+        cdf = 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+        slope = cdf + x * jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return jax.nn.gelu(x, approximate=approximate), t * slope.astype(t.dtype)
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
     """`gelu` is the exact erf GELU of the original BERT; `gelu_new` the tanh approximation."""
     if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+        return gelu(x, False)
     if name == "gelu_new":
-        return jax.nn.gelu(x, approximate=True)
+        return gelu(x, True)
     if name == "relu":
         return jax.nn.relu(x)
     raise ValueError(f"unknown activation {name!r}; use 'gelu', 'gelu_new' or 'relu'")
@@ -202,7 +229,8 @@ class SelfAttention(nnx.Module):
 
         Args:
           x: [B, L, D] hidden states.
-          mask: [B, L] bool, True where a token is real (the original `input_mask`).
+          mask: [B, L] bool, True where a token is real (the original `input_mask`), or
+            [B, L, L] bool, True where query i may attend to key j (packed examples).
           probs_dropout: dropout rate on the attention probabilities (training only).
           rng: key for that dropout.
           deterministic: no dropout when True.
@@ -215,7 +243,8 @@ class SelfAttention(nnx.Module):
         """
         qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
         q, k, v = (axes.constrain(p(x), qkv_axes) for p in (self.query, self.key, self.value))
-        key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, L] over (B, H, Lq, Lk)
+        # [B, 1, 1, L] or [B, 1, L, L] over (B, H, Lq, Lk)
+        key_mask = (mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]).astype(bool)
         use_dropout = not deterministic and probs_dropout > 0.0
         if return_probs or use_dropout:
             # The explicit path: needed to return or drop out the probabilities. The fused
@@ -293,8 +322,8 @@ class TransformerLayer(nnx.Module):
         return_probs: bool = False,
         head_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x: [B, L, D], mask: [B, L] bool, head_mask: [H] or None -> ([B, L, D],
-        probabilities [B, H, L, L] or None)."""
+        """x: [B, L, D], mask: [B, L] or [B, L, L] bool (as `SelfAttention`), head_mask: [H]
+        or None -> ([B, L, D], probabilities [B, H, L, L] or None)."""
         keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         attended, probs = self.attention(
             x,

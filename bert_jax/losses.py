@@ -69,17 +69,18 @@ def classification_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]
     """Cross-entropy over classes, or mean squared error when `logits` is [B, 1] (STS-B).
 
     Args:
-      logits: [B, C] float32.
-      batch: holds `label` [B] (int32 classes or float32 scores) and optionally
-        `label_weights` [B] float32 (0 for the padding rows of a last, partial batch).
+      logits: [B, C] float32, or [B, K, C] for K packed examples per row.
+      batch: holds `label` [B] or [B, K] (int32 classes or float32 scores) and optionally
+        `label_weights` of the same shape, float32 (0 for the padding rows of a last, partial
+        batch and the unused slots of packed rows).
 
     Returns:
-      (mean loss over real rows, metric sums `loss_sum`, `correct_sum`, `count`).
+      (mean loss over real examples, metric sums `loss_sum`, `correct_sum`, `count`).
     """
-    weights = batch.get("label_weights", jnp.ones(logits.shape[:1], jnp.float32))
+    weights = batch.get("label_weights", jnp.ones(logits.shape[:-1], jnp.float32))
     weights = weights.astype(jnp.float32)
     if logits.shape[-1] == 1:
-        err = logits[:, 0] - batch["label"].astype(jnp.float32)
+        err = logits[..., 0] - batch["label"].astype(jnp.float32)
         loss_sum, correct = jnp.sum(err**2 * weights), jnp.zeros((), jnp.float32)
         count = jnp.sum(weights)
     else:

@@ -254,6 +254,34 @@ class EncoderOutput:
 
 
 @struct.dataclass
+class Packing:
+    """Several examples in one row of a batch, kept apart (Krell et al., 2021).
+
+    example_ids: [B, L] int32, 1, 2, ... for the tokens of a row's first, second, ... example
+      and 0 for padding; a token attends only to tokens of its own example.
+    position_ids: [B, L] int32, each token's position within its example (from 0 at its [CLS]).
+    cls_positions: [B, K] int32, where each example's [CLS] is (0 for the unused slots).
+    """
+
+    example_ids: jax.Array
+    position_ids: jax.Array
+    cls_positions: jax.Array
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "Packing | None":
+        """The packing of a batch made by `glue.pack`, or None for a batch of one example per
+        row."""
+        if "example_ids" not in batch:
+            return None
+        return cls(batch["example_ids"], batch["position_ids"], batch["cls_positions"])
+
+    def attention_mask(self) -> jax.Array:
+        """[B, L, L] bool: query i may attend to key j when both belong to the same example."""
+        ids = self.example_ids
+        return (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0)
+
+
+@struct.dataclass
 class PretrainingOutput:
     """mlm_logits [B, P, V] float32 at the masked positions; nsp_logits [B, 2] float32."""
 
@@ -286,8 +314,12 @@ class BertEmbeddings(nnx.Module):
         )
         self.dropout_rate = config.hidden_dropout_prob
 
-    def __call__(self, input_ids, segment_ids, *, rng=None, deterministic=True) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+    def __call__(
+        self, input_ids, segment_ids, position_ids=None, *, rng=None, deterministic=True
+    ) -> jax.Array:
+        positions = (
+            jnp.arange(input_ids.shape[1])[None, :] if position_ids is None else position_ids
+        )
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
@@ -473,6 +505,7 @@ class BertModel(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         head_mask: jax.Array | None = None,
+        packing: Packing | None = None,
     ) -> EncoderOutput:
         """Encodes a batch.
 
@@ -483,20 +516,29 @@ class BertModel(nnx.Module):
           rng: dropout key; required when deterministic=False.
           head_mask: [num_hidden_layers, num_attention_heads] float multiplying each head's
             output (0 silences it), or [B, layers, heads] for a mask per example; None: all 1.
+          packing: several examples per row (`Packing`): positions restart at each example,
+            attention stays within it, and the pooled output is [B, K, D], one per example.
         """
         check_input_shapes(self.config, input_ids, input_mask, segment_ids)
         emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
-        x = self.embeddings(input_ids, segment_ids, rng=emb_key, deterministic=deterministic)
+        positions = None if packing is None else packing.position_ids
+        x = self.embeddings(
+            input_ids, segment_ids, positions, rng=emb_key, deterministic=deterministic
+        )
         seq, hidden, probs, x = self.encoder(
             x,
-            input_mask.astype(bool),
+            input_mask.astype(bool) if packing is None else packing.attention_mask(),
             rng=enc_key,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             head_mask=self._check_head_mask(head_mask),
         )
-        pooled = None if self.pooler is None else jnp.tanh(self.pooler(seq[:, 0]))
+        if packing is None:
+            cls = seq[:, 0]
+        else:  # [B, K, D]: each packed example's [CLS]
+            cls = jnp.take_along_axis(seq, packing.cls_positions[..., None], axis=1)
+        pooled = None if self.pooler is None else jnp.tanh(self.pooler(cls))
         if output_hidden_states:
             hidden = jnp.concatenate([x[None], hidden], axis=0)
         return EncoderOutput(seq, pooled, hidden, probs)
@@ -636,7 +678,8 @@ class BertForSequenceClassification(nnx.Module):
         deterministic: bool = True,
         **kwargs,
     ) -> tuple[jax.Array, EncoderOutput]:
-        """(logits [B, num_labels] float32, encoder output); arguments as in `BertModel`."""
+        """(logits [B, num_labels] float32, or [B, K, num_labels] with `packing`, encoder
+        output); arguments as in `BertModel`."""
         enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
         enc = self.bert(
             input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs

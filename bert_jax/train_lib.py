@@ -48,12 +48,14 @@ def _pretraining_loss(model, batch, rng, deterministic):
 
 
 def _classifier_logits(model, batch, rng=None, deterministic=True):
+    """[B, C] logits, or [B, K, C] for a packed batch (`glue.pack`)."""
     logits, _ = model(
         batch["input_ids"],
         batch["input_mask"],
         batch["segment_ids"],
         rng=rng,
         deterministic=deterministic,
+        packing=models.Packing.from_batch(batch),
     )
     return logits
 
@@ -245,15 +247,20 @@ def make_train_step(
             )
             (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient leaves parameters and optimizer state as they were;
-        # the step counter still moves so that the next step draws new dropout masks.
+        # the step counter still moves so that the next step draws new dropout masks. A
+        # `cond`, not a select per array: the update is one pass over the parameters and
+        # writes them in place (the state is donated).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda p, o: (p, o), state.params, state.opt_state
+        )
 
         metrics = {
             **sums,
@@ -264,8 +271,8 @@ def make_train_step(
         }
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
         )
         return new_state, metrics
 

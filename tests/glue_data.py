@@ -238,6 +238,8 @@ def finetune_config(**kw):
         weight_decay=0.01,
         classifier_dropout=-1.0,
         eval_every_steps=0,
+        pack=True,
+        pack_max_examples=16,
         early_stopping_patience=0,
         log_every=10,
         numerics=dict(dtype="float32", param_dtype="float32", remat="none"),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import glue_data
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -115,6 +117,118 @@ def test_pair_packing_truncates_like_the_original(tmp_path):
         glue.Examples(["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"], None, None, ["0"]), tok, 6
     )
     assert single["input_ids"][0].tolist() == [cls, w["w1"], w["w2"], w["w3"], w["w4"], sep]
+
+
+def _features(lengths, width, rng):
+    """Padded one-example-per-row features of the given real lengths, two segments each."""
+    n = len(lengths)
+    mask = (np.arange(width)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids = rng.integers(5, len(glue_data.VOCAB), size=(n, width)).astype(np.int32) * mask
+    segments = ((np.arange(width)[None] >= np.asarray(lengths)[:, None] // 2) * mask).astype(
+        np.int32
+    )
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    return dict(input_ids=ids, input_mask=mask, segment_ids=segments, label=labels)
+
+
+def test_pack_places_every_example_once_within_its_row():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 17, 40)
+    features = _features(lengths, 16, rng)
+    packed = glue.pack(features, max_per_row=4, row_multiple=2)
+    rows = len(packed["input_ids"])
+    assert rows % 2 == 0 and rows >= -(-int(lengths.sum()) // 16)
+    assert rows < 40  # fewer rows than examples: the point
+    real = packed["source"] >= 0
+    assert sorted(packed["source"][real].tolist()) == list(range(40))
+    assert (real.sum(1) <= 4).all() and (packed["input_mask"].sum(1) <= 16).all()
+    for r, slot in zip(*np.nonzero(real), strict=True):
+        i, start = packed["source"][r, slot], packed["cls_positions"][r, slot]
+        span = slice(start, start + lengths[i])
+        assert (packed["input_ids"][r, span] == features["input_ids"][i, : lengths[i]]).all()
+        assert (packed["segment_ids"][r, span] == features["segment_ids"][i, : lengths[i]]).all()
+        assert (packed["position_ids"][r, span] == np.arange(lengths[i])).all()
+        assert (packed["example_ids"][r, span] == slot + 1).all()
+        assert packed["label"][r, slot] == features["label"][i]
+    assert ((packed["example_ids"] > 0) == (packed["input_mask"] > 0)).all()
+    logits = rng.normal(size=(rows, 4, 3))
+    back = glue.unpack(logits, packed["source"], 40)
+    r, slot = np.nonzero(packed["source"] == 7)
+    np.testing.assert_array_equal(back[7], logits[r[0], slot[0]])
+    with pytest.raises(ValueError, match="max_per_row=0"):
+        glue.pack(features, max_per_row=0)
+
+
+def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
+    """Logits of packed rows against transformers' BertForSequenceClassification run on each
+    example alone; the gradient of a packed batch against the same batch unpacked."""
+    import torch
+    import transformers
+
+    from bert_jax import train_lib
+
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=len(glue_data.VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=3,
+            attn_implementation="eager",
+        )
+    ).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    glue_data.write_vocab(tmp_path / "hf" / "vocab.txt")
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    loaded = convert.load_pretrained(
+        f"hf:{tmp_path / 'hf'}", "BertForSequenceClassification", mesh=mesh, num_labels=3
+    )
+    rng = np.random.default_rng(1)
+    lengths = [9, 3, 16, 5, 7, 4, 12, 6]
+    features = _features(lengths, 16, rng)
+    packed = glue.pack(features, max_per_row=4)
+    assert len(packed["input_ids"]) == 4  # 62 tokens in 4 rows of 16, not 8
+    graphdef, _ = models.split_params(
+        models.abstract_model(
+            loaded.config, convert.model_class("BertForSequenceClassification", 3)
+        )
+    )
+    params = jax.tree.map(jnp.asarray, jax.device_get(loaded.params))
+    model = models.merge_params(graphdef, params)
+    logits, _ = model(
+        packed["input_ids"],
+        packed["input_mask"],
+        packed["segment_ids"],
+        packing=models.Packing.from_batch(packed),
+    )
+    ours = glue.unpack(np.asarray(logits), packed["source"], len(lengths))
+    for i, n in enumerate(lengths):
+        with torch.no_grad():
+            ref = hf(
+                input_ids=torch.tensor(features["input_ids"][i : i + 1, :n], dtype=torch.long),
+                token_type_ids=torch.tensor(features["segment_ids"][i : i + 1, :n]).long(),
+            ).logits.numpy()[0]
+        np.testing.assert_allclose(ours[i], ref, atol=1e-5, rtol=0, err_msg=f"example {i}")
+
+    objective = train_lib.classification(3)
+
+    def grads(batch):
+        def loss(p):
+            m = models.merge_params(graphdef, p)
+            return objective.loss(m, batch, None, True)[0]
+
+        return jax.grad(loss)(params)
+
+    unpacked = grads({k: jnp.asarray(v) for k, v in features.items()})
+    packed_batch = {k: jnp.asarray(v) for k, v in packed.items() if k != "source"}
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
+        grads(packed_batch),
+        unpacked,
+    )
 
 
 def test_metrics_match_scikit_learn_and_scipy():
