@@ -310,9 +310,10 @@ def pack(
     Short examples waste most of a padded row (an SST-2 sentence is about 25 of 128 tokens).
     Here the examples are placed first-fit by decreasing length into rows of the same length,
     at most `max_per_row` to a row; `models.Packing` keeps them apart in the encoder, so each
-    example's logits equal those of the example alone. The number of rows is rounded up to
-    `row_multiple` times a power of two (capped at the unpacked count), so that the packed
-    batches of a run take few distinct shapes and compile a few times only.
+    example's logits equal those of the example alone. The number of rows is rounded up to a
+    multiple of an eighth of the unpacked count (and of `row_multiple`, the data-parallel
+    degree), so that the packed batches of a run take a few distinct shapes only (each shape
+    compiles once), at most an eighth of a batch of padding rows.
 
     Returns:
       input_ids, input_mask, segment_ids, example_ids (1, 2, ... per example, 0 for padding),
@@ -337,10 +338,8 @@ def pack(
             rows.append([int(i)])
             used.append(int(lengths[i]))
     cap = -(-n // row_multiple) * row_multiple
-    count = row_multiple
-    while count < len(rows) and count < cap:
-        count *= 2
-    count = max(min(count, cap), len(rows))
+    step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
+    count = min(cap, -(-len(rows) // step) * step)
     label = features["label"]
     out = {
         name: np.zeros((count, width), np.int32)
