@@ -106,10 +106,10 @@ def parse_config(cfg) -> RunConfig:
 
 def load_init(run: RunConfig, mesh, workdir: str) -> tuple[RunConfig, convert.Pretrained | None]:
     """With `init_from`, the imported weights, and the run with their model config (this run
-    keeps its dtype, param_dtype and remat) and their vocabulary."""
+    keeps its numerics, `models.RUN_FIELDS`) and their vocabulary."""
     if not run.init_from:
         return run, None
-    numerics = {k: getattr(run.model, k) for k in ("dtype", "param_dtype", "remat")}
+    numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
     pretrained = convert.load_pretrained(
         run.init_from, "BertForPreTraining", mesh=mesh, scratch_dir=workdir, **numerics
     )

@@ -57,6 +57,11 @@ def axis_rules(rules: Rules) -> Iterator[None]:
         _RULES.reset(token)
 
 
+def active_rules() -> Rules | None:
+    """The rules installed by the innermost `axis_rules`, or None."""
+    return _RULES.get()
+
+
 def partition_spec(
     logical: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int], rules: Rules
 ) -> PartitionSpec:

@@ -16,7 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+from jax.sharding import PartitionSpec
 
 from bert_jax import axes
 
@@ -188,6 +189,94 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+ATTENTION_KERNELS = ("auto", "xla", "splash")
+
+
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query attends to, from one id per token.
+
+    ids: [B, L] int32: 0 for padding; 1 for every real token of a row that holds one example
+      (the original `input_mask`), or 1, 2, ... per example of a packed row.
+    packed: static; False: every query attends to every real key (BERT's key padding mask);
+      True: a token attends to the tokens of its own example only.
+    """
+
+    ids: jax.Array
+    packed: bool = struct.field(pytree_node=False, default=False)
+
+    def dense(self) -> jax.Array:
+        """[B, 1, 1, L] or, packed, [B, 1, L, L] bool over (batch, heads, query, key)."""
+        ids = self.ids
+        if not self.packed:
+            return (ids > 0)[:, None, None, :]
+        return ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+    """Attention through the Pallas splash kernel (blockwise, the [L, L] scores never in HBM).
+
+    q, k, v: [B, L, H, D]; ids: [B, L] int32 segment ids (a query attends to the keys of its
+    own id, so padding, id 0, attends only to padding, whose outputs nothing reads). Compiled
+    for the TPU there; elsewhere the same kernel runs in Pallas's interpreter (for tests).
+    Under a mesh it runs per shard (`shard_map`) over the batch and head axes of the rules.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    length, head_dim = q.shape[1], q.shape[-1]
+    if length % 128:
+        raise ValueError(
+            f"the splash attention kernel needs a sequence length divisible by 128, got {length}; "
+            f"pad the inputs or use attention_kernel='xla'"
+        )
+    interpret = jax.default_backend() != "tpu"
+    block = min(512, length)
+
+    def run(q, k, v, ids):
+        heads = q.shape[2]
+        kernel = sk.make_splash_mha(
+            sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(heads)]),
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=sk.BlockSizes(
+                block_q=block,
+                block_kv=block,
+                block_kv_compute=block,
+                block_q_dkv=block,
+                block_kv_dkv=block,
+                block_kv_dkv_compute=block,
+                block_q_dq=block,
+                block_kv_dq=block,
+            ),
+            interpret=interpret,
+        )
+        q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), ids
+        )
+        return jnp.swapaxes(out, 1, 2)
+
+    mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
+    if mesh.empty or rules is None:
+        return run(q, k, v, ids)
+    spec = axes.partition_spec(
+        (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV), q.shape, dict(mesh.shape), rules
+    )
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError(
+            f"splash attention shards the batch and the heads only; the rules split the "
+            f"sequence or the head size ({spec}); use attention_kernel='xla'"
+        )
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, ids)
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention under a key padding mask, split-head projections."""
 
@@ -199,9 +288,12 @@ class SelfAttention(nnx.Module):
         init_std: float,
         rngs: nnx.Rngs,
         head_dim: int | None = None,
+        kernel: str = "auto",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}; use one of {ATTENTION_KERNELS}")
         # A pruned layer keeps the head size of the model and fewer heads.
         head_dim = head_dim or hidden_size // num_heads
         kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -213,11 +305,12 @@ class SelfAttention(nnx.Module):
             (num_heads, head_dim), hidden_size, kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), **kw
         )
         self.dtype = dtype
+        self.kernel = kernel
 
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         *,
         probs_dropout: float = 0.0,
         rng: jax.Array | None = None,
@@ -229,8 +322,7 @@ class SelfAttention(nnx.Module):
 
         Args:
           x: [B, L, D] hidden states.
-          mask: [B, L] bool, True where a token is real (the original `input_mask`), or
-            [B, L, L] bool, True where query i may attend to key j (packed examples).
+          mask: which keys each query sees (`AttentionMask`).
           probs_dropout: dropout rate on the attention probabilities (training only).
           rng: key for that dropout.
           deterministic: no dropout when True.
@@ -243,21 +335,24 @@ class SelfAttention(nnx.Module):
         """
         qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
         q, k, v = (axes.constrain(p(x), qkv_axes) for p in (self.query, self.key, self.value))
-        # [B, 1, 1, L] or [B, 1, L, L] over (B, H, Lq, Lk)
-        key_mask = (mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]).astype(bool)
         use_dropout = not deterministic and probs_dropout > 0.0
         if return_probs or use_dropout:
             # The explicit path: needed to return or drop out the probabilities. The fused
-            # kernel below cannot do either.
+            # kernels below cannot do either.
             scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
             logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-            logits = jnp.where(key_mask, logits * scale, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask.dense(), logits * scale, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1)
             dropped = dropout(probs, probs_dropout, rng, deterministic)
             ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
+        elif self.kernel == "splash" or (
+            self.kernel == "auto" and jax.default_backend() == "tpu" and q.shape[1] % 128 == 0
+        ):
+            probs = None
+            ctx = splash_attention(q, k, v, mask.ids)
         else:
             probs = None
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask.dense())
         if head_mask is not None:  # [H] or [B, H]
             per_example = head_mask.ndim == 2
             m = head_mask.astype(ctx.dtype)
@@ -285,12 +380,18 @@ class TransformerLayer(nnx.Module):
         init_std: float,
         rngs: nnx.Rngs,
         head_dim: int | None = None,
+        attention_kernel: str = "auto",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.attention = SelfAttention(
-            hidden_size, num_heads, init_std=init_std, head_dim=head_dim, **kw
+            hidden_size,
+            num_heads,
+            init_std=init_std,
+            head_dim=head_dim,
+            kernel=attention_kernel,
+            **kw,
         )
         self.attention_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
         self.intermediate = Dense(
@@ -315,15 +416,15 @@ class TransformerLayer(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: AttentionMask,
         *,
         rng: jax.Array | None = None,
         deterministic: bool = True,
         return_probs: bool = False,
         head_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x: [B, L, D], mask: [B, L] or [B, L, L] bool (as `SelfAttention`), head_mask: [H]
-        or None -> ([B, L, D], probabilities [B, H, L, L] or None)."""
+        """x: [B, L, D], mask: `AttentionMask`, head_mask: [H] or None -> ([B, L, D],
+        probabilities [B, H, L, L] or None)."""
         keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         attended, probs = self.attention(
             x,

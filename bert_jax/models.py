@@ -29,6 +29,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # What the backward pass recomputes instead of keeping: nothing; the attention scores,
 # probabilities and every elementwise result (the matmul outputs are kept: Korthikanti et
 # al.'s selective recomputation); or the whole layer from its input.
+# Fields of a run's numerics, not of the model: a released config.json does not set them, an
+# import keeps the run's values, and the Hugging Face export leaves them out.
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "attention_kernel")
+
 REMAT_POLICIES = {
     "none": None,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -68,6 +72,10 @@ class BertConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # "minimal" or "full" (see REMAT_POLICIES); True / False: full / none.
+    # Attention without dropout on its probabilities (evaluation, inference, ALBERT's
+    # recipe): "xla" (jax.nn.dot_product_attention), "splash" (the Pallas splash kernel, on
+    # TPU; interpreted elsewhere, for tests) or "auto" (splash on TPU, XLA elsewhere).
+    attention_kernel: str = "auto"
     # Heads removed from each layer (per layer, in the original numbering, as Hugging Face's
     # `pruned_heads`); a pruned model runs its layers one by one, each of its own size.
     pruned_heads: tuple[tuple[int, ...], ...] = ()
@@ -77,6 +85,11 @@ class BertConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"BertConfig.remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
+        if self.attention_kernel not in layers.ATTENTION_KERNELS:
+            raise ValueError(
+                f"BertConfig.attention_kernel={self.attention_kernel!r}; use one of "
+                f"{layers.ATTENTION_KERNELS}"
+            )
         for name in (
             "vocab_size",
             "hidden_size",
@@ -275,11 +288,6 @@ class Packing:
             return None
         return cls(batch["example_ids"], batch["position_ids"], batch["cls_positions"])
 
-    def attention_mask(self) -> jax.Array:
-        """[B, L, L] bool: query i may attend to key j when both belong to the same example."""
-        ids = self.example_ids
-        return (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0)
-
 
 @struct.dataclass
 class PretrainingOutput:
@@ -351,6 +359,7 @@ class BertEncoder(nnx.Module):
                 init_std=config.initializer_range,
                 rngs=nnx.Rngs(params=key),
                 head_dim=config.head_dim,
+                attention_kernel=config.attention_kernel,
                 **_layer_kwargs(config),
             )
 
@@ -383,7 +392,7 @@ class BertEncoder(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: layers.AttentionMask,
         *,
         rng: jax.Array | None = None,
         deterministic: bool = True,
@@ -527,7 +536,9 @@ class BertModel(nnx.Module):
         )
         seq, hidden, probs, x = self.encoder(
             x,
-            input_mask.astype(bool) if packing is None else packing.attention_mask(),
+            layers.AttentionMask(input_mask.astype(jnp.int32))
+            if packing is None
+            else layers.AttentionMask(packing.example_ids, packed=True),
             rng=enc_key,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,

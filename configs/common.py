@@ -16,7 +16,7 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.model = dataclasses.asdict(models.BertConfig.named(size))
     # Start from released or earlier weights: "hf:<dir>" (Hugging Face), "tf:<dir>" (original
     # TF checkpoint) or a bert_jax workdir. Their config.json and vocabulary then replace
-    # config.model (except dtype, param_dtype, remat) and config.data.vocab_file.
+    # config.model (except dtype, param_dtype, remat, attention_kernel) and config.data.vocab_file.
     config.init_from = ""
 
     config.data = ml_collections.ConfigDict()

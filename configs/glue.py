@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
     config.model.remat = "none"
+    config.model.attention_kernel = "auto"  # Or "xla", "splash" (see BertConfig).
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1

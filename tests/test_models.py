@@ -95,6 +95,78 @@ def test_fused_attention_path_matches_explicit_path():
     np.testing.assert_allclose(fused.mlm_logits, explicit.mlm_logits, atol=1e-5, rtol=0)
 
 
+def test_splash_attention_kernel_matches_the_xla_path():
+    """The Pallas splash kernel (interpreted on the CPU), padded and packed, one device and
+    sharded over 8: the same outputs, loss and update as jax.nn.dot_product_attention."""
+    import dataclasses
+
+    from bert_jax import axes, glue, optim, sharding, train_lib
+
+    xla = models.BertConfig(
+        **{**TINY, "max_position_embeddings": 128},
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attention_kernel="xla",
+    )
+    splash = dataclasses.replace(xla, attention_kernel="splash")
+    rng = np.random.default_rng(2)
+    lengths = np.array([128, 50, 9, 77, 128, 3, 64, 100])
+    mask = (np.arange(128)[None] < lengths[:, None]).astype(np.int32)
+    ids = (rng.integers(1, TINY["vocab_size"], (8, 128)) * mask).astype(np.int32)
+    segments = ((np.arange(128)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    positions = np.stack([rng.integers(0, n, 5) for n in lengths]).astype(np.int32)
+    batch = dict(
+        input_ids=ids,
+        input_mask=mask,
+        segment_ids=segments,
+        masked_lm_positions=positions,
+        masked_lm_ids=rng.integers(0, TINY["vocab_size"], (8, 5)).astype(np.int32),
+        masked_lm_weights=np.ones((8, 5), np.float32),
+        next_sentence_labels=rng.integers(0, 2, 8).astype(np.int32),
+    )
+    # One device: pretraining outputs at the real positions.
+    graphdef, params = models.split_params(models.create_model(xla))
+    ours = models.merge_params(models.split_params(models.abstract_model(splash))[0], params)(
+        ids, mask, segments, positions
+    )
+    ref = models.merge_params(graphdef, params)(ids, mask, segments, positions)
+    np.testing.assert_allclose(ours.mlm_logits, ref.mlm_logits, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(ours.nsp_logits, ref.nsp_logits, atol=2e-5, rtol=0)
+    # Packed classification rows.
+    cls = models.BertForSequenceClassification
+    graphdef, params = models.split_params(models.create_model(xla, 0, cls))
+    packed = glue.pack(
+        dict(input_ids=ids, input_mask=mask, segment_ids=segments, label=np.zeros(8, np.int32)),
+        max_per_row=4,
+    )
+    assert len(packed["input_ids"]) < 8
+    run = dict(packing=models.Packing.from_batch(packed))
+    args = (packed["input_ids"], packed["input_mask"], packed["segment_ids"])
+    ours, _ = models.merge_params(
+        models.split_params(models.abstract_model(splash, cls))[0], params
+    )(*args, **run)
+    ref, _ = models.merge_params(graphdef, params)(*args, **run)
+    real = packed["source"] >= 0
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(ref)[real], atol=2e-5, rtol=0)
+    # Eight devices (batch split over `data`): one train step, the same loss and parameters.
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    results = []
+    for config in (xla, splash):
+        trainer = train_lib.create_trainer(
+            config, optim.OptimConfig(warmup_steps=1, total_steps=10), mesh, axes.DEFAULT_RULES
+        )
+        with jax.set_mesh(mesh):
+            state = trainer.init(0)
+            state, metrics = trainer.train_step(
+                state, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
+            )
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), *[r[1] for r in results]
+    )
+
+
 @pytest.mark.parametrize(
     "name, hf_sizes",
     [

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from bert_jax import models
-from bert_jax.models import BertConfig, Params
+from bert_jax.models import RUN_FIELDS, BertConfig, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,9 +307,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
             f"unpruned model and prune it with `python -m bert_jax.analysis prune`"
         )
     fields = {f.name for f in dataclasses.fields(BertConfig)} - {
-        "dtype",
-        "param_dtype",
-        "remat",
+        *RUN_FIELDS,
         "share_layers",
         "pruned_heads",
     }
@@ -329,7 +327,7 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
             "export does not write; export the model before pruning, or use it as a bert_jax "
             "workdir (init_from, finetune.py, bert_jax.extract)"
         )
-    skip = ("dtype", "param_dtype", "remat", "share_layers", "pruned_heads")
+    skip = (*RUN_FIELDS, "share_layers", "pruned_heads")
     if not albert:
         skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
     hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
