@@ -205,12 +205,20 @@ class AttentionMask:
     ids: jax.Array
     packed: bool = struct.field(pytree_node=False, default=False)
 
-    def dense(self) -> jax.Array:
-        """[B, 1, 1, L] or, packed, [B, 1, L, L] bool over (batch, heads, query, key)."""
+    def dense(self, query_positions: jax.Array | None = None) -> jax.Array:
+        """[B, 1, 1, L] or, packed, [B, 1, Q, L] bool over (batch, heads, query, key), for
+        the queries at `query_positions` [B, Q] (default: every position)."""
         ids = self.ids
         if not self.packed:
             return (ids > 0)[:, None, None, :]
-        return ((ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
+        query_ids = ids if query_positions is None else gather(ids, query_positions)
+        return ((query_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
+
+
+def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions [B, Q] -> [B, Q, ...]."""
+    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
@@ -317,8 +325,9 @@ class SelfAttention(nnx.Module):
         deterministic: bool = True,
         return_probs: bool = False,
         head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """Attends every position to the unmasked ones.
+        """Attends every position (or those at `query_positions`) to the unmasked ones.
 
         Args:
           x: [B, L, D] hidden states.
@@ -329,30 +338,36 @@ class SelfAttention(nnx.Module):
           return_probs: also return the attention probabilities [B, H, L, L] float32.
           head_mask: [H] or [B, H] float, each head's output multiplied by it (0 silences a
             head; the gradient with respect to it scores the head, Michel et al., 2019).
+          query_positions: [B, Q] int32: only these positions ask (keys and values come from
+            every position); None: all.
 
         Returns:
-          ([B, L, D] output, probabilities or None).
+          ([B, L or Q, D] output, probabilities or None).
         """
         qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
-        q, k, v = (axes.constrain(p(x), qkv_axes) for p in (self.query, self.key, self.value))
+        queries = x if query_positions is None else gather(x, query_positions)
+        q = axes.constrain(self.query(queries), qkv_axes)
+        k, v = (axes.constrain(p(x), qkv_axes) for p in (self.key, self.value))
+        dense_mask = mask.dense(query_positions)
         use_dropout = not deterministic and probs_dropout > 0.0
         if return_probs or use_dropout:
             # The explicit path: needed to return or drop out the probabilities. The fused
             # kernels below cannot do either.
             scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
             logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-            logits = jnp.where(mask.dense(), logits * scale, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(dense_mask, logits * scale, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1)
             dropped = dropout(probs, probs_dropout, rng, deterministic)
             ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
-        elif self.kernel == "splash" or (
-            self.kernel == "auto" and jax.default_backend() == "tpu" and q.shape[1] % 128 == 0
+        elif query_positions is None and (
+            self.kernel == "splash"
+            or (self.kernel == "auto" and jax.default_backend() == "tpu" and q.shape[1] % 128 == 0)
         ):
             probs = None
             ctx = splash_attention(q, k, v, mask.ids)
         else:
             probs = None
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask.dense())
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=dense_mask)
         if head_mask is not None:  # [H] or [B, H]
             per_example = head_mask.ndim == 2
             m = head_mask.astype(ctx.dtype)
@@ -422,9 +437,11 @@ class TransformerLayer(nnx.Module):
         deterministic: bool = True,
         return_probs: bool = False,
         head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """x: [B, L, D], mask: `AttentionMask`, head_mask: [H] or None -> ([B, L, D],
-        probabilities [B, H, L, L] or None)."""
+        probabilities [B, H, L, L] or None). With `query_positions` [B, Q] the layer's output
+        is computed at those positions only: [B, Q, D] (the keys still see every position)."""
         keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         attended, probs = self.attention(
             x,
@@ -434,7 +451,10 @@ class TransformerLayer(nnx.Module):
             deterministic=deterministic,
             return_probs=return_probs,
             head_mask=head_mask,
+            query_positions=query_positions,
         )
+        if query_positions is not None:
+            x = gather(x, query_positions)
         x = self.attention_layer_norm(
             x + dropout(attended, self.hidden_dropout, keys[1], deterministic)
         )

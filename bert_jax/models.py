@@ -399,15 +399,32 @@ class BertEncoder(nnx.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
         """x: [B, L, E], head_mask: [N, H] or None -> (last [B, L, D], every layer's
-        [N, B, L, D], probs [N, B, H, L, L]); also returns the input as projected to D."""
+        [N, B, L, D], probs [N, B, H, L, L]); also returns the input as projected to D.
+
+        With `query_positions` [B, Q] the last layer computes only those positions (its keys
+        and values still come from all), and `last` is [B, Q, D].
+        """
+        if query_positions is not None and (output_hidden_states or output_attentions):
+            raise ValueError(
+                "query_positions computes the last layer at some positions only; it cannot "
+                "return every layer's hidden states or attention probabilities"
+            )
         if self.embedding_projection is not None:
             x = self.embedding_projection(x)
         if self.kept_heads is not None:
             return (
                 *self._unrolled(
-                    x, mask, rng, deterministic, head_mask, output_attentions, output_hidden_states
+                    x,
+                    mask,
+                    rng,
+                    deterministic,
+                    head_mask,
+                    output_attentions,
+                    output_hidden_states,
+                    query_positions,
                 ),
                 x,
             )
@@ -423,28 +440,38 @@ class BertEncoder(nnx.Module):
             fixed = {k: v for k, v in weights.items() if k in self.shared_parts}
             index = None
 
-        def body(h, xs):
+        def apply(h, xs, positions):
             per_layer, key, i, heads = xs
             own = jax.tree.map(lambda w: w[0] if i is None else w[i], fixed)
             layer = nnx.merge(graphdef, {**per_layer, **own})
-            h, probs = layer(
+            return layer(
                 h,
                 mask,
                 rng=key,
                 deterministic=deterministic,
                 return_probs=output_attentions,
                 head_mask=heads,
+                query_positions=positions,
             )
+
+        def body(h, xs):
+            h, probs = apply(h, xs, None)
             return h, (h if output_hidden_states else None, probs)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
         if head_mask is not None and steps != head_mask.shape[0]:
             # ALBERT's inner group layers: each applied layer's mask for its inner layers.
             head_mask = jnp.repeat(head_mask, steps // head_mask.shape[0], axis=0)
         xs = (scanned, keys, index, head_mask)
-        out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
-        return out, hidden, probs, x
+        if query_positions is None:
+            out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
+            return out, hidden, probs, x
+        # All layers but the last over every position; the last at the asked positions only.
+        h, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], xs), length=steps - 1)
+        out, _ = apply(h, jax.tree.map(lambda a: a[-1], xs), query_positions)
+        return out, None, None, x
 
     def _stacked_layers(self, make_layer, keys) -> layers.TransformerLayer:
         """One layer module whose weights carry a leading axis of the weight sets."""
@@ -457,7 +484,17 @@ class BertEncoder(nnx.Module):
             var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
         return nnx.merge(graphdef, stacked)
 
-    def _unrolled(self, h, mask, rng, deterministic, head_mask, output_attentions, output_hidden):
+    def _unrolled(
+        self,
+        h,
+        mask,
+        rng,
+        deterministic,
+        head_mask,
+        output_attentions,
+        output_hidden,
+        query_positions=None,
+    ):
         """A pruned model's layers, each with its own heads; attention probabilities come back
         in the original head numbering (zeros for removed heads)."""
         keys = [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
@@ -471,6 +508,7 @@ class BertEncoder(nnx.Module):
                 deterministic=deterministic,
                 return_probs=output_attentions,
                 head_mask=heads,
+                query_positions=query_positions if i == len(self.layers) - 1 else None,
             )
             hidden.append(h)
             if output_attentions:
@@ -515,6 +553,7 @@ class BertModel(nnx.Module):
         output_attentions: bool = False,
         head_mask: jax.Array | None = None,
         packing: Packing | None = None,
+        query_positions: jax.Array | None = None,
     ) -> EncoderOutput:
         """Encodes a batch.
 
@@ -527,7 +566,12 @@ class BertModel(nnx.Module):
             output (0 silences it), or [B, layers, heads] for a mask per example; None: all 1.
           packing: several examples per row (`Packing`): positions restart at each example,
             attention stays within it, and the pooled output is [B, K, D], one per example.
+          query_positions: [B, Q] int32, the positions whose output is wanted, [CLS]'s (0)
+            first: the last layer computes only those, `sequence_output` is [B, Q, D] and the
+            pooler reads its first row. None: every position.
         """
+        if packing is not None and query_positions is not None:
+            raise ValueError("packing and query_positions cannot be combined")
         check_input_shapes(self.config, input_ids, input_mask, segment_ids)
         emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
         positions = None if packing is None else packing.position_ids
@@ -544,6 +588,7 @@ class BertModel(nnx.Module):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             head_mask=self._check_head_mask(head_mask),
+            query_positions=query_positions,
         )
         if packing is None:
             cls = seq[:, 0]
@@ -615,6 +660,8 @@ class BertForPreTraining(_MaskedLMModel):
         input_mask: jax.Array,
         segment_ids: jax.Array,
         masked_lm_positions: jax.Array,
+        *,
+        only_predicted_positions: bool = False,
         **kwargs,
     ) -> PretrainingOutput:
         """Runs the encoder, then the MLM head on the masked positions only.
@@ -623,10 +670,19 @@ class BertForPreTraining(_MaskedLMModel):
           input_ids, input_mask, segment_ids: [B, L] as in `BertModel`.
           masked_lm_positions: [B, P] int32 positions whose tokens are predicted (padded
             entries point anywhere; their loss weight is 0).
+          only_predicted_positions: the last layer computes only what the heads read, [CLS]
+            and the masked positions (the same logits, a tenth of that layer's work at the
+            usual 15% masking); `encoder.sequence_output` is then [B, 1 + P, D].
           kwargs: as in `BertModel` (rng, deterministic, output_*, head_mask).
         """
-        enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
-        mlm_logits = self.mlm_logits(enc.sequence_output, masked_lm_positions)
+        if only_predicted_positions:
+            cls = jnp.zeros_like(masked_lm_positions[:, :1])
+            queries = jnp.concatenate([cls, masked_lm_positions], axis=1)
+            enc = self.bert(input_ids, input_mask, segment_ids, query_positions=queries, **kwargs)
+            mlm_logits = self.mlm_logits(enc.sequence_output[:, 1:], None)
+        else:
+            enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
+            mlm_logits = self.mlm_logits(enc.sequence_output, masked_lm_positions)
         nsp_logits = self.seq_relationship(enc.pooled_output).astype(jnp.float32)
         return PretrainingOutput(mlm_logits, nsp_logits, enc)
 

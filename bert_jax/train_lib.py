@@ -43,6 +43,7 @@ def _pretraining_loss(model, batch, rng, deterministic):
         batch["masked_lm_positions"],
         rng=rng,
         deterministic=deterministic,
+        only_predicted_positions=True,
     )
     return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
 

@@ -168,6 +168,53 @@ def test_splash_attention_kernel_matches_the_xla_path():
 
 
 @pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(
+            share_layers="all",
+            embedding_size=16,
+            num_hidden_groups=2,
+            inner_group_num=2,
+            remat="minimal",
+        ),
+        dict(pruned_heads=((1,), (), (0, 3))),
+    ],
+    ids=["bert", "albert_groups_remat", "pruned"],
+)
+def test_last_layer_at_the_predicted_positions_gives_the_same_logits_and_gradients(variant):
+    """`only_predicted_positions` (the train step's path): the last layer computes [CLS] and
+    the masked positions only; logits and gradients equal those of the full last layer."""
+    sizes = dict(TINY, num_hidden_layers=4) if "num_hidden_groups" in variant else TINY
+    config = models.BertConfig(**sizes, **variant)
+    graphdef, params = models.split_params(models.create_model(config))
+    ids, mask, segments, positions = _padded_batch(np.random.default_rng(3), TINY["vocab_size"])
+    weights = (positions > 0).astype(np.float32)
+
+    def run(p, only):
+        out = models.merge_params(graphdef, p)(
+            ids, mask, segments, positions, only_predicted_positions=only
+        )
+        loss = jnp.sum(jnp.sin(out.mlm_logits) * weights[..., None]) + jnp.sum(out.nsp_logits**2)
+        return loss, out
+
+    step = jax.jit(jax.value_and_grad(run, has_aux=True), static_argnums=1)
+    (loss_full, full), grads_full = step(params, False)
+    (loss_fast, fast), grads_fast = step(params, True)
+    assert fast.encoder.sequence_output.shape == (3, 1 + positions.shape[1], 32)
+    np.testing.assert_allclose(fast.mlm_logits, full.mlm_logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fast.nsp_logits, full.nsp_logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loss_fast, loss_full, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4), grads_fast, grads_full
+    )
+    with pytest.raises(ValueError, match="cannot return every layer"):
+        models.merge_params(graphdef, params)(
+            ids, mask, segments, positions, only_predicted_positions=True, output_hidden_states=True
+        )
+
+
+@pytest.mark.parametrize(
     "name, hf_sizes",
     [
         ("bert_base", dict()),
