@@ -593,7 +593,7 @@ class BertModel(nnx.Module):
         if packing is None:
             cls = seq[:, 0]
         else:  # [B, K, D]: each packed example's [CLS]
-            cls = jnp.take_along_axis(seq, packing.cls_positions[..., None], axis=1)
+            cls = layers.gather(seq, packing.cls_positions)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(cls))
         if output_hidden_states:
             hidden = jnp.concatenate([x[None], hidden], axis=0)
@@ -638,7 +638,7 @@ class _MaskedLMModel(nnx.Module):
         h = sequence_output
         if positions is not None:
             # Only the P masked positions go through the head: never [B, L, V] logits.
-            h = jnp.take_along_axis(h, positions[..., None], axis=1)
+            h = layers.gather(h, positions)
         h = self.transform_layer_norm(layers.activation(self.hidden_act, self.transform(h)))
         logits = self.bert.embeddings.word_embeddings.attend(h).astype(jnp.float32)
         return logits + self.output_bias[...].astype(jnp.float32)
