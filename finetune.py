@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bert_jax import axes, checkpoint, convert, corpus, glue, sharding, train_lib
+from bert_jax import axes, checkpoint, cli, convert, files, glue, sharding, train_lib
 from bert_jax.optim import OptimConfig
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +38,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "glue.py"), "Config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "glue_workdir", "Results and checkpoints go here.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +143,48 @@ def load_task(cfg: FinetuneConfig, task: glue.Task, tokenizer) -> TaskData:
         )
     dev = {s.name: (ex := read(s, task.folder), enc(ex)) for s in task.dev_splits}
     test = {}
-    for split in task.splits:
-        if not split.labelled:
-            examples = read(split, task.folder)
-            test[split.name] = (split, examples, enc(examples))
+    for split in test_splits(cfg, task):
+        examples = read(split, task.folder)
+        test[split.name] = (split, examples, enc(examples))
     ax_dir = os.path.join(cfg.data_dir, glue.AX_FOLDER, glue.AX.file)
     if task.name == "mnli" and (cfg.source == "tfds" or os.path.isfile(ax_dir)):
         examples = read(glue.AX, glue.AX_FOLDER)
         test["ax"] = (glue.AX, examples, enc(examples))
     return TaskData(task, enc(train), dev, test)
+
+
+def test_splits(cfg: FinetuneConfig, task: glue.Task) -> list[glue.Split]:
+    """The unlabelled splits to predict: those whose file exists (a user's own task folder
+    holds train and dev only; without a test file there is no submission for it)."""
+    return [
+        split
+        for split in task.splits
+        if not split.labelled
+        and (
+            cfg.source == "tfds"
+            or os.path.isfile(os.path.join(cfg.data_dir, task.folder, split.file))
+        )
+    ]
+
+
+def check_data(cfg: FinetuneConfig) -> None:
+    """Reads every file of every task before anything is compiled, and reports every
+    problem at once (a header-only dev file fails now, not after a training epoch)."""
+    problems = []
+    for name in cfg.tasks:
+        task = glue.get_task(name)
+        for split in [s for s in task.splits if s.labelled] + test_splits(cfg, task):
+            try:
+                if cfg.source == "tfds":
+                    glue.read_tfds(task, split, cfg.tfds_data_dir or None)
+                else:
+                    glue.read_tsv(task, split, os.path.join(cfg.data_dir, task.folder))
+            except (OSError, ValueError) as e:
+                problems.append(str(e))
+    if problems:
+        raise ValueError(
+            f"{len(problems)} problem(s) in the task data:\n  - " + "\n  - ".join(problems)
+        )
 
 
 def run_length(cfg: FinetuneConfig, task: glue.Task, n: int) -> tuple[int, int]:
@@ -280,14 +315,14 @@ class Run:
         abstract = {"params": self.trainer.abstract_state.params}
         restored, _, _ = self.ckpt.restore(best_step, abstract)
         params = restored["params"]
-        files = {}
+        written = {}
         for name, (split, examples, features) in self.data.test.items():
             path = os.path.join(self.directory, "predictions", split.submission)
             glue.write_submission(path, self.task, examples.index, self.predict(params, features))
-            files[name] = path
+            written[name] = path
         self.ckpt.close()
         self.writer.close()
-        return files
+        return written
 
 
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
@@ -333,7 +368,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
                 result = run.train()
                 result["predictions"] = run.predict_tests(result["best_step"])
             runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
-    return summarize_task(task, runs)
+    return {**summarize_task(task, runs), "test_predicted": sorted(data.test)}
 
 
 def summarize_task(task: glue.Task, runs: list[dict]) -> dict:
@@ -402,8 +437,15 @@ def main(argv):
     # the persistent compilation cache turns all but the first into a lookup.
     sharding.enable_compilation_cache()
     workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
+    check_data(cfg)
+    convert.model_kind(cfg.init_from)
     mesh = sharding.make_mesh(cfg.mesh)
+    with files.WorkdirLock(workdir, " ".join(sys.argv)):
+        finetune_all(cfg, mesh, workdir)
+
+
+def finetune_all(cfg: FinetuneConfig, mesh, workdir: str) -> None:
+    """Every task, then the submission folder and the results tables."""
     results = {name: finetune_task(cfg, name, mesh, workdir) for name in cfg.tasks}
     submission = os.path.join(workdir, "submission")
     for res in results.values():
@@ -422,9 +464,12 @@ def main(argv):
         model.get("share_layers", "none"),
     ) == (768, 12, 12, "none")
     table = results_table(results, bert_base)
+    missing = [name for name, res in results.items() if not res["test_predicted"]]
+    if missing:
+        table += f"\nNo test files for {', '.join(missing)}: no submission for them.\n"
     results_json = json.dumps({"model": model, "tasks": results}, indent=2)
-    corpus.atomic_write(os.path.join(workdir, "results.json"), results_json.encode("utf-8"))
-    corpus.atomic_write(os.path.join(workdir, "results.md"), table.encode("utf-8"))
+    files.atomic_write(os.path.join(workdir, "results.json"), results_json.encode("utf-8"))
+    files.atomic_write(os.path.join(workdir, "results.md"), table.encode("utf-8"))
     print(table)
 
 
@@ -435,4 +480,4 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.absl_main(main, lambda: _VERBOSE.value))

@@ -11,34 +11,41 @@ TensorBoard events, the config used and a summary. Nothing here does math: it wi
 library's data, trainer and checkpointer together and runs the loop.
 """
 
-import dataclasses
-import json
-import os
-import signal
-import time
+from bert_jax import cli
 
-import jax
-import numpy as np
-import tensorboardX
-import tqdm
-from absl import app, flags, logging
-from jax.experimental import multihost_utils
-from ml_collections import config_flags
+if __name__ == "__main__":  # not in the processes a worker pool spawns from this file
+    cli.stop_on_sigterm()  # before the slow imports: a SIGTERM from here on gets a clear word
 
-from bert_jax import (
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorboardX  # noqa: E402
+import tqdm  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bert_jax import (  # noqa: E402
     axes,
     checkpoint,
     convert,
+    files,
     input_pipeline,
     losses,
     models,
     sharding,
     train_lib,
 )
-from bert_jax.input_pipeline import DataConfig
-from bert_jax.optim import OptimConfig
-from bert_jax.pretraining_data import MaskingConfig
-from bert_jax.tokenization import WordPieceTokenizer
+from bert_jax.input_pipeline import DataConfig  # noqa: E402
+from bert_jax.optim import OptimConfig  # noqa: E402
+from bert_jax.pretraining_data import MaskingConfig  # noqa: E402
+from bert_jax.tokenization import WordPieceTokenizer  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -60,6 +67,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for every process to join."
 )
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,7 @@ class LoopConfig:
     keep_checkpoints: int
     keep_every: int
     max_bad_steps: int
+    start_over: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,42 +163,87 @@ def memory_report(trainer: train_lib.Trainer, run: RunConfig) -> str:
     )
 
 
-def check_compatible(meta: dict, path: str, config_json: dict, vocab_sha256: str) -> None:
-    """Refuses, before reading any array, a checkpoint of another model or vocabulary."""
-    # Compared as BertConfigs: JSON's lists and earlier runs' spellings (remat true/false,
-    # fields added since) mean what this run's values mean.
+# What a resumed run may change: the loop's cadence and length, the mesh, worker counts and
+# cache folders. Everything else shapes the state or the data order, and must match.
+_FREE_TO_CHANGE = {
+    "train": {
+        "num_steps",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "keep_checkpoints",
+        "keep_every",
+        "max_bad_steps",
+        "start_over",
+    },
+    "data": {"cache_dir", "preprocessed_dir", "preprocess_workers", "loader_workers"},
+}
+# Replaced by the tokenizer actually used (its path, kind, casing): compared once it is known.
+_VOCAB_FIELDS = {"vocab_file", "tokenizer", "do_lower_case", "keep_accents"}
+
+
+def check_compatible(
+    meta: dict, path: str, run: RunConfig, config_json: dict, workdir: str, here: dict | None = None
+) -> None:
+    """Refuses, before any array is read, a checkpoint written with other settings: another
+    model, optimizer, data or loop seed; with `here` (this run's checkpoint metadata, known
+    once the tokenizer is), another tokenizer or vocabulary.
+
+    Raises:
+      checkpoint.IncompatibleCheckpoint naming every differing field and the ways forward.
+    """
+    saved = meta["config"]
+    # Models compared as BertConfigs: JSON's lists and earlier runs' spellings (remat
+    # true/false, fields added since) mean what this run's values mean.
     fields = {f.name for f in dataclasses.fields(models.BertConfig)}
-    saved = dataclasses.asdict(
-        models.BertConfig(**{k: v for k, v in meta["config"]["model"].items() if k in fields})
+    saved_model = dataclasses.asdict(
+        models.BertConfig(**{k: v for k, v in saved["model"].items() if k in fields})
     )
-    here = dataclasses.asdict(models.BertConfig(**config_json["model"]))
-    differing = sorted(k for k in here if saved[k] != here[k])
+    pairs = {f"model.{k}": (saved_model[k], v) for k, v in dataclasses.asdict(run.model).items()}
+    for section in ("optim", "data", "train"):
+        for key, value in config_json[section].items():
+            skip = _FREE_TO_CHANGE.get(section, set())
+            if section == "data":
+                skip = skip | _VOCAB_FIELDS
+            if key not in skip and key in saved.get(section, {}):
+                pairs[f"{section}.{key}"] = (saved[section][key], value)
+    pairs["init_from"] = (saved.get("init_from", ""), config_json.get("init_from", ""))
+    if here is not None:
+        for key in ("tokenizer", "do_lower_case", "keep_accents"):
+            if key in saved["data"]:
+                pairs[f"data.{key}"] = (saved["data"][key], here["config"]["data"].get(key))
+    differing = [
+        f"{k}: {a!r} there, {b!r} here" for k, (a, b) in pairs.items() if _norm(a) != _norm(b)
+    ]
+    if here is not None and meta["vocab_sha256"] != here["vocab_sha256"]:
+        differing.append(
+            f"vocabulary: sha256 {meta['vocab_sha256'][:12]}... there, "
+            f"{here['vocab_sha256'][:12]}... here"
+        )
     if differing:
-        details = ", ".join(f"{k}: {saved[k]} there, {here[k]} here" for k in differing)
-        raise ValueError(
-            f"checkpoint {path} was written with another model config ({details}); use a new "
-            f"--workdir or the same model config"
+        raise checkpoint.IncompatibleCheckpoint(
+            f"checkpoint {path} was written by a run with other settings ({'; '.join(differing)})."
+            f" Nothing in {workdir} was changed. To go on with that run, use the settings it was "
+            f"written with ({os.path.join(workdir, 'config.json')} has them); for a new run, use "
+            f"a new --workdir, with --config.init_from={workdir} to start from its weights"
         )
-    if meta["vocab_sha256"] != vocab_sha256:
-        raise ValueError(
-            f"checkpoint {path} was trained with another vocabulary (sha256 "
-            f"{meta['vocab_sha256'][:12]}..., this run has {vocab_sha256[:12]}...); use the "
-            f"same data.vocab_file or a new --workdir"
-        )
+
+
+def _norm(value):
+    """JSON turns tuples into lists: compare them alike."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class Loop:
     """The training loop's moving parts: state, iterator, checkpoints, logs, guards."""
 
-    def __init__(self, run, trainer, data, ckpt, writer, meta, pretrained=None):
-        self.run, self.cfg, self.trainer, self.ckpt, self.writer = (
-            run,
-            run.train,
-            trainer,
-            ckpt,
-            writer,
-        )
+    def __init__(self, run, trainer, data, ckpt, meta, pretrained=None, heartbeat=None):
+        self.run, self.cfg, self.trainer, self.ckpt = run, run.train, trainer, ckpt
         self.meta, self.pretrained = meta, pretrained
+        self.heartbeat = heartbeat or (lambda: None)
+        self.writer: _Writer | None = None  # opened once the run is known to go ahead
         hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
         self.eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
@@ -204,14 +258,20 @@ class Loop:
         del signum, frame
         self.sigterm = True
 
-    def restore_or_init(self):
-        """The newest readable checkpoint's state (and iterator position), or a fresh state."""
-        found = self.ckpt.restore_latest(
-            self.trainer.abstract_state,
-            lambda meta, path: check_compatible(
-                meta, path, self.meta["config"], self.meta["vocab_sha256"]
-            ),
-        )
+    def restore_or_init(self, check_meta):
+        """The newest verified checkpoint's state (and iterator position), or a fresh state
+        when the workdir has none. A workdir whose checkpoints are all damaged is not
+        restarted unless `train.start_over` says so."""
+        try:
+            found = self.ckpt.restore_latest(
+                self.trainer.abstract_state, check_meta, start_over=self.cfg.start_over
+            )
+        except checkpoint.NoUsableCheckpoint as e:
+            raise checkpoint.NoUsableCheckpoint(
+                f"{e}. To train from step 0 in this workdir anyway, pass "
+                f"--config.train.start_over=true (the damaged ones stay aside); or use a new "
+                f"--workdir"
+            ) from None
         if found is None:
             state = self.trainer.init(self.cfg.seed)
             if self.pretrained is not None:
@@ -257,7 +317,9 @@ class Loop:
             return False
         self.skipped += 1
         self.bad_streak += 1
-        _print(f"warning: step {step} had a non-finite loss or gradient and was not applied")
+        _print(
+            f"warning: step {step} had a non-finite loss, gradient or update and was not applied"
+        )
         self.writer.add_scalar("train/skipped_steps", self.skipped, step)
         if self.bad_streak < self.cfg.max_bad_steps:
             return False
@@ -306,36 +368,40 @@ class Loop:
             disable=jax.process_index() != 0,
         )
         window, eval_metrics, previous, preempted = (time.time(), 0), {}, None, False
-        while int(state.step) < cfg.num_steps:
-            batch = sharding.global_batch(
-                next(self.iterator), self.trainer.mesh, axes.DEFAULT_RULES
-            )
-            state, metrics = self.trainer.train_step(state, batch)
-            # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
-            # queue of multi-device programs can deadlock XLA:CPU's collectives.
-            if previous is not None and self.guard(jax.device_get(previous[1]), previous[0]):
-                state, previous = self.rollback(), None
-                bar.n = int(state.step)
-                continue
-            done = int(state.step)
-            previous = (done, metrics)
-            window = (window[0], window[1] + 1)
-            if done % cfg.log_every == 0 or done == cfg.num_steps:
-                rate = window[1] * self.tokens_per_step / (time.time() - window[0])
-                self.log(jax.device_get(metrics), done, rate, bar)
-                window = (time.time(), 0)
-            if done % cfg.eval_every == 0 or done == cfg.num_steps:
-                eval_metrics = self.evaluate(state.params)
-                _log_eval(self.writer, done, eval_metrics)
-            bar.update(1)
-            if self.preempted(done):
-                self.save(state)
-                preempted = True
-                _print(f"preempted: saved step {done}; run the same command again to resume")
-                break
-            if self.checkpoint_due(done):
-                self.save(state)
-        bar.close()
+        try:
+            while int(state.step) < cfg.num_steps:
+                batch = sharding.global_batch(
+                    next(self.iterator), self.trainer.mesh, axes.DEFAULT_RULES
+                )
+                state, metrics = self.trainer.train_step(state, batch)
+                self.ckpt.check()  # a background save that failed stops the run now
+                self.heartbeat()
+                # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
+                # queue of multi-device programs can deadlock XLA:CPU's collectives.
+                if previous is not None and self.guard(jax.device_get(previous[1]), previous[0]):
+                    state, previous = self.rollback(), None
+                    bar.n = int(state.step)
+                    continue
+                done = int(state.step)
+                previous = (done, metrics)
+                window = (window[0], window[1] + 1)
+                if done % cfg.log_every == 0 or done == cfg.num_steps:
+                    rate = window[1] * self.tokens_per_step / (time.time() - window[0])
+                    self.log(jax.device_get(metrics), done, rate, bar)
+                    window = (time.time(), 0)
+                if done % cfg.eval_every == 0 or done == cfg.num_steps:
+                    eval_metrics = self.evaluate(state.params)
+                    _log_eval(self.writer, done, eval_metrics)
+                bar.update(1)
+                if self.preempted(done):
+                    self.save(state)
+                    preempted = True
+                    _print(f"preempted: saved step {done}; run the same command again to resume")
+                    break
+                if self.checkpoint_due(done):
+                    self.save(state)
+        finally:  # an error's message then starts on a line of its own
+            bar.close()
         if previous is not None:
             self.guard(jax.device_get(previous[1]), previous[0])
         if not eval_metrics:  # Nothing left to train: report the restored model.
@@ -354,59 +420,120 @@ class Loop:
         }
 
 
-def train(run: RunConfig, workdir: str, config_json: dict) -> dict:
-    """Runs (or resumes) pretraining and returns the summary it also writes and prints."""
-    mesh = sharding.make_mesh(run.mesh)
-    run, pretrained = load_init(run, mesh, workdir)
-    data = load_data(run.data)
-    if data.tokenizer.vocab_size > run.model.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{run.model.vocab_size}; set --config.model.vocab_size={data.tokenizer.vocab_size}"
-        )
+def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
+    """Every problem that config, paths and permissions show before any expensive step
+    (vocabulary learning, preprocessing, importing weights, compiling), all at once."""
+    problems = [
+        files.writable_problem(workdir, "the run's files")
+        or files.writable_problem(os.path.join(workdir, "checkpoints"), "checkpoints")
+    ]
+    problems = [p for p in problems if p]
+    problems += model_problems(run, mesh)
+    try:
+        input_pipeline.corpus_files(run.data)
+    except (OSError, ValueError) as e:
+        problems.append(str(e))
+    if run.data.vocab_file:
+        try:
+            tokenizer = input_pipeline.config_tokenizer(run.data, run.data.vocab_file)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+        else:
+            if not run.init_from and tokenizer.vocab_size > run.model.vocab_size:
+                problems.append(_vocab_problem(tokenizer.vocab_size, run.model.vocab_size))
+    if run.init_from:
+        try:
+            convert.model_kind(run.init_from)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    return problems
+
+
+def model_problems(run: RunConfig, mesh) -> list[str]:
+    """What the model config (the configured one, or the imported one) says against the data,
+    the batch and the mesh."""
+    problems = []
     if run.data.masking.max_seq_length > run.model.max_position_embeddings:
-        raise ValueError(
+        problems.append(
             f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
-            f"model.max_position_embeddings={run.model.max_position_embeddings}"
+            f"model.max_position_embeddings={run.model.max_position_embeddings}; lower one or "
+            f"raise the other"
         )
-    if run.train.batch_size % sharding.data_parallel_size(mesh, axes.DEFAULT_RULES):
-        raise ValueError(
+    replicas = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES) * run.optim.grad_accum_steps
+    if run.train.batch_size % replicas:
+        problems.append(
             f"train.batch_size={run.train.batch_size} is not divisible by the data-parallel "
-            f"degree {sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)} (mesh "
-            f"{dict(mesh.shape)}); change the batch size or the mesh"
+            f"degree x optim.grad_accum_steps = {replicas} (mesh {dict(mesh.shape)}); change "
+            f"the batch size, the mesh or the accumulation"
         )
-    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
-    _print(memory_report(trainer, run))
-    directory = os.path.join(workdir, "checkpoints")
-    checkpoint.preflight(
-        directory, sharding.bytes_per_device(trainer.abstract_state) * jax.device_count()
+    return problems
+
+
+def _vocab_problem(tokens: int, rows: int) -> str:
+    return (
+        f"the tokenizer has {tokens} tokens but model.vocab_size is {rows}; set "
+        f"--config.model.vocab_size={tokens}"
     )
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ValueError(
+            f"{len(problems)} problem(s) before anything was started:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> dict:
+    """Runs (or resumes) pretraining and returns the summary it also writes and prints.
+
+    Everything that can refuse the run does so before the workdir is written: the preflight,
+    the settings recorded in the newest checkpoint, then (once the tokenizer is known) its
+    vocabulary. Only then are config.json, the vocabulary copy and TensorBoard events written.
+    """
+    mesh = sharding.make_mesh(run.mesh)
+    _refuse(preflight(run, workdir, mesh))
+    directory = os.path.join(workdir, "checkpoints")
     ckpt = checkpoint.Checkpointer(
         directory, max_to_keep=run.train.keep_checkpoints, keep_period=run.train.keep_every or None
     )
-    meta = record_run(workdir, run, config_json, data.tokenizer)
-    writer = _Writer(os.path.join(workdir, "tensorboard"))
-    loop = Loop(run, trainer, data, ckpt, writer, meta, pretrained)
+    latest = ckpt.latest_meta()
+    if latest is not None:  # refuse another run's workdir before hours of preprocessing
+        check_compatible(latest[1], ckpt.step_dir(latest[0]), run, config_json, workdir)
+    run, pretrained = load_init(run, mesh, workdir)
+    _refuse(model_problems(run, mesh))
+    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
+    existing = len(ckpt.manager.all_steps())
+    checkpoint.preflight(
+        directory,
+        checkpoint.tree_bytes(trainer.abstract_state),
+        saves=max(1, run.train.keep_checkpoints + 1 - existing),
+    )
+    data = load_data(run.data)
+    if data.tokenizer.vocab_size > run.model.vocab_size:
+        raise ValueError(_vocab_problem(data.tokenizer.vocab_size, run.model.vocab_size))
+    _print(memory_report(trainer, run))
+    meta = record_run(workdir, run, config_json, data.tokenizer, write=False)
+    loop = Loop(run, trainer, data, ckpt, meta, pretrained, heartbeat)
     with jax.set_mesh(mesh):
-        summary = loop.run_steps(loop.restore_or_init())
+        state = loop.restore_or_init(
+            lambda saved, path: check_compatible(saved, path, run, config_json, workdir, meta)
+        )
+        record_run(workdir, run, config_json, data.tokenizer, write=jax.process_index() == 0)
+        loop.writer = _Writer(os.path.join(workdir, "tensorboard"))
+        summary = loop.run_steps(state)
     ckpt.close()
-    writer.close()
+    loop.writer.close()
     return summary
 
 
-def record_run(workdir: str, run: RunConfig, config_json: dict, tokenizer) -> dict:
-    """Writes the workdir's config.json (the model config actually used) and a copy of the
-    vocabulary, which make the workdir a model that `convert` exports and `init_from` reads;
-    returns the checkpoint metadata."""
+def record_run(workdir: str, run: RunConfig, config_json: dict, tokenizer, write: bool) -> dict:
+    """The checkpoint metadata of this run; with `write`, also the workdir's config.json (the
+    model config actually used) and a copy of the vocabulary, which make the workdir a model
+    that `convert` exports and `init_from` reads."""
     extra = {**config_json, "data": {**config_json["data"], "vocab_file": tokenizer.vocab_file}}
     return convert.describe_run(
-        workdir,
-        run.model,
-        "BertForPreTraining",
-        2,
-        tokenizer,
-        extra=extra,
-        write=jax.process_index() == 0,
+        workdir, run.model, "BertForPreTraining", 2, tokenizer, extra=extra, write=write
     )
 
 
@@ -449,24 +576,27 @@ def main(argv):
         sharding.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value
         )
-    workdir = _WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
     config_json = json.loads(_CONFIG.value.to_json())
     if _PREPROCESS_ONLY.value:
         data = load_data(run.data)
         _print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
         return
-    summary = train(run, workdir, config_json)
-    if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "summary.json"), summary)
-        print(_format_summary(summary))
-
-
-def _write_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    workdir = _WORKDIR.value
+    # One run writes a workdir: process 0 holds its lock for the whole run. An unwritable
+    # workdir has no lock to take: the preflight reports it with every other problem.
+    writable = files.writable_problem(workdir, "the run's files") is None
+    lead = jax.process_index() == 0 and writable
+    lock = files.WorkdirLock(workdir, " ".join(sys.argv)) if lead else None
+    try:
+        summary = train(run, workdir, config_json, lock.heartbeat if lock else None)
+        if jax.process_index() == 0:
+            files.atomic_write(
+                os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2).encode()
+            )
+            print(_format_summary(summary))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _format_summary(s: dict) -> str:
@@ -485,4 +615,4 @@ def _format_summary(s: dict) -> str:
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    app.run(main)
+    app.run(cli.absl_main(main, lambda: _VERBOSE.value))

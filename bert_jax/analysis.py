@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, convert, extract, glue, models, sharding
+from bert_jax import axes, cli, convert, extract, glue, models, sharding
 from bert_jax.models import BertConfig, Params
 
 STATISTICS = ("entropy", "to_cls", "to_sep", "to_prev", "to_next", "to_self")
@@ -459,4 +459,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

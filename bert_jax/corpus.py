@@ -12,9 +12,10 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+
+from bert_jax import files
 
 # A "sentence" longer than this is not text (a minified file, a base64 blob): drop the line.
 MAX_LINE_CHARS = 20_000
@@ -163,7 +164,7 @@ def build_stdlib_corpus(directory: str) -> str:
             if sentences:
                 documents.append(sentences)
     text = "\n\n".join("\n".join(doc) for doc in documents) + "\n"
-    atomic_write(path, text.encode("utf-8"))
+    files.atomic_write(path, text.encode("utf-8"))
     return path
 
 
@@ -183,23 +184,3 @@ def _docstring_sentences(path: str) -> list[str]:
         for paragraph in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
             sentences.extend(split_sentences(" ".join(paragraph.split())))
     return sentences
-
-
-def cache_root() -> str:
-    """Where bert_jax caches corpora, vocabularies, shards and compiled programs.
-
-    $BERT_JAX_CACHE when set, else ~/.cache/bert_jax.
-    """
-    return os.environ.get("BERT_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "bert_jax"
-    )
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Writes `data` to a temporary file beside `path`, then renames it into place."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

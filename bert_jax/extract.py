@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, convert, models, sharding
+from bert_jax import axes, cli, convert, models, sharding
 from bert_jax.tokenization import Tokenizer
 
 POOLINGS = ("first", "mean", "sum")
@@ -380,4 +380,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

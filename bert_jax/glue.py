@@ -15,7 +15,7 @@ import numpy as np
 import scipy.stats
 from sklearn import metrics as skm
 
-from bert_jax import corpus
+from bert_jax import files
 from bert_jax.tokenization import Tokenizer
 
 
@@ -190,6 +190,12 @@ def read_tsv(task: Task, split: Split, folder: str) -> Examples:
     with open(path, encoding="utf-8", newline="") as f:
         lines = [line.rstrip("\r\n") for line in f]
     headerless = task.columns and split.labelled
+    if not any(lines[0 if headerless else 1 :]):
+        what = "is empty" if not lines else "has a header but no examples"
+        raise ValueError(
+            f"{path} {what}: {task.folder}'s {split.file} needs "
+            f"{'rows' if headerless else 'a header line and one example per line'}"
+        )
     header = list(task.columns) if headerless else lines[0].split("\t")
     rows = lines if headerless else lines[1:]
     first_line = 1 if headerless else 2
@@ -432,7 +438,7 @@ def write_submission(path: str, task: Task, index: Sequence[str], predictions: n
     for i, p in zip(index, predictions, strict=True):
         value = f"{float(np.clip(p, 0.0, 5.0)):.3f}" if task.is_regression else task.labels[int(p)]
         rows.append(f"{i}\t{value}")
-    corpus.atomic_write(path, ("\n".join(rows) + "\n").encode("utf-8"))
+    files.atomic_write(path, ("\n".join(rows) + "\n").encode("utf-8"))
 
 
 def _column(header: list[str], name: str, path: str) -> int:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 from collections.abc import Iterator
 
 import grain
@@ -27,7 +26,7 @@ import tqdm
 from absl import flags
 from array_record.python import array_record_module
 
-from bert_jax import corpus, pretraining_data, tokenization
+from bert_jax import corpus, files, pretraining_data, tokenization
 from bert_jax.pretraining_data import MaskingConfig
 
 Batch = dict[str, np.ndarray]
@@ -43,6 +42,7 @@ class DataConfig:
     tfds_name / tfds_split / tfds_data_dir / tfds_text_key: a TFDS text corpus prepared as
       ArrayRecord, read without tensorflow.
     tokenizer: "wordpiece" (BERT) or "sentencepiece" (ALBERT).
+    keep_accents: SentencePiece only: keep accents (ALBERT strips them by default).
     vocab_file: a `vocab.txt` or SentencePiece `.model`; empty to learn one of `vocab_size`.
     eval_fraction: share of documents held out for evaluation (never trained on).
     cache_dir: corpora, vocabularies and shards; empty for $BERT_JAX_CACHE or ~/.cache/bert_jax.
@@ -61,6 +61,7 @@ class DataConfig:
     vocab_size: int = 8192
     spm_model_type: str = "unigram"
     do_lower_case: bool = True
+    keep_accents: bool = False
     masking: MaskingConfig = MaskingConfig()
     eval_fraction: float = 0.05
     cache_dir: str = ""
@@ -80,7 +81,7 @@ class DataConfig:
 
 
 def cache_dir(config: DataConfig) -> str:
-    return config.cache_dir or corpus.cache_root()
+    return config.cache_dir or files.cache_root()
 
 
 def corpus_files(config: DataConfig) -> list[str]:
@@ -109,40 +110,53 @@ def iter_documents(config: DataConfig, stats: corpus.CorpusStats) -> Iterator[li
     return corpus.iter_text_documents(corpus_files(config), stats)
 
 
-def load_tokenizer(kind: str, path: str, do_lower_case: bool) -> tokenization.Tokenizer:
+def load_tokenizer(
+    kind: str, path: str, do_lower_case: bool, keep_accents: bool = False
+) -> tokenization.Tokenizer:
     if kind == "sentencepiece":
-        return tokenization.SentencePieceTokenizer(path, do_lower_case=do_lower_case)
+        return tokenization.SentencePieceTokenizer(
+            path, do_lower_case=do_lower_case, keep_accents=keep_accents
+        )
     return tokenization.WordPieceTokenizer(path, do_lower_case=do_lower_case)
 
 
+def config_tokenizer(config: DataConfig, path: str) -> tokenization.Tokenizer:
+    return load_tokenizer(config.tokenizer, path, config.do_lower_case, config.keep_accents)
+
+
 def make_tokenizer(config: DataConfig) -> tokenization.Tokenizer:
-    """The configured vocabulary, or one learned from the corpus (cached by corpus identity)."""
+    """The configured vocabulary, or one learned from the corpus (cached by corpus identity).
+
+    Learning reads the corpus as the pairs do (`corpus.iter_text_documents`): invalid UTF-8
+    is replaced and counted, and the files that had it are named in a warning.
+    """
     if config.vocab_file:
-        return load_tokenizer(config.tokenizer, config.vocab_file, config.do_lower_case)
+        return config_tokenizer(config, config.vocab_file)
     suffix = "model" if config.tokenizer == "sentencepiece" else "txt"
-    key = _digest(_corpus_identity(config), config.vocab_size, config.do_lower_case)
+    key = _digest(
+        _corpus_identity(config), config.vocab_size, config.do_lower_case, config.keep_accents
+    )
     name = f"{config.tokenizer}_{config.spm_model_type}_{config.vocab_size}_{key}.{suffix}"
     path = os.path.join(cache_dir(config), "vocab", name)
     if not os.path.exists(path):
+        stats = corpus.CorpusStats()
+        sentences = (s for d in iter_documents(config, stats) for s in d)
         if config.tokenizer == "sentencepiece":
-            sentences = (s for d in iter_documents(config, corpus.CorpusStats()) for s in d)
             tokenization.train_sentencepiece(
                 sentences,
                 path,
                 vocab_size=config.vocab_size,
                 model_type=config.spm_model_type,
                 do_lower_case=config.do_lower_case,
+                keep_accents=config.keep_accents,
             )
-        elif config.tfds_name:
-            raise ValueError("learning a WordPiece vocabulary from a TFDS corpus needs text files")
         else:
             tokenization.train_wordpiece_vocab(
-                corpus_files(config),
-                path,
-                vocab_size=config.vocab_size,
-                do_lower_case=config.do_lower_case,
+                sentences, path, vocab_size=config.vocab_size, do_lower_case=config.do_lower_case
             )
-    return load_tokenizer(config.tokenizer, path, config.do_lower_case)
+        for problem in stats.report():
+            tqdm.tqdm.write(f"warning: while learning the vocabulary: {problem}")
+    return config_tokenizer(config, path)
 
 
 def special_ids(tokenizer: tokenization.Tokenizer) -> pretraining_data.SpecialIds:
@@ -341,7 +355,7 @@ def _write_metadata(directory: str, settings: dict, results: list[dict]) -> dict
             for split in ("train", "eval")
         },
     }
-    corpus.atomic_write(
+    files.atomic_write(
         os.path.join(directory, "metadata.json"), json.dumps(metadata, indent=1).encode()
     )
     return metadata
@@ -354,7 +368,7 @@ def _write_shard(job) -> dict:
     if os.path.exists(stats_path):  # finished by an earlier run
         with open(stats_path) as f:
             return json.load(f)
-    tokenizer = load_tokenizer(config.tokenizer, vocab_file, config.do_lower_case)
+    tokenizer = config_tokenizer(config, vocab_file)
     stats = corpus.CorpusStats()
     docs: dict[str, list[list[str]]] = {"train": [], "eval": []}
     single = 0
@@ -388,18 +402,16 @@ def _write_shard(job) -> dict:
             os.path.join(directory, name), [pretraining_data.encode_pair(p) for p in pairs]
         )
         result[split], result["files"][split] = len(pairs), name
-    corpus.atomic_write(stats_path, json.dumps(result).encode())
+    files.atomic_write(stats_path, json.dumps(result).encode())
     return result
 
 
 def _write_records(path: str, records: list[bytes]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
-    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-    for record in records:
-        writer.write(record)
-    writer.close()
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
 
 
 def _held_out(index: int, config: DataConfig) -> bool:
@@ -426,6 +438,7 @@ def _shard_settings(config: DataConfig, tokenizer: tokenization.Tokenizer) -> di
         "tokenizer": config.tokenizer,
         "vocab_sha256": file_digest(tokenizer.vocab_file),
         "do_lower_case": config.do_lower_case,
+        "keep_accents": config.keep_accents,
         "pairing": pairing,
         "eval_fraction": config.eval_fraction,
         "seed": config.seed,

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from bert_jax import axes, corpus
+from bert_jax import axes, files
 
 Rules = axes.Rules
 
@@ -38,7 +38,7 @@ def enable_compilation_cache() -> None:
     """
     if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
         return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(corpus.cache_root(), "jax"))
+    jax.config.update("jax_compilation_cache_dir", os.path.join(files.cache_root(), "jax"))
 
 
 def initialize_distributed(

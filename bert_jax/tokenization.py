@@ -12,13 +12,14 @@ fast. `train_wordpiece_vocab` builds a `vocab.txt` from a corpus for pretraining
 import bisect
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, trainers
+
+from bert_jax import files
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -67,6 +68,7 @@ class WordPieceTokenizer:
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"WordPiece vocabulary {vocab_file} does not exist")
         vocab = tokenizers.models.WordPiece.read_file(str(vocab_file))
+        _check_unique(vocab_file, len(vocab))
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
             raise ValueError(
@@ -96,10 +98,16 @@ class WordPieceTokenizer:
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Per text, the ids of each whitespace-separated word (`str.split`'s words), from
         one batched call: each piece goes to the word its character offset falls in (BERT's
-        pieces never cross whitespace), the same as encoding every word alone."""
+        pieces never cross a space), the same as encoding every word alone.
+
+        The words are joined by plain spaces first: Python splits on separators that BERT's
+        text cleaning deletes (\\x0b, \\x0c, \\x1c-\\x1f, \\x85), which would otherwise glue two
+        words into one and give the pieces of both to the second.
+        """
+        joined = [" ".join(t.split()) for t in texts]
         out = []
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        for text, enc in zip(texts, encodings, strict=True):
+        encodings = self._tok.encode_batch(joined, add_special_tokens=False)
+        for text, enc in zip(joined, encodings, strict=True):
             starts = [m.start() for m in _WORD.finditer(text)]
             words: list[list[int]] = [[] for _ in starts]
             for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
@@ -126,17 +134,19 @@ class WordPieceTokenizer:
 
 
 def train_wordpiece_vocab(
-    files: Sequence[str | os.PathLike],
+    texts: Iterable[str],
     output_file: str | os.PathLike,
     *,
     vocab_size: int,
     do_lower_case: bool = True,
     min_frequency: int = 2,
 ) -> str:
-    """Learns a WordPiece vocabulary from text files and writes it as `vocab.txt`.
+    """Learns a WordPiece vocabulary from texts (sentences, lines) and writes it as `vocab.txt`.
 
-    The special tokens take ids 0-4 in the order of `SPECIAL_TOKENS`. The file is written to a
-    temporary name and renamed, so an interrupted run never leaves a truncated vocabulary.
+    The texts are Python strings, so bad bytes of the files they came from were already
+    replaced and counted by the corpus reader (`corpus.iter_text_documents`). The special
+    tokens take ids 0-4 in the order of `SPECIAL_TOKENS`. The file is written to a temporary
+    name and renamed, so an interrupted run never leaves a truncated vocabulary.
 
     Returns:
       The path of the written vocabulary.
@@ -150,15 +160,30 @@ def train_wordpiece_vocab(
         special_tokens=list(SPECIAL_TOKENS),
         show_progress=False,
     )
-    tok.train([os.fspath(f) for f in files], trainer)
+    tok.train_from_iterator(texts, trainer)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     output_file = os.fspath(output_file)
-    os.makedirs(os.path.dirname(output_file) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(output_file) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(token + "\n" for token, _ in vocab)
-    os.replace(tmp, output_file)
+    files.atomic_write(output_file, "".join(token + "\n" for token, _ in vocab).encode("utf-8"))
     return output_file
+
+
+def _check_unique(vocab_file: str | os.PathLike, distinct: int) -> None:
+    """A vocabulary that lists a token twice has fewer ids than lines: name the repeats."""
+    with open(vocab_file, encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip("\n") for line in f]
+    if len(lines) == distinct:
+        return
+    first: dict[str, int] = {}
+    repeats = []
+    for number, token in enumerate(lines, 1):
+        if token in first:
+            repeats.append(f"{token!r} on lines {first[token]} and {number}")
+        first.setdefault(token, number)
+    raise ValueError(
+        f"vocabulary {vocab_file} lists {len(repeats)} token(s) more than once "
+        f"({'; '.join(repeats[:5])}); each line must hold a distinct token: remove the "
+        f"repeated lines (ids are line numbers, so a released vocab.txt never repeats one)"
+    )
 
 
 def _bert_tokenizer(model: tokenizers.models.Model, do_lower_case: bool) -> tokenizers.Tokenizer:
@@ -176,68 +201,135 @@ def _bert_tokenizer(model: tokenizers.models.Model, do_lower_case: bool) -> toke
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model with ALBERT's text preprocessing (whitespace collapsed, quotes
-    normalised, accents stripped and lower-cased when `do_lower_case`)."""
+    """A SentencePiece model with ALBERT's text preprocessing and piece rules.
 
-    def __init__(self, model_file: str | os.PathLike, *, do_lower_case: bool = True):
+    As ALBERT's `tokenization.py` (and Hugging Face's `AlbertTokenizer`): whitespace collapsed,
+    `` and '' made ", accents stripped unless `keep_accents` (NFKD, combining marks dropped),
+    lower-cased when `do_lower_case`; a piece that ends in a digit and a comma ("9,") is split
+    into the digits' own pieces and ",". Special symbols the model lacks ([CLS], [SEP], [MASK],
+    [PAD] where it has no pad piece) get ids after its pieces, as Hugging Face adds them to a
+    released ALBERT tokenizer; they are never produced from text.
+    """
+
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        *,
+        do_lower_case: bool = True,
+        keep_accents: bool = False,
+    ):
         import sentencepiece as spm
 
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"SentencePiece model {model_file} does not exist")
-        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"{model_file} is not a SentencePiece model ({e}); give the .model file that "
+                f"SentencePiece training writes (ALBERT's spiece.model)"
+            ) from e
         self.vocab_file = os.fspath(model_file)
         self.do_lower_case = do_lower_case
-        self.vocab_size = self._sp.get_piece_size()
-        self.unk_id = self._sp.unk_id()
-        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self._special("[PAD]")
-        self.cls_id, self.sep_id, self.mask_id = (self._special(t) for t in SPECIAL_TOKENS[2:])
+        self.keep_accents = keep_accents
+        pieces = self._sp.get_piece_size()
+        self._added: list[str] = []  # special symbols after the model's pieces
 
-    def _special(self, token: str) -> int:
-        token_id = self._sp.piece_to_id(token)
-        if token_id == self._sp.unk_id() and token != "[UNK]":
-            raise ValueError(
-                f"SentencePiece model {self.vocab_file} lacks the special symbol {token}; train "
-                f"it with user_defined_symbols [CLS], [SEP], [MASK] (see train_sentencepiece)"
-            )
-        return token_id
+        def special(token: str, own_id: int = -1) -> int:
+            if own_id >= 0:
+                return own_id
+            token_id = self._sp.piece_to_id(token)
+            if token_id != self._sp.unk_id():
+                return token_id
+            self._added.append(token)
+            return pieces + len(self._added) - 1
+
+        self.unk_id = self._sp.unk_id()
+        self.pad_id = special("[PAD]", self._sp.pad_id())
+        self.cls_id, self.sep_id, self.mask_id = (special(t) for t in SPECIAL_TOKENS[2:])
+        self.vocab_size = pieces + len(self._added)
+        self._digit_comma = {
+            i: None for i in range(pieces) if _ends_in_digit_comma(self._sp.id_to_piece(i))
+        }
 
     def preprocess(self, text: str) -> str:
-        return albert_preprocess(text, self.do_lower_case)
+        return albert_preprocess(text, self.do_lower_case, self.keep_accents)
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(self.preprocess(text))
+        return self._split_digit_commas(self._sp.encode(self.preprocess(text)))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._sp.encode([self.preprocess(t) for t in texts], num_threads=os.cpu_count())
+        encoded = self._sp.encode([self.preprocess(t) for t in texts], num_threads=os.cpu_count())
+        return [self._split_digit_commas(ids) for ids in encoded]
+
+    def _split_digit_commas(self, ids: list[int]) -> list[int]:
+        """ALBERT's `encode_pieces` rule: "▁1990," becomes "▁1990" + ","."""
+        if not any(i in self._digit_comma for i in ids):
+            return ids
+        out = []
+        for i in ids:
+            if i not in self._digit_comma:
+                out.append(i)
+                continue
+            if self._digit_comma[i] is None:
+                piece = self._sp.id_to_piece(i)
+                parts = self._sp.encode(piece[:-1].replace("\u2581", ""), out_type=str)
+                if not piece.startswith("\u2581") and parts and parts[0].startswith("\u2581"):
+                    parts = parts[1:] if len(parts[0]) == 1 else [parts[0][1:], *parts[1:]]
+                self._digit_comma[i] = [self._sp.piece_to_id(p) for p in [*parts, ","]]
+            out.extend(self._digit_comma[i])
+        return out
 
     def tokenize(self, text: str) -> list[str]:
-        return self._sp.encode(self.preprocess(text), out_type=str)
+        return [self.id_to_token(i) for i in self.encode(text)]
 
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Per text, the ids of each whitespace-separated word, each word encoded alone."""
         return encode_grouped(self, [t.split() for t in texts])
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode(list(ids))
+        """Text of `ids`; the added special symbols appear as themselves."""
+        parts, run = [], []
+        for i in ids:
+            if i < self._sp.get_piece_size():
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._sp.decode(run))
+                run = []
+            parts.append(self.id_to_token(i))
+        if run:
+            parts.append(self._sp.decode(run))
+        return " ".join(parts)
 
     def id_to_token(self, token_id: int) -> str:
-        return self._sp.id_to_piece(token_id)
+        pieces = self._sp.get_piece_size()
+        return (
+            self._added[token_id - pieces] if token_id >= pieces else self._sp.id_to_piece(token_id)
+        )
 
     def is_continuation(self) -> list[bool]:
         """A piece continues a word unless it starts one (the `▁` prefix) or is special."""
         special = {self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id}
         return [
-            i not in special and not self._sp.id_to_piece(i).startswith("\u2581")
+            i not in special and not self.id_to_token(i).startswith("\u2581")
             for i in range(self.vocab_size)
         ]
 
 
-def albert_preprocess(text: str, do_lower_case: bool) -> str:
-    """ALBERT's `preprocess_text`: collapse whitespace, `` and '' to ", strip accents, lower."""
+def _ends_in_digit_comma(piece: str) -> bool:
+    return len(piece) > 1 and piece[-1] == "," and piece[-2].isdigit()
+
+
+def albert_preprocess(text: str, do_lower_case: bool, keep_accents: bool = False) -> str:
+    """ALBERT's `preprocess_text`: collapse whitespace, `` and '' to ", strip accents (unless
+    `keep_accents`), lower-case (when `do_lower_case`)."""
     text = " ".join(text.split()).replace("``", '"').replace("''", '"')
-    if do_lower_case:
+    if not keep_accents:
         text = unicodedata.normalize("NFKD", text)
-        text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+        text = "".join(c for c in text if not unicodedata.combining(c))
+    if do_lower_case:
+        text = text.lower()
     return text
 
 
@@ -248,6 +340,7 @@ def train_sentencepiece(
     vocab_size: int,
     model_type: str = "unigram",
     do_lower_case: bool = True,
+    keep_accents: bool = False,
 ) -> str:
     """Learns a SentencePiece model (unigram or BPE) from sentences and writes `model_file`.
 
@@ -259,12 +352,11 @@ def train_sentencepiece(
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type={model_type!r}; use 'unigram' or 'bpe'")
     model_file = os.fspath(model_file)
-    directory = os.path.dirname(model_file) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".model.tmp")
-    with os.fdopen(fd, "wb") as f:
+    with files.atomic_path(model_file, suffix=".model.tmp") as tmp, open(tmp, "wb") as f:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(albert_preprocess(s, do_lower_case) for s in sentences),
+            sentence_iterator=(
+                albert_preprocess(s, do_lower_case, keep_accents) for s in sentences
+            ),
             model_writer=f,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -280,5 +372,4 @@ def train_sentencepiece(
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
-    os.replace(tmp, model_file)
     return model_file

@@ -249,18 +249,24 @@ def make_train_step(
             (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
         grad_norm = optax.tree.norm(grads)
-        # A non-finite loss or gradient leaves parameters and optimizer state as they were;
-        # the step counter still moves so that the next step draws new dropout masks. A
-        # `cond`, not a select per array: the update is one pass over the parameters and
-        # writes them in place (the state is donated).
+        # A non-finite loss, gradient or update (a NaN that came in with a restored optimizer
+        # state shows only there) leaves parameters and optimizer state as they were; the
+        # step counter still moves so that the next step draws new dropout masks. `cond`s,
+        # not a select per array: the update is one pass over the parameters and writes them
+        # in place (the state is donated).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            ok = _all_finite((updates, new_opt_state))
+            return jax.lax.cond(
+                ok,
+                lambda: (optax.apply_updates(params, updates), new_opt_state, ok),
+                lambda: (params, opt_state, ok),
+            )
 
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda p, o: (p, o), state.params, state.opt_state
+        params, opt_state, finite = jax.lax.cond(
+            finite, update, lambda p, o: (p, o, finite), state.params, state.opt_state
         )
 
         metrics = {
@@ -278,6 +284,12 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+    """One bool: every floating-point value of `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def make_eval_step(

@@ -30,6 +30,7 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.data.vocab_size = config.model.vocab_size
     config.data.spm_model_type = "unigram"
     config.data.do_lower_case = True
+    config.data.keep_accents = False  # SentencePiece: ALBERT strips accents unless this is set.
     config.data.max_seq_length = 128
     config.data.max_predictions_per_seq = 20
     config.data.masked_lm_prob = 0.15
@@ -77,6 +78,9 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 3
     config.train.keep_every = 100_000  # Keep these steps for good (0: none).
     config.train.max_bad_steps = 10  # Consecutive non-finite steps before rolling back.
+    # A workdir whose checkpoints are all damaged is never silently restarted: set this to
+    # train from step 0 there (the damaged ones stay aside, renamed <step>.damaged-*).
+    config.train.start_over = False
     return config
 
 

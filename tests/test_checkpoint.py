@@ -83,7 +83,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
         if path.stat().st_size > 1000:
             path.write_bytes(path.read_bytes()[:100])
     again = run_train(tmp_path, workdir, 20)
-    assert "checkpoints/20 is damaged or incomplete" in again.stderr
+    assert "checkpoints/20 is damaged" in again.stderr
     assert "resumed from step 10" in again.stdout
     assert read_summary(workdir)["steps_this_run"] == 10
 
@@ -152,8 +152,9 @@ def test_preflight_reports_unwritable_and_full_directories(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(PermissionError, match="cannot write checkpoints"):
         checkpoint.preflight(str(blocker / "checkpoints"))
-    with pytest.raises(OSError, match="GiB free but a checkpoint needs"):
-        checkpoint.preflight(str(tmp_path / "ok"), bytes_needed=10**18)
+    # keep_checkpoints=3 and the one being written: four checkpoints of space.
+    with pytest.raises(OSError, match="GiB free but 4 more checkpoint"):
+        checkpoint.preflight(str(tmp_path / "ok"), checkpoint_bytes=10**18, saves=4)
 
 
 def test_non_finite_step_is_not_applied():

@@ -22,10 +22,8 @@ TEXT = [
 
 def _write_vocab(tmp_path, name, lower):
     words = " ".join(TEXT).split()
-    corpus = tmp_path / f"{name}_corpus.txt"
-    corpus.write_text("\n".join(TEXT * 3 + words), encoding="utf-8")
     return tokenization.train_wordpiece_vocab(
-        [corpus],
+        TEXT * 3 + words,
         tmp_path / f"{name}_vocab.txt",
         vocab_size=400,
         do_lower_case=lower,
@@ -93,10 +91,12 @@ def test_sentencepiece_trains_encodes_and_decodes(tmp_path, model_type):
 
 def test_albert_preprocessing_matches_the_original_rules():
     assert tokenization.albert_preprocess("  Café\t``Naïve''  ", True) == 'cafe "naive"'
-    assert tokenization.albert_preprocess("Café  X", False) == "Café X"
+    # ALBERT strips accents whether or not it lower-cases, unless told to keep them.
+    assert tokenization.albert_preprocess("Café  X", False) == "Cafe X"
+    assert tokenization.albert_preprocess("Café  X", False, keep_accents=True) == "Café X"
 
 
-def test_sentencepiece_model_without_special_symbols_is_rejected(tmp_path):
+def test_sentencepiece_model_without_special_symbols_gets_them_as_extra_ids(tmp_path):
     import sentencepiece as spm
 
     prefix = tmp_path / "plain"
@@ -107,5 +107,15 @@ def test_sentencepiece_model_without_special_symbols_is_rejected(tmp_path):
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    with pytest.raises(ValueError, match="lacks the special symbol"):
-        tokenization.SentencePieceTokenizer(f"{prefix}.model")
+    ref = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
+    tok = tokenization.SentencePieceTokenizer(f"{prefix}.model")
+    n = ref.get_piece_size()
+    # No pad piece, no [CLS]/[SEP]/[MASK]: four ids after the model's own, as Hugging Face
+    # adds special tokens to a released tokenizer.
+    assert (tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id) == (n, n + 1, n + 2, n + 3)
+    assert tok.vocab_size == n + 4 and tok.unk_id == ref.unk_id()
+    assert [tok.id_to_token(i) for i in range(n, n + 4)] == ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+    text = "the cat sat on the mat"
+    assert tok.encode(text) == ref.encode(text)
+    assert tok.decode([tok.cls_id, *tok.encode(text), tok.sep_id]) == f"[CLS] {text} [SEP]"
+    assert len(tok.is_continuation()) == tok.vocab_size

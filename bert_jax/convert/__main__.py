@@ -3,15 +3,16 @@
 python -m bert_jax.convert import-hf  HF_DIR   OUT_WORKDIR
 python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
+
+Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the traceback.
 """
 
 import argparse
-import sys
 import warnings
 
 import jax
 
-from bert_jax import axes, models, sharding
+from bert_jax import axes, cli, models, sharding
 from bert_jax.convert.names import model_class
 from bert_jax.convert.runs import load_pretrained, load_run, overlay, read_run, write_run
 from bert_jax.convert.sources import export_hf, read_hf_dir, read_tf_checkpoint
@@ -85,4 +86,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

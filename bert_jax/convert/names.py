@@ -209,23 +209,33 @@ def params_from_hf(
     config: BertConfig,
     architecture: str = "BertForPreTraining",
     num_labels: int = 2,
+    source: str = "the weights",
 ) -> tuple[Params, Report]:
     """Converts a Hugging Face BERT state dict into (numpy) bert_jax params.
+
+    Strict about the encoder: the config and the weights must agree in depth and layer
+    grouping, every tensor of the encoder must be found, and no encoder tensor of the source
+    may be left over. Task heads are lenient (a fresh head, a pooler the source lacks, heads
+    of another task are reported, not refused).
 
     Args:
       state_dict: tensor name -> array-like; names with or without the `bert.` prefix,
         `LayerNorm.gamma/beta` as in old checkpoints.
       config: the bert_jax config the weights were made for.
       architecture: the target bert_jax model (one of `ARCHITECTURES`).
+      source: how errors name the weights (their directory).
 
     Returns:
       (params holding every tensor found, report of what is missing or left over).
 
     Raises:
-      ValueError naming a tensor whose shape does not fit the config.
+      ValueError naming both sides when a tensor's shape does not fit the config, when the
+      config says another depth or grouping than the weights hold, or when an encoder tensor
+      is missing or left over.
     """
     table, prefix = _table(config)
     names = {_normalize_hf_name(k, prefix): k for k in state_dict}
+    _check_depth(names, config, source)
     expected = abstract_params(config, architecture, num_labels)
     bare = "bert" not in expected  # BertModel's own params have no `bert/` level
     params: Params = {}
@@ -254,7 +264,57 @@ def params_from_hf(
     report.unexpected = sorted(
         names[n] for n in names if n not in used and not _ALIASES.fullmatch(n)
     )
+    missing_encoder = [p for p in report.missing if is_encoder_path(p)]
+    unused_encoder = [n for n in report.unexpected if _ENCODER_NAME.search(n)]
+    if missing_encoder or unused_encoder:
+        parts = []
+        if missing_encoder:
+            parts.append(f"the config needs {', '.join(missing_encoder[:6])}, not in {source}")
+        if unused_encoder:
+            parts.append(
+                f"{source} holds {', '.join(unused_encoder[:6])}, which it has no place for"
+            )
+        raise ValueError(
+            f"the config and the weights of {source} disagree: {'; '.join(parts)}; an encoder "
+            f"weight would be left at its random initialisation or dropped. The config belongs "
+            f"to another model: fix config.json or use the model's own"
+        )
     return params, report
+
+
+_ENCODER_NAME = re.compile(r"(^|\.)(embeddings|encoder)\.")
+_BERT_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+_ALBERT_LAYER = re.compile(r"^albert\.encoder\.albert_layer_groups\.(\d+)\.albert_layers\.(\d+)\.")
+
+
+def is_encoder_path(path: str) -> bool:
+    """Whether a bert_jax parameter path belongs to the encoder proper (embeddings and
+    layers), which an import must fill; the pooler and the heads may start fresh."""
+    return path.removeprefix("bert/").split("/")[0] in ("embeddings", "encoder")
+
+
+def _check_depth(names: Mapping[str, str], config: BertConfig, source: str) -> None:
+    """The depth (BERT) or the layer groups (ALBERT) the weights hold against the config's."""
+    if family(config) == "bert":
+        layers = {int(m.group(1)) for n in names if (m := _BERT_LAYER.match(n))}
+        if layers and len(layers) != config.num_hidden_layers:
+            raise ValueError(
+                f"the config says num_hidden_layers={config.num_hidden_layers} but {source} "
+                f"holds {len(layers)} layers (encoder.layer.{min(layers)}-{max(layers)}); the "
+                f"config belongs to another model: fix config.json or use the model's own"
+            )
+        return
+    groups = {(int(m.group(1)), int(m.group(2))) for n in names if (m := _ALBERT_LAYER.match(n))}
+    if not groups:
+        return
+    held = (len({g for g, _ in groups}), len({k for _, k in groups}))
+    wanted = (config.num_weight_sets // config.inner_group_num, config.inner_group_num)
+    if held != wanted:
+        raise ValueError(
+            f"the config says num_hidden_groups={wanted[0]}, inner_group_num={wanted[1]} but "
+            f"{source} holds {held[0]} layer group(s) of {held[1]} layer(s); the config belongs "
+            f"to another model: fix config.json or use the model's own"
+        )
 
 
 def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:

@@ -11,11 +11,12 @@ from typing import Any
 
 import jax
 
-from bert_jax import axes, checkpoint, corpus, input_pipeline, models, sharding
+from bert_jax import axes, checkpoint, files, input_pipeline, models, sharding
 from bert_jax.convert.names import (
     Report,
     abstract_params,
     get_path,
+    is_encoder_path,
     model_class,
     params_from_hf,
     set_path,
@@ -47,38 +48,92 @@ def load_pretrained(
     scratch_dir: str | None = None,
     **overrides: Any,
 ) -> Pretrained:
-    """Weights for `architecture` from `hf:DIR`, `tf:DIR` or a bert_jax run directory.
+    """Weights for `architecture` from a Hugging Face directory, an original TF checkpoint or
+    a bert_jax workdir (`hf:`, `tf:`, `bert_jax:` prefixes, or recognised by their files).
 
     Each array goes straight to its devices in the shardings the rules give on `mesh`.
     Parameters the source lacks (a new task head) are absent from `params`; overlay the result
-    on a fresh initialisation with `overlay`.
+    on a fresh initialisation with `overlay`. Encoder weights the source lacks, or holds
+    beyond the config, are an error (`params_from_hf`).
 
     Args:
-      spec: `hf:PATH`, `tf:PATH`, or the workdir of a bert_jax run (`PATH` or `bert_jax:PATH`).
+      spec: `hf:PATH`, `tf:PATH`, `bert_jax:PATH` or a bare `PATH` (see `model_kind`).
       architecture: the model to fill (one of `ARCHITECTURES`).
       overrides: BertConfig fields of this run (dtype, param_dtype, remat, dropout).
     """
-    kind, _, path = spec.partition(":") if re.match(r"^(hf|tf|bert_jax):", spec) else ("", "", spec)
+    kind, path = model_kind(spec)
+    if kind == "bert_jax":
+        return load_run(path, architecture, num_labels, mesh, rules, overrides)
+    source = (
+        read_hf_dir(path, scratch_dir, **overrides)
+        if kind == "hf"
+        else read_tf_checkpoint(path, **overrides)
+    )
+    params, report = params_from_hf(
+        source.tensors, source.config, architecture, num_labels, source.description
+    )
+    kind = "sentencepiece" if source.vocab_file.endswith(".model") else "wordpiece"
+    tokenizer = input_pipeline.load_tokenizer(
+        kind, source.vocab_file, source.do_lower_case, source.keep_accents
+    )
+    check_vocab(tokenizer, source.config, source.description)
+    shardings = _param_shardings(source.config, architecture, num_labels, mesh, rules)
+    placed = sharding.place(params, _prune(shardings, params))
+    return Pretrained(source.config, placed, tokenizer, report, source.description)
+
+
+_KINDS = {
+    "hf": "a Hugging Face model directory (config.json and model.safetensors)",
+    "tf": "an original TF checkpoint (bert_config.json, vocab.txt and bert_model.ckpt.*)",
+    "bert_jax": "a bert_jax workdir (config.json and checkpoints/)",
+}
+
+
+def model_kind(spec: str) -> tuple[str, str]:
+    """(kind, path) of a model spec: its `hf:`/`tf:`/`bert_jax:` prefix, or what the files
+    at the path are when it has none.
+
+    Raises:
+      FileNotFoundError when nothing is at the path; ValueError when its files are no model
+      bert_jax reads, or another kind than the prefix says (naming the prefix to use).
+    """
+    match = re.match(r"^(hf|tf|bert_jax):", spec)
+    kind, path = (match.group(1), spec[match.end() :]) if match else ("", spec)
     path = os.path.expanduser(path)
-    if not os.path.exists(path):
+    if not (os.path.exists(path) or os.path.exists(path + ".index")):
         raise FileNotFoundError(
-            f"init_from={spec!r}: {path} does not exist; pass hf:<Hugging Face directory>, "
-            f"tf:<original TF checkpoint directory> or a bert_jax workdir"
+            f"model {spec!r}: {path} does not exist; give {_KINDS['hf']}, {_KINDS['tf']} or "
+            f"{_KINDS['bert_jax']}"
         )
-    if kind in ("hf", "tf"):
-        source = (
-            read_hf_dir(path, scratch_dir, **overrides)
-            if kind == "hf"
-            else read_tf_checkpoint(path, **overrides)
+    found = _detect(path)
+    if not kind and found is None:
+        raise ValueError(
+            f"model {spec!r}: {path} is none of {_KINDS['hf']}; {_KINDS['tf']}; "
+            f"{_KINDS['bert_jax']}"
         )
-        params, report = params_from_hf(source.tensors, source.config, architecture, num_labels)
-        kind = "sentencepiece" if source.vocab_file.endswith(".model") else "wordpiece"
-        tokenizer = input_pipeline.load_tokenizer(kind, source.vocab_file, source.do_lower_case)
-        check_vocab(tokenizer, source.config, source.description)
-        shardings = _param_shardings(source.config, architecture, num_labels, mesh, rules)
-        placed = sharding.place(params, _prune(shardings, params))
-        return Pretrained(source.config, placed, tokenizer, report, source.description)
-    return load_run(path, architecture, num_labels, mesh, rules, overrides)
+    if kind and found is not None and found != kind:
+        raise ValueError(
+            f"model {spec!r}: {path} is {_KINDS[found]}, not {_KINDS[kind]}; pass {found}:{path}"
+        )
+    return kind or found, path
+
+
+def _detect(path: str) -> str | None:
+    if not os.path.isdir(path):
+        return "tf" if os.path.exists(path + ".index") else None
+    names = set(os.listdir(path))
+    if "config.json" in names and "checkpoints" in names:
+        return "bert_jax"
+    if "config.json" in names and names & {
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    }:
+        return "hf"
+    if "bert_config.json" in names and any(n.endswith(".index") for n in names):
+        return "tf"
+    return None
 
 
 def overlay(base: Params, imported: Params) -> Params:
@@ -108,19 +163,25 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
         groups += [((k,), None if src_bare else (k,)) for k in abstract if k != "bert"]
     params: Params = {}
     report = Report()
+    description = f"{path} step {run['step']}"
     for target, src in groups:
         name = "/".join(target)
         try:
             if src is None:
-                raise ValueError(name)
+                raise ValueError(f"{run['architecture']} has no {name}")
             value = checkpoint.restore_subtree(
                 run["checkpoints"], run["step"], src, get_path(abstract, name)
             )
-        except ValueError:
+        except ValueError as e:
+            if is_encoder_path(name):  # a pooler or head may start fresh, the encoder not
+                raise ValueError(
+                    f"the encoder of {description} does not fit its config.json ({e}); the "
+                    f"workdir's config.json belongs to another model"
+                ) from e
             report.missing.append(name)
             continue
         set_path(params, name, value)
-    return Pretrained(config, params, run["tokenizer"], report, f"{path} step {run['step']}")
+    return Pretrained(config, params, run["tokenizer"], report, description)
 
 
 def read_run(path: str, step: int | None = None) -> dict:
@@ -150,14 +211,49 @@ def read_run(path: str, step: int | None = None) -> dict:
             f"{directory} has no checkpoint{'' if step is None else f' of step {step}'} "
             f"(found {steps})"
         )
+    step = steps[-1] if step is None else step
+    _check_run_files(path, os.path.join(directory, str(step)), config, vocab_file)
     return dict(
         config=config,
         architecture=saved.get("architecture", "BertForPreTraining"),
         num_labels=saved.get("num_labels", 2),
-        tokenizer=input_pipeline.load_tokenizer(kind, vocab_file, data.get("do_lower_case", True)),
+        tokenizer=input_pipeline.load_tokenizer(
+            kind, vocab_file, data.get("do_lower_case", True), data.get("keep_accents", False)
+        ),
         checkpoints=directory,
-        step=steps[-1] if step is None else step,
+        step=step,
     )
+
+
+def _check_run_files(path: str, step_dir: str, config: BertConfig, vocab_file: str) -> None:
+    """A workdir's config.json and vocabulary must be the ones its checkpoint was written
+    with, and the checkpoint must pass its checksums."""
+    problems = checkpoint.verify_checksums(step_dir)
+    if problems:
+        raise ValueError(
+            f"checkpoint {step_dir} is damaged: {len(problems)} file(s) fail their checksums "
+            f"({problems[0]}); use another --step or another copy of the run"
+        )
+    meta = checkpoint.read_meta(step_dir)
+    if meta is None or "model" not in meta.get("config", {}):
+        return
+    fields = {f.name for f in dataclasses.fields(BertConfig)} - set(models.RUN_FIELDS)
+    written = BertConfig(**{k: v for k, v in meta["config"]["model"].items() if k in fields})
+    differing = [
+        f"{k}: {getattr(written, k)!r} in the checkpoint, {getattr(config, k)!r} in config.json"
+        for k in sorted(fields)
+        if getattr(written, k) != getattr(config, k)
+    ]
+    if differing:
+        raise ValueError(
+            f"{path}/config.json does not describe checkpoint {step_dir} ({'; '.join(differing)})"
+            f"; the workdir's files were replaced by another run"
+        )
+    if meta.get("vocab_sha256") not in (None, input_pipeline.file_digest(vocab_file)):
+        raise ValueError(
+            f"{vocab_file} is not the vocabulary checkpoint {step_dir} was trained with (another "
+            f"sha256); the workdir's files were replaced by another run"
+        )
 
 
 def write_run(
@@ -204,6 +300,7 @@ def describe_run(
             **extra.get("data", {}),
             "tokenizer": "wordpiece" if vocab_name == "vocab.txt" else "sentencepiece",
             "do_lower_case": tokenizer.do_lower_case,
+            "keep_accents": getattr(tokenizer, "keep_accents", False),
         },
         "architecture": architecture,
         "num_labels": num_labels,
@@ -213,7 +310,7 @@ def describe_run(
         target = os.path.join(out, vocab_name)
         if not (os.path.exists(target) and os.path.samefile(tokenizer.vocab_file, target)):
             shutil.copyfile(tokenizer.vocab_file, target)
-        corpus.atomic_write(
+        files.atomic_write(
             os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
         )
     return {"config": config_json, "vocab_sha256": input_pipeline.file_digest(tokenizer.vocab_file)}

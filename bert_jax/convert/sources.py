@@ -6,13 +6,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from bert_jax import corpus
+from bert_jax import files
 from bert_jax.convert.names import (
     ARCHITECTURES,
     architecture_of,
@@ -38,6 +37,7 @@ class Source:
     tensors: Mapping[str, Any]
     vocab_file: str
     do_lower_case: bool
+    keep_accents: bool = False
 
 
 def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> Source:
@@ -62,8 +62,8 @@ def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> 
     if architecture not in ARCHITECTURES:
         architecture = infer_architecture(tensors)
     num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
-    vocab_file, lower = _hf_vocab(path, scratch_dir)
-    return Source(path, config, architecture, num_labels, tensors, vocab_file, lower)
+    vocab_file, lower, keep_accents = _hf_vocab(path, scratch_dir)
+    return Source(path, config, architecture, num_labels, tensors, vocab_file, lower, keep_accents)
 
 
 def read_tf_checkpoint(path: str, **overrides: Any) -> Source:
@@ -182,14 +182,16 @@ def _torch_tensors(files: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool]:
-    """(vocab.txt or spiece.model path, do_lower_case) of a Hugging Face directory."""
+def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
+    """(vocab.txt or spiece.model path, do_lower_case, keep_accents) of a Hugging Face
+    directory."""
     settings_file = os.path.join(path, "tokenizer_config.json")
     settings = read_json(settings_file) if os.path.isfile(settings_file) else {}
     lower = bool(settings.get("do_lower_case", True))
+    keep_accents = bool(settings.get("keep_accents", False))
     for name in ("vocab.txt", "spiece.model"):  # WordPiece (BERT), SentencePiece (ALBERT)
         if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name), lower
+            return os.path.join(path, name), lower, keep_accents
     tokenizer_file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(
@@ -207,12 +209,12 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool]:
     text = "".join(t + "\n" for t, _ in vocab).encode("utf-8")
     if scratch_dir is None:
         scratch_dir = os.path.join(
-            corpus.cache_root(), "vocab", hashlib.sha256(text).hexdigest()[:16]
+            files.cache_root(), "vocab", hashlib.sha256(text).hexdigest()[:16]
         )
     out = os.path.join(scratch_dir, "vocab.txt")
     os.makedirs(scratch_dir, exist_ok=True)
-    corpus.atomic_write(out, text)
-    return out, lower
+    files.atomic_write(out, text)
+    return out, lower, False
 
 
 def export_hf(
@@ -226,7 +228,7 @@ def export_hf(
     from safetensors.numpy import save_file
 
     architecture = architecture_of(params, config)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out)))
+    tmp = files.make_temp_dir(out, ".export-")
     try:
         save_file(
             params_to_hf(params, config),
@@ -244,6 +246,7 @@ def export_hf(
                 {
                     "tokenizer_class": "BertTokenizer" if wordpiece else "AlbertTokenizer",
                     "do_lower_case": tokenizer.do_lower_case,
+                    **({} if wordpiece else {"keep_accents": tokenizer.keep_accents}),
                     "model_max_length": config.max_position_embeddings,
                 },
                 f,
