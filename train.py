@@ -201,7 +201,11 @@ def check_compatible(
     saved_model = dataclasses.asdict(
         models.BertConfig(**{k: v for k, v in saved["model"].items() if k in fields})
     )
-    pairs = {f"model.{k}": (saved_model[k], v) for k, v in dataclasses.asdict(run.model).items()}
+    pairs = {}
+    if here is not None or not run.init_from:  # with init_from, the model is known once read
+        pairs = {
+            f"model.{k}": (saved_model[k], v) for k, v in dataclasses.asdict(run.model).items()
+        }
     for section in ("optim", "data", "train"):
         for key, value in config_json[section].items():
             skip = _FREE_TO_CHANGE.get(section, set())
@@ -423,12 +427,12 @@ class Loop:
 def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
     """Every problem that config, paths and permissions show before any expensive step
     (vocabulary learning, preprocessing, importing weights, compiling), all at once."""
-    problems = [
-        files.writable_problem(workdir, "the run's files")
-        or files.writable_problem(os.path.join(workdir, "checkpoints"), "checkpoints")
-    ]
-    problems = [p for p in problems if p]
-    problems += model_problems(run, mesh)
+    unwritable = files.writable_problem(workdir, "the run's files") or files.writable_problem(
+        os.path.join(workdir, "checkpoints"), "checkpoints"
+    )
+    problems = [unwritable] if unwritable else []
+    # With init_from the model is the imported one: checked again once it is read.
+    problems += model_problems(run, mesh, model_known=not run.init_from)
     try:
         input_pipeline.corpus_files(run.data)
     except (OSError, ValueError) as e:
@@ -449,11 +453,11 @@ def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
     return problems
 
 
-def model_problems(run: RunConfig, mesh) -> list[str]:
+def model_problems(run: RunConfig, mesh, model_known: bool = True) -> list[str]:
     """What the model config (the configured one, or the imported one) says against the data,
     the batch and the mesh."""
     problems = []
-    if run.data.masking.max_seq_length > run.model.max_position_embeddings:
+    if model_known and run.data.masking.max_seq_length > run.model.max_position_embeddings:
         problems.append(
             f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
             f"model.max_position_embeddings={run.model.max_position_embeddings}; lower one or "

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = [
@@ -73,3 +74,24 @@ def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True, config=No
 def read_summary(workdir):
     with open(os.path.join(workdir, "summary.json")) as f:
         return json.load(f)
+
+
+def start(args, cwd, devices=1):
+    """A train.py run (its argument list) in the background, output captured."""
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=train_env(devices),
+        cwd=cwd,
+    )
+
+
+def wait_for(path, proc, timeout=300):
+    """Waits until `path` exists, failing if the run ends or the time runs out first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)

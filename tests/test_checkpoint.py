@@ -1,14 +1,13 @@
 """Fault tolerance: SIGKILL and SIGTERM mid-run, damaged checkpoints, other topologies."""
 
 import signal
-import subprocess
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli import read_summary, run_train, train_args, train_env
+from cli import read_summary, run_train, start, train_args, wait_for
 
 from bert_jax import axes, checkpoint, models, optim, sharding, train_lib
 
@@ -22,22 +21,7 @@ def _params(workdir, step):
 
 
 def _start(tmp_path, workdir, steps):
-    return subprocess.Popen(
-        train_args(tmp_path, workdir, steps, *LOG_EVERY_STEP),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=train_env(1),
-        cwd=tmp_path,
-    )
-
-
-def _wait_for(path, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+    return start(train_args(tmp_path, workdir, steps, *LOG_EVERY_STEP), cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -45,7 +29,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_train(tmp_path, straight, 30, *LOG_EVERY_STEP)
     proc = _start(tmp_path, killed, 30)
-    _wait_for(killed / "checkpoints" / "10", proc)
+    wait_for(killed / "checkpoints" / "10", proc)
     time.sleep(0.3)  # a few steps past the checkpoint, whose work is lost
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -62,7 +46,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "w"
     proc = _start(tmp_path, workdir, 30)
-    _wait_for(workdir / "checkpoints" / "10", proc)
+    wait_for(workdir / "checkpoints" / "10", proc)
     time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)

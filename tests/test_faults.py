@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli import ROOT, SENTENCES, train_args, train_env
+from cli import ROOT, SENTENCES, start, train_args, train_env, wait_for
 
 from bert_jax import axes, checkpoint, cli, files, models, optim, sharding, tokenization, train_lib
 
@@ -64,22 +64,7 @@ def _train(tmp_path, workdir, steps=STEPS, *extra, check=True):
 
 
 def _start(tmp_path, workdir, steps=STEPS, *extra):
-    return subprocess.Popen(
-        _args(tmp_path, workdir, steps, *extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=train_env(1),
-        cwd=tmp_path,
-    )
-
-
-def _wait_for(path, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+    return start(_args(tmp_path, workdir, steps, *extra), cwd=tmp_path)
 
 
 def _snapshot(workdir):
@@ -182,7 +167,7 @@ def test_o3_a_second_run_on_a_workdir_is_refused_and_the_first_is_unaffected(bas
     tmp, done, _ = base
     workdir = _copy(base, "concurrent", drop=(20, 30))
     first = _start(tmp, workdir)
-    _wait_for(workdir / ".lock", first)
+    wait_for(workdir / ".lock", first)
     second = _train(tmp, workdir, check=False)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
@@ -383,7 +368,7 @@ def test_o7_a_disk_filled_during_the_run_stops_it_at_that_save_and_the_rerun_res
     try:
         workdir = disk / "w"
         run = _start(tmp, workdir)
-        _wait_for(workdir / "checkpoints" / "10" / "checksums" / "process_0.json", run)
+        wait_for(workdir / "checkpoints" / "10" / "checksums" / "process_0.json", run)
         free = shutil.disk_usage(disk).free
         (disk / "filler").write_bytes(b"\0" * (free - 2**20))  # someone else fills the disk
         out, err = run.communicate(timeout=600)
