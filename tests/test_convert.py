@@ -297,15 +297,16 @@ def test_train_starts_from_hugging_face_weights(tmp_path):
     vanishing learning rate they come out unchanged through export)."""
     hf_dir, _ = _hf_dir(tmp_path, "BertForPreTraining")
     workdir = tmp_path / "run"
-    cli.run_train(
-        tmp_path,
-        workdir,
-        2,
+    args = (
         f"--config.init_from=hf:{hf_dir}",
         "--config.optim.learning_rate=1e-30",
         "--config.train.checkpoint_every=2",
         "--config.data.max_seq_length=24",
     )
+    cli.run_train(tmp_path, workdir, 2, *args)
+    # The same command again resumes (the imported model, not the configured one, is what
+    # the checkpoint is compared with).
+    assert "resumed from step 2" in cli.run_train(tmp_path, workdir, 2, *args).stdout
     saved = json.load(open(workdir / "config.json"))
     assert saved["model"]["hidden_size"] == SIZES["hidden_size"]
     assert (workdir / "vocab.txt").read_text() == (tmp_path / "vocab.txt").read_text()
