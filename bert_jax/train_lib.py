@@ -249,24 +249,25 @@ def make_train_step(
             (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
             loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
         grad_norm = optax.tree.norm(grads)
-        # A non-finite loss, gradient or update (a NaN that came in with a restored optimizer
-        # state shows only there) leaves parameters and optimizer state as they were; the
-        # step counter still moves so that the next step draws new dropout masks. `cond`s,
-        # not a select per array: the update is one pass over the parameters and writes them
-        # in place (the state is donated).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite loss or gradient, or a non-finite state coming in (a NaN restored into
+        # the Adam moments shows nowhere else, and would reach the parameters through the
+        # update), leaves parameters and optimizer state as they were; the step counter still
+        # moves so that the next step draws new dropout masks. The state a step produces is
+        # checked by the next one, before anything uses it. A `cond`, not a select per array:
+        # the update is one pass over the parameters and writes them in place (the state is
+        # donated).
+        finite = (
+            jnp.isfinite(loss)
+            & jnp.isfinite(grad_norm)
+            & _all_finite((state.params, state.opt_state))
+        )
 
         def update(params, opt_state):
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            ok = _all_finite((updates, new_opt_state))
-            return jax.lax.cond(
-                ok,
-                lambda: (optax.apply_updates(params, updates), new_opt_state, ok),
-                lambda: (params, opt_state, ok),
-            )
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state, finite = jax.lax.cond(
-            finite, update, lambda p, o: (p, o, finite), state.params, state.opt_state
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda p, o: (p, o), state.params, state.opt_state
         )
 
         metrics = {
