@@ -321,9 +321,7 @@ class Loop:
             return False
         self.skipped += 1
         self.bad_streak += 1
-        _print(
-            f"warning: step {step} had a non-finite loss, gradient or state and was not applied"
-        )
+        _print(f"warning: step {step} had a non-finite loss, gradient or state and was not applied")
         self.writer.add_scalar("train/skipped_steps", self.skipped, step)
         if self.bad_streak < self.cfg.max_bad_steps:
             return False
