@@ -15,7 +15,6 @@ import traceback
 from collections.abc import Callable, Sequence
 
 INPUT_ERRORS = (ValueError, LookupError, OSError)
-RUNTIME_ERRORS = (RuntimeError,)
 TERMINATED_STATUS = 128 + signal.SIGTERM
 _in_main = False
 
