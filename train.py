@@ -5,6 +5,8 @@ r"""Pretrains BERT with masked LM + next-sentence prediction.
         --config.data.corpus='/data/*.txt' --config.data.vocab_file=/data/vocab.txt
     python train.py --config=... --preprocess_only     # only tokenize and write the shards
     python train.py --config.init_from=hf:/models/bert-base-uncased   # continue pretraining
+    python train.py --config=configs/bert_large.py:bf16 --topology=v5e-8 [--plan]
+        # compile only, for a TPU slice from any host: memory, FLOPs, collectives per chip
 
 Writes to --workdir: orbax checkpoints (rerunning the same command resumes from the latest),
 TensorBoard events, the config used and a summary. Nothing here does math: it wires the
@@ -32,6 +34,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bert_jax import (  # noqa: E402
+    aot,
     axes,
     checkpoint,
     convert,
@@ -39,6 +42,8 @@ from bert_jax import (  # noqa: E402
     input_pipeline,
     losses,
     models,
+    planner,
+    pretraining_data,
     sharding,
     train_lib,
 )
@@ -68,6 +73,25 @@ _TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 300, "Seconds to wait for every process to join."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Compile only, for this TPU slice or topology (v5e-8, v4-8, v5p-128, v5e:2x4, v4:2x2x2), "
+    "from any host with libtpu (requirements-tpu.txt): the train and eval steps with the run's "
+    "shardings, reported per chip (memory against HBM, FLOPs, collectives). Nothing is "
+    "trained, no data is read and no workdir is written.",
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of --topology, joined over DCN.")
+_PLAN = flags.DEFINE_bool(
+    "plan",
+    False,
+    "With --topology: search mesh shapes, remat policies and micro-batch sizes (with gradient "
+    "accumulation) for the plan that fits with --headroom, and print its command line.",
+)
+_HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of chip memory a plan leaves free.")
+_REPORT = flags.DEFINE_string(
+    "report", "", "JSON file of the --topology report (default: compile_<topology>.json)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,22 +169,66 @@ def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingDa
     return data
 
 
-def memory_report(trainer: train_lib.Trainer, run: RunConfig) -> str:
-    """Per-device bytes of parameters, optimizer state and (estimated) activations."""
+def memory_report(trainer: train_lib.Trainer, run: RunConfig, compiled: aot.ProgramReport) -> str:
+    """Per-device bytes of the compiled train step: its arguments (parameters, optimizer state,
+    batch), temporaries (activations, gradients) and total; the formula's estimate only where
+    the backend gives no memory analysis."""
     mesh = trainer.mesh
-    batch_devices = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
-    per_device = run.train.batch_size // batch_devices // run.optim.grad_accum_steps
-    activations = train_lib.activation_bytes_estimate(
-        run.model, max(per_device, 1), run.data.masking.max_seq_length, mesh.shape["tensor"]
-    )
     params = sharding.bytes_per_device(trainer.abstract_state.params)
     opt = sharding.bytes_per_device(trainer.abstract_state.opt_state)
-    return (
+    head = (
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} "
         f"process(es); per device: parameters {params / 2**20:.1f} MiB, optimizer state "
-        f"{opt / 2**20:.1f} MiB, activations ~{activations / 2**20:.1f} MiB (estimate, "
-        f"{per_device} sequences of {run.data.masking.max_seq_length})"
+        f"{opt / 2**20:.1f} MiB"
     )
+    if compiled.required:
+        of = f" of {compiled.capacity / 2**20:,.0f}" if compiled.capacity else ""
+        return (
+            f"{head}; the compiled train step: arguments {compiled.arguments / 2**20:.1f} MiB, "
+            f"temporaries {compiled.temporaries / 2**20:.1f} MiB, total "
+            f"{compiled.required / 2**20:.1f}{of} MiB"
+        )
+    estimate = train_lib.memory_estimate(
+        run.model,
+        trainer.abstract_state,
+        per_device_batch(run, mesh),
+        run.data.masking.max_seq_length,
+        run.data.masking.max_predictions_per_seq,
+        mesh.shape["tensor"],
+    )
+    return f"{head}; total ~{estimate / 2**20:.1f} MiB (estimate: no compiled memory analysis)"
+
+
+def per_device_batch(run: RunConfig, mesh) -> int:
+    """Sequences one device computes at once (a micro-batch with accumulation)."""
+    replicas = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
+    return max(run.train.batch_size // replicas // run.optim.grad_accum_steps, 1)
+
+
+def compile_train_step(trainer: train_lib.Trainer, run: RunConfig):
+    """The train step compiled ahead of time (what the loop then runs) and its report.
+
+    Raises:
+      ValueError before any data is read when the step does not fit the devices' memory.
+    """
+    specs = pretraining_data.feature_specs(run.data.masking)
+    batch = aot.batch_structs(trainer, specs, run.train.batch_size)
+    report, compiled = aot.compile_program(
+        "train_step",
+        trainer.train_step,
+        (trainer.abstract_state, batch),
+        trainer.mesh,
+        aot.hbm_bytes(jax.devices()[0]),
+        count_flops=False,
+    )
+    if not report.fits or (report.capacity and report.required > report.capacity):
+        raise ValueError(
+            f"the train step needs {report.required / 2**30:.2f} GiB per device but "
+            f"{report.capacity / 2**30:.2f} GiB are available: lower train.batch_size, raise "
+            f"optim.grad_accum_steps, set model.remat=minimal or full, or shard more "
+            f"(config.mesh.fsdp); `train.py --topology=... --plan` finds a plan that fits"
+        )
+    return compiled, report
 
 
 # What a resumed run may change: the loop's cadence and length, the mesh, worker counts and
@@ -250,7 +318,12 @@ class Loop:
         self.writer: _Writer | None = None  # opened once the run is known to go ahead
         hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
-        self.eval_batches = data.eval_batches(run.train.batch_size, run.train.eval_batches, **hosts)
+        # Held-out batches of one micro-batch each: a step that accumulates because the
+        # whole batch does not fit would not fit its evaluation either.
+        k = run.optim.grad_accum_steps
+        self.eval_batches = data.eval_batches(
+            run.train.batch_size // k, run.train.eval_batches * k, **hosts
+        )
         self.tokens_per_step = run.train.batch_size * run.data.masking.max_seq_length
         self.history: list[list[float]] = []
         self.bad_streak, self.rolled_back, self.skipped = 0, False, 0
@@ -294,8 +367,9 @@ class Loop:
                 totals[key] = totals.get(key, 0.0) + float(value)
         return losses.summarize(totals)
 
-    def save(self, state) -> None:
-        self.ckpt.save(int(state.step), state, self.iterator.get_state(), self.meta)
+    def save(self, state, step: int, data_state: dict) -> None:
+        """Saves `state` (after `step` steps) with the iterator position `data_state`."""
+        self.ckpt.save(step, state, data_state, self.meta)
         self.last_save = time.time()
 
     def checkpoint_due(self, done: int) -> bool:
@@ -356,8 +430,25 @@ class Loop:
             mlm=f"{summary['mlm_loss']:.3f}", nsp=f"{summary['nsp_loss']:.3f}", tok_s=f"{rate:.0f}"
         )
 
+    def next_batch(self) -> tuple[dict, dict]:
+        """The next global batch, placed on the devices, and the iterator's position after it
+        (what a checkpoint of the step that consumes it records)."""
+        host = next(self.iterator)
+        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES), (
+            self.iterator.get_state()
+        )
+
     def run_steps(self, state) -> dict:
-        cfg, first_step, start = self.cfg, int(state.step), time.time()
+        """Trains to `num_steps`, keeping the devices fed.
+
+        The step count lives on the host; a step's metrics are read once the next step has
+        been dispatched (one step behind), and the next batch is placed on the devices while
+        the current step runs. At most two steps are in flight: enough to keep an
+        accelerator busy, and an unbounded queue of multi-device programs can deadlock
+        XLA:CPU's collectives.
+        """
+        cfg, start = self.cfg, time.time()
+        step = first_step = int(state.step)  # the one read of the device's counter
         initial_eval = {} if first_step else self.evaluate(state.params)
         if initial_eval:
             _log_eval(self.writer, 0, initial_eval)
@@ -369,48 +460,44 @@ class Loop:
             dynamic_ncols=True,
             disable=jax.process_index() != 0,
         )
-        window, eval_metrics, previous, preempted = (time.time(), 0), {}, None, False
+        self.window = (time.time(), step)
+        eval_metrics, pending, preempted = {}, None, False
+        incoming = self.next_batch() if step < cfg.num_steps else None
         try:
-            while int(state.step) < cfg.num_steps:
-                batch = sharding.global_batch(
-                    next(self.iterator), self.trainer.mesh, axes.DEFAULT_RULES
-                )
+            while step < cfg.num_steps:
+                batch, data_state = incoming
                 state, metrics = self.trainer.train_step(state, batch)
+                step += 1
+                incoming = self.next_batch() if step < cfg.num_steps else None
                 self.ckpt.check()  # a background save that failed stops the run now
                 self.heartbeat()
-                # At most two steps in flight: enough to keep an accelerator busy, and an unbounded
-                # queue of multi-device programs can deadlock XLA:CPU's collectives.
-                if previous is not None and self.guard(jax.device_get(previous[1]), previous[0]):
-                    state, previous = self.rollback(), None
-                    bar.n = int(state.step)
+                if pending is not None and self.settle(pending, bar):
+                    state = self.rollback()
+                    step, pending = int(state.step), None
+                    incoming = self.next_batch()
+                    bar.n = step
                     continue
-                done = int(state.step)
-                previous = (done, metrics)
-                window = (window[0], window[1] + 1)
-                if done % cfg.log_every == 0 or done == cfg.num_steps:
-                    rate = window[1] * self.tokens_per_step / (time.time() - window[0])
-                    self.log(jax.device_get(metrics), done, rate, bar)
-                    window = (time.time(), 0)
-                if done % cfg.eval_every == 0 or done == cfg.num_steps:
+                pending = (step, metrics)
+                if step % cfg.eval_every == 0 or step == cfg.num_steps:
                     eval_metrics = self.evaluate(state.params)
-                    _log_eval(self.writer, done, eval_metrics)
+                    _log_eval(self.writer, step, eval_metrics)
                 bar.update(1)
-                if self.preempted(done):
-                    self.save(state)
+                if self.preempted(step):
+                    self.save(state, step, data_state)
                     preempted = True
-                    _print(f"preempted: saved step {done}; run the same command again to resume")
+                    _print(f"preempted: saved step {step}; run the same command again to resume")
                     break
-                if self.checkpoint_due(done):
-                    self.save(state)
+                if self.checkpoint_due(step):
+                    self.save(state, step, data_state)
+            if pending is not None:  # the last step: nothing left to roll back for
+                self.settle(pending, bar)
         finally:  # an error's message then starts on a line of its own
             bar.close()
-        if previous is not None:
-            self.guard(jax.device_get(previous[1]), previous[0])
         if not eval_metrics:  # Nothing left to train: report the restored model.
             eval_metrics = self.evaluate(state.params)
-        elapsed, steps_run = time.time() - start, int(state.step) - first_step
+        elapsed, steps_run = time.time() - start, step - first_step
         return {
-            "steps": int(state.step),
+            "steps": step,
             "steps_this_run": steps_run,
             "preempted": preempted,
             "skipped_steps": self.skipped,
@@ -420,6 +507,20 @@ class Loop:
             "initial_eval": initial_eval,
             "eval": eval_metrics,
         }
+
+    def settle(self, pending: tuple[int, dict], bar) -> bool:
+        """Reads a finished step's metrics: the non-finite guard, then the log when due.
+        Returns True when the run must roll back."""
+        step, metrics = pending
+        metrics = jax.device_get(metrics)
+        if self.guard(metrics, step):
+            return True
+        if step % self.cfg.log_every == 0 or step == self.cfg.num_steps:
+            now, (since, since_step) = time.time(), self.window
+            rate = (step - since_step) * self.tokens_per_step / max(now - since, 1e-9)
+            self.log(metrics, step, rate, bar)
+            self.window = (now, step)
+        return False
 
 
 def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
@@ -511,10 +612,14 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
         checkpoint.tree_bytes(trainer.abstract_state),
         saves=max(1, run.train.keep_checkpoints + 1 - existing),
     )
+    # Compiled before hours of preprocessing: a step that does not fit is refused now, and
+    # the memory printed is the compiler's.
+    train_step, compiled = compile_train_step(trainer, run)
+    trainer = dataclasses.replace(trainer, train_step=train_step)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(_vocab_problem(data.tokenizer.vocab_size, run.model.vocab_size))
-    _print(memory_report(trainer, run))
+    _print(memory_report(trainer, run, compiled))
     meta = record_run(workdir, run, config_json, data.tokenizer, write=False)
     loop = Loop(run, trainer, data, ckpt, meta, pretrained, heartbeat)
     with jax.set_mesh(mesh):
@@ -579,6 +684,11 @@ def main(argv):
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value
         )
     config_json = json.loads(_CONFIG.value.to_json())
+    if _TOPOLOGY.value:
+        compile_for_topology(run, config_json)
+        return
+    if _PLAN.value:
+        raise ValueError("--plan searches for a --topology: name one, e.g. --topology=v5e-8")
     if _PREPROCESS_ONLY.value:
         data = load_data(run.data)
         _print(f"{data.directory}: {json.dumps(data.metadata['counts'])}")
@@ -599,6 +709,40 @@ def main(argv):
     finally:
         if lock is not None:
             lock.release()
+
+
+def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
+    """`--topology`: the run's steps compiled for a TPU slice (after the planner's search with
+    `--plan`), reported as a table and a JSON file. Reads no data and writes no workdir."""
+    devices = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+    _print(
+        f"compiling for {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s): {len(devices)} x "
+        f"{devices[0].device_kind}, {len({d.process_index for d in devices})} host(s)"
+    )
+    if not _PLAN.value:
+        _refuse(model_problems(run, sharding.make_mesh(run.mesh, devices)))
+    setup = planner.Setup(
+        model=run.model,
+        optim=run.optim,
+        mesh=run.mesh,
+        batch_size=run.train.batch_size,
+        seq_len=run.data.masking.max_seq_length,
+        specs=pretraining_data.feature_specs(run.data.masking),
+    )
+    report, setup = planner.compile_target(
+        setup, devices, search=_PLAN.value, headroom=_HEADROOM.value, log=_print
+    )
+    report = {"topology": _TOPOLOGY.value, "num_slices": _NUM_SLICES.value, **report}
+    report["config"] = config_json
+    lines = [report["table"]]
+    lines += [f"attention in {k}: {v}" for k, v in report["attention"].items()]
+    if "plan" in report:
+        lines.append(f"plan: python train.py ... {report['plan']['flags']}")
+    path = _REPORT.value or f"compile_{_TOPOLOGY.value.replace(':', '_')}.json"
+    files.atomic_write(path, json.dumps(report, indent=2).encode())
+    lines.append(f"report: {path} (compiled for the target on this host, not run on it)")
+    print("\n".join(lines))
+    return report
 
 
 def _format_summary(s: dict) -> str:

@@ -221,6 +221,21 @@ def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
+def target_platform() -> str:
+    """The platform the traced program is for: that of the active mesh's devices (under
+    `jax.set_mesh`; a CPU host may build a program for TPU devices), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def uses_splash(kernel: str, length: int) -> bool:
+    """Whether attention without dropout on its probabilities runs the splash kernel:
+    always with "splash"; with "auto" on TPU when the length is a multiple of 128."""
+    return kernel == "splash" or (
+        kernel == "auto" and target_platform() == "tpu" and length % 128 == 0
+    )
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
     """Attention through the Pallas splash kernel (blockwise, the [L, L] scores never in HBM).
 
@@ -238,7 +253,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -
             f"the splash attention kernel needs a sequence length divisible by 128, got {length}; "
             f"pad the inputs or use attention_kernel='xla'"
         )
-    interpret = jax.default_backend() != "tpu"
+    # Compiled by Mosaic for the platform the program is built for (the mesh's devices: a CPU
+    # host compiling for a TPU topology emits the TPU kernel); interpreted elsewhere.
+    interpret = target_platform() != "tpu"
     block = min(512, length)
 
     def run(q, k, v, ids):
@@ -359,10 +376,7 @@ class SelfAttention(nnx.Module):
             probs = jax.nn.softmax(logits, axis=-1)
             dropped = dropout(probs, probs_dropout, rng, deterministic)
             ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
-        elif query_positions is None and (
-            self.kernel == "splash"
-            or (self.kernel == "auto" and jax.default_backend() == "tpu" and q.shape[1] % 128 == 0)
-        ):
+        elif query_positions is None and uses_splash(self.kernel, q.shape[1]):
             probs = None
             ctx = splash_attention(q, k, v, mask.ids)
         else:

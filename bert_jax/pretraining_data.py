@@ -168,6 +168,20 @@ def _truncate_pair(tokens_a: list[int], tokens_b: list[int], max_tokens: int, rn
             longer.pop()
 
 
+def feature_specs(config: "MaskingConfig") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each of the `FEATURES` of one instance (as `make_instance` makes)."""
+    length, preds = (config.max_seq_length,), (config.max_predictions_per_seq,)
+    return {
+        "input_ids": (length, np.dtype(np.int32)),
+        "input_mask": (length, np.dtype(np.int32)),
+        "segment_ids": (length, np.dtype(np.int32)),
+        "masked_lm_positions": (preds, np.dtype(np.int32)),
+        "masked_lm_ids": (preds, np.dtype(np.int32)),
+        "masked_lm_weights": (preds, np.dtype(np.float32)),
+        "next_sentence_labels": ((), np.dtype(np.int32)),
+    }
+
+
 def make_instance(
     pair: Pair, config: MaskingConfig, ids: SpecialIds, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:

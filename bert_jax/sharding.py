@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import axes, files
@@ -88,7 +89,8 @@ def initialize_distributed(
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all devices)."""
+    """A (data, fsdp, tensor) mesh with Auto axes over `devices` (default: all devices);
+    devices of several TPU slices get a hybrid mesh, `data` split across the slices."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = [config.data, config.fsdp, config.tensor]
     if sizes.count(-1) > 1:
@@ -104,9 +106,22 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
             f"mesh {shape} needs {int(np.prod(sizes))} devices but {len(devices)} are present; "
             f"make the product of the mesh sizes equal the device count"
         )
-    return jax.make_mesh(
-        tuple(sizes), axes.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(
+            tuple(sizes), axes.MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices
+        )
+    # Several slices (TPU multi-slice): data parallelism across them over DCN, every other
+    # axis inside a slice over ICI, where the bandwidth is.
+    if sizes[0] % slices:
+        raise ValueError(
+            f"{slices} slices need mesh.data to be a multiple of {slices} (data parallelism "
+            f"runs across slices), got mesh {dict(zip(axes.MESH_AXES, sizes, strict=True))}"
+        )
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices
     )
+    return Mesh(grid, axes.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_spec(

@@ -1,0 +1,269 @@
+"""Ahead-of-time compilation for TPU targets from this CPU host (libtpu, no TPU), the planner,
+and the memory figures train.py prints."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from cli import ROOT
+
+from bert_jax import aot, axes, models, planner, pretraining_data, sharding, train_lib
+from bert_jax.optim import OptimConfig
+
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (the entry point, for its config parsing)
+
+# A hand-written optimized HLO module: a loop of 12 trips (its condition compares a counter
+# with 12) holding an asynchronous all-gather and a synchronous reduce-scatter, a second
+# loop with XLA's known trip count of 3 around an all-reduce of a tuple, and one
+# collective-permute in the entry.
+HLO = """HloModule jit_step, is_scheduled=true
+
+%cond (p: (s32[], f32[8,128])) -> pred[] {
+  %p = (s32[], f32[8,128]{1,0}) parameter(0)
+  %constant.1 = s32[] constant(12)
+  %gte = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%gte, %constant.1), direction=LT
+}
+
+%body (p.1: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p.1 = (s32[], f32[8,128]{1,0}) parameter(0)
+  %x = f32[8,128]{1,0} get-tuple-element(%p.1), index=1
+  %ag = (f32[8,128]{1,0}, f32[32,128]{1,0}) all-gather-start(%x), dimensions={0}
+  %agd = f32[32,128]{1,0} all-gather-done(%ag)
+  %rs = bf16[2,128]{1,0} reduce-scatter(%x), dimensions={0}, to_apply=%add
+  ROOT %t = (s32[], f32[8,128]{1,0}) tuple(%gte.2, %x)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%cond.2 (q: (s32[], f32[4])) -> pred[] {
+  %q = (s32[], f32[4]{0}) parameter(0)
+  ROOT %r = pred[] constant(true)
+}
+
+%body.2 (q.1: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %q.1 = (s32[], f32[4]{0}) parameter(0)
+  %ar = (f32[4]{0}, bf16[16,16]{1,0}) all-reduce(%y, %z), to_apply=%add
+  ROOT %t.2 = (s32[], f32[4]{0}) tuple(%i, %y)
+}
+
+ENTRY %main (arg: f32[8,128]) -> f32[8,128] {
+  %arg = f32[8,128]{1,0} parameter(0)
+  %w = (s32[], f32[8,128]{1,0}) while(%init), condition=%cond, body=%body
+  %w2 = (s32[], f32[4]{0}) while(%init2), condition=%cond.2, body=%body.2, """ + (
+    """backend_config={"known_trip_count":{"n":"3"}}
+  %cp = (f32[8,128]{1,0}, f32[8,128]{1,0}, u32[], u32[]) collective-permute-start(%arg), """
+    """source_target_pairs={{0,1}}
+  ROOT %cpd = f32[8,128]{1,0} collective-permute-done(%cp)
+}
+"""
+)
+
+
+def test_collectives_are_counted_per_step_with_loop_trip_counts():
+    found = aot.count_collectives(HLO)
+    assert found == {
+        "all-gather": aot.Collective(12, 12 * 32 * 128 * 4),  # the start's result, not operand
+        "reduce-scatter": aot.Collective(12, 12 * 2 * 128 * 2),
+        "all-reduce": aot.Collective(3, 3 * (4 * 4 + 16 * 16 * 2)),
+        "collective-permute": aot.Collective(1, 8 * 128 * 4),
+    }
+
+
+def test_slice_names_map_to_libtpu_topologies():
+    assert aot.topology_name("v5e-8") == "v5e:2x4"
+    assert aot.topology_name("v6e-256") == "v6e:16x16"
+    assert aot.topology_name("v4-8") == "v4:2x2x1"  # v4 and v5p count cores, 2 per chip
+    assert aot.topology_name("v5p-128") == "v5p:4x4x4"
+    assert aot.topology_name("v5e:2x2") == "v5e:2x2"
+    with pytest.raises(ValueError, match="unknown slice size"):
+        aot.topology_name("v5e-6")
+    with pytest.raises(ValueError, match="libtpu cannot describe"):
+        aot.topology_devices("v9:2x2")
+
+
+def test_attention_path_names_the_kernel_and_why():
+    config = models.BertConfig()
+    assert aot.attention_path(config, "tpu", 128, training=True).startswith("XLA (attention_")
+    assert aot.attention_path(config, "tpu", 128, training=False) == "splash (Mosaic kernel)"
+    no_dropout = models.BertConfig(attention_probs_dropout_prob=0.0)
+    assert aot.attention_path(no_dropout, "tpu", 128, training=True).startswith("splash")
+    assert "not a multiple of 128" in aot.attention_path(no_dropout, "tpu", 96, training=False)
+    assert "not a TPU" in aot.attention_path(no_dropout, "cpu", 128, training=False)
+
+
+@pytest.mark.slow
+def test_tiny_config_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
+    """`train.py --topology` as a user runs it: the tiny config (without attention dropout,
+    as ALBERT's recipe) for a v5e 2x2 slice, 4 chips on a CPU host."""
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--topology=v5e:2x2",
+            "--config.model.attention_probs_dropout_prob=0",
+            f"--report={report_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train_step" in proc.stdout and "splash (Mosaic kernel)" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert report["chips"] == 4 and report["device_kind"] == "TPU v5 lite"
+    train_step, eval_step = report["programs"]
+    assert train_step["fits"] and 0.9 < train_step["headroom"] <= 1.0
+    # v5e chips have 16 GiB; the compiler keeps some for itself.
+    assert 14 * aot.GIB < train_step["capacity"] <= 16 * aot.GIB
+    kernels = set(train_step["kernels"])
+    assert {k.split("_segmented")[0] for k in kernels} == {
+        "splash_mha_fwd",
+        "splash_mha_dkv",
+        "splash_mha_dq",
+    }
+    assert {k.split("_segmented")[0] for k in eval_step["kernels"]} == {"splash_mha_fwd"}
+
+    config = models.BertConfig.named("L-2_H-128", vocab_size=8192)
+    # Data parallel over 4 chips: every gradient is summed across them once per step.
+    gradient_bytes = 4 * models.count_params(config, models.BertForPreTraining)
+    all_reduce = train_step["collectives"]["all-reduce"]
+    assert all_reduce["count"] >= 1 and all_reduce["bytes"] >= gradient_bytes
+    # FLOPs against the usual count: 6 per parameter and token in the layers and the MLM
+    # head at the masked positions, plus attention (2 * 2 L^2 D per layer, forward, x3).
+    tokens = 32 * 128 / 4
+    per_token = 6 * 2 * 12 * 128**2 + 3 * 2 * 2 * 2 * 128 * 128
+    mlm = 6 * (20 / 128) * (128 * 128 + 128 * 8192)
+    expected = tokens * (per_token + mlm)
+    assert 0.6 < train_step["flops"] / expected < 1.2, train_step["flops"] / expected
+
+
+def test_a_step_too_large_for_the_chip_is_reported_not_raised():
+    """16,384 sequences per chip of the tiny model in float32: the compiler's own verdict."""
+    devices = aot.topology_devices("v5e:2x2")
+    setup = _tiny_setup(4 * 16384, programs=("train_step",))
+    report = setup.compile(devices, aot.hbm_bytes(devices[0]))[0]
+    assert not report.fits and report.required > report.capacity > 14 * aot.GIB
+    assert "exceeds available HBM" in report.error and report.verdict().startswith("does not fit")
+
+
+@pytest.mark.slow
+def test_planner_turns_an_oversized_batch_into_one_that_fits():
+    """A step whose whole per-chip batch does not fit (here: under a memory limit 1 MiB below
+    what the compiler says the batch needs, to keep CI's compiles small) becomes the largest
+    micro-batch that does, with gradient accumulation over the rest, found by compiling."""
+    devices = aot.topology_devices("v5e:2x2")
+    setup = _tiny_setup(4 * 16, programs=("train_step",))
+    compiled = {}
+
+    def compile_candidate(candidate):
+        if candidate not in compiled:
+            with_it = setup.with_candidate(candidate)
+            compiled[candidate] = with_it.compile(devices, aot.hbm_bytes(devices[0]))[0]
+        return compiled[candidate]
+
+    whole = compile_candidate(planner.Candidate(4, 1, 1, "none", 16, 1))
+    assert whole.fits
+    limit = whole.required - 2**20
+    lines = []
+    best, trials = planner.plan(
+        compile_candidate,
+        chips=4,
+        global_batch=64,
+        seq_len=128,
+        meshes=[(4, 1, 1)],
+        remats=("none",),
+        headroom=1 - limit / whole.capacity,
+        log=lines.append,
+    )
+    assert trials[0].candidate.micro_batch == 16 and trials[0].report.required > limit
+    assert best is not None and len(lines) == len(trials)
+    assert best.report.fits and best.report.required <= limit
+    assert best.candidate.micro_batch * best.candidate.accum_steps == 16
+    assert best.candidate.micro_batch < 16
+    # The largest that fits: twice its micro-batch was tried and did not.
+    larger = [t for t in trials if t.candidate.micro_batch == 2 * best.candidate.micro_batch]
+    assert larger and all(t.report.required > limit for t in larger)
+    assert best.collective_bytes_per_token > 0 and best.flops_per_token > 0
+    flags = setup.with_candidate(best.candidate).flags()
+    assert f"--config.optim.grad_accum_steps={best.candidate.accum_steps}" in flags
+
+
+def _tiny_setup(batch_size: int, **kw) -> planner.Setup:
+    return planner.Setup(
+        model=models.BertConfig.named(
+            "L-2_H-128", vocab_size=8192, attention_probs_dropout_prob=0.0
+        ),
+        optim=OptimConfig(name="adamw", learning_rate=1e-4, warmup_steps=10, total_steps=100),
+        mesh=sharding.MeshConfig(data=4),
+        batch_size=batch_size,
+        seq_len=128,
+        specs=pretraining_data.feature_specs(
+            pretraining_data.MaskingConfig(max_seq_length=128, max_predictions_per_seq=20)
+        ),
+        **kw,
+    )
+
+
+def _cpu_total(size: str, batch: int, length: int, predictions: int, remat: str = "none"):
+    config = models.BertConfig.named(size, remat=remat)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        config,
+        OptimConfig(name="adamw", learning_rate=1e-4, warmup_steps=1, total_steps=10),
+        mesh,
+        axes.DEFAULT_RULES,
+    )
+    masking = pretraining_data.MaskingConfig(
+        max_seq_length=length, max_predictions_per_seq=predictions
+    )
+    batch_structs = aot.batch_structs(trainer, pretraining_data.feature_specs(masking), batch)
+    report, _ = aot.compile_program(
+        "train_step", trainer.train_step, (trainer.abstract_state, batch_structs), mesh, None
+    )
+    estimate = train_lib.memory_estimate(config, trainer.abstract_state, batch, length, predictions)
+    return report, estimate
+
+
+@pytest.mark.parametrize(
+    "size,batch,length,predictions", [("L-2_H-128", 32, 128, 20), ("bert_base", 8, 128, 20)]
+)
+def test_memory_formula_agrees_with_the_compiled_figure(size, batch, length, predictions):
+    report, estimate = _cpu_total(size, batch, length, predictions)
+    params = models.count_params(models.BertConfig.named(size), models.BertForPreTraining)
+    # Arguments: parameters and two Adam moments in float32, the batch, step and key.
+    assert 12 * params <= report.arguments < 12 * params * 1.01 + 2**20
+    assert report.flops > 0
+    assert 0.75 < estimate / report.required < 1.25, (estimate, report.required)
+
+
+@pytest.mark.slow
+def test_printed_memory_is_the_compiled_figure(tmp_path):
+    """The start-up line of train.py gives the compiled step's total, as an independent
+    compile of the same config on the same devices does."""
+    from cli import run_train
+
+    proc = run_train(tmp_path, tmp_path / "w", 2, devices=8)
+    line = next(x for x in proc.stdout.splitlines() if "the compiled train step" in x)
+    printed = float(line.split("total ")[1].split(" MiB")[0])
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    import ml_collections
+
+    run = train.parse_config(ml_collections.ConfigDict(config))
+    mesh = sharding.make_mesh(run.mesh, jax.devices())
+    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
+    _, report = train.compile_train_step(trainer, run)
+    assert math.isclose(printed, round(report.required / 2**20, 1), abs_tol=0.05)
+    assert np.isfinite(printed) and printed > 0
