@@ -89,6 +89,15 @@ _PLAN = flags.DEFINE_bool(
     "accumulation) for the plan that fits with --headroom, and print its command line.",
 )
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of chip memory a plan leaves free.")
+_PLAN_MESHES = flags.DEFINE_list(
+    "plan_meshes",
+    ["data", "fsdp", "tensor"],
+    "Mesh families --plan tries: data (all data parallel), fsdp (FSDP inside each slice), "
+    "tensor (FSDP with tensor parallelism of 2 and 4).",
+)
+_PLAN_REMATS = flags.DEFINE_list(
+    "plan_remats", ["none", "minimal", "full"], "Remat policies --plan tries, cheapest first."
+)
 _REPORT = flags.DEFINE_string(
     "report", "", "JSON file of the --topology report (default: compile_<topology>.json)."
 )
@@ -118,6 +127,8 @@ class RunConfig:
     mesh: sharding.MeshConfig
     train: LoopConfig
     init_from: str = ""
+    init_optimizer: bool = False
+    init_step: bool = False
 
 
 def parse_config(cfg) -> RunConfig:
@@ -134,6 +145,8 @@ def parse_config(cfg) -> RunConfig:
         mesh=sharding.MeshConfig(**cfg.mesh),
         train=LoopConfig(**cfg.train),
         init_from=cfg.init_from,
+        init_optimizer=cfg.get("init_optimizer", False),
+        init_step=cfg.get("init_step", False),
     )
 
 
@@ -281,7 +294,8 @@ def check_compatible(
                 skip = skip | _VOCAB_FIELDS
             if key not in skip and key in saved.get(section, {}):
                 pairs[f"{section}.{key}"] = (saved[section][key], value)
-    pairs["init_from"] = (saved.get("init_from", ""), config_json.get("init_from", ""))
+    for key, default in (("init_from", ""), ("init_optimizer", False), ("init_step", False)):
+        pairs[key] = (saved.get(key, default), config_json.get(key, default))
     if here is not None:
         for key in ("tokenizer", "do_lower_case", "keep_accents"):
             if key in saved["data"]:
@@ -353,6 +367,8 @@ class Loop:
             state = self.trainer.init(self.cfg.seed)
             if self.pretrained is not None:
                 state = state.replace(params=convert.overlay(state.params, self.pretrained.params))
+            if self.run.init_optimizer:
+                state = continue_state(state, self.run, self.trainer.abstract_state)
             return state
         step, state, data_state, _ = found
         self.iterator.set_state(data_state)
@@ -523,6 +539,35 @@ class Loop:
         return False
 
 
+def continue_state(state, run: RunConfig, abstract):
+    """Phase 2 of a two-phase recipe: the optimizer state of the `init_from` workdir's newest
+    checkpoint (and with `init_step`, its step), placed in this run's shardings.
+
+    Raises:
+      ValueError when that checkpoint's optimizer state is another optimizer's or model's.
+    """
+    source = convert.read_run(convert.model_kind(run.init_from)[1])
+    directory, step = source["checkpoints"], source["step"]
+    try:
+        opt_state = checkpoint.restore_subtree(
+            directory, step, ("opt_state",), abstract.opt_state, root=()
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"--config.init_optimizer: the optimizer state of {directory}/{step} does not fit "
+            f"this run's (optim.name={run.optim.name}; phase 2 must use phase 1's optimizer "
+            f"and model): {e}"
+        ) from None
+    state = state.replace(opt_state=opt_state)
+    if run.init_step:
+        state = state.replace(step=jax.device_put(np.int32(step), abstract.step.sharding))
+    _print(
+        f"continuing the optimizer state{' and step' if run.init_step else ''} of "
+        f"{directory}/{step}"
+    )
+    return state
+
+
 def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
     """Every problem that config, paths and permissions show before any expensive step
     (vocabulary learning, preprocessing, importing weights, compiling), all at once."""
@@ -546,9 +591,19 @@ def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
                 problems.append(_vocab_problem(tokenizer.vocab_size, run.model.vocab_size))
     if run.init_from:
         try:
-            convert.model_kind(run.init_from)
+            kind, _ = convert.model_kind(run.init_from)
         except (OSError, ValueError) as e:
             problems.append(str(e))
+        else:
+            if (run.init_optimizer or run.init_step) and kind != "bert_jax":
+                problems.append(
+                    f"config.init_optimizer and init_step continue a bert_jax workdir's "
+                    f"checkpoint; {run.init_from} is a released model ({kind}): set both false"
+                )
+    elif run.init_optimizer or run.init_step:
+        problems.append(
+            "config.init_optimizer and init_step need config.init_from=<phase 1 workdir>"
+        )
     return problems
 
 
@@ -729,8 +784,19 @@ def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
         seq_len=run.data.masking.max_seq_length,
         specs=pretraining_data.feature_specs(run.data.masking),
     )
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    meshes = planner.mesh_candidates(
+        len(devices), run.model.num_attention_heads, run.model.intermediate_size, slices
+    )
+    families = [m for m in meshes if _family(m) in _PLAN_MESHES.value]
     report, setup = planner.compile_target(
-        setup, devices, search=_PLAN.value, headroom=_HEADROOM.value, log=_print
+        setup,
+        devices,
+        search=_PLAN.value,
+        headroom=_HEADROOM.value,
+        meshes=families,
+        remats=_PLAN_REMATS.value,
+        log=_print,
     )
     report = {"topology": _TOPOLOGY.value, "num_slices": _NUM_SLICES.value, **report}
     report["config"] = config_json
@@ -743,6 +809,11 @@ def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
     lines.append(f"report: {path} (compiled for the target on this host, not run on it)")
     print("\n".join(lines))
     return report
+
+
+def _family(shape: tuple[int, int, int]) -> str:
+    data, fsdp, tensor = shape
+    return "tensor" if tensor > 1 else "fsdp" if fsdp > 1 else "data"
 
 
 def _format_summary(s: dict) -> str:

@@ -91,6 +91,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
     from jax.experimental import topologies
 
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no Cloud TPU metadata server here
+    # Compiling holds no chip: let other processes (a running job, a test) load libtpu too.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         import libtpu  # noqa: F401
     except ImportError:

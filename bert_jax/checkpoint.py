@@ -511,21 +511,29 @@ def read_meta(step_dir: str) -> dict | None:
         return json.load(f)
 
 
-def restore_subtree(directory: str, step: int, path: tuple[str, ...], abstract: Any) -> Any:
-    """One subtree of a checkpoint's parameters, read alone: for example the encoder
-    (`("bert",)`) of a pretraining checkpoint for a fine-tuning model whose head starts fresh.
+def restore_subtree(
+    directory: str,
+    step: int,
+    path: tuple[str, ...],
+    abstract: Any,
+    root: tuple[str, ...] = ("params",),
+) -> Any:
+    """One subtree of a checkpoint's state, read alone: for example the encoder (`("bert",)`
+    of the parameters) of a pretraining checkpoint for a fine-tuning model whose head starts
+    fresh, or (with `root=()`) the optimizer state `("opt_state",)`.
 
     Args:
       directory: the checkpoints folder of a run.
       step: which checkpoint.
-      path: keys under `params`, e.g. `("bert",)`.
+      path: keys under `root`, e.g. `("bert",)`.
       abstract: ShapeDtypeStructs (with shardings) of that subtree in the new model.
+      root: where `path` starts in the saved train state.
 
     Raises:
       ValueError naming the checkpoint when the subtree does not fit `abstract`.
     """
     target: Any = abstract
-    for key in reversed(("params", *path)):
+    for key in reversed((*root, *path)):
         target = {key: target}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.CheckpointManager(os.path.abspath(directory), item_names=("state",)) as manager:
@@ -540,15 +548,15 @@ def restore_subtree(directory: str, step: int, path: tuple[str, ...], abstract: 
             )["state"]
         except (ValueError, KeyError) as e:
             raise ValueError(
-                f"params/{'/'.join(path)} of checkpoint {directory}/{step} does not fit the "
-                f"model: {str(e)[:300]}"
+                f"{'/'.join((*root, *path))} of checkpoint {directory}/{step} does not fit "
+                f"the model: {str(e)[:300]}"
             ) from e
-    node = restored["params"]
-    for key in path:
+    node = restored
+    for key in (*root, *path):
         node = node[key]
     # Orbax hands back the target's own placeholders for keys the checkpoint does not have.
     if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(node)):
         raise ValueError(
-            f"checkpoint {directory}/{step} has no params/{'/'.join(path)} (or only part of it)"
+            f"checkpoint {directory}/{step} has no {'/'.join((*root, *path))} (or only part of it)"
         )
     return node

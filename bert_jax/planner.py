@@ -128,8 +128,11 @@ def plan(
             found = _largest_fitting(sizes, functools.partial(attempt, shape, remat), headroom)
             if found is not None and (best is None or _better(found, best)):
                 best = found
-            if found is not None and found.candidate.micro_batch == per_replica:
-                break  # more recomputation cannot run a larger micro-batch
+            if found is not None:
+                if found.candidate.micro_batch == per_replica:
+                    break  # more recomputation cannot run a larger micro-batch
+                # More recomputation only pays with a larger micro-batch than this one.
+                sizes = [m for m in sizes if m > found.candidate.micro_batch]
     return best, trials
 
 
@@ -157,13 +160,25 @@ def _largest_fitting(
     known_fit, known_fail, found = -1, len(sizes) - 1, None
     if report.capacity and report.required:
         target = sizes[-1] * report.capacity * (1 - headroom) / report.required
-        below = [i for i, size in enumerate(sizes[:-1]) if size <= target]
-        guess = below[-1] if below else 0
+        guess = max([i for i, size in enumerate(sizes[:-1]) if size <= target] or [0])
         trial, _ = attempt(sizes[guess])
         if trial is None:
             known_fail = guess
         else:
             known_fit, found = guess, trial
+            # Memory is close to linear in the micro-batch: the line through the fitting
+            # guess and the failing whole batch points at the largest size that fits.
+            budget = report.capacity * (1 - headroom)
+            slope = (report.required - trial.report.required) / (sizes[-1] - sizes[guess])
+            if slope > 0:
+                reach = sizes[guess] + (budget - trial.report.required) / slope
+                better = max([i for i, s in enumerate(sizes) if s <= reach] or [guess])
+                if guess < better < known_fail:
+                    trial, _ = attempt(sizes[better])
+                    if trial is None:
+                        known_fail = better
+                    else:
+                        known_fit, found = better, trial
     while known_fail - known_fit > 1:
         mid = (known_fit + known_fail) // 2
         trial, _ = attempt(sizes[mid])

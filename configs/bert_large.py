@@ -3,9 +3,19 @@
     python train.py --config=configs/bert_large.py --workdir=gs://bucket/bert_large \
         --config.data.corpus='/data/wiki/*.txt' --config.data.vocab_file=/data/vocab.txt
 
-`bert_large.py:bf16` computes in bfloat16; add --config.model.remat=minimal (recompute the
-attention scores and elementwise ops) or =full (recompute each layer from its input) when
-memory is short.
+Add --config.model.remat=minimal (recompute the attention scores and elementwise ops) or
+=full (recompute each layer from its input) when memory is short.
+
+Arguments (comma-separated): `bf16` computes in bfloat16 (parameters and optimizer state stay
+float32); `phase1` / `phase2` with `adam` (the paper's, default) or `lamb` (You et al., batch
+64k/32k): the two-phase recipe of `common.RECIPES`, e.g.
+
+    python train.py --config=configs/bert_large.py:phase1,lamb,bf16 --workdir=gs://b/p1 ...
+    python train.py --config=configs/bert_large.py:phase2,lamb,bf16 --workdir=gs://b/p2 \
+        --config.init_from=gs://b/p1 ...
+
+Find the mesh, remat and gradient accumulation for a slice first:
+`python train.py --config=configs/bert_large.py:phase1,lamb,bf16 --topology=v5e-8 --plan`.
 """
 
 from configs import common
@@ -13,6 +23,5 @@ from configs import common
 
 def get_config(arg: str | None = None):
     config = common.get_config("bert_large")
-    if arg == "bf16":
-        config.model.dtype = "bfloat16"
+    common.apply_recipe(config, set((arg or "").split(",")) - {""})
     return config

@@ -18,6 +18,11 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     # TF checkpoint) or a bert_jax workdir. Their config.json and vocabulary then replace
     # config.model (except dtype, param_dtype, remat, attention_kernel) and config.data.vocab_file.
     config.init_from = ""
+    # With init_from a bert_jax workdir (phase 2 of a two-phase recipe): also continue its
+    # optimizer state (Adam or LAMB moments), and with init_step its step count (the
+    # learning-rate schedule goes on where it stopped, the BERT paper's single schedule).
+    config.init_optimizer = False
+    config.init_step = False
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.
@@ -134,3 +139,56 @@ def get_albert_config(size: str, arg: str | None = None) -> ml_collections.Confi
             checkpoint_every=250,
         )
     return config
+
+
+# Two-phase pretraining (Devlin et al., 2019, appendix A.2): 90% of the steps at length 128,
+# then 10% at 512, where phase 2 starts from phase 1's checkpoint. "adam": the paper's 1M steps
+# at batch 256, one learning-rate schedule over both phases. "lamb": You et al. (2019) in
+# NVIDIA's layout, batch 64k then 32k, 7,038 + 1,563 steps, each phase its own warmup.
+RECIPES = {
+    "adam": {
+        "phase1": dict(batch=256, steps=900_000, lr=1e-4, warmup=10_000, total=1_000_000),
+        "phase2": dict(batch=256, steps=1_000_000, lr=1e-4, warmup=10_000, total=1_000_000),
+    },
+    "lamb": {
+        "phase1": dict(batch=65_536, steps=7_038, lr=6e-3, warmup=2_000, total=7_038),
+        "phase2": dict(batch=32_768, steps=1_563, lr=4e-3, warmup=200, total=1_563),
+    },
+}
+
+
+def apply_recipe(config: ml_collections.ConfigDict, args: set[str]) -> None:
+    """`phase1` or `phase2` of the `adam` (default) or `lamb` recipe, and `bf16`.
+
+    Phase 2 is a new run started from phase 1's workdir:
+    `--config.init_from=<phase 1 workdir>`, which brings its weights (the 512 position
+    embeddings were trained from the start, as in the paper) and, as set here, its optimizer
+    state; the Adam recipe also continues phase 1's step and schedule.
+    """
+    unknown = args - {"bf16", "phase1", "phase2", "adam", "lamb"}
+    if unknown:
+        raise ValueError(
+            f"unknown config arguments {sorted(unknown)}; use bf16, phase1, phase2, adam, lamb"
+        )
+    if "bf16" in args:
+        config.model.dtype = "bfloat16"
+    phases = args & {"phase1", "phase2"}
+    if not phases:
+        return
+    if len(phases) > 1:
+        raise ValueError("choose one of phase1 and phase2")
+    phase = phases.pop()
+    optimizer = "lamb" if "lamb" in args else "adam"
+    recipe = RECIPES[optimizer][phase]
+    length, predictions = (128, 20) if phase == "phase1" else (512, 80)
+    config.data.max_seq_length = length
+    config.data.max_predictions_per_seq = predictions
+    config.train.batch_size = recipe["batch"]
+    config.train.num_steps = recipe["steps"]
+    config.optim.name = "lamb" if optimizer == "lamb" else "adamw"
+    config.optim.learning_rate = recipe["lr"]
+    config.optim.warmup_steps = recipe["warmup"]
+    config.optim.total_steps = recipe["total"]
+    if phase == "phase2":
+        config.init_optimizer = True
+        config.init_step = optimizer == "adam"

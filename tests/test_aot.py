@@ -15,9 +15,6 @@ from cli import ROOT
 from bert_jax import aot, axes, models, planner, pretraining_data, sharding, train_lib
 from bert_jax.optim import OptimConfig
 
-sys.path.insert(0, ROOT)
-import train  # noqa: E402  (the entry point, for its config parsing)
-
 # A hand-written optimized HLO module: a loop of 12 trips (its condition compares a counter
 # with 12) holding an asynchronous all-gather and a synchronous reduce-scatter, a second
 # loop with XLA's known trip count of 3 around an all-reduce of a tuple, and one
@@ -249,6 +246,24 @@ def test_memory_formula_agrees_with_the_compiled_figure(size, batch, length, pre
     assert 0.75 < estimate / report.required < 1.25, (estimate, report.required)
 
 
+def trainer_of_workdir(workdir, devices):
+    """A trainer for the model, optimizer and mesh a train.py workdir's config.json records,
+    built here from the file (not by train.py's code), and its pretraining features."""
+    config = json.loads((workdir / "config.json").read_text())
+    optim = dict(config["optim"])
+    if optim["total_steps"] == -1:
+        optim["total_steps"] = config["train"]["num_steps"]
+    mesh = sharding.make_mesh(sharding.MeshConfig(**config["mesh"]), devices)
+    trainer = train_lib.create_trainer(
+        models.BertConfig(**config["model"]), OptimConfig(**optim), mesh, axes.DEFAULT_RULES
+    )
+    masking = pretraining_data.MaskingConfig(
+        max_seq_length=config["data"]["max_seq_length"],
+        max_predictions_per_seq=config["data"]["max_predictions_per_seq"],
+    )
+    return trainer, pretraining_data.feature_specs(masking), config["train"]["batch_size"]
+
+
 @pytest.mark.slow
 def test_printed_memory_is_the_compiled_figure(tmp_path):
     """The start-up line of train.py gives the compiled step's total, as an independent
@@ -258,12 +273,10 @@ def test_printed_memory_is_the_compiled_figure(tmp_path):
     proc = run_train(tmp_path, tmp_path / "w", 2, devices=8)
     line = next(x for x in proc.stdout.splitlines() if "the compiled train step" in x)
     printed = float(line.split("total ")[1].split(" MiB")[0])
-    config = json.loads((tmp_path / "w" / "config.json").read_text())
-    import ml_collections
-
-    run = train.parse_config(ml_collections.ConfigDict(config))
-    mesh = sharding.make_mesh(run.mesh, jax.devices())
-    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
-    _, report = train.compile_train_step(trainer, run)
+    trainer, specs, batch_size = trainer_of_workdir(tmp_path / "w", jax.devices())
+    batch = aot.batch_structs(trainer, specs, batch_size)
+    report, _ = aot.compile_program(
+        "train_step", trainer.train_step, (trainer.abstract_state, batch), trainer.mesh, None
+    )
     assert math.isclose(printed, round(report.required / 2**20, 1), abs_tol=0.05)
     assert np.isfinite(printed) and printed > 0

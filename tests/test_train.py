@@ -126,3 +126,43 @@ def test_a_missing_process_fails_fast_with_a_clear_message(tmp_path):
         check=False,
     )
     assert lonely.returncode != 0 and "could not bring up the run" in lonely.stderr
+
+
+@pytest.mark.slow
+def test_phase_two_continues_phase_one_optimizer_and_step_at_a_new_length(tmp_path):
+    """The two-phase recipe: phase 2, a new workdir at another sequence length, starts from
+    phase 1's weights, optimizer moments and step (the paper's single schedule)."""
+    import jax
+    from test_aot import trainer_of_workdir
+
+    from bert_jax import checkpoint
+
+    phase1, phase2 = tmp_path / "p1", tmp_path / "p2"
+    run_train(tmp_path, phase1, 10)
+    continued = [
+        f"--config.init_from={phase1}",
+        "--config.init_optimizer=true",
+        "--config.init_step=true",
+        "--config.data.max_seq_length=128",
+    ]
+    proc = run_train(tmp_path, phase2, 14, *continued)
+    assert "continuing the optimizer state and step of" in proc.stdout
+    summary = read_summary(phase2)
+    assert summary["steps"] == 14 and summary["steps_this_run"] == 4
+
+    trainer, _, _ = trainer_of_workdir(phase2, jax.devices()[:1])
+    ckpt = checkpoint.Checkpointer(str(phase2 / "checkpoints"), max_to_keep=3)
+    step, state, _, _ = ckpt.restore_latest(trainer.abstract_state)
+    ckpt.close()
+    counts = [
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+        if "count" in jax.tree_util.keystr(path)
+    ]
+    # Adam's update count went on from phase 1's 10: its moments' bias correction too.
+    assert step == 14 and counts and set(counts) == {14}
+
+    wrong = run_train(
+        tmp_path, tmp_path / "p3", 14, *continued, "--config.optim.name=lamb", check=False
+    )
+    assert wrong.returncode != 0 and "phase 2 must use phase 1's optimizer" in wrong.stderr
