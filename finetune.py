@@ -2,6 +2,7 @@ r"""Fine-tunes a pretrained BERT on GLUE and reports honest numbers.
 
     python finetune.py --config=configs/glue.py --config.init_from=hf:/models/bert-base-uncased \
         --config.data_dir=/data/glue_data --workdir=/runs/glue
+    python finetune.py --config.init_from=... --topology=v5e-8   # compile only, for a TPU slice
 
 For every task, learning rate and seed: train, evaluate on dev after each epoch (and every
 `eval_every_steps`), keep the best checkpoint by the task's GLUE score, then predict the test
@@ -30,7 +31,18 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bert_jax import axes, checkpoint, cli, convert, files, glue, sharding, train_lib
+from bert_jax import (
+    aot,
+    axes,
+    checkpoint,
+    cli,
+    convert,
+    files,
+    glue,
+    planner,
+    sharding,
+    train_lib,
+)
 from bert_jax.optim import OptimConfig
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +51,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "glue_workdir", "Results and checkpoints go here.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of an error.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Compile only, for this TPU slice or topology (v5e-8, v5e:2x4, ...): each task's "
+    "fine-tuning and prediction steps, reported per chip; reads the model's config, not its "
+    "weights or the data.",
+)
+_REPORT = flags.DEFINE_string(
+    "report", "", "JSON file of the --topology report (default: compile_<topology>.json)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +89,9 @@ class FinetuneConfig:
     mesh: sharding.MeshConfig
 
 
-def parse_config(cfg) -> FinetuneConfig:
-    """The ConfigDict as a typed, validated dataclass; bad values fail here, before any work."""
+def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
+    """The ConfigDict as a typed, validated dataclass; bad values fail here, before any work.
+    `need_data` False (compiling only) leaves the data folder unchecked."""
     if not cfg.init_from:
         raise ValueError(
             "--config.init_from is required: hf:<Hugging Face directory>, tf:<original TF "
@@ -78,7 +101,7 @@ def parse_config(cfg) -> FinetuneConfig:
     tasks = tuple(glue.get_task(t).name for t in names)
     if cfg.source not in ("tsv", "tfds"):
         raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
-    if cfg.source == "tsv" and not os.path.isdir(cfg.data_dir or ""):
+    if need_data and cfg.source == "tsv" and not os.path.isdir(cfg.data_dir or ""):
         raise FileNotFoundError(
             f"GLUE data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
             f"with CoLA/, SST-2/, MNLI/, ...> (the GLUE download), or --config.source=tfds with "
@@ -432,7 +455,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    cfg = parse_config(_CONFIG.value)
+    cfg = parse_config(_CONFIG.value, need_data=not _TOPOLOGY.value)
+    if _TOPOLOGY.value:
+        compile_for_topology(cfg)
+        return
     # Every learning rate, and the tasks of the same label count, compile the same programs:
     # the persistent compilation cache turns all but the first into a lookup.
     sharding.enable_compilation_cache()
@@ -442,6 +468,39 @@ def main(argv):
     mesh = sharding.make_mesh(cfg.mesh)
     with files.WorkdirLock(workdir, " ".join(sys.argv)):
         finetune_all(cfg, mesh, workdir)
+
+
+def compile_for_topology(cfg: FinetuneConfig) -> None:
+    """`--topology`: every task's fine-tuning step (a full batch of one example per row, the
+    largest a packed batch can be) and prediction step, compiled for a TPU slice."""
+    devices = aot.topology_devices(_TOPOLOGY.value)
+    kind, path = convert.model_kind(cfg.init_from)
+    if kind == "bert_jax":
+        model = convert.read_run(path)["config"]
+    else:
+        model = (convert.read_hf_dir if kind == "hf" else convert.read_tf_checkpoint)(path).config
+    model = dataclasses.replace(model, **cfg.numerics)
+    reports, tables = {}, []
+    for labels in sorted({glue.get_task(name).num_labels for name in cfg.tasks}):
+        label = ((), np.dtype(np.float32 if labels == 1 else np.int32))  # 1: regression
+        row = ((cfg.max_seq_length,), np.dtype(np.int32))
+        setup = planner.Setup(
+            model=model,
+            optim=OptimConfig(learning_rate=cfg.learning_rates[0], weight_decay=cfg.weight_decay),
+            mesh=cfg.mesh,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.max_seq_length,
+            specs={"input_ids": row, "input_mask": row, "segment_ids": row, "label": label},
+            objective=train_lib.classification(labels),
+            programs=("train_step", "predict_step"),
+        )
+        report, _ = planner.compile_target(setup, devices)
+        reports[f"{labels} label(s)"] = report
+        names = [t for t in cfg.tasks if glue.get_task(t).num_labels == labels]
+        tables.append(f"{labels} label(s): {', '.join(names)}\n{report['table']}")
+    path = _REPORT.value or f"compile_{_TOPOLOGY.value.replace(':', '_')}.json"
+    files.atomic_write(path, json.dumps(reports, indent=2).encode())
+    print("\n\n".join(tables) + f"\nreport: {path} (compiled for the target, not run on it)")
 
 
 def finetune_all(cfg: FinetuneConfig, mesh, workdir: str) -> None:

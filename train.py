@@ -649,6 +649,8 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
     the settings recorded in the newest checkpoint, then (once the tokenizer is known) its
     vocabulary. Only then are config.json, the vocabulary copy and TensorBoard events written.
     """
+    if run.mesh.auto:
+        run = plan_at_start(run)
     mesh = sharding.make_mesh(run.mesh)
     _refuse(preflight(run, workdir, mesh))
     directory = os.path.join(workdir, "checkpoints")
@@ -766,6 +768,52 @@ def main(argv):
             lock.release()
 
 
+def plan_at_start(run: RunConfig) -> RunConfig:
+    """`mesh.auto`: the run with the mesh, remat and accumulation the planner chooses by
+    compiling candidates for this host's devices (the same choice on every process)."""
+    devices = jax.devices()
+    capacity = aot.hbm_bytes(devices[0])
+    if capacity is None:
+        raise ValueError(
+            f"config.mesh.auto plans for devices whose memory JAX reports (TPU, GPU); "
+            f"{devices[0].platform} devices report none: set config.mesh.data/fsdp/tensor, or "
+            f"plan for a slice with --topology=... --plan"
+        )
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    setup = _setup(run)
+    best, trials = planner.plan(
+        lambda c: setup.with_candidate(c).compile(devices, capacity, ("train_step",))[0],
+        chips=len(devices),
+        global_batch=run.train.batch_size,
+        seq_len=run.data.masking.max_seq_length,
+        meshes=planner.mesh_candidates(
+            len(devices), run.model.num_attention_heads, run.model.intermediate_size, slices
+        ),
+        headroom=_HEADROOM.value,
+        log=_print,
+    )
+    if best is None:
+        raise ValueError(
+            f"config.mesh.auto: nothing fits {len(devices)} x {devices[0].device_kind} at a "
+            f"batch of {run.train.batch_size} ({len(trials)} candidates compiled)"
+        )
+    chosen = setup.with_candidate(best.candidate)
+    _print(f"mesh.auto chose {best.candidate.describe()}: {chosen.flags()}")
+    mesh = dataclasses.replace(chosen.mesh, auto=True)
+    return dataclasses.replace(run, model=chosen.model, optim=chosen.optim, mesh=mesh)
+
+
+def _setup(run: RunConfig) -> planner.Setup:
+    return planner.Setup(
+        model=run.model,
+        optim=run.optim,
+        mesh=run.mesh,
+        batch_size=run.train.batch_size,
+        seq_len=run.data.masking.max_seq_length,
+        specs=pretraining_data.feature_specs(run.data.masking),
+    )
+
+
 def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
     """`--topology`: the run's steps compiled for a TPU slice (after the planner's search with
     `--plan`), reported as a table and a JSON file. Reads no data and writes no workdir."""
@@ -776,14 +824,7 @@ def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
     )
     if not _PLAN.value:
         _refuse(model_problems(run, sharding.make_mesh(run.mesh, devices)))
-    setup = planner.Setup(
-        model=run.model,
-        optim=run.optim,
-        mesh=run.mesh,
-        batch_size=run.train.batch_size,
-        seq_len=run.data.masking.max_seq_length,
-        specs=pretraining_data.feature_specs(run.data.masking),
-    )
+    setup = _setup(run)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     meshes = planner.mesh_candidates(
         len(devices), run.model.num_attention_heads, run.model.intermediate_size, slices

@@ -511,6 +511,7 @@ def compile_steps(
     args = {
         "train_step": (trainer.train_step, (state, batch_structs(trainer, specs, batch_size))),
         "eval_step": (trainer.eval_step, (state.params, eval_batch)),
+        "predict_step": (trainer.predict_step, (state.params, eval_batch)),
     }
     reports = []
     for name in programs:

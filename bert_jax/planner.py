@@ -219,7 +219,7 @@ class Setup:
             self,
             model=dataclasses.replace(self.model, remat=c.remat),
             optim=dataclasses.replace(self.optim, grad_accum_steps=c.accum_steps),
-            mesh=sharding.MeshConfig(c.data, c.fsdp, c.tensor),
+            mesh=sharding.MeshConfig(c.data, c.fsdp, c.tensor, self.mesh.auto),
         )
 
     def flags(self) -> str:
@@ -337,7 +337,7 @@ def compile_target(
     }
     report["attention"] = {
         name: aot.attention_path(
-            setup.model, devices[0].platform, setup.seq_len, name != "eval_step"
+            setup.model, devices[0].platform, setup.seq_len, name == "train_step"
         )
         for name in setup.programs
     }

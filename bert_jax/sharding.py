@@ -23,11 +23,14 @@ Rules = axes.Rules
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 to take the devices the others leave."""
+    """Mesh axis sizes; one of them may be -1 to take the devices the others leave. `auto`:
+    the entry point chooses the sizes (with remat and accumulation) by compiling candidates
+    for the devices at start (`bert_jax.planner`)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    auto: bool = False
 
 
 def enable_compilation_cache() -> None:

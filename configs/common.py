@@ -70,6 +70,9 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.mesh.data = -1  # -1: all devices the other axes leave.
     config.mesh.fsdp = 1
     config.mesh.tensor = 1
+    # True: at start, compile candidate meshes, remat policies and micro-batches for the
+    # devices (TPU/GPU, whose memory JAX reports) and run the best that fits (`--plan`).
+    config.mesh.auto = False
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 256  # Global, over all devices and hosts.

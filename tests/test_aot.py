@@ -280,3 +280,42 @@ def test_printed_memory_is_the_compiled_figure(tmp_path):
     )
     assert math.isclose(printed, round(report.required / 2**20, 1), abs_tol=0.05)
     assert np.isfinite(printed) and printed > 0
+
+
+@pytest.mark.slow
+def test_finetune_compiles_each_task_for_a_tpu_slice(tmp_path):
+    """`finetune.py --topology` reads the model's config (its weights stay on disk; no GLUE
+    data is needed) and compiles the fine-tuning and prediction steps of each label count."""
+    import transformers
+
+    hf = tmp_path / "hf"
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=256,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(hf)
+    (hf / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "finetune.py"),
+            f"--config.init_from=hf:{hf}",
+            "--config.tasks=mrpc",
+            "--config.max_seq_length=128",
+            "--topology=v5e:2x2",
+            f"--report={report_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())["2 label(s)"]
+    train_step, predict_step = report["programs"]
+    assert train_step["name"] == "train_step" and predict_step["name"] == "predict_step"
+    assert train_step["fits"] and predict_step["fits"] and train_step["flops"] > 0
+    assert train_step["collectives"]["all-reduce"]["bytes"] > 0
+    # Fine-tuning keeps BERT's attention dropout: XLA attention in training, splash after.
+    assert report["attention"]["train_step"].startswith("XLA (attention_probs_dropout_prob")
+    assert {k.split("_segmented")[0] for k in predict_step["kernels"]} == {"splash_mha_fwd"}

@@ -47,6 +47,9 @@ def test_train_reports_bad_inputs_clearly(tmp_path):
     assert heads.returncode != 0 and "not divisible by num_attention_heads" in heads.stderr
     small = run_train(tmp_path, tmp_path / "w3", 5, "--config.model.vocab_size=100", check=False)
     assert small.returncode != 0 and "set --config.model.vocab_size=" in small.stderr
+    auto = run_train(tmp_path, tmp_path / "w4", 5, "--config.mesh.auto=true", check=False)
+    assert auto.returncode == 2 and "cpu devices report none" in auto.stderr
+    assert not (tmp_path / "w4" / "checkpoints").exists()
 
 
 @pytest.mark.slow
