@@ -476,8 +476,9 @@ class Loop:
             dynamic_ncols=True,
             disable=jax.process_index() != 0,
         )
-        self.window = (time.time(), step)
+        self.window, self.waited = (time.time(), step), 0.0
         eval_metrics, pending, preempted = {}, None, False
+        evaluating = 0.0
         incoming = self.next_batch() if step < cfg.num_steps else None
         try:
             while step < cfg.num_steps:
@@ -495,7 +496,9 @@ class Loop:
                     continue
                 pending = (step, metrics)
                 if step % cfg.eval_every == 0 or step == cfg.num_steps:
+                    began = time.perf_counter()
                     eval_metrics = self.evaluate(state.params)
+                    evaluating += time.perf_counter() - began
                     _log_eval(self.writer, step, eval_metrics)
                 bar.update(1)
                 if self.preempted(step):
@@ -512,6 +515,7 @@ class Loop:
         if not eval_metrics:  # Nothing left to train: report the restored model.
             eval_metrics = self.evaluate(state.params)
         elapsed, steps_run = time.time() - start, step - first_step
+        training = max(elapsed - evaluating, 1e-9)
         return {
             "steps": step,
             "steps_this_run": steps_run,
@@ -519,6 +523,10 @@ class Loop:
             "skipped_steps": self.skipped,
             "seconds": elapsed,
             "tokens_per_second": steps_run * self.tokens_per_step / max(elapsed, 1e-9),
+            # Of the training time (evaluations aside), the share the host spent not waiting
+            # for a step: dispatch, batches, logs. Near 0: the devices are the bottleneck.
+            "host_busy_fraction": 1.0 - self.waited / training,
+            "seconds_per_step": training / max(steps_run, 1),
             "train_loss": self.history,
             "initial_eval": initial_eval,
             "eval": eval_metrics,
@@ -528,7 +536,9 @@ class Loop:
         """Reads a finished step's metrics: the non-finite guard, then the log when due.
         Returns True when the run must roll back."""
         step, metrics = pending
-        metrics = jax.device_get(metrics)
+        waited = time.perf_counter()
+        metrics = jax.device_get(metrics)  # waits for that step; the next one is queued
+        self.waited += time.perf_counter() - waited
         if self.guard(metrics, step):
             return True
         if step % self.cfg.log_every == 0 or step == self.cfg.num_steps:

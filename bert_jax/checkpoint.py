@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -55,6 +56,21 @@ class _OrbaxErrors(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_OrbaxErrors())
+_default_unraisablehook = sys.unraisablehook
+
+
+def _quiet_closed_loops(unraisable) -> None:
+    """After a failed save, orbax's writer threads still schedule callbacks on the event loop
+    it has closed; asyncio's "Event loop is closed" then reaches the unraisable hook once per
+    thread, as tracebacks between the progress bar and the one error line the Checkpointer
+    gives. Those alone are dropped."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return
+    _default_unraisablehook(unraisable)
+
+
+sys.unraisablehook = _quiet_closed_loops
 
 
 class IncompatibleCheckpoint(ValueError):
