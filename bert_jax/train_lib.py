@@ -163,7 +163,9 @@ def create_trainer(
         step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    step_fn = make_train_step(graphdef, tx, optim_config, rules, objective)
+    step_fn = make_train_step(
+        graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
+    )
     return Trainer(
         graphdef=graphdef,
         tx=tx,
@@ -202,28 +204,56 @@ def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic):
         return objective.loss(model, batch, rng, deterministic)
 
 
+def _data_replicas(mesh: Mesh, rules: sharding.Rules) -> int:
+    """The size of the `data` mesh axis when the batch is split over it: the replicas that
+    hold whole copies of the parameters."""
+    target = dict(rules).get(axes.BATCH)
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    return mesh.shape["data"] if "data" in names else 1
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     config: OptimConfig,
     rules: sharding.Rules = axes.DEFAULT_RULES,
     objective: Objective = PRETRAINING,
+    replicas: int = 1,
 ):
     """`train_step(state, batch) -> (state, metrics)`, a pure function to jit.
 
     With `grad_accum_steps = k` the batch [B, ...] is split into k micro-batches of B / k
     whose gradients are averaged by a scan before one optimizer update, so that memory holds
-    one micro-batch of activations.
+    one micro-batch of activations. Over `replicas` > 1 (the `data` mesh axis) each replica
+    accumulates the gradient of its own rows, summed across replicas once after the scan:
+    without that, the partitioner sums every micro-batch's gradient across the replicas, k
+    all-reduces of the whole gradient per step instead of one.
     """
     k = config.grad_accum_steps
     schedule = make_schedule(config)
+    # Inside a replica the batch is split over the other batch axes (fsdp) only.
+    replica_rules = tuple(
+        (name, tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "data"))
+        if name == axes.BATCH
+        else (name, t)
+        for name, t in rules
+    )
 
-    def micro_grads(params, micro, rng):
+    def micro_grads(params, micro, rng, rules=rules):
         def loss_fn(p):
             return _forward(graphdef, p, micro, rules, objective, rng=rng, deterministic=False)
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, sums, grads
+
+    def replica_grads(params, micro, rng):
+        """micro [k-th micro-batch, B / k] -> (loss, sums, grads) per replica [R, ...]."""
+        split = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), micro)
+        return jax.vmap(
+            functools.partial(micro_grads, rules=replica_rules),
+            in_axes=(None, 0, 0),
+            spmd_axis_name="data",
+        )(params, split, jax.random.split(rng, replicas))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         if batch["input_ids"].shape[0] % k:
@@ -234,20 +264,31 @@ def make_train_step(
         if k == 1:
             loss, sums, grads = micro_grads(state.params, batch, step_key)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+            # Micro-batch j takes rows j, j + k, j + 2k, ...: every device's rows of the
+            # batch (a contiguous block of them) split evenly between the micro-batches, so
+            # that forming them moves no data between devices.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            # Per replica when every replica has rows of each micro-batch to itself.
+            per_replica = replicas > 1 and (batch["input_ids"].shape[0] // k) % replicas == 0
+            accumulate = replica_grads if per_replica else micro_grads
 
             def body(carry, xs):
                 index, mb = xs
-                loss, sums, grads = micro_grads(
-                    state.params, mb, jax.random.fold_in(step_key, index)
-                )
-                return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+                out = accumulate(state.params, mb, jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, carry, out), None
 
+            first = jax.tree.map(lambda x: x[0], micro)
             zeros = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(micro_grads, state.params, batch, step_key)
+                jnp.zeros_like, jax.eval_shape(accumulate, state.params, first, step_key)
             )
             (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-            loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+            n = k * (replicas if per_replica else 1)
+            if per_replica:  # the one sum across replicas
+                loss, sums, grads = jax.tree.map(lambda x: x.sum(0), (loss, sums, grads))
+            loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
         grad_norm = optax.tree.norm(grads)
         # A non-finite loss or gradient, or a non-finite state coming in (a NaN restored into
         # the Adam moments shows nowhere else, and would reach the parameters through the

@@ -63,22 +63,37 @@ def test_overfits_one_batch_to_near_zero_mlm_loss():
     assert int(state.step) == 300
 
 
-def test_gradient_accumulation_equals_the_full_batch():
-    batch = _batch(batch_size=8)
-    results = []
+@pytest.mark.parametrize(
+    "mesh_config, batch_size",
+    [
+        (sharding.MeshConfig(), 8),  # micro-batches of 2 rows over 8 devices: shared
+        (sharding.MeshConfig(), 32),  # 8 replicas, each accumulating its own rows
+        (sharding.MeshConfig(data=4, fsdp=2), 32),  # 4 replicas of 2 FSDP shards
+    ],
+)
+def test_gradient_accumulation_equals_the_full_batch(mesh_config, batch_size):
+    from bert_jax import aot
+
+    batch = _batch(batch_size=batch_size)
+    results, all_reduces = [], []
     for k in (1, 4):
-        trainer, mesh = _trainer(grad_accum_steps=k)
+        trainer, mesh = _trainer(mesh_config, grad_accum_steps=k)
         with jax.set_mesh(mesh):
             state = trainer.init(0)
-            state, metrics = trainer.train_step(
-                state, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
-            )
+            placed = sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
+            text = trainer.train_step.lower(state, placed).compile().as_text()
+            state, metrics = trainer.train_step(state, placed)
+        all_reduces.append(aot.count_collectives(text).get("all-reduce", aot.Collective(0, 0)))
         results.append((jax.device_get(state.params), float(metrics["grad_norm"])))
     # Every micro-batch has the same number of predictions, so mean of means = full mean.
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0], results[1][0]
     )
+    if batch_size == 32 and mesh_config.fsdp == 1:
+        # The gradient crosses the replicas once per step, not once per micro-batch.
+        assert all_reduces[1].count <= all_reduces[0].count
+        assert all_reduces[1].bytes <= all_reduces[0].bytes
 
 
 def test_state_is_created_sharded_on_a_2x2x2_mesh():
