@@ -186,9 +186,12 @@ class ProgramReport:
         if self.capacity is None:
             return "compiled" if self.fits else f"does not compile: {self.error}"
         gib = (self.capacity - self.required) / GIB
-        if self.fits:
+        if self.fits and gib >= 0:
             return f"fits, {gib:.2f} GiB ({self.headroom:.0%}) free"
-        return f"does not fit: {-gib:.2f} GiB over"
+        # A program the compiler accepts whose arguments, temporaries, outputs and code add
+        # up to more than the chip holds is reported as not fitting: the stricter reading.
+        accepted = " (the compiler accepted it)" if self.fits else ""
+        return f"does not fit: {-gib:.2f} GiB over{accepted}"
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
