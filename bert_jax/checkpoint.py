@@ -56,6 +56,18 @@ class _OrbaxErrors(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_OrbaxErrors())
+
+
+class _OrbaxTasks(logging.Filter):
+    """A failed background save also leaves orbax's write tasks with exceptions nobody
+    retrieves; asyncio logs each ("Task exception was never retrieved", with a traceback)
+    when they are collected. The Checkpointer reports the failure once, itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.getMessage())
+
+
+logging.getLogger("asyncio").addFilter(_OrbaxTasks())
 _default_unraisablehook = sys.unraisablehook
 
 
