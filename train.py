@@ -91,7 +91,7 @@ _PLAN = flags.DEFINE_bool(
 _HEADROOM = flags.DEFINE_float("headroom", 0.1, "Fraction of chip memory a plan leaves free.")
 _PLAN_MESHES = flags.DEFINE_list(
     "plan_meshes",
-    ["data", "fsdp", "tensor"],
+    list(planner.MESH_FAMILIES),
     "Mesh families --plan tries: data (all data parallel), fsdp (FSDP inside each slice), "
     "tensor (FSDP with tensor parallelism of 2 and 4).",
 )
@@ -117,6 +117,8 @@ class LoopConfig:
     keep_every: int
     max_bad_steps: int
     start_over: bool = False
+    profile_steps: int = 0
+    profile_start: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +260,8 @@ _FREE_TO_CHANGE = {
         "keep_every",
         "max_bad_steps",
         "start_over",
+        "profile_steps",
+        "profile_start",
     },
     "data": {"cache_dir", "preprocessed_dir", "preprocess_workers", "loader_workers"},
 }
@@ -449,10 +453,10 @@ class Loop:
     def next_batch(self) -> tuple[dict, dict]:
         """The next global batch, placed on the devices, and the iterator's position after it
         (what a checkpoint of the step that consumes it records)."""
-        host = next(self.iterator)
-        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES), (
-            self.iterator.get_state()
-        )
+        with jax.profiler.TraceAnnotation("next_batch"):
+            host = next(self.iterator)
+            placed = sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES)
+            return placed, self.iterator.get_state()
 
     def run_steps(self, state) -> dict:
         """Trains to `num_steps`, keeping the devices fed.
@@ -479,13 +483,16 @@ class Loop:
         self.window, self.waited = (time.time(), step), 0.0
         eval_metrics, pending, preempted = {}, None, False
         evaluating = 0.0
+        profile = _Profile(cfg, first_step, self.writer.logdir)
         incoming = self.next_batch() if step < cfg.num_steps else None
         try:
             while step < cfg.num_steps:
                 batch, data_state = incoming
-                state, metrics = self.trainer.train_step(state, batch)
-                step += 1
-                incoming = self.next_batch() if step < cfg.num_steps else None
+                profile.before_dispatch(step)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = self.trainer.train_step(state, batch)
+                    step += 1
+                    incoming = self.next_batch() if step < cfg.num_steps else None
                 self.ckpt.check()  # a background save that failed stops the run now
                 self.heartbeat()
                 if pending is not None and self.settle(pending, bar):
@@ -494,6 +501,8 @@ class Loop:
                     incoming = self.next_batch()
                     bar.n = step
                     continue
+                if pending is not None:
+                    profile.after_settle(pending[0])
                 pending = (step, metrics)
                 if step % cfg.eval_every == 0 or step == cfg.num_steps:
                     began = time.perf_counter()
@@ -510,7 +519,9 @@ class Loop:
                     self.save(state, step, data_state)
             if pending is not None:  # the last step: nothing left to roll back for
                 self.settle(pending, bar)
+                profile.after_settle(pending[0])
         finally:  # an error's message then starts on a line of its own
+            profile.close()
             bar.close()
         if not eval_metrics:  # Nothing left to train: report the restored model.
             eval_metrics = self.evaluate(state.params)
@@ -537,7 +548,8 @@ class Loop:
         Returns True when the run must roll back."""
         step, metrics = pending
         waited = time.perf_counter()
-        metrics = jax.device_get(metrics)  # waits for that step; the next one is queued
+        with jax.profiler.TraceAnnotation("read_metrics"):
+            metrics = jax.device_get(metrics)  # waits for that step; the next one is queued
         self.waited += time.perf_counter() - waited
         if self.guard(metrics, step):
             return True
@@ -722,10 +734,42 @@ def _print(message: str) -> None:
         tqdm.tqdm.write(message)
 
 
+class _Profile:
+    """`train.profile_steps` steps traced by `jax.profiler` into the TensorBoard logdir:
+    from the dispatch of the first until the last one's metrics are read (on every process;
+    each writes its own trace)."""
+
+    def __init__(self, cfg: LoopConfig, first_step: int, logdir: str):
+        self.start = first_step + cfg.profile_start
+        self.last = self.start + cfg.profile_steps  # the step count once the last has run
+        self.logdir, self.on = logdir, False
+        self.wanted = cfg.profile_steps > 0
+
+    def before_dispatch(self, step: int) -> None:
+        if self.wanted and step == self.start:
+            # Without Python's function events: the input pipeline's threads would fill the
+            # trace's million events within a few steps. The loop's own annotations remain.
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(self.logdir, profiler_options=options)
+            self.on = True
+
+    def after_settle(self, step: int) -> None:
+        if self.on and step >= self.last:
+            self.close()
+            _print(f"profiled steps {self.start + 1}-{self.last}: {self.logdir}/plugins/profile")
+
+    def close(self) -> None:
+        if self.on:
+            self.on, self.wanted = False, False
+            jax.profiler.stop_trace()
+
+
 class _Writer:
     """TensorBoard events from process 0 only (every process computes the same metrics)."""
 
     def __init__(self, logdir: str):
+        self.logdir = logdir
         self._writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -789,19 +833,8 @@ def plan_at_start(run: RunConfig) -> RunConfig:
             f"{devices[0].platform} devices report none: set config.mesh.data/fsdp/tensor, or "
             f"plan for a slice with --topology=... --plan"
         )
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
     setup = _setup(run)
-    best, trials = planner.plan(
-        lambda c: setup.with_candidate(c).compile(devices, capacity, ("train_step",))[0],
-        chips=len(devices),
-        global_batch=run.train.batch_size,
-        seq_len=run.data.masking.max_seq_length,
-        meshes=planner.mesh_candidates(
-            len(devices), run.model.num_attention_heads, run.model.intermediate_size, slices
-        ),
-        headroom=_HEADROOM.value,
-        log=_print,
-    )
+    best, trials = planner.search(setup, devices, capacity, headroom=_HEADROOM.value, log=_print)
     if best is None:
         raise ValueError(
             f"config.mesh.auto: nothing fits {len(devices)} x {devices[0].device_kind} at a "
@@ -834,18 +867,12 @@ def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
     )
     if not _PLAN.value:
         _refuse(model_problems(run, sharding.make_mesh(run.mesh, devices)))
-    setup = _setup(run)
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
-    meshes = planner.mesh_candidates(
-        len(devices), run.model.num_attention_heads, run.model.intermediate_size, slices
-    )
-    families = [m for m in meshes if _family(m) in _PLAN_MESHES.value]
     report, setup = planner.compile_target(
-        setup,
+        _setup(run),
         devices,
         search=_PLAN.value,
         headroom=_HEADROOM.value,
-        meshes=families,
+        families=_PLAN_MESHES.value,
         remats=_PLAN_REMATS.value,
         log=_print,
     )
@@ -860,11 +887,6 @@ def compile_for_topology(run: RunConfig, config_json: dict) -> dict:
     lines.append(f"report: {path} (compiled for the target on this host, not run on it)")
     print("\n".join(lines))
     return report
-
-
-def _family(shape: tuple[int, int, int]) -> str:
-    data, fsdp, tensor = shape
-    return "tensor" if tensor > 1 else "fsdp" if fsdp > 1 else "data"
 
 
 def _format_summary(s: dict) -> str:

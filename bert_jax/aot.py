@@ -209,8 +209,8 @@ def compile_program(
     capacity: int | None,
     count_flops: bool = True,
 ) -> tuple[ProgramReport, Any]:
-    """Lowers and compiles `jitted(*args)` (ShapeDtypeStructs with shardings) under `mesh`;
-    with `count_flops`, also traces it for `step_flops`.
+    """Traces, lowers and compiles `jitted(*args)` (ShapeDtypeStructs with shardings) under
+    `mesh`; with `count_flops`, counts the traced program's FLOPs (`step_flops`).
 
     Returns the report and the compiled program (None when it did not fit).
 
@@ -219,8 +219,9 @@ def compile_program(
     """
     start = time.perf_counter()
     with jax.set_mesh(mesh):  # the kernel choice follows the mesh's devices
-        flops = step_flops(jitted, args, mesh.size) if count_flops else 0.0
-        lowered = jitted.lower(*args)
+        traced = jitted.trace(*args)  # traced once: for the FLOPs and for the compiler
+        flops = step_flops(traced.jaxpr.jaxpr, mesh.size) if count_flops else 0.0
+        lowered = traced.lower()
         try:
             compiled = lowered.compile()
         except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED
@@ -275,8 +276,8 @@ def analyze(
 _SPLASH_FLOPS = {"fwd": 4, "dkv": 8, "dq": 6}
 
 
-def step_flops(jitted, args: Sequence[Any], chips: int) -> float:
-    """FLOPs of one execution of `jitted(*args)` per chip: the matmuls of its traced program
+def step_flops(jaxpr, chips: int) -> float:
+    """FLOPs of one execution of a traced program (`jaxpr`) per chip: its matmuls
     (every `dot_general`, loops times their length, recomputation included, the splash
     kernels by their shapes), divided over `chips`.
 
@@ -315,7 +316,7 @@ def step_flops(jitted, args: Sequence[Any], chips: int) -> float:
                 total += sum(inner)
         return total
 
-    return walk(jax.make_jaxpr(jitted)(*args).jaxpr) / chips
+    return walk(jaxpr) / chips
 
 
 def _pallas_flops(eqn) -> float:

@@ -54,20 +54,33 @@ class Trial:
 _REMAT_ORDER = ("none", "minimal", "full")
 
 
+MESH_FAMILIES = ("data", "fsdp", "tensor")
+
+
 def mesh_candidates(
-    chips: int, heads: int, intermediate: int, slices: int = 1
+    chips: int,
+    heads: int,
+    intermediate: int,
+    slices: int = 1,
+    families: Sequence[str] = MESH_FAMILIES,
 ) -> list[tuple[int, int, int]]:
-    """(data, fsdp, tensor) shapes worth compiling for `chips` devices in `slices` slices:
-    all data parallel, FSDP inside each slice, and FSDP with tensor parallelism of 2 or 4
-    where the heads and the MLP divide (data parallel across slices in every case)."""
+    """(data, fsdp, tensor) shapes worth compiling for `chips` devices in `slices` slices, of
+    the `families` asked: `data` (all data parallel), `fsdp` (FSDP inside each slice) and
+    `tensor` (FSDP with tensor parallelism of 2 or 4 where the heads and the MLP divide);
+    data parallel across slices in every case."""
+    unknown = set(families) - set(MESH_FAMILIES)
+    if unknown:
+        raise ValueError(
+            f"unknown mesh families {sorted(unknown)}: choose from {', '.join(MESH_FAMILIES)}"
+        )
     per_slice = chips // slices
-    shapes = [(chips, 1, 1)]
+    shapes = {"data": [(chips, 1, 1)], "fsdp": [], "tensor": []}
     if per_slice > 1:
-        shapes.append((slices, per_slice, 1))
+        shapes["fsdp"].append((slices, per_slice, 1))
     for t in (2, 4):
         if per_slice % t == 0 and per_slice > t and heads % t == 0 and intermediate % t == 0:
-            shapes.append((slices, per_slice // t, t))
-    return shapes
+            shapes["tensor"].append((slices, per_slice // t, t))
+    return [shape for family in MESH_FAMILIES if family in families for shape in shapes[family]]
 
 
 def plan(
@@ -246,19 +259,51 @@ class Setup:
         )
 
 
+def search(
+    setup: Setup,
+    devices: Sequence[jax.Device],
+    capacity: int | None,
+    *,
+    families: Sequence[str] = MESH_FAMILIES,
+    remats: Sequence[str] = _REMAT_ORDER,
+    headroom: float = 0.1,
+    log: Callable[[str], None] = print,
+) -> tuple[Trial | None, list[Trial]]:
+    """`plan` for `setup`'s train step on `devices`: the meshes of `families` that the
+    model divides, each candidate compiled for those devices."""
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    meshes = mesh_candidates(
+        len(devices),
+        setup.model.num_attention_heads,
+        setup.model.intermediate_size,
+        slices,
+        families,
+    )
+    return plan(
+        lambda c: setup.with_candidate(c).compile(devices, capacity, ("train_step",))[0],
+        chips=len(devices),
+        global_batch=setup.batch_size,
+        seq_len=setup.seq_len,
+        meshes=meshes,
+        remats=remats,
+        headroom=headroom,
+        log=log,
+    )
+
+
 def compile_target(
     setup: Setup,
     devices: Sequence[jax.Device],
     *,
     search: bool = False,
     headroom: float = 0.1,
-    meshes: Sequence[tuple[int, int, int]] | None = None,
+    families: Sequence[str] = MESH_FAMILIES,
     remats: Sequence[str] = _REMAT_ORDER,
     log: Callable[[str], None] = print,
 ) -> tuple[dict, Setup]:
     """Compiles `setup`'s programs for `devices`; with `search`, first plans the mesh, remat
-    and micro-batch (`plan`, over `meshes` or `mesh_candidates`, and `remats`) and compiles
-    the winner.
+    and micro-batch (`search` over the mesh `families` and `remats`) and compiles the
+    winner.
 
     Returns:
       (the report as JSON-ready dict, the setup compiled).
@@ -281,18 +326,11 @@ def compile_target(
     }
     if search:
         log(f"planning: {len(devices)} x {devices[0].device_kind}, batch {setup.batch_size}")
-        best, trials = plan(
-            lambda c: setup.with_candidate(c).compile(devices, capacity, ("train_step",))[0],
-            chips=len(devices),
-            global_batch=setup.batch_size,
-            seq_len=setup.seq_len,
-            meshes=meshes
-            or mesh_candidates(
-                len(devices),
-                setup.model.num_attention_heads,
-                setup.model.intermediate_size,
-                slices,
-            ),
+        best, trials = search(
+            setup,
+            devices,
+            capacity,
+            families=families,
             remats=remats,
             headroom=headroom,
             log=log,

@@ -89,6 +89,10 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     # A workdir whose checkpoints are all damaged is never silently restarted: set this to
     # train from step 0 there (the damaged ones stay aside, renamed <step>.damaged-*).
     config.train.start_over = False
+    # Steps of this run traced by jax.profiler into the TensorBoard logdir (its Profile tab;
+    # 0: none), from `profile_start` steps after the run's first, once compilation is done.
+    config.train.profile_steps = 0
+    config.train.profile_start = 10
     return config
 
 

@@ -89,6 +89,21 @@ def test_slice_names_map_to_libtpu_topologies():
         aot.topology_devices("v9:2x2")
 
 
+def test_mesh_candidates_follow_the_families_and_the_model():
+    """Every family on 8 chips of one slice; tensor parallelism only where the heads and the
+    MLP divide; data parallel across slices; an unknown family is an error naming them."""
+    assert planner.mesh_candidates(8, 12, 3072) == [(8, 1, 1), (1, 8, 1), (1, 4, 2), (1, 2, 4)]
+    assert planner.mesh_candidates(8, 6, 3072) == [(8, 1, 1), (1, 8, 1), (1, 4, 2)]
+    assert planner.mesh_candidates(16, 12, 3072, slices=2, families=("fsdp", "tensor")) == [
+        (2, 8, 1),
+        (2, 4, 2),
+        (2, 2, 4),
+    ]
+    assert planner.mesh_candidates(4, 12, 3072, families=("data",)) == [(4, 1, 1)]
+    with pytest.raises(ValueError, match="unknown mesh families.*choose from data, fsdp"):
+        planner.mesh_candidates(8, 12, 3072, families=("pipeline",))
+
+
 def test_attention_path_names_the_kernel_and_why():
     config = models.BertConfig()
     assert aot.attention_path(config, "tpu", 128, training=True).startswith("XLA (attention_")

@@ -1,5 +1,6 @@
 """End-to-end runs of train.py as a user runs it: checkpoints, TensorBoard, resume, errors."""
 
+import gzip
 import json
 import os
 import socket
@@ -13,7 +14,18 @@ from cli import read_summary, run_train, train_args, train_env
 @pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_resumes_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(tmp_path, straight, 30, devices=8)
+    profiled = "--config.train.profile_steps=3", "--config.train.profile_start=4"
+    whole = run_train(tmp_path, straight, 30, *profiled, devices=8)
+    # Steps 5-7 traced into the TensorBoard logdir: the loop's step annotations (dispatch
+    # and the next batch), its metric reads, and XLA's executions.
+    assert "profiled steps 5-7" in whole.stdout + whole.stderr
+    (trace,) = (straight / "tensorboard" / "plugins" / "profile").glob("*/*.trace.json.gz")
+    events = [e for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]]
+    steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == "train")
+    assert steps[:3] == [4, 5, 6] and len(steps) <= 4  # (and the next step's dispatch)
+    names = {e.get("name", "") for e in events}
+    assert {"next_batch", "read_metrics"} <= names
+    assert any(n.startswith("ThunkExecutor::Execute") for n in names)
     first = run_train(tmp_path, split, 20, devices=8)
     assert "held-out MLM loss" in first.stdout
     assert sorted(os.listdir(split / "checkpoints")) == ["10", "20"]
