@@ -834,7 +834,7 @@ def plan_at_start(run: RunConfig) -> RunConfig:
             f"plan for a slice with --topology=... --plan"
         )
     setup = _setup(run)
-    best, trials = planner.search(setup, devices, capacity, headroom=_HEADROOM.value, log=_print)
+    best, trials = planner.find_plan(setup, devices, capacity, headroom=_HEADROOM.value, log=_print)
     if best is None:
         raise ValueError(
             f"config.mesh.auto: nothing fits {len(devices)} x {devices[0].device_kind} at a "

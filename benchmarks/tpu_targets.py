@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +46,16 @@ def run_row(name: str, target: str, extra: list[str]) -> dict:
         *extra,
     ]
     start = time.time()
-    proc = subprocess.run(args, capture_output=True, text=True)
-    print(proc.stdout[-4000:], flush=True)
+    log = os.path.join(tempfile.gettempdir(), f"tpu_targets_{name}@{target}.log")
+    print(f"{name}@{target}: compiling (the planner's progress: {log})", flush=True)
+    with open(log, "w") as out:
+        proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, text=True)
+    with open(log) as f:
+        tail = f.read()[-4000:]
     if proc.returncode != 0:
-        print(f"{name}@{target} failed:\n{proc.stderr[-3000:]}", flush=True)
+        print(f"{name}@{target} failed:\n{tail}", flush=True)
         return {}
+    print(tail, flush=True)
     with open(path) as f:
         report = json.load(f)
     report["wall_seconds"] = time.time() - start
@@ -81,12 +87,15 @@ def row(name: str, target: str, r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="", help="name@slice,... (default: every row)")
-    parser.add_argument("--plan_meshes", default="data,fsdp")
+    # The table's search: data parallel (a chip holds each model's parameters and optimizer
+    # state whole) with no remat or full remat; train.py --plan searches more by default.
+    parser.add_argument("--plan_meshes", default="data")
+    parser.add_argument("--plan_remats", default="none,full")
     args = parser.parse_args()
     rows = [(n, t) for t in SLICES for n in MODELS]
     if args.only:
         rows = [tuple(x.split("@")) for x in args.only.split(",")]
-    extra = [f"--plan_meshes={args.plan_meshes}"]
+    extra = [f"--plan_meshes={args.plan_meshes}", f"--plan_remats={args.plan_remats}"]
     lines = [
         "| model | slice | plan (mesh, remat, micro-batch x accumulation) | memory per chip | "
         "fits | collective B/token | GFLOP/token | compiles / time |",

@@ -259,7 +259,7 @@ class Setup:
         )
 
 
-def search(
+def find_plan(
     setup: Setup,
     devices: Sequence[jax.Device],
     capacity: int | None,
@@ -302,7 +302,7 @@ def compile_target(
     log: Callable[[str], None] = print,
 ) -> tuple[dict, Setup]:
     """Compiles `setup`'s programs for `devices`; with `search`, first plans the mesh, remat
-    and micro-batch (`search` over the mesh `families` and `remats`) and compiles the
+    and micro-batch (`find_plan` over the mesh `families` and `remats`) and compiles the
     winner.
 
     Returns:
@@ -326,7 +326,7 @@ def compile_target(
     }
     if search:
         log(f"planning: {len(devices)} x {devices[0].device_kind}, batch {setup.batch_size}")
-        best, trials = search(
+        best, trials = find_plan(
             setup,
             devices,
             capacity,

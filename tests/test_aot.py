@@ -117,7 +117,7 @@ def test_attention_path_names_the_kernel_and_why():
 @pytest.mark.slow
 def test_tiny_config_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
     """`train.py --topology` as a user runs it: the tiny config (without attention dropout,
-    as ALBERT's recipe) for a v5e 2x2 slice, 4 chips on a CPU host."""
+    as ALBERT's recipe) for a v5e 2x2 slice, 4 chips on a CPU host, planned by `--plan`."""
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
         [
@@ -125,6 +125,9 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
             os.path.join(ROOT, "train.py"),
             "--topology=v5e:2x2",
             "--config.model.attention_probs_dropout_prob=0",
+            "--plan",
+            "--plan_meshes=data",
+            "--plan_remats=none",
             f"--report={report_path}",
         ],
         capture_output=True,
@@ -136,6 +139,10 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
     assert "train_step" in proc.stdout and "splash (Mosaic kernel)" in proc.stdout
     report = json.loads(report_path.read_text())
     assert report["chips"] == 4 and report["device_kind"] == "TPU v5 lite"
+    # The whole batch of 8 per chip fits: the first candidate wins, without accumulation.
+    assert [t["micro_batch"] for t in report["plan"]["trials"]] == [8]
+    assert report["plan"]["chosen"]["accum_steps"] == 1
+    assert "--config.mesh.data=4 " in proc.stdout and "grad_accum_steps=1" in proc.stdout
     train_step, eval_step = report["programs"]
     assert train_step["fits"] and 0.9 < train_step["headroom"] <= 1.0
     # v5e chips have 16 GiB; the compiler keeps some for itself.
