@@ -788,8 +788,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     run = parse_config(_CONFIG.value)  # bad configs fail here, before any device work
     # A resumed run (after preemption, a crash or a changed step count) loads its compiled
-    # train and eval steps from the persistent cache instead of compiling them again.
-    sharding.enable_compilation_cache()
+    # train and eval steps from the persistent cache instead of compiling them again. Not for
+    # --topology: a program compiled for devices this host lacks cannot be loaded back here.
+    if not _TOPOLOGY.value:
+        sharding.enable_compilation_cache()
     if _DISTRIBUTED.value:
         sharding.initialize_distributed(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value
