@@ -115,6 +115,12 @@ class WordPieceTokenizer:
             out.append(words)
         return out
 
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
+        """Per text, its token ids and each token's (start, end) character span in that text
+        (as given, before lower-casing and accent stripping), from one batched call."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encodings]
+
     def tokenize(self, text: str) -> list[str]:
         """Word pieces of `text` as strings (`##` marks a continuation)."""
         return self._tok.encode(text, add_special_tokens=False).tokens

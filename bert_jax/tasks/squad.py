@@ -1,0 +1,446 @@
+"""Extractive question answering on SQuAD v1.1 and v2.0: the official JSON, windows over long
+contexts, n-best span decoding and the official evaluation.
+
+The rules are those of google-research/bert's `run_squad.py` and of the official evaluation
+script (`evaluate-v2.0.py`, which scores v1.1 data as the v1.1 script does):
+
+- features: [CLS] question [SEP] context window [SEP]; the question cut to `max_query_length`
+  pieces; windows of the context `doc_stride` pieces apart, as many as cover it; a context
+  piece seen by several windows is scored only in the one where it has the most context
+  (the smaller of its left and right context, plus 1% of the window's length);
+- targets: the first and last piece of the gold answer in each window that holds it whole,
+  otherwise [CLS] (position 0), which is also the target of an unanswerable question;
+- decoding: the `n_best_size` best starts and ends of each window, spans of at most
+  `max_answer_length` pieces that start on a max-context piece, best total score first;
+  v2.0's null answer scores [CLS]'s start + end (the lowest over the windows) and wins when
+  it beats the best span by more than `null_score_diff_threshold` (tuned on dev with
+  `best_thresholds`);
+- answers are the context's own characters from the first predicted piece's start to the
+  last one's end (pieces keep their character offsets in the context);
+- evaluation: answers normalised (lower case, punctuation and the articles a/an/the removed,
+  whitespace collapsed), exact match and token F1 against each gold answer, the best of them
+  counted; an unanswerable question's gold is the empty answer.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import string
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from bert_jax import files
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    text: str
+    start: int  # character offset in the context
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    qas_id: str
+    question: str
+    context: str
+    answers: tuple[Answer, ...]  # the first is the training target
+    is_impossible: bool = False
+
+
+def read_squad(path: str) -> list[Example]:
+    """The examples of an official SQuAD JSON file (v1.1 or v2.0).
+
+    Raises:
+      ValueError naming the file and line of the first problem: malformed JSON, a field
+      missing or of the wrong type, an answer whose text is not the context's at its
+      offset, an unanswerable question that has answers.
+    """
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+    def where(qas_id: str | None = None) -> str:
+        if qas_id is None:
+            return path
+        at = raw.find(json.dumps(qas_id))
+        return f"{path}:{raw.count(chr(10), 0, at) + 1 if at >= 0 else '?'}"
+
+    def need(value, kind, what: str, qas_id: str | None = None):
+        if not isinstance(value, kind):
+            raise ValueError(
+                f"{where(qas_id)}: {what} must be a {kind.__name__}, not {type(value).__name__} "
+                f"(the official SQuAD layout: data[].paragraphs[].context and qas[] with id, "
+                f"question, answers[].text/answer_start)"
+            )
+        return value
+
+    examples = []
+    articles = need(need(document, dict, "the file's top level").get("data"), list, "'data'")
+    for article in articles:
+        paragraphs = need(need(article, dict, "an article").get("paragraphs"), list, "'paragraphs'")
+        for paragraph in paragraphs:
+            context = need(paragraph.get("context"), str, "a paragraph's 'context'")
+            for qa in need(paragraph.get("qas"), list, "a paragraph's 'qas'"):
+                qas_id = need(qa.get("id"), str, "a question's 'id'")
+                question = need(qa.get("question"), str, "'question'", qas_id)
+                impossible = bool(qa.get("is_impossible", False))
+                answers = []
+                for a in need(qa.get("answers", []), list, "'answers'", qas_id):
+                    text = need(a.get("text"), str, "an answer's 'text'", qas_id)
+                    start = need(a.get("answer_start"), int, "'answer_start'", qas_id)
+                    found = context[start : start + len(text)]
+                    if found != text:
+                        raise ValueError(
+                            f"{where(qas_id)}: question {qas_id!r}: the answer {text!r} is not "
+                            f"the context's text at offset {start}, which reads {found!r}; fix "
+                            f"answer_start (the character offset of the answer in the context)"
+                        )
+                    answers.append(Answer(text, start))
+                if impossible and answers:
+                    raise ValueError(
+                        f"{where(qas_id)}: question {qas_id!r} is marked is_impossible but has "
+                        f"answers; SQuAD v2.0 keeps those under 'plausible_answers'"
+                    )
+                examples.append(Example(qas_id, question, context, tuple(answers), impossible))
+    return examples
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+    max_seq_length: int = 384
+    doc_stride: int = 128
+    max_query_length: int = 64
+
+
+@dataclasses.dataclass
+class Features:
+    """One row per window: model inputs, targets, and what decoding needs."""
+
+    input_ids: np.ndarray  # [N, L] int32
+    input_mask: np.ndarray  # [N, L]
+    segment_ids: np.ndarray  # [N, L]
+    start_positions: np.ndarray  # [N] (0: [CLS], no answer in this window)
+    end_positions: np.ndarray  # [N]
+    example_index: np.ndarray  # [N] into the examples
+    offsets: np.ndarray  # [N, L, 2] a context piece's characters in its context; -1 elsewhere
+    max_context: np.ndarray  # [N, L] bool: the window where that context piece is scored
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": self.input_ids,
+            "input_mask": self.input_mask,
+            "segment_ids": self.segment_ids,
+            "start_positions": self.start_positions,
+            "end_positions": self.end_positions,
+        }
+
+
+def windows(n: int, room: int, stride: int) -> list[tuple[int, int]]:
+    """(start, length) of the windows over `n` context pieces, `room` pieces at most each,
+    starting `stride` apart until one reaches the end (run_squad.py's doc spans)."""
+    spans, start = [], 0
+    while True:
+        length = min(n - start, room)
+        spans.append((start, length))
+        if start + length >= n:
+            return spans
+        start += min(length, stride)
+
+
+def max_context(spans: Sequence[tuple[int, int]], index: int, position: int) -> bool:
+    """Whether window `index` is the one where context piece `position` has the most context:
+    min(left, right) + 0.01 * window length, the first window winning ties."""
+    best, best_score = None, None
+    for i, (start, length) in enumerate(spans):
+        end = start + length - 1
+        if not start <= position <= end:
+            continue
+        score = min(position - start, end - position) + 0.01 * length
+        if best_score is None or score > best_score:
+            best, best_score = i, score
+    return best == index
+
+
+def make_features(examples: Sequence[Example], tokenizer, config: WindowConfig) -> Features:
+    """The windows of every example (see the module's rules), as fixed-length arrays.
+
+    `tokenizer` must give character offsets (`encode_offsets`): WordPiece does.
+    """
+    if not hasattr(tokenizer, "encode_offsets"):
+        raise ValueError(
+            f"SQuAD needs the character offsets of the context's pieces, which "
+            f"{type(tokenizer).__name__} does not give; use a WordPiece (BERT) model"
+        )
+    length = config.max_seq_length
+    questions = tokenizer.encode_batch([e.question for e in examples])
+    contexts = tokenizer.encode_offsets([e.context for e in examples])
+    rows: dict[str, list] = collections.defaultdict(list)
+    for index, (example, question, (ids, offsets)) in enumerate(
+        zip(examples, questions, contexts, strict=True)
+    ):
+        question = question[: config.max_query_length]
+        room = length - len(question) - 3
+        if room < 1:
+            raise ValueError(
+                f"max_seq_length {length} leaves no room for the context after a question of "
+                f"{len(question)} pieces: raise max_seq_length or lower max_query_length"
+            )
+        target = _answer_pieces(example, offsets)
+        spans = windows(len(ids), room, config.doc_stride)
+        for span_index, (start, size) in enumerate(spans):
+            tokens = [tokenizer.cls_id, *question, tokenizer.sep_id]
+            first = len(tokens)
+            tokens += ids[start : start + size] + [tokenizer.sep_id]
+            pad = length - len(tokens)
+            segments = [0] * first + [1] * (size + 1)
+            span_offsets = np.full((length, 2), -1, np.int32)
+            span_offsets[first : first + size] = offsets[start : start + size]
+            is_max = np.zeros(length, bool)
+            for j in range(size):
+                is_max[first + j] = max_context(spans, span_index, start + j)
+            s = e = 0
+            if target is not None and start <= target[0] and target[1] < start + size:
+                s, e = target[0] - start + first, target[1] - start + first
+            rows["input_ids"].append(tokens + [tokenizer.pad_id] * pad)
+            rows["input_mask"].append([1] * len(tokens) + [0] * pad)
+            rows["segment_ids"].append(segments + [0] * pad)
+            rows["start_positions"].append(s)
+            rows["end_positions"].append(e)
+            rows["example_index"].append(index)
+            rows["offsets"].append(span_offsets)
+            rows["max_context"].append(is_max)
+    return Features(
+        **{k: np.asarray(rows[k], np.int32) for k in ("input_ids", "input_mask", "segment_ids")},
+        start_positions=np.asarray(rows["start_positions"], np.int32),
+        end_positions=np.asarray(rows["end_positions"], np.int32),
+        example_index=np.asarray(rows["example_index"], np.int32),
+        offsets=np.asarray(rows["offsets"], np.int32).reshape(-1, length, 2),
+        max_context=np.asarray(rows["max_context"], bool).reshape(-1, length),
+    )
+
+
+def _answer_pieces(example: Example, offsets) -> tuple[int, int] | None:
+    """The first and last context piece of the first gold answer (None: unanswerable, or an
+    answer of whitespace only)."""
+    if example.is_impossible or not example.answers:
+        return None
+    answer = example.answers[0]
+    begin, end = answer.start, answer.start + len(answer.text)
+    inside = [i for i, (s, e) in enumerate(offsets) if s < end and e > begin]
+    return (inside[0], inside[-1]) if inside else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+    version_2_with_negative: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    text: str  # "" for no answer
+    best_span: str  # the best non-null span (v2.0's threshold tuning needs it)
+    null_odds: float  # null score minus the best span's (v2.0; 0.0 for v1.1)
+    nbest: tuple[tuple[str, float], ...]  # (text, probability), best first
+
+
+def decode(
+    examples: Sequence[Example],
+    features: Features,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    config: DecodeConfig,
+) -> dict[str, Prediction]:
+    """Per question id, the answer its windows' logits [N, L] point at (the module's rules)."""
+    by_example = collections.defaultdict(list)
+    for row, index in enumerate(features.example_index):
+        by_example[int(index)].append(row)
+    predictions = {}
+    for index, example in enumerate(examples):
+        candidates = []  # (score, start logit + end logit, text)
+        null_score = math.inf
+        for row in by_example[index]:
+            s_logits, e_logits = start_logits[row], end_logits[row]
+            offsets, is_max = features.offsets[row], features.max_context[row]
+            if config.version_2_with_negative:
+                null_score = min(null_score, float(s_logits[0] + e_logits[0]))
+            starts = np.argsort(-s_logits, kind="stable")[: config.n_best_size]
+            ends = np.argsort(-e_logits, kind="stable")[: config.n_best_size]
+            for s in starts:
+                if offsets[s, 0] < 0 or not is_max[s]:
+                    continue
+                for e in ends:
+                    if offsets[e, 0] < 0 or e < s or e - s + 1 > config.max_answer_length:
+                        continue
+                    text = example.context[offsets[s, 0] : offsets[e, 1]]
+                    candidates.append((float(s_logits[s] + e_logits[e]), text))
+        if config.version_2_with_negative:
+            candidates.append((null_score, ""))
+        candidates.sort(key=lambda c: -c[0])
+        nbest, seen = [], set()
+        for score, text in candidates:
+            if len(nbest) >= config.n_best_size:
+                break
+            if text in seen:
+                continue
+            seen.add(text)
+            nbest.append((text, score))
+        if config.version_2_with_negative and "" not in seen:  # the null answer always
+            nbest.append(("", null_score))
+        spans = [(t, s) for t, s in nbest if t]
+        if not spans:  # nothing decodable: run_squad.py's "empty" answer
+            spans = [("", 0.0)]
+            if not nbest:
+                nbest = [("", 0.0)]
+        scores = np.array([s for _, s in nbest])
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        best_text, best_score = spans[0]
+        if config.version_2_with_negative:
+            odds = null_score - best_score
+            text = "" if odds > config.null_score_diff_threshold else best_text
+        else:
+            odds, text = 0.0, nbest[0][0]
+        predictions[example.qas_id] = Prediction(
+            text,
+            best_text,
+            odds,
+            tuple((t, float(p)) for (t, _), p in zip(nbest, probs, strict=True)),
+        )
+    return predictions
+
+
+# The official evaluation.
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles (a, an, the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+
+
+def exact_match(gold: str, prediction: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(prediction))
+
+
+def f1_score(gold: str, prediction: str) -> float:
+    gold_tokens = normalize_answer(gold).split()
+    predicted = normalize_answer(prediction).split()
+    if not gold_tokens or not predicted:  # a no-answer matches only a no-answer
+        return float(gold_tokens == predicted)
+    same = sum((collections.Counter(gold_tokens) & collections.Counter(predicted)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(predicted), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def evaluate(
+    examples: Sequence[Example],
+    predictions: Mapping[str, str],
+    null_odds: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The official scores (percentages): exact and f1 over every question; HasAns_* and
+    NoAns_* where the set has unanswerable questions; with `null_odds`, the best exact and f1
+    over no-answer thresholds and those thresholds (`best_thresholds`).
+
+    Raises:
+      ValueError when a question has no prediction.
+    """
+    missing = [e.qas_id for e in examples if e.qas_id not in predictions]
+    if missing:
+        raise ValueError(f"no prediction for {len(missing)} questions, e.g. {missing[:3]}")
+    exact, f1, has_answer = {}, {}, {}
+    for e in examples:
+        golds = [a.text for a in e.answers if normalize_answer(a.text)] or [""]
+        prediction = predictions[e.qas_id]
+        exact[e.qas_id] = max(exact_match(g, prediction) for g in golds)
+        f1[e.qas_id] = max(f1_score(g, prediction) for g in golds)
+        has_answer[e.qas_id] = golds != [""]
+    ids = [e.qas_id for e in examples]
+    out = _scores(exact, f1, ids)
+    answered = [i for i in ids if has_answer[i]]
+    unanswered = [i for i in ids if not has_answer[i]]
+    if unanswered:
+        for prefix, subset in (("HasAns", answered), ("NoAns", unanswered)):
+            if subset:
+                out.update({f"{prefix}_{k}": v for k, v in _scores(exact, f1, subset).items()})
+    if null_odds is not None:
+        out.update(best_thresholds(predictions, exact, f1, null_odds, has_answer))
+    return out
+
+
+def _scores(exact: Mapping[str, int], f1: Mapping[str, float], ids: Sequence[str]) -> dict:
+    n = len(ids)
+    return {
+        "exact": 100.0 * sum(exact[i] for i in ids) / n,
+        "f1": 100.0 * sum(f1[i] for i in ids) / n,
+        "total": n,
+    }
+
+
+def best_thresholds(
+    predictions: Mapping[str, str],
+    exact: Mapping[str, int],
+    f1: Mapping[str, float],
+    null_odds: Mapping[str, float],
+    has_answer: Mapping[str, bool],
+) -> dict[str, float]:
+    """The official script's search: answering no question whose null odds exceed a
+    threshold, the threshold (one of the odds) that scores best, for exact and for f1.
+    `predictions` are the best non-null spans."""
+    out = {}
+    for name, scores in (("exact", exact), ("f1", f1)):
+        current = best = sum(1 for i in scores if not has_answer[i])
+        threshold = 0.0
+        for qas_id in sorted(null_odds, key=lambda i: null_odds[i]):
+            if qas_id not in scores:
+                continue
+            if has_answer[qas_id]:
+                current += scores[qas_id]
+            else:
+                current += -1 if predictions[qas_id] else 0
+            if current > best:
+                best, threshold = current, null_odds[qas_id]
+        out[f"best_{name}"] = 100.0 * best / len(scores)
+        out[f"best_{name}_thresh"] = threshold
+    return out
+
+
+def write_predictions(
+    directory: str, predictions: Mapping[str, Prediction], version_2: bool
+) -> list[str]:
+    """predictions.json ({id: answer}), nbest_predictions.json and, for v2.0, null_odds.json
+    ({id: null odds}) in the official layouts. Returns the paths written."""
+    written = {
+        "predictions.json": {k: p.text for k, p in predictions.items()},
+        "nbest_predictions.json": {
+            k: [{"text": t, "probability": prob} for t, prob in p.nbest]
+            for k, p in predictions.items()
+        },
+    }
+    if version_2:
+        written["null_odds.json"] = {k: p.null_odds for k, p in predictions.items()}
+    paths = []
+    for name, content in written.items():
+        path = os.path.join(directory, name)
+        files.atomic_write(path, json.dumps(content, indent=2, ensure_ascii=False).encode())
+        paths.append(path)
+    return paths
