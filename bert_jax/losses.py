@@ -1,4 +1,4 @@
-"""Pretraining losses and on-device metrics (jnp only)."""
+"""Pretraining and task losses and on-device metrics (jnp only)."""
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +87,32 @@ def classification_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]
         loss_sum, correct, count = weighted_cross_entropy(logits, batch["label"], weights)
     loss = loss_sum / jnp.maximum(count, 1e-5)
     return loss, {"loss_sum": loss_sum, "correct_sum": correct, "count": count}
+
+
+def span_loss(start_logits, end_logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Extractive QA: the mean of the start and end cross-entropies over the window's
+    positions (run_squad.py's and `transformers`' loss).
+
+    Args:
+      start_logits, end_logits: [B, L] float32.
+      batch: holds `start_positions` and `end_positions` [B] int32 (0: [CLS], no answer in
+        the window) and optionally `label_weights` [B] float32 (0 for padding rows).
+
+    Returns:
+      (mean loss over real rows, metric sums `loss_sum`, `correct_sum` (start and end both
+      right), `count`).
+    """
+    weights = batch.get("label_weights", jnp.ones(start_logits.shape[:1], jnp.float32))
+    weights = weights.astype(jnp.float32)
+    start_sum, _, count = weighted_cross_entropy(start_logits, batch["start_positions"], weights)
+    end_sum, _, _ = weighted_cross_entropy(end_logits, batch["end_positions"], weights)
+    both = (jnp.argmax(start_logits, -1) == batch["start_positions"]) & (
+        jnp.argmax(end_logits, -1) == batch["end_positions"]
+    )
+    loss_sum = (start_sum + end_sum) / 2
+    correct = jnp.sum(both.astype(jnp.float32) * weights)
+    return loss_sum / jnp.maximum(count, 1e-5), {
+        "loss_sum": loss_sum,
+        "correct_sum": correct,
+        "count": count,
+    }

@@ -755,6 +755,35 @@ class BertForSequenceClassification(nnx.Module):
         return self.classifier(pooled).astype(jnp.float32), enc
 
 
+class BertForQuestionAnswering(nnx.Module):
+    """BERT with a dense layer on every token's output giving a start and an end score
+    (extractive QA, as `transformers`' BertForQuestionAnswering; no pooler)."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=False)
+        self.qa_outputs = layers.Dense(
+            config.hidden_size,
+            2,
+            kernel_axes=(axes.EMBED, None),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        **kwargs,
+    ) -> tuple[jax.Array, jax.Array, EncoderOutput]:
+        """(start logits [B, L], end logits [B, L], both float32, encoder output); keyword
+        arguments as in `BertModel`."""
+        enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
+        logits = self.qa_outputs(enc.sequence_output).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1], enc
+
+
 def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -> None:
     """Raises ValueError naming the offending input when a batch does not fit the config."""
     if input_ids.ndim != 2:

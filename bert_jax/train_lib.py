@@ -1,7 +1,8 @@
 """TrainState, its sharded creation, and the pure jitted train, evaluation and predict steps.
 
 What a step computes is an `Objective`: the model class and its loss. `PRETRAINING` (MLM +
-NSP/SOP) and `classification(num_labels)` (GLUE) share the same step, optimizer and sharding.
+NSP/SOP), `classification(num_labels)` (GLUE) and `QUESTION_ANSWERING` (SQuAD) share the same
+step, optimizer and sharding.
 """
 
 import dataclasses
@@ -78,6 +79,27 @@ def classification(num_labels: int, classifier_dropout: float | None = None) -> 
         ),
         _classifier_logits,
     )
+
+
+def _span_logits(model, batch, rng=None, deterministic=True):
+    """([B, L] start logits, [B, L] end logits)."""
+    start, end, _ = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return start, end
+
+
+QUESTION_ANSWERING = Objective(
+    models.BertForQuestionAnswering,
+    lambda model, batch, rng, deterministic: losses.span_loss(
+        *_span_logits(model, batch, rng, deterministic), batch
+    ),
+    _span_logits,
+)
 
 
 @struct.dataclass

@@ -46,6 +46,9 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
             out["mlm"] = model(**inputs).logits.numpy()
         elif head_name == "ForSequenceClassification":
             out["logits"] = model(**inputs).logits.numpy()
+        elif head_name == "ForQuestionAnswering":
+            head = model(**inputs)
+            out["start"], out["end"] = head.start_logits.numpy(), head.end_logits.numpy()
     return out
 
 
@@ -62,6 +65,9 @@ def jax_outputs(config, architecture: str, params, num_labels: int = 3) -> dict:
     elif head_name == "ForPreTraining":
         res = model(ids, mask, segments, positions, **kw)
         enc, out = res.encoder, {"mlm": res.mlm_logits, "sentence": res.nsp_logits}
+    elif head_name == "ForQuestionAnswering":
+        start, end, enc = model(ids, mask, segments, **kw)
+        out = {"start": start, "end": end}
     else:
         logits, enc = model(ids, mask, segments, **kw)
         out = {"mlm" if head_name == "ForMaskedLM" else "logits": logits}

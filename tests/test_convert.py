@@ -33,7 +33,13 @@ SIZES = dict(
     max_position_embeddings=24,
 )
 WORDS = ["the", "cat", "sat", "on", "mat", "un", "##believ", "##able", "runs", "##ing", "ok"]
-ARCHS = ("BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification")
+ARCHS = (
+    "BertModel",
+    "BertForPreTraining",
+    "BertForMaskedLM",
+    "BertForSequenceClassification",
+    "BertForQuestionAnswering",
+)
 
 
 def _vocab(path, size=SIZES["vocab_size"]):
@@ -46,6 +52,8 @@ def _vocab(path, size=SIZES["vocab_size"]):
 def _hf_dir(tmp_path, architecture, *, num_labels=3, safe=True, name="hf"):
     """A `transformers` model with random weights and its tokenizer, saved as released ones are."""
     torch.manual_seed(0)
+    if architecture.endswith("QuestionAnswering"):
+        num_labels = 2  # the start and end scores
     config = transformers.BertConfig(
         **SIZES, hidden_act="gelu", num_labels=num_labels, attn_implementation="eager"
     )
@@ -109,6 +117,36 @@ def test_hugging_face_round_trip(tmp_path, architecture):
     original = load_file(os.path.join(hf_dir, "model.safetensors"))
     for name, value in load_file(str(exported / "model.safetensors")).items():
         np.testing.assert_array_equal(value, original[name], err_msg=name)
+
+
+def test_question_answering_loss_equals_transformers(tmp_path):
+    """The span loss of `train_lib.QUESTION_ANSWERING` on imported weights is the loss
+    `transformers`' BertForQuestionAnswering computes for the same start and end positions."""
+    from bert_jax import train_lib
+
+    hf_dir, hf_model = _hf_dir(tmp_path, "BertForQuestionAnswering")
+    ids, mask, segments, _ = hf_reference.padded_batch(SIZES["vocab_size"])
+    starts, ends = np.array([3, 0, 1], np.int32), np.array([5, 0, 2], np.int32)
+    with torch.no_grad():
+        expected = hf_model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(segments, dtype=torch.long),
+            start_positions=torch.tensor(starts, dtype=torch.long),
+            end_positions=torch.tensor(ends, dtype=torch.long),
+        ).loss.item()
+    loaded = convert.load_pretrained(f"hf:{hf_dir}", "BertForQuestionAnswering", mesh=_mesh())
+    graphdef, _ = models.split_params(
+        models.abstract_model(loaded.config, models.BertForQuestionAnswering)
+    )
+    model = models.merge_params(graphdef, jax.device_get(loaded.params))
+    batch = dict(
+        input_ids=ids, input_mask=mask, segment_ids=segments, start_positions=starts,
+        end_positions=ends,
+    )  # fmt: skip
+    loss, sums = train_lib.QUESTION_ANSWERING.loss(model, batch, None, True)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(sums["count"]) == 3
 
 
 def test_pytorch_bin_and_prefix_mismatches(tmp_path):

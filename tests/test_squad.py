@@ -255,3 +255,76 @@ def test_prediction_files_have_the_official_layouts(tmp_path):
     assert json.loads((tmp_path / "null_odds.json").read_text()) == {"q1": -3.0, "q2": 2.5}
     nbest = json.loads((tmp_path / "nbest_predictions.json").read_text())
     assert nbest["q2"] == [{"text": "", "probability": 0.6}, {"text": "mat", "probability": 0.4}]
+
+
+def _marked_examples(rng, n, prefix):
+    """Contexts of random words with the answer between '(' and ')': a task the text decides."""
+    out = []
+    for i in range(n):
+        words = [f"w{j}" for j in rng.integers(3, 100, rng.integers(8, 32))]
+        at, size = int(rng.integers(0, len(words))), int(rng.integers(1, 4))
+        answer = " ".join(f"w{j}" for j in rng.integers(3, 100, size))
+        left, right = " ".join(words[:at]), " ".join(words[at:])
+        context = f"{left} ( {answer} ) {right}".strip()
+        start = context.index(f"( {answer} )") + 2
+        out.append(squad.Example(f"{prefix}{i}", "w1 w2", context, (squad.Answer(answer, start),)))
+    return out
+
+
+def test_a_tiny_model_learns_a_marked_span(tokenizer):
+    """BertForQuestionAnswering trained by the shared train step on windows of 32 (contexts
+    longer than a window included) finds held-out answers: >= 90% exact match."""
+    import jax
+
+    from bert_jax import axes, models, optim, sharding, train_lib
+
+    rng = np.random.default_rng(0)
+    train, held_out = _marked_examples(rng, 512, "t"), _marked_examples(rng, 100, "h")
+    windows = squad.WindowConfig(max_seq_length=32, doc_stride=12, max_query_length=4)
+    features = squad.make_features(train, tokenizer, windows)
+    assert len(features) > len(train)  # some contexts need two windows
+    config = models.BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    trainer = train_lib.create_trainer(
+        config,
+        optim.OptimConfig(learning_rate=2e-3, warmup_steps=30, total_steps=600),
+        mesh,
+        axes.DEFAULT_RULES,
+        train_lib.QUESTION_ANSWERING,
+    )
+    inputs = features.inputs()
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        order = np.random.default_rng(1).permutation
+        for step in range(600):
+            if step % (len(features) // 32) == 0:
+                perm = order(len(features))
+            rows = perm[(step % (len(features) // 32)) * 32 :][:32]
+            batch = sharding.global_batch(
+                {k: v[rows] for k, v in inputs.items()}, mesh, axes.DEFAULT_RULES
+            )
+            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
+        test = squad.make_features(held_out, tokenizer, windows)
+        starts, ends = [], []
+        for i in range(0, len(test), 64):
+            n = min(64, len(test) - i)  # the last batch padded to 64 rows (8 devices)
+            rows = {
+                k: np.resize(v[i : i + n], (64, *v.shape[1:])) for k, v in test.inputs().items()
+            }
+            s, e = jax.device_get(trainer.predict_step(state.params, rows))
+            starts.append(s[:n])
+            ends.append(e[:n])
+    predictions = squad.decode(
+        held_out, test, np.concatenate(starts), np.concatenate(ends), squad.DecodeConfig()
+    )
+    scores = squad.evaluate(held_out, {k: p.text for k, p in predictions.items()})
+    assert scores["exact"] >= 90.0, scores

@@ -90,6 +90,8 @@ _RENAMES: tuple[tuple[str, str, _Transform], ...] = (
     ("seq_relationship/bias", "cls.seq_relationship.bias", _SAME),
     ("classifier/kernel", "classifier.weight", _LINEAR),
     ("classifier/bias", "classifier.bias", _SAME),
+    ("qa_outputs/kernel", "qa_outputs.weight", _LINEAR),
+    ("qa_outputs/bias", "qa_outputs.bias", _SAME),
 )
 _ALAYER = "albert.encoder.albert_layer_groups.{g}.albert_layers.{k}."
 # ALBERT's names; `{g}.{k}` marks a tensor of weight set g * inner_group_num + k (one set when
@@ -148,13 +150,21 @@ _ALBERT_RENAMES: tuple[tuple[str, str, _Transform], ...] = (
     ("seq_relationship/bias", "sop_classifier.classifier.bias", _SAME),
     ("classifier/kernel", "classifier.weight", _LINEAR),
     ("classifier/bias", "classifier.bias", _SAME),
+    ("qa_outputs/kernel", "qa_outputs.weight", _LINEAR),
+    ("qa_outputs/bias", "qa_outputs.bias", _SAME),
 )
 # Tensors a Hugging Face checkpoint may hold that are copies of others or buffers.
 _ALIASES = re.compile(
     r"(bert\.|albert\.)?embeddings\.position_ids|(cls\.)?predictions\.decoder\.(weight|bias)"
 )
 
-_HEADS = ("Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification")
+_HEADS = (
+    "Model",
+    "ForPreTraining",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForQuestionAnswering",
+)
 ARCHITECTURES = tuple(f"{family}{head}" for family in ("Bert", "Albert") for head in _HEADS)
 
 
@@ -419,6 +429,8 @@ def infer_architecture(tensors: Mapping[str, Any]) -> str:
         return prefix + "ForMaskedLM"
     if "classifier.weight" in names:
         return prefix + "ForSequenceClassification"
+    if "qa_outputs.weight" in names:
+        return prefix + "ForQuestionAnswering"
     return prefix + "Model"
 
 
@@ -448,6 +460,8 @@ def architecture_of(params: Params, config: BertConfig) -> str:
         return prefix + "Model"
     if "classifier" in params:
         return prefix + "ForSequenceClassification"
+    if "qa_outputs" in params:
+        return prefix + "ForQuestionAnswering"
     if "seq_relationship" in params:
         return prefix + "ForPreTraining"
     return prefix + "ForMaskedLM"
