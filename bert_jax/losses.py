@@ -116,3 +116,21 @@ def span_loss(start_logits, end_logits, batch) -> tuple[jax.Array, dict[str, jax
         "correct_sum": correct,
         "count": count,
     }
+
+
+def token_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token classification: cross-entropy over the labelled tokens (each word's first
+    piece), their mean as the loss (`transformers`' loss with -100 elsewhere).
+
+    Args:
+      logits: [B, L, C] float32.
+      batch: holds `labels` [B, L] int32 and `label_weights` [B, L] float32 (1 on the tokens
+        that carry a label, 0 elsewhere and on padding rows).
+
+    Returns:
+      (mean loss, metric sums `loss_sum`, `correct_sum`, `count` over labelled tokens).
+    """
+    weights = batch["label_weights"].astype(jnp.float32)
+    loss_sum, correct, count = weighted_cross_entropy(logits, batch["labels"], weights)
+    loss = loss_sum / jnp.maximum(count, 1e-5)
+    return loss, {"loss_sum": loss_sum, "correct_sum": correct, "count": count}

@@ -755,6 +755,53 @@ class BertForSequenceClassification(nnx.Module):
         return self.classifier(pooled).astype(jnp.float32), enc
 
 
+class BertForTokenClassification(nnx.Module):
+    """BERT with dropout and a dense layer on every token's output: `num_labels` scores per
+    token (named entities; `transformers`' BertForTokenClassification; no pooler)."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int = 2,
+        *,
+        rngs: nnx.Rngs,
+        classifier_dropout: float | None = None,
+    ):
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=False)
+        self.classifier = layers.Dense(
+            config.hidden_size,
+            num_labels,
+            kernel_axes=(axes.EMBED, None),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+        self.dropout_rate = (
+            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        **kwargs,
+    ) -> tuple[jax.Array, EncoderOutput]:
+        """(logits [B, L, num_labels] float32, encoder output); arguments as in `BertModel`."""
+        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
+        enc = self.bert(
+            input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
+        )
+        hidden = layers.dropout(enc.sequence_output, self.dropout_rate, drop_key, deterministic)
+        return self.classifier(hidden).astype(jnp.float32), enc
+
+
 class BertForQuestionAnswering(nnx.Module):
     """BERT with a dense layer on every token's output giving a start and an end score
     (extractive QA, as `transformers`' BertForQuestionAnswering; no pooler)."""

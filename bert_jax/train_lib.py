@@ -1,8 +1,8 @@
 """TrainState, its sharded creation, and the pure jitted train, evaluation and predict steps.
 
 What a step computes is an `Objective`: the model class and its loss. `PRETRAINING` (MLM +
-NSP/SOP), `classification(num_labels)` (GLUE) and `QUESTION_ANSWERING` (SQuAD) share the same
-step, optimizer and sharding.
+NSP/SOP), `classification(num_labels)` (GLUE), `token_classification(num_labels)` (NER) and
+`QUESTION_ANSWERING` (SQuAD) share the same step, optimizer and sharding.
 """
 
 import dataclasses
@@ -100,6 +100,33 @@ QUESTION_ANSWERING = Objective(
     ),
     _span_logits,
 )
+
+
+def _token_logits(model, batch, rng=None, deterministic=True):
+    """[B, L, C] logits."""
+    logits, _ = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return logits
+
+
+def token_classification(num_labels: int, classifier_dropout: float | None = None) -> Objective:
+    """A label per token (named entities): the loss on each word's first piece."""
+    return Objective(
+        functools.partial(
+            models.BertForTokenClassification,
+            num_labels=num_labels,
+            classifier_dropout=classifier_dropout,
+        ),
+        lambda model, batch, rng, deterministic: losses.token_loss(
+            _token_logits(model, batch, rng, deterministic), batch
+        ),
+        _token_logits,
+    )
 
 
 @struct.dataclass

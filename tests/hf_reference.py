@@ -44,7 +44,7 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
             out["sentence"] = (head.sop_logits if sentence is None else sentence).numpy()
         elif head_name == "ForMaskedLM":
             out["mlm"] = model(**inputs).logits.numpy()
-        elif head_name == "ForSequenceClassification":
+        elif head_name in ("ForSequenceClassification", "ForTokenClassification"):
             out["logits"] = model(**inputs).logits.numpy()
         elif head_name == "ForQuestionAnswering":
             head = model(**inputs)

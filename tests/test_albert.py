@@ -41,6 +41,7 @@ ARCHS = (
     "AlbertForPreTraining",
     "AlbertForMaskedLM",
     "AlbertForSequenceClassification",
+    "AlbertForTokenClassification",
     "AlbertForQuestionAnswering",
 )
 

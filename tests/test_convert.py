@@ -38,6 +38,7 @@ ARCHS = (
     "BertForPreTraining",
     "BertForMaskedLM",
     "BertForSequenceClassification",
+    "BertForTokenClassification",
     "BertForQuestionAnswering",
 )
 

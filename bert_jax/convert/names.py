@@ -163,6 +163,7 @@ _HEADS = (
     "ForPreTraining",
     "ForMaskedLM",
     "ForSequenceClassification",
+    "ForTokenClassification",
     "ForQuestionAnswering",
 )
 ARCHITECTURES = tuple(f"{family}{head}" for family in ("Bert", "Albert") for head in _HEADS)
@@ -175,8 +176,8 @@ def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Mod
             f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}"
         )
     head = architecture.removeprefix("Albert").removeprefix("Bert")
-    if head == "ForSequenceClassification":
-        return functools.partial(models.BertForSequenceClassification, num_labels=num_labels)
+    if head in ("ForSequenceClassification", "ForTokenClassification"):
+        return functools.partial(getattr(models, "Bert" + head), num_labels=num_labels)
     return getattr(models, "Bert" + head)
 
 
@@ -410,10 +411,10 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-    if architecture.endswith("ForSequenceClassification"):
+    if architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-        if num_labels == 1:
+        if num_labels == 1 and architecture.endswith("ForSequenceClassification"):
             hf["problem_type"] = "regression"
     return hf
 
@@ -427,8 +428,9 @@ def infer_architecture(tensors: Mapping[str, Any]) -> str:
         return prefix + "ForPreTraining"
     if {"cls.predictions.bias", "predictions.bias"} & names:
         return prefix + "ForMaskedLM"
-    if "classifier.weight" in names:
-        return prefix + "ForSequenceClassification"
+    if "classifier.weight" in names:  # a token classifier has no pooler
+        pooled = {"bert.pooler.dense.weight", "albert.pooler.weight"} & names
+        return prefix + ("ForSequenceClassification" if pooled else "ForTokenClassification")
     if "qa_outputs.weight" in names:
         return prefix + "ForQuestionAnswering"
     return prefix + "Model"
@@ -459,7 +461,8 @@ def architecture_of(params: Params, config: BertConfig) -> str:
     if "bert" not in params:
         return prefix + "Model"
     if "classifier" in params:
-        return prefix + "ForSequenceClassification"
+        pooled = "pooler" in params["bert"]
+        return prefix + ("ForSequenceClassification" if pooled else "ForTokenClassification")
     if "qa_outputs" in params:
         return prefix + "ForQuestionAnswering"
     if "seq_relationship" in params:
