@@ -802,6 +802,47 @@ class BertForTokenClassification(nnx.Module):
         return self.classifier(hidden).astype(jnp.float32), enc
 
 
+class BertForMultipleChoice(nnx.Module):
+    """BERT scoring each of several (context, choice) rows by a dense layer on its pooled
+    output (SWAG; `transformers`' BertForMultipleChoice): inputs [B, C, L], logits [B, C]."""
+
+    def __init__(
+        self, config: BertConfig, *, rngs: nnx.Rngs, classifier_dropout: float | None = None
+    ):
+        self.bert = BertModel(config, rngs=rngs)
+        self.classifier = layers.Dense(
+            config.hidden_size,
+            1,
+            kernel_axes=(axes.EMBED, None),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+        self.dropout_rate = (
+            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        **kwargs,
+    ) -> tuple[jax.Array, EncoderOutput]:
+        """(logits [B, C] float32, the encoder output over the B * C rows); inputs [B, C, L],
+        keyword arguments as in `BertModel`."""
+        batch, choices, length = input_ids.shape
+        flat = [x.reshape(batch * choices, length) for x in (input_ids, input_mask, segment_ids)]
+        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
+        enc = self.bert(*flat, rng=enc_key, deterministic=deterministic, **kwargs)
+        pooled = layers.dropout(enc.pooled_output, self.dropout_rate, drop_key, deterministic)
+        logits = self.classifier(pooled).astype(jnp.float32)
+        return logits.reshape(batch, choices), enc
+
+
 class BertForQuestionAnswering(nnx.Module):
     """BERT with a dense layer on every token's output giving a start and an end score
     (extractive QA, as `transformers`' BertForQuestionAnswering; no pooler)."""

@@ -1,8 +1,9 @@
 """TrainState, its sharded creation, and the pure jitted train, evaluation and predict steps.
 
 What a step computes is an `Objective`: the model class and its loss. `PRETRAINING` (MLM +
-NSP/SOP), `classification(num_labels)` (GLUE), `token_classification(num_labels)` (NER) and
-`QUESTION_ANSWERING` (SQuAD) share the same step, optimizer and sharding.
+NSP/SOP), `classification(num_labels)` (GLUE), `token_classification(num_labels)` (NER),
+`multiple_choice()` (SWAG) and `QUESTION_ANSWERING` (SQuAD) share the same step, optimizer and
+sharding.
 """
 
 import dataclasses
@@ -126,6 +127,18 @@ def token_classification(num_labels: int, classifier_dropout: float | None = Non
             _token_logits(model, batch, rng, deterministic), batch
         ),
         _token_logits,
+    )
+
+
+def multiple_choice(classifier_dropout: float | None = None) -> Objective:
+    """One score per choice from each (context, choice) row's pooled output; cross-entropy
+    over the choices (SWAG). Batches hold [B, C, L] inputs and a `label` [B]."""
+    return Objective(
+        functools.partial(models.BertForMultipleChoice, classifier_dropout=classifier_dropout),
+        lambda model, batch, rng, deterministic: losses.classification_loss(
+            _classifier_logits(model, batch, rng, deterministic), batch
+        ),
+        _classifier_logits,
     )
 
 

@@ -46,6 +46,8 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
             out["mlm"] = model(**inputs).logits.numpy()
         elif head_name in ("ForSequenceClassification", "ForTokenClassification"):
             out["logits"] = model(**inputs).logits.numpy()
+        elif head_name == "ForMultipleChoice":  # the three rows as three choices of one example
+            out["logits"] = model(**{k: v[None] for k, v in inputs.items()}).logits.numpy()
         elif head_name == "ForQuestionAnswering":
             head = model(**inputs)
             out["start"], out["end"] = head.start_logits.numpy(), head.end_logits.numpy()
@@ -65,6 +67,9 @@ def jax_outputs(config, architecture: str, params, num_labels: int = 3) -> dict:
     elif head_name == "ForPreTraining":
         res = model(ids, mask, segments, positions, **kw)
         enc, out = res.encoder, {"mlm": res.mlm_logits, "sentence": res.nsp_logits}
+    elif head_name == "ForMultipleChoice":
+        logits, enc = model(ids[None], mask[None], segments[None], **kw)
+        out = {"logits": logits}
     elif head_name == "ForQuestionAnswering":
         start, end, enc = model(ids, mask, segments, **kw)
         out = {"start": start, "end": end}

@@ -42,6 +42,7 @@ ARCHS = (
     "AlbertForMaskedLM",
     "AlbertForSequenceClassification",
     "AlbertForTokenClassification",
+    "AlbertForMultipleChoice",
     "AlbertForQuestionAnswering",
 )
 
@@ -94,7 +95,12 @@ def test_hugging_face_albert_round_trip(tmp_path, architecture, groups):
     exported = tmp_path / "exported"
     assert (
         convert.export_hf(
-            jax.device_get(loaded.params), loaded.config, loaded.tokenizer, str(exported), 3
+            jax.device_get(loaded.params),
+            loaded.config,
+            loaded.tokenizer,
+            str(exported),
+            3,
+            architecture if architecture.endswith("MultipleChoice") else None,
         )
         == architecture
     )

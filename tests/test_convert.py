@@ -39,6 +39,7 @@ ARCHS = (
     "BertForMaskedLM",
     "BertForSequenceClassification",
     "BertForTokenClassification",
+    "BertForMultipleChoice",
     "BertForQuestionAnswering",
 )
 
@@ -97,8 +98,10 @@ def test_hugging_face_round_trip(tmp_path, architecture):
     )
 
     exported = tmp_path / "exported"
+    # A multiple-choice head holds a one-label classifier's tensors: it is named.
+    named = architecture if architecture.endswith("MultipleChoice") else None
     written = convert.export_hf(
-        jax.device_get(loaded.params), loaded.config, loaded.tokenizer, str(exported), 3
+        jax.device_get(loaded.params), loaded.config, loaded.tokenizer, str(exported), 3, named
     )
     assert written == architecture
     reloaded = getattr(transformers, architecture).from_pretrained(

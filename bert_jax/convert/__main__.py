@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             loaded.tokenizer,
             args.output,
             run["num_labels"],
+            run["architecture"],
         )
         print(f"wrote {architecture} of {loaded.description} to {args.output}")
         return

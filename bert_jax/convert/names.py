@@ -164,6 +164,7 @@ _HEADS = (
     "ForMaskedLM",
     "ForSequenceClassification",
     "ForTokenClassification",
+    "ForMultipleChoice",
     "ForQuestionAnswering",
 )
 ARCHITECTURES = tuple(f"{family}{head}" for family in ("Bert", "Albert") for head in _HEADS)

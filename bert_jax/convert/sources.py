@@ -17,6 +17,7 @@ from bert_jax.convert.names import (
     architecture_of,
     config_from_hf,
     config_to_hf,
+    family,
     infer_architecture,
     params_to_hf,
     tf_to_hf_name,
@@ -218,16 +219,27 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
 
 
 def export_hf(
-    params: Params, config: BertConfig, tokenizer: Tokenizer, out: str, num_labels: int = 2
+    params: Params,
+    config: BertConfig,
+    tokenizer: Tokenizer,
+    out: str,
+    num_labels: int = 2,
+    architecture: str | None = None,
 ) -> str:
     """Writes a directory that `transformers` loads with `from_pretrained`; returns the
-    architecture written. The directory is assembled aside and renamed into place, so a crash
-    leaves no half-written model, and an existing non-empty `out` is refused."""
+    architecture written (`architecture`, or the one the params show: a multiple-choice
+    head and a one-label classifier hold the same tensors, so name it for those). The
+    directory is assembled aside and renamed into place, so a crash leaves no half-written
+    model, and an existing non-empty `out` is refused."""
     if os.path.isdir(out) and os.listdir(out):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
     from safetensors.numpy import save_file
 
-    architecture = architecture_of(params, config)
+    if architecture is None:
+        architecture = architecture_of(params, config)
+    else:  # the family follows the config: a run records BERT names for ALBERT encoders too
+        head = architecture.removeprefix("Albert").removeprefix("Bert")
+        architecture = ("Albert" if family(config) == "albert" else "Bert") + head
     tmp = files.make_temp_dir(out, ".export-")
     try:
         save_file(

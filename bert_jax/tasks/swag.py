@@ -1,0 +1,103 @@
+"""Multiple choice on SWAG (and any data in its CSV layout): reading, [B, choices, L]
+features, accuracy.
+
+SWAG's CSV files (`train.csv`, `val.csv`, `test.csv` of the release) hold per row a context
+(`sent1`), the start of the next sentence (`sent2`), four endings (`ending0`..`ending3`) and,
+except in the test file, the right one (`label`). Each choice is the pair
+`[CLS] sent1 [SEP] sent2 + " " + ending [SEP]`, truncated as BERT's pairs are (one token at a
+time from the longer text); the model scores each choice from its [CLS] and the best score
+is the answer (BERT's SWAG setup).
+"""
+
+import csv
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from bert_jax import glue
+
+ENDINGS = ("ending0", "ending1", "ending2", "ending3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    example_id: str
+    context: str
+    start: str
+    endings: tuple[str, ...]
+    label: int | None  # None in the unlabelled test file
+
+
+def read_swag(path: str) -> list[Example]:
+    """The rows of a SWAG CSV file.
+
+    Raises:
+      ValueError naming the file and line: a missing column, a row with another number of
+      fields than the header, a label that is not the index of an ending.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file; a SWAG CSV starts with its header line")
+        missing = [c for c in ("sent1", "sent2", *ENDINGS) if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}:1: the header lacks the columns {missing}; SWAG's CSV has sent1, "
+                f"sent2, ending0..ending3 and label"
+            )
+        at = {name: header.index(name) for name in header}
+        examples = []
+        for row in reader:
+            line = reader.line_num
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{line}: {len(row)} fields where the header has {len(header)}"
+                )
+            label = None
+            if "label" in at and row[at["label"]] != "":
+                value = row[at["label"]]
+                if value not in ("0", "1", "2", "3"):
+                    raise ValueError(
+                        f"{path}:{line}: label {value!r} is not the index of an ending (0-3)"
+                    )
+                label = int(value)
+            example_id = row[at["fold-ind"]] if "fold-ind" in at else str(len(examples))
+            examples.append(
+                Example(
+                    example_id,
+                    row[at["sent1"]],
+                    row[at["sent2"]],
+                    tuple(row[at[e]] for e in ENDINGS),
+                    label,
+                )
+            )
+    return examples
+
+
+def make_features(
+    examples: Sequence[Example], tokenizer, max_seq_length: int
+) -> dict[str, np.ndarray]:
+    """input_ids, input_mask, segment_ids [N, choices, L] int32 and label [N] int32 (0 when
+    unlabelled)."""
+    choices = len(examples[0].endings)
+    pairs = glue.Examples(
+        [e.context for e in examples for _ in e.endings],
+        [f"{e.start} {ending}".strip() for e in examples for ending in e.endings],
+        None,
+        [],
+    )
+    flat = glue.encode(pairs, tokenizer, max_seq_length)
+    out = {
+        k: flat[k].reshape(len(examples), choices, max_seq_length)
+        for k in ("input_ids", "input_mask", "segment_ids")
+    }
+    out["label"] = np.array([e.label or 0 for e in examples], np.int32)
+    return out
+
+
+def accuracy(examples: Sequence[Example], logits: np.ndarray) -> float:
+    """The fraction of labelled examples whose best-scored ending is the right one."""
+    labels = np.array([e.label for e in examples])
+    return float((np.asarray(logits).argmax(-1) == labels).mean())
