@@ -443,7 +443,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="pass --config.data_dir=<folder"):
         finetune.parse_config(config)
     config.data_dir, config.tasks = str(tmp_path / "glue"), "cola,sts"
-    with pytest.raises(ValueError, match="unknown GLUE task 'sts'"):
+    with pytest.raises(ValueError, match="unknown task 'sts': choose a GLUE task"):
         finetune.parse_config(config)
     config.init_from = ""
     with pytest.raises(ValueError, match="--config.init_from is required"):

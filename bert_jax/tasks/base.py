@@ -1,0 +1,122 @@
+"""What a fine-tuning task is to the harness (`finetune.py`), and the registry of tasks.
+
+A task reads its data (every file checked before anything is compiled), turns it into
+fixed-shape features, names the model head and the objective that trains it, decodes the
+model's outputs back to its own answers, scores them with its official metric and writes
+its prediction files. The loop (epochs, evaluation, best checkpoint, seeds and learning
+rates, results tables) is the harness's, the same for every task.
+"""
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bert_jax import train_lib
+
+
+@dataclasses.dataclass
+class Split:
+    """A split's examples as the task reads them (what decoding needs), and its features:
+    arrays with one row per model input row."""
+
+    examples: Any
+    features: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class TaskData:
+    train: dict[str, np.ndarray]
+    dev: dict[str, Split]  # scored after each epoch; the first selects the best checkpoint
+    predict: dict[str, Split]  # written as prediction files from the best checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The harness's settings a task reads."""
+
+    data_dir: str
+    max_seq_length: int
+    max_train_examples: int = 0
+    source: str = "tsv"
+    tfds_data_dir: str = ""
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+
+
+class Task(abc.ABC):
+    name: str
+    architecture: str  # the Hugging Face head: what init_from is loaded as
+    num_labels: int = 2
+    metrics: tuple[str, ...]  # the dev metrics reported (fractions), "score" selects
+    dev_names: tuple[str, ...]
+    packable: bool = False  # several examples per row (`glue.pack`)
+    # BERT-Base figures from the papers, in percent: "metric" (the first dev split) or
+    # "dev name/metric".
+    published: dict[str, float] = {}
+
+    def published_figure(self, dev_name: str, metric: str) -> float | None:
+        if f"{dev_name}/{metric}" in self.published:
+            return self.published[f"{dev_name}/{metric}"]
+        return self.published.get(metric) if dev_name == self.dev_names[0] else None
+
+    @abc.abstractmethod
+    def objective(self, dropout: float | None) -> train_lib.Objective: ...
+
+    @abc.abstractmethod
+    def check(self, settings: Settings) -> list[str]:
+        """Reads every file the task needs; the problems found (file and line), or []."""
+
+    @abc.abstractmethod
+    def load(self, settings: Settings, tokenizer) -> TaskData: ...
+
+    @abc.abstractmethod
+    def evaluate(self, name: str, split: Split, outputs) -> dict[str, float]:
+        """The metrics (and `score`) of the model's outputs for every row of `split`."""
+
+    @abc.abstractmethod
+    def write_predictions(self, directory: str, name: str, split: Split, outputs) -> str:
+        """Writes the predictions of `split` in the task's official layout; returns the path."""
+
+
+_REGISTRY: dict[str, Callable[[], Task]] = {}
+
+
+def register(name: str, factory: Callable[[], Task]) -> None:
+    _REGISTRY[name] = factory
+
+
+def get_task(name: str) -> Task:
+    """A task by name: a GLUE task (`mrpc`, or `glue:mrpc`), `squad_v1`, `squad_v2`,
+    `conll2003` or `swag`."""
+    from bert_jax import glue
+    from bert_jax.tasks import catalog  # noqa: F401  (registers the tasks)
+
+    key = name.lower().removeprefix("glue:")
+    if key not in _REGISTRY:
+        try:
+            key = glue.get_task(key).name  # GLUE's spellings: SST-2, sst_2, ...
+        except ValueError:
+            others = sorted(set(_REGISTRY) - set(glue.TASKS))
+            raise ValueError(
+                f"unknown task {name!r}: choose a GLUE task ({', '.join(glue.TASKS)}, or all) "
+                f"or one of {', '.join(others)}"
+            ) from None
+    return _REGISTRY[key]()
+
+
+def task_names(spec: str) -> list[str]:
+    """`all` or `glue:all`: every GLUE task; otherwise the comma-separated names."""
+    from bert_jax import glue
+
+    names = []
+    for name in [t.strip() for t in spec.split(",") if t.strip()]:
+        if name.lower() in ("all", "glue:all"):
+            names += list(glue.TASKS)
+        else:
+            names.append(get_task(name).name)
+    return names
