@@ -16,9 +16,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # The encoder: hf:<dir>, tf:<dir> (original release) or a bert_jax pretraining workdir.
     config.init_from = ""
-    config.tasks = "all"  # Comma-separated: cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli.
+    # Comma-separated: cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli (or all), squad_v1, squad_v2,
+    # conll2003, swag (configs/squad.py, conll.py and swag.py hold their recipes).
+    config.tasks = "all"
     config.source = "tsv"  # "tsv": the GLUE folders under data_dir; "tfds": glue/<task>.
-    config.data_dir = ""  # Holds CoLA/, SST-2/, ..., diagnostic/ as the GLUE download does.
+    # Holds CoLA/, SST-2/, ..., diagnostic/ as the GLUE download does, and SQuAD/,
+    # CoNLL-2003/, SWAG/ (see bert_jax/tasks/catalog.py).
+    config.data_dir = ""
     config.tfds_data_dir = ""  # Empty: ~/tensorflow_datasets.
     config.max_seq_length = 128
     config.max_train_examples = 0  # 0: all; fewer for quick runs.
@@ -39,6 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (SST-2, about 25 tokens an example) a fraction of the compute. False: one per row.
     config.pack = True
     config.pack_max_examples = 16  # Examples in one row at most.
+    # Question answering (squad_v1, squad_v2; run_squad.py's names and defaults).
+    config.doc_stride = 128  # Context pieces between the starts of two windows.
+    config.max_query_length = 64  # Question pieces kept.
+    config.n_best_size = 20  # Starts and ends considered per window.
+    config.max_answer_length = 30  # Pieces in an answer at most.
 
     # Numerics of this run (the encoder's sizes come from init_from).
     config.model = ml_collections.ConfigDict()

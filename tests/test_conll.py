@@ -114,7 +114,7 @@ def test_reading_the_column_format_and_its_errors(tmp_path):
 
     columns = tmp_path / "columns.txt"
     columns.write_text("EU NNP B-NP I-ORG\nrejects B-VP O\n")
-    with pytest.raises(ValueError, match=r"columns\.txt:2: 3 columns where the file's first"):
+    with pytest.raises(ValueError, match=r"columns\.txt:2: 3 columns where line 1 has 4"):
         conll.read_conll(str(columns))
     unknown = tmp_path / "unknown.txt"
     unknown.write_text("EU NNP B-NP I-ORG\n\nParis NNP B-NP I-CITY\n")

@@ -43,7 +43,7 @@ def read_conll(path: str, tag_column: int = -1, labels: Sequence[str] | None = N
       or S-X.
     """
     sentences, words, tags = [], [], []
-    document, columns, where = 0, None, path
+    document, columns, first, where = 0, None, 0, path
     known = None if labels is None else set(labels)
 
     def close():
@@ -64,10 +64,10 @@ def read_conll(path: str, tag_column: int = -1, labels: Sequence[str] | None = N
                 document += 1 if sentences else 0
                 continue
             if columns is None:
-                columns = len(fields)
+                columns, first = len(fields), number
             if len(fields) != columns:
                 raise ValueError(
-                    f"{where}: {len(fields)} columns where the file's first line has {columns}: "
+                    f"{where}: {len(fields)} columns where line {first} has {columns}: "
                     f"{line.strip()!r}; CoNLL files hold one token per line, columns separated "
                     f"by whitespace, the same columns on every line"
                 )

@@ -1,0 +1,178 @@
+"""finetune.py end to end on SQuAD v2.0, CoNLL-2003 and SWAG files in their official
+layouts (written here, small), and their bad inputs refused before anything is compiled."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import glue_data
+import numpy as np
+import pytest
+from cli import ROOT
+
+from bert_jax import convert, models
+from bert_jax.tokenization import WordPieceTokenizer
+
+W = glue_data.FILLER
+
+
+def _model(tmp_path) -> str:
+    config = models.BertConfig(
+        vocab_size=len(glue_data.VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    params = models.split_params(models.create_model(config, 0, models.BertModel))[1]
+    tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    out = str(tmp_path / "model")
+    convert.write_run(out, config, "BertModel", 2, params, tokenizer)
+    return out
+
+
+def _squad(path, rng, n, version_2):
+    paragraphs = []
+    for i in range(n):
+        words = [str(w) for w in rng.choice(W, 30)]
+        context = " ".join(words)
+        at = int(rng.integers(0, 28))
+        answer = " ".join(words[at : at + 2])
+        start = len(" ".join(words[:at])) + (1 if at else 0)
+        qa = {"id": f"q{i}", "question": f"{words[at]} w1", "answers": []}
+        if version_2 and i % 3 == 0:
+            qa["is_impossible"] = True
+        else:
+            qa["answers"] = [{"text": answer, "answer_start": start}]
+        paragraphs.append({"context": context, "qas": [qa]})
+    data = {
+        "version": "v2.0" if version_2 else "1.1",
+        "data": [{"title": "t", "paragraphs": paragraphs}],
+    }
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _conll(path, rng, n):
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for _ in range(n):
+        for _ in range(int(rng.integers(3, 12))):
+            word = str(rng.choice(W))
+            tag = "I-PER" if word in ("w1", "w2") else "I-LOC" if word == "w3" else "O"
+            lines.append(f"{word} NNP B-NP {tag}")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _swag(path, rng, n, labelled=True):
+    header = ["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source"]
+    header += [f"ending{k}" for k in range(4)] + ["label"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(n):
+            sent1 = " ".join(rng.choice(W, 5))
+            endings = [" ".join(rng.choice(W, 3)) for _ in range(4)]
+            label = str(rng.integers(0, 4)) if labelled else ""
+            writer.writerow(["v", str(i), sent1, sent1, "w0", "gold", *endings, label])
+
+
+def _data(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for folder in ("SQuAD", "CoNLL-2003", "SWAG"):
+        (root / folder).mkdir(parents=True)
+    _squad(root / "SQuAD/train-v2.0.json", rng, 24, True)
+    _squad(root / "SQuAD/dev-v2.0.json", rng, 9, True)
+    for name, n in (("train", 24), ("valid", 8), ("test", 8)):
+        _conll(root / f"CoNLL-2003/{name}.txt", rng, n)
+    _swag(root / "SWAG/train.csv", rng, 16)
+    _swag(root / "SWAG/val.csv", rng, 8)
+    _swag(root / "SWAG/test.csv", rng, 8, labelled=False)
+    return root
+
+
+def _finetune(tmp_path, data, *extra):
+    return subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "finetune.py"),
+            f"--workdir={tmp_path / 'work'}",
+            f"--config.init_from={_model(tmp_path)}",
+            f"--config.data_dir={data}",
+            "--config.tasks=squad_v2,conll2003,swag",
+            "--config.max_seq_length=32",
+            "--config.doc_stride=8",
+            "--config.max_query_length=4",
+            "--config.batch_size=8",
+            "--config.eval_batch_size=8",
+            "--config.num_epochs=1",
+            "--config.seeds=0",
+            "--config.learning_rates=1e-3",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=1",
+            JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+        ),
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.slow
+def test_finetune_runs_squad_conll_and_swag_and_writes_official_files(tmp_path):
+    data = _data(tmp_path)
+    proc = _finetune(tmp_path, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "work"
+    results = json.loads((work / "results.json").read_text())["tasks"]
+    assert sorted(results) == ["conll2003", "squad_v2", "swag"]
+    (squad_run,) = results["squad_v2"]["runs"]
+    dev = squad_run["dev"]["dev"]
+    assert {"exact_match", "f1", "HasAns_f1", "NoAns_f1", "null_score_diff_threshold"} <= set(dev)
+    assert 0.0 <= dev["f1"] <= 1.0
+    # SQuAD's official layouts: {id: answer} and, for v2.0, {id: null odds}.
+    folder = os.path.dirname(squad_run["predictions"]["dev"])
+    answers = json.loads(open(os.path.join(folder, "predictions.json")).read())
+    odds = json.loads(open(os.path.join(folder, "null_odds.json")).read())
+    assert sorted(answers) == sorted(odds) == sorted(f"q{i}" for i in range(9))
+    assert all(isinstance(a, str) for a in answers.values())
+    (conll_run,) = results["conll2003"]["runs"]
+    assert {"dev", "test"} <= set(conll_run["dev"]) and "f1" in conll_run["dev"]["test"]
+    lines = open(conll_run["predictions"]["test"]).read().split("\n\n")[0].splitlines()
+    assert all(len(line.split()) == 3 for line in lines)  # word gold predicted
+    (swag_run,) = results["swag"]["runs"]
+    rows = list(csv.reader(open(swag_run["predictions"]["test"])))
+    assert rows[0] == ["fold-ind", "label"] and len(rows) == 9
+    assert {r[1] for r in rows[1:]} <= {"0", "1", "2", "3"}
+    table = (work / "results.md").read_text()
+    assert "| squad_v2 | f1" in table and "| conll2003 | f1 (test)" in table
+
+
+def test_bad_task_files_are_refused_before_compiling(tmp_path):
+    data = _data(tmp_path)
+    squad = data / "SQuAD/dev-v2.0.json"
+    text = squad.read_text().splitlines()
+    squad.write_text("\n".join(text[:5] + ["  oops,"] + text[5:]))
+    conll = data / "CoNLL-2003/valid.txt"
+    lines = conll.read_text().splitlines()
+    lines[3] = lines[3].replace(" B-NP ", " ")  # line 4: a column short
+    conll.write_text("\n".join(lines) + "\n")
+    swag = data / "SWAG/val.csv"
+    swag.write_text(swag.read_text().replace(",gold,", ",gold,w1,", 1))
+    start = time.time()
+    proc = _finetune(tmp_path, data)
+    assert proc.returncode != 0
+    assert "3 problem(s) in the task data" in proc.stderr
+    assert "dev-v2.0.json:6: not valid JSON" in proc.stderr
+    assert "valid.txt:4: 3 columns where line 3 has 4" in proc.stderr
+    assert "val.csv:2: 12 fields where the header has 11" in proc.stderr
+    assert time.time() - start < 60  # refused before any compilation
+    assert not (tmp_path / "work" / "squad_v2").exists()
