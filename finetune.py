@@ -204,7 +204,12 @@ class Run:
         self.pack = cfg.pack and task.packable
         self.writer = tensorboardX.SummaryWriter(os.path.join(directory, "tensorboard"))
         meta = convert.describe_run(
-            directory, pretrained.config, task.architecture, task.num_labels, pretrained.tokenizer
+            directory,
+            pretrained.config,
+            task.architecture,
+            task.num_labels,
+            pretrained.tokenizer,
+            extra={"task": task.name, "labels": list(task.label_names)},
         )
         self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
         ckpt_dir = os.path.join(directory, "checkpoints")

@@ -16,6 +16,16 @@ each batch is split over the devices. Output: stdout or `--output`, written as b
   two needs `[MASK] [MASK]`-like input with the pieces joined (`##`).
 - `next-sentence`: for `A ||| B`, the probability that B follows A (the NSP head; for ALBERT
   models, the sentence-order head: B after A in the right order).
+- `classify` (a sequence classifier, e.g. a `finetune.py` GLUE run): for a line or `A ||| B`,
+  each label's probability and the best label.
+- `qa` (a SQuAD model): for `question ||| context`, the best answer span of the context and
+  its probability among the n best, decoded as `finetune.py` decodes SQuAD (windows over long
+  contexts, the max-context rule), and `null_odds`, the no-answer score minus the span's: a
+  SQuAD 2.0 model answers nothing where it exceeds the threshold tuned on dev (`results.json`).
+- `ner` (a token classifier, e.g. a CoNLL-2003 run): for a line of words, each word's tag and
+  the entities (type, words, first and last word index).
+Label names come from the model (a `finetune.py` run records them; a Hugging Face directory's
+`id2label`).
 """
 
 import argparse
@@ -27,10 +37,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import axes, cli, convert, models, sharding
+from bert_jax import axes, cli, convert, models, sharding, train_lib
+from bert_jax.tasks import conll, squad
 
 MASK = "[MASK]"
-TASKS = ("fill-mask", "next-sentence")
+TASKS = ("fill-mask", "next-sentence", "classify", "qa", "ner")
+_ARCHITECTURES = {
+    "fill-mask": "BertForMaskedLM",
+    "next-sentence": "BertForPreTraining",
+    "classify": "BertForSequenceClassification",
+    "qa": "BertForQuestionAnswering",
+    "ner": "BertForTokenClassification",
+}
+
+
+def head_labels(model: str) -> tuple[int, list[str] | None]:
+    """(number of outputs of a model's head, their label names where the model records
+    them: a bert_jax run's `labels`, a Hugging Face config's `id2label`)."""
+    kind, path = convert.model_kind(model)
+    if kind == "bert_jax":
+        run = convert.read_run(path)
+        return run["num_labels"], run.get("labels") or None
+    if kind == "hf":
+        with open(f"{path}/config.json") as f:
+            hf = json.load(f)
+        id2label = hf.get("id2label") or {}
+        labels = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+        return len(id2label) or int(hf.get("num_labels", 2)), labels
+    return 2, None
 
 
 def encode_masked(text: str, tokenizer) -> list[int]:
@@ -72,8 +106,12 @@ class Predictor:
             raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
         self.task, self.top_k = task, top_k
         self.mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-        architecture = "BertForMaskedLM" if task == "fill-mask" else "BertForPreTraining"
-        self.pretrained = convert.load_pretrained(model, architecture, mesh=self.mesh)
+        architecture = _ARCHITECTURES[task]
+        num_labels, labels = head_labels(model) if task in ("classify", "ner") else (2, None)
+        self.labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+        self.pretrained = convert.load_pretrained(
+            model, architecture, mesh=self.mesh, num_labels=num_labels
+        )
         if self.pretrained.report.missing:
             raise ValueError(
                 f"{task} needs the {architecture} head, which {self.pretrained.description} "
@@ -81,9 +119,17 @@ class Predictor:
             )
         self.config, self.tokenizer = self.pretrained.config, self.pretrained.tokenizer
         self.max_seq_length = min(max_seq_length, self.config.max_position_embeddings)
-        cls = models.BertForMaskedLM if task == "fill-mask" else models.BertForPreTraining
+        cls = convert.model_class(architecture, num_labels)
         graphdef, _ = models.split_params(models.abstract_model(self.config, cls))
         self.data_size = sharding.data_parallel_size(self.mesh, axes.DEFAULT_RULES)
+        objective = {
+            "classify": train_lib.classification(num_labels),
+            "qa": train_lib.QUESTION_ANSWERING,
+            "ner": train_lib.token_classification(num_labels),
+        }.get(task)
+
+        def head(params, batch):
+            return objective.predict(models.merge_params(graphdef, params), batch)
 
         def fill(params, batch):
             model = models.merge_params(graphdef, params)
@@ -100,7 +146,7 @@ class Predictor:
             )
             return jax.nn.softmax(out.nsp_logits.astype(jnp.float32), axis=-1)
 
-        self.step = jax.jit(fill if task == "fill-mask" else nsp)
+        self.step = jax.jit({"fill-mask": fill, "next-sentence": nsp}.get(task, head))
 
     def encode(self, line: str) -> tuple[list[int], list[int]]:
         """(ids with [CLS]/[SEP], segment ids), cut to max_seq_length."""
@@ -116,7 +162,86 @@ class Predictor:
         ids = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
         return ids, [0] * (len(a) + 2) + [1] * (len(b) + 1)
 
+    def _outputs(self, features: dict[str, np.ndarray]):
+        """The jitted head over rows of features, padded to the devices, cut back."""
+        n = len(features["input_ids"])
+        rows = -(-n // self.data_size) * self.data_size
+        batch = {
+            k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
+            for k, v in features.items()
+            if k in ("input_ids", "input_mask", "segment_ids")
+        }
+        with jax.set_mesh(self.mesh):
+            out = self.step(
+                self.pretrained.params, sharding.global_batch(batch, self.mesh, axes.DEFAULT_RULES)
+            )
+            return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+
+    def _classify(self, chunk) -> list[dict]:
+        tok, out = self.tokenizer, []
+        rows = np.zeros((len(chunk), self.max_seq_length), np.int32)
+        mask, segments = np.zeros_like(rows), np.zeros_like(rows)
+        for i, (_, line) in enumerate(chunk):
+            a, _, b = line.partition("|||")
+            ids_a = tok.encode(a.strip())
+            ids_b = tok.encode(b.strip()) if b else None
+            room = self.max_seq_length - (3 if ids_b is not None else 2)
+            while len(ids_a) + len(ids_b or []) > room:
+                (ids_a if ids_b is None or len(ids_a) > len(ids_b) else ids_b).pop()
+            ids = [tok.cls_id, *ids_a, tok.sep_id]
+            seg = [0] * len(ids)
+            if ids_b is not None:
+                ids += [*ids_b, tok.sep_id]
+                seg += [1] * (len(ids_b) + 1)
+            rows[i, : len(ids)], mask[i, : len(ids)], segments[i, : len(ids)] = ids, 1, seg
+        logits = self._outputs({"input_ids": rows, "input_mask": mask, "segment_ids": segments})
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        for (index, line), p in zip(chunk, probs, strict=True):
+            scores = {name: float(x) for name, x in zip(self.labels, p, strict=True)}
+            best = self.labels[int(p.argmax())]
+            out.append({"line_index": index, "text": line, "label": best, "scores": scores})
+        return out
+
+    def _qa(self, chunk) -> list[dict]:
+        examples = []
+        for index, line in chunk:
+            question, sep, context = line.partition("|||")
+            if not sep:
+                raise ValueError(f"qa takes 'question ||| context' lines, not {line!r}")
+            examples.append(squad.Example(str(index), question.strip(), context.strip(), ()))
+        windows = squad.WindowConfig(self.max_seq_length, min(128, self.max_seq_length // 2))
+        features = squad.make_features(examples, self.tokenizer, windows)
+        start, end = self._outputs(features.inputs())
+        v2 = squad.DecodeConfig(version_2_with_negative=True)
+        decoded = squad.decode(examples, features, start, end, v2)
+        out = []
+        for (index, line), example in zip(chunk, examples, strict=True):
+            p = decoded[example.qas_id]
+            probability = dict(p.nbest).get(p.best_span, 0.0)
+            answer = {"answer": p.best_span, "probability": probability, "null_odds": p.null_odds}
+            out.append({"line_index": index, "text": line, **answer})
+        return out
+
+    def _ner(self, chunk) -> list[dict]:
+        sentences = [
+            conll.Sentence(tuple(line.split()), ("O",) * len(line.split())) for _, line in chunk
+        ]
+        features = conll.make_features(sentences, self.tokenizer, self.labels, self.max_seq_length)
+        tags = conll.decode(sentences, features, self._outputs(features.inputs()), self.labels)
+        out = []
+        for (index, line), sentence, t in zip(chunk, sentences, tags, strict=True):
+            entities = [
+                {"type": kind, "text": " ".join(sentence.words[a : b + 1]), "start": a, "end": b}
+                for kind, a, b in conll.entities(t)
+            ]
+            out.append({"line_index": index, "text": line, "tags": t, "entities": entities})
+        return out
+
     def answer(self, chunk: Sequence[tuple[int, str]]) -> list[dict]:
+        handler = {"classify": self._classify, "qa": self._qa, "ner": self._ner}.get(self.task)
+        if handler is not None:
+            return handler(chunk)
         encoded = [self.encode(line) for _, line in chunk]
         rows = -(-len(chunk) // self.data_size) * self.data_size
         length = _bucket(max(len(ids) for ids, _ in encoded), self.max_seq_length)

@@ -217,6 +217,8 @@ def read_run(path: str, step: int | None = None) -> dict:
         config=config,
         architecture=saved.get("architecture", "BertForPreTraining"),
         num_labels=saved.get("num_labels", 2),
+        labels=saved.get("labels"),  # a fine-tuned head's label names, where recorded
+        task=saved.get("task"),
         tokenizer=input_pipeline.load_tokenizer(
             kind, vocab_file, data.get("do_lower_case", True), data.get("keep_accents", False)
         ),

@@ -55,6 +55,7 @@ class Task(abc.ABC):
     metrics: tuple[str, ...]  # the dev metrics reported (fractions), "score" selects
     dev_names: tuple[str, ...]
     packable: bool = False  # several examples per row (`glue.pack`)
+    label_names: tuple[str, ...] = ()  # the head's outputs, where they are labels
     # BERT-Base figures from the papers, in percent: "metric" (the first dev split) or
     # "dev name/metric".
     published: dict[str, float] = {}

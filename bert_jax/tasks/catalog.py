@@ -30,6 +30,7 @@ class GlueTask(base.Task):
         self.num_labels = task.num_labels
         self.metrics = task.metrics
         self.dev_names = tuple(s.name for s in task.dev_splits)
+        self.label_names = task.labels
         published = dict(glue.PUBLISHED_BERT_BASE.get(task.name, {}))
         if "accuracy_mismatched" in published:
             published["dev_mismatched/accuracy"] = published.pop("accuracy_mismatched")
@@ -214,6 +215,7 @@ class Conll2003Task(base.Task):
 
     def __init__(self):
         self.num_labels = len(self.labels)
+        self.label_names = self.labels
 
     def objective(self, dropout):
         return train_lib.token_classification(self.num_labels, classifier_dropout=dropout)

@@ -10,8 +10,9 @@ script (`evaluate-v2.0.py`, which scores v1.1 data as the v1.1 script does):
   (the smaller of its left and right context, plus 1% of the window's length);
 - targets: the first and last piece of the gold answer in each window that holds it whole,
   otherwise [CLS] (position 0), which is also the target of an unanswerable question;
-- decoding: the `n_best_size` best starts and ends of each window, spans of at most
-  `max_answer_length` pieces that start on a max-context piece, best total score first;
+- decoding: the `n_best_size` best starts and ends among each window's context pieces, spans
+  of at most `max_answer_length` pieces that start on a max-context piece, best total score
+  first;
   v2.0's null answer scores [CLS]'s start + end (the lowest over the windows) and wins when
   it beats the best span by more than `null_score_diff_threshold` (tuned on dev with
   `best_thresholds`);
@@ -276,8 +277,14 @@ def decode(
             offsets, is_max = features.offsets[row], features.max_context[row]
             if config.version_2_with_negative:
                 null_score = min(null_score, float(s_logits[0] + e_logits[0]))
-            starts = np.argsort(-s_logits, kind="stable")[: config.n_best_size]
-            ends = np.argsort(-e_logits, kind="stable")[: config.n_best_size]
+            # The n best among the context's pieces (run_squad.py takes the n best of all
+            # positions and drops the others after: question and padding could crowd out
+            # every context piece there).
+            context = offsets[:, 0] >= 0
+            starts = np.argsort(-np.where(context, s_logits, -np.inf), kind="stable")
+            ends = np.argsort(-np.where(context, e_logits, -np.inf), kind="stable")
+            starts = starts[: min(config.n_best_size, int(context.sum()))]
+            ends = ends[: min(config.n_best_size, int(context.sum()))]
             for s in starts:
                 if offsets[s, 0] < 0 or not is_max[s]:
                     continue
