@@ -323,6 +323,7 @@ class Run:
 
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     task = tasks.get_task(name)
+    task.prepare(cfg.settings())
     dropout = None if cfg.classifier_dropout < 0 else cfg.classifier_dropout
     pretrained = convert.load_pretrained(
         cfg.init_from,

@@ -92,6 +92,26 @@ def _data(tmp_path):
     _swag(root / "SWAG/train.csv", rng, 16)
     _swag(root / "SWAG/val.csv", rng, 8)
     _swag(root / "SWAG/test.csv", rng, 8, labelled=False)
+    # A user's own data: classification in JSON lines, tagging in CoNLL columns (IOB2).
+    (root / "reviews").mkdir()
+    (root / "reviews/labels.txt").write_text("neg\npos\n")
+    for split, n in (("train", 16), ("dev", 8), ("test", 4)):
+        with open(root / f"reviews/{split}.jsonl", "w") as f:
+            for i in range(n):
+                row = {"id": f"r{i}", "text": " ".join(rng.choice(W, 4))}
+                if split != "test":
+                    row["label"] = "pos" if "w1" in row["text"] else "neg"
+                f.write(json.dumps(row) + "\n")
+    (root / "ents").mkdir()
+    (root / "ents/labels.txt").write_text("O\nB-THING\nI-THING\n")
+    for split, n in (("train", 16), ("dev", 8)):
+        lines = []
+        for _ in range(n):
+            for _ in range(4):
+                word = str(rng.choice(W))
+                lines.append(f"{word} {'B-THING' if word == 'w2' else 'O'}")
+            lines.append("")
+        (root / f"ents/{split}.txt").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -103,7 +123,7 @@ def _finetune(tmp_path, data, *extra):
             f"--workdir={tmp_path / 'work'}",
             f"--config.init_from={_model(tmp_path)}",
             f"--config.data_dir={data}",
-            "--config.tasks=squad_v2,conll2003,swag",
+            "--config.tasks=squad_v2,conll2003,swag,classify:reviews,tag:ents",
             "--config.max_seq_length=32",
             "--config.doc_stride=8",
             "--config.max_query_length=4",
@@ -133,7 +153,7 @@ def test_finetune_runs_squad_conll_and_swag_and_writes_official_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     work = tmp_path / "work"
     results = json.loads((work / "results.json").read_text())["tasks"]
-    assert sorted(results) == ["conll2003", "squad_v2", "swag"]
+    assert sorted(results) == ["classify:reviews", "conll2003", "squad_v2", "swag", "tag:ents"]
     (squad_run,) = results["squad_v2"]["runs"]
     dev = squad_run["dev"]["dev"]
     assert {"exact_match", "f1", "HasAns_f1", "NoAns_f1", "null_score_diff_threshold"} <= set(dev)
@@ -152,6 +172,17 @@ def test_finetune_runs_squad_conll_and_swag_and_writes_official_files(tmp_path):
     rows = list(csv.reader(open(swag_run["predictions"]["test"])))
     assert rows[0] == ["fold-ind", "label"] and len(rows) == 9
     assert {r[1] for r in rows[1:]} <= {"0", "1", "2", "3"}
+    (reviews,) = results["classify:reviews"]["runs"]
+    assert {"accuracy", "macro_f1"} <= set(reviews["dev"]["dev"])
+    rows = open(reviews["predictions"]["test"]).read().splitlines()
+    assert rows[0] == "id\tprediction" and [r.split("\t")[0] for r in rows[1:]] == [
+        f"r{i}" for i in range(4)
+    ]
+    assert {r.split("\t")[1] for r in rows[1:]} <= {"neg", "pos"}
+    (ents,) = results["tag:ents"]["runs"]
+    assert "f1" in ents["dev"]["dev"] and ents["predictions"] == {}  # no test.txt: none
+    saved = convert.read_run(reviews["directory"])
+    assert saved["labels"] == ["neg", "pos"] and saved["task"] == "classify:reviews"
     table = (work / "results.md").read_text()
     assert "| squad_v2 | f1" in table and "| conll2003 | f1 (test)" in table
 
@@ -167,12 +198,15 @@ def test_bad_task_files_are_refused_before_compiling(tmp_path):
     conll.write_text("\n".join(lines) + "\n")
     swag = data / "SWAG/val.csv"
     swag.write_text(swag.read_text().replace(",gold,", ",gold,w1,", 1))
+    reviews = data / "reviews/dev.jsonl"
+    reviews.write_text(reviews.read_text().replace('"neg"', '"negative"', 1))
     start = time.time()
     proc = _finetune(tmp_path, data)
     assert proc.returncode != 0
-    assert "3 problem(s) in the task data" in proc.stderr
+    assert "4 problem(s) in the task data" in proc.stderr
     assert "dev-v2.0.json:6: not valid JSON" in proc.stderr
     assert "valid.txt:4: 3 columns where line 3 has 4" in proc.stderr
     assert "val.csv:2: 12 fields where the header has 11" in proc.stderr
+    assert "dev.jsonl:" in proc.stderr and "unknown label 'negative'" in proc.stderr
     assert time.time() - start < 60  # refused before any compilation
     assert not (tmp_path / "work" / "squad_v2").exists()

@@ -65,6 +65,10 @@ class Task(abc.ABC):
             return self.published[f"{dev_name}/{metric}"]
         return self.published.get(metric) if dev_name == self.dev_names[0] else None
 
+    def prepare(self, settings: Settings) -> None:  # noqa: B027 (most tasks need nothing)
+        """Reads what the head's size depends on (a user's label list), before the model is
+        loaded."""
+
     @abc.abstractmethod
     def objective(self, dropout: float | None) -> train_lib.Objective: ...
 
@@ -84,28 +88,35 @@ class Task(abc.ABC):
         """Writes the predictions of `split` in the task's official layout; returns the path."""
 
 
-_REGISTRY: dict[str, Callable[[], Task]] = {}
+_REGISTRY: dict[str, Callable[..., Task]] = {}
 
 
-def register(name: str, factory: Callable[[], Task]) -> None:
+def register(name: str, factory: Callable[..., Task]) -> None:
+    """`name` a task's name, or a prefix ending in ':' whose factory takes the folder."""
     _REGISTRY[name] = factory
 
 
 def get_task(name: str) -> Task:
     """A task by name: a GLUE task (`mrpc`, or `glue:mrpc`), `squad_v1`, `squad_v2`,
-    `conll2003` or `swag`."""
+    `conll2003`, `swag`, or your own data: `classify:<folder>`, `tag:<folder>`."""
     from bert_jax import glue
     from bert_jax.tasks import catalog  # noqa: F401  (registers the tasks)
 
     key = name.lower().removeprefix("glue:")
+    prefix, sep, folder = name.partition(":")
+    if sep and f"{prefix.lower()}:" in _REGISTRY and prefix.lower() != "glue":
+        if not folder:
+            raise ValueError(f"task {name!r} names no folder: {prefix}:<folder under data_dir>")
+        return _REGISTRY[f"{prefix.lower()}:"](folder)
     if key not in _REGISTRY:
         try:
             key = glue.get_task(key).name  # GLUE's spellings: SST-2, sst_2, ...
         except ValueError:
-            others = sorted(set(_REGISTRY) - set(glue.TASKS))
+            others = sorted(k for k in set(_REGISTRY) - set(glue.TASKS) if not k.endswith(":"))
             raise ValueError(
-                f"unknown task {name!r}: choose a GLUE task ({', '.join(glue.TASKS)}, or all) "
-                f"or one of {', '.join(others)}"
+                f"unknown task {name!r}: choose a GLUE task ({', '.join(glue.TASKS)}, or all), "
+                f"one of {', '.join(others)}, or your own data as classify:<folder> or "
+                f"tag:<folder>"
             ) from None
     return _REGISTRY[key]()
 

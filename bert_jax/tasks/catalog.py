@@ -1,14 +1,24 @@
-"""The tasks `finetune.py` runs: GLUE's nine, SQuAD v1.1 and v2.0, CoNLL-2003 and SWAG, each
-a `base.Task` over the readers, decoders and metrics of its own module.
+"""The tasks `finetune.py` runs: GLUE's nine, SQuAD v1.1 and v2.0, CoNLL-2003, SWAG, and a
+user's own classification (`classify:<folder>`) or tagging (`tag:<folder>`) data, each a
+`base.Task` over the readers, decoders and metrics of its own module.
 
 Data layout under `--config.data_dir`, one folder per task as the GLUE download has them:
 `CoLA/`, `SST-2/`, ... (GLUE's TSV files), `SQuAD/` (`train-v1.1.json`, `dev-v1.1.json`,
 `train-v2.0.json`, `dev-v2.0.json`), `CoNLL-2003/` (`train.txt`, `valid.txt`, `test.txt`),
 `SWAG/` (`train.csv`, `val.csv`, optionally the unlabelled `test.csv`).
+
+A user's own data, in `<data_dir>/<folder>/` with a `labels.txt` (one label per line):
+- `classify:<folder>`: `train`, `dev` and optionally `test` as `.tsv` (a header naming the
+  columns `text`, optionally `text_b`, and `label`; `id` optional) or `.jsonl` (objects with
+  the same keys); accuracy and macro F1; test predictions as `id<TAB>prediction`.
+- `tag:<folder>`: `train.txt`, `dev.txt` and optionally `test.txt` in CoNLL columns (the tag
+  last); entity precision, recall and F1 (IOB1 read as IOB2); test predictions in conlleval's
+  layout.
 """
 
 import csv
 import io
+import json
 import os
 
 import numpy as np
@@ -238,6 +248,11 @@ class Conll2003Task(base.Task):
         return problems
 
     def load(self, settings, tokenizer):
+        return self.load_splits(settings, tokenizer, list(self.files))
+
+    def load_splits(self, settings, tokenizer, splits) -> base.TaskData:
+        """train, the dev names scored, and `test` (when among `splits`) predicted."""
+
         def split(name):
             sentences = self._read(settings, name)
             features = conll.make_features(
@@ -249,8 +264,10 @@ class Conll2003Task(base.Task):
         if settings.max_train_examples:
             train = train[: settings.max_train_examples]
         features = conll.make_features(train, tokenizer, self.labels, settings.max_seq_length)
-        dev = {"dev": split("dev"), "test": split("test")}
-        return base.TaskData(features.inputs(), dev, {"test": dev["test"]})
+        loaded = {name: split(name) for name in splits if name != "train"}
+        dev = {name: loaded[name] for name in self.dev_names}
+        predict = {"test": loaded["test"]} if "test" in loaded else {}
+        return base.TaskData(features.inputs(), dev, predict)
 
     def _tags(self, split, outputs):
         sentences, features = split.examples
@@ -339,9 +356,199 @@ class SwagTask(base.Task):
         return path
 
 
+def read_labels(folder: str) -> tuple[str, ...]:
+    path = os.path.join(folder, "labels.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: a task on your own data lists its labels there, one per line"
+        )
+    with open(path, encoding="utf-8") as f:
+        labels = tuple(line.strip() for line in f if line.strip())
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"{path}: needs two or more distinct labels, one per line; got {labels}")
+    return labels
+
+
+def read_classification(path: str, labels: tuple[str, ...]) -> glue.Examples:
+    """A `.tsv` (header with text, optional text_b, label, optional id) or `.jsonl` file."""
+    rows: list[tuple[int, dict]] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: each line must be a JSON object")
+                rows.append((number, row))
+        else:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if not header or "text" not in header:
+                raise ValueError(
+                    f"{path}:1: the header must name a 'text' column (and 'label'; 'text_b', "
+                    f"'id' optional), got {header}"
+                )
+            for row in reader:
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: {len(row)} columns where the header has "
+                        f"{len(header)}"
+                    )
+                rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    text_a, text_b, label_ids, index = [], [], [], []
+    pairs = "text_b" in rows[0][1]
+    for number, row in rows:
+        fields = ("text", "text_b") if pairs else ("text",)
+        if not all(isinstance(row.get(k), str) for k in fields):
+            raise ValueError(f"{path}:{number}: {' and '.join(fields)} must be text")
+        label = row.get("label")
+        if label is not None and str(label) not in labels:
+            raise ValueError(
+                f"{path}:{number}: unknown label {label!r}; labels.txt lists {list(labels)}"
+            )
+        text_a.append(row["text"])
+        text_b.append(row.get("text_b", ""))
+        label_ids.append(labels.index(str(label)) if label is not None else -1)
+        index.append(str(row.get("id", len(index))))
+    return glue.Examples(text_a, text_b if pairs else None, np.array(label_ids), index)
+
+
+class ClassifyTask(base.Task):
+    """Your own sentence (pair) classification data (`classify:<folder>`)."""
+
+    architecture = "BertForSequenceClassification"
+    metrics = ("accuracy", "macro_f1")
+    dev_names = ("dev",)
+    packable = True
+
+    def __init__(self, folder: str):
+        self.folder, self.name = folder, f"classify:{folder}"
+        self.published = {}
+
+    def _dir(self, settings):
+        return os.path.join(settings.data_dir, self.folder)
+
+    def _file(self, settings, split) -> str | None:
+        for ext in (".tsv", ".jsonl"):
+            path = os.path.join(self._dir(settings), split + ext)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def _labels(self, settings):
+        self.label_names = read_labels(self._dir(settings))
+        self.num_labels = len(self.label_names)
+        return self.label_names
+
+    def prepare(self, settings):
+        self._labels(settings)
+
+    def check(self, settings):
+        try:
+            labels = self._labels(settings)
+        except (OSError, ValueError) as e:
+            return [str(e)]
+        problems = []
+        for split in ("train", "dev", "test"):
+            path = self._file(settings, split)
+            if path is None:
+                if split != "test":
+                    problems.append(f"{self._dir(settings)} has no {split}.tsv or {split}.jsonl")
+                continue
+            try:
+                examples = read_classification(path, labels)
+                if split != "test" and (examples.labels < 0).any():
+                    problems.append(f"{path}: rows without a label")
+            except (OSError, ValueError) as e:
+                problems.append(str(e))
+        return problems
+
+    def objective(self, dropout):
+        return train_lib.classification(self.num_labels, classifier_dropout=dropout)
+
+    def load(self, settings, tokenizer):
+        labels = self._labels(settings)
+
+        def read(split):
+            examples = read_classification(self._file(settings, split), labels)
+            features = glue.encode(examples, tokenizer, settings.max_seq_length)
+            features["label"] = np.maximum(features["label"], 0).astype(np.int32)
+            return examples, features
+
+        train = read("train")[1]
+        if settings.max_train_examples:
+            train = {k: v[: settings.max_train_examples] for k, v in train.items()}
+        dev = base.Split(*read("dev"))
+        predict = {"test": base.Split(*read("test"))} if self._file(settings, "test") else {}
+        return base.TaskData(train, {"dev": dev}, predict)
+
+    def evaluate(self, name, split, outputs):
+        import sklearn.metrics as skm
+
+        predicted, gold = np.asarray(outputs).argmax(-1), split.examples.labels
+        accuracy = float(skm.accuracy_score(gold, predicted))
+        macro = float(skm.f1_score(gold, predicted, average="macro", zero_division=0.0))
+        return {"accuracy": accuracy, "macro_f1": macro, "score": accuracy}
+
+    def write_predictions(self, directory, name, split, outputs):
+        path = os.path.join(directory, "predictions", f"{self.folder}_{name}.tsv")
+        rows = ["id\tprediction"] + [
+            f"{i}\t{self.label_names[int(p)]}"
+            for i, p in zip(split.examples.index, np.asarray(outputs).argmax(-1), strict=True)
+        ]
+        files.atomic_write(path, ("\n".join(rows) + "\n").encode("utf-8"))
+        return path
+
+
+class TagTask(Conll2003Task):
+    """Your own tagging data in CoNLL columns (`tag:<folder>`)."""
+
+    dev_names = ("dev",)
+    published: dict[str, float] = {}
+    files = {"train": "train.txt", "dev": "dev.txt", "test": "test.txt"}
+
+    def __init__(self, folder: str):
+        self.folder, self.name = folder, f"tag:{folder}"
+        self.labels = ()
+
+    def _read(self, settings, split):
+        if not self.labels:
+            self.prepare(settings)
+        return super()._read(settings, split)
+
+    def prepare(self, settings):
+        self.labels = read_labels(os.path.join(settings.data_dir, self.folder))
+        self.num_labels, self.label_names = len(self.labels), self.labels
+
+    def _splits(self, settings):
+        present = os.path.isfile(os.path.join(settings.data_dir, self.folder, "test.txt"))
+        return [s for s in self.files if s != "test" or present]
+
+    def check(self, settings):
+        problems = []
+        try:
+            for split in self._splits(settings):
+                self._read(settings, split)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+        return problems
+
+    def load(self, settings, tokenizer):
+        self.prepare(settings)
+        return self.load_splits(settings, tokenizer, self._splits(settings))
+
+
 for _name, _task in glue.TASKS.items():
     base.register(_name, lambda task=_task: GlueTask(task))
 base.register("squad_v1", lambda: SquadTask("1.1"))
 base.register("squad_v2", lambda: SquadTask("2.0"))
 base.register("conll2003", Conll2003Task)
 base.register("swag", SwagTask)
+base.register("classify:", ClassifyTask)
+base.register("tag:", TagTask)
