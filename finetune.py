@@ -269,7 +269,7 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        order, step = np.empty(0, np.int64), 0
+        order, step, previous = np.empty(0, np.int64), 0, None
         while step < total:
             if len(order) < cfg.batch_size:  # a new epoch: reshuffle, drop the remainder
                 order = rng.permutation(n)
@@ -277,7 +277,13 @@ class Run:
             batch, _ = self.batch(train, rows, cfg.batch_size)
             state, metrics = self.trainer.train_step(state, batch)
             step += 1
-            bar.update(1)
+            # One step in flight: the bar counts the steps that have run (it raced ahead of a
+            # queue of dispatched steps and then stalled at each log), and the next batch is
+            # prepared while this step runs.
+            if previous is not None:
+                jax.block_until_ready(previous)
+                bar.update(1)
+            previous = metrics["loss_sum"]
             if step % cfg.log_every == 0:
                 metrics = jax.device_get(metrics)
                 loss = float(metrics["loss_sum"] / max(metrics["count"], 1e-5))
@@ -289,6 +295,9 @@ class Run:
                 due = due or step % cfg.eval_every_steps == 0
             if not due:
                 continue
+            jax.block_until_ready(previous)  # the bar shows this step done before evaluating
+            bar.update(1)
+            previous = None
             results = self.evaluate(state.params, step)
             score = results[self.main_dev]["score"]
             history.append({"step": step, **results})
@@ -303,6 +312,9 @@ class Run:
                         f"early stop at step {step}: no gain in {evals_since_best} evaluations"
                     )
                     break
+        if previous is not None:
+            jax.block_until_ready(previous)
+            bar.update(1)
         bar.close()
         self.ckpt.wait()
         return {"best_step": best_step, "dev": best, "history": history, "steps": step}
