@@ -286,10 +286,11 @@ class Run:
             previous = metrics["loss_sum"]
             if step % cfg.log_every == 0:
                 metrics = jax.device_get(metrics)
-                loss = float(metrics["loss_sum"] / max(metrics["count"], 1e-5))
-                self.writer.add_scalar("train/loss", loss, step)
+                summary = self.trainer.objective.summarize(metrics)
+                for key, value in summary.items():
+                    self.writer.add_scalar(f"train/{key}", value, step)
                 self.writer.add_scalar("train/learning_rate", float(metrics["learning_rate"]), step)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{summary['loss']:.4f}")
             due = step % steps_per_epoch == 0 or step == total
             if cfg.eval_every_steps:
                 due = due or step % cfg.eval_every_steps == 0

@@ -40,7 +40,6 @@ from bert_jax import (  # noqa: E402
     convert,
     files,
     input_pipeline,
-    losses,
     models,
     planner,
     pretraining_data,
@@ -385,7 +384,7 @@ class Loop:
             batch = sharding.global_batch(batch, self.trainer.mesh, axes.DEFAULT_RULES)
             for key, value in jax.device_get(self.trainer.eval_step(params, batch)).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        return losses.summarize(totals)
+        return self.trainer.objective.summarize(totals)
 
     def save(self, state, step: int, data_state: dict) -> None:
         """Saves `state` (after `step` steps) with the iterator position `data_state`."""
@@ -436,7 +435,7 @@ class Loop:
         return state
 
     def log(self, metrics, done: int, rate: float, bar) -> None:
-        summary = losses.summarize(metrics)
+        summary = self.trainer.objective.summarize(metrics)
         scalars = {
             **{f"train/{k}": v for k, v in summary.items()},
             "train/learning_rate": float(metrics["learning_rate"]),
@@ -446,9 +445,8 @@ class Loop:
         for key, value in scalars.items():
             self.writer.add_scalar(key, value, done)
         self.history.append([done, float(metrics["loss"])])
-        bar.set_postfix(
-            mlm=f"{summary['mlm_loss']:.3f}", nsp=f"{summary['nsp_loss']:.3f}", tok_s=f"{rate:.0f}"
-        )
+        losses_only = {k: f"{v:.3f}" for k, v in summary.items() if k.endswith("loss")}
+        bar.set_postfix(**losses_only, tok_s=f"{rate:.0f}")
 
     def next_batch(self) -> tuple[dict, dict]:
         """The next global batch, placed on the devices, and the iterator's position after it
@@ -898,10 +896,7 @@ def _format_summary(s: dict) -> str:
         f"{s['tokens_per_second']:.0f} tokens/s",
     ]
     if e:
-        lines.append(
-            f"held-out MLM loss {e['mlm_loss']:.3f} acc {e['mlm_accuracy']:.3f} | "
-            f"NSP loss {e['nsp_loss']:.3f} acc {e['nsp_accuracy']:.3f}"
-        )
+        lines.append("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in e.items()))
     return "\n".join(lines)
 
 

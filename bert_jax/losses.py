@@ -65,6 +65,16 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
     }
 
 
+def summarize_task(sums: dict[str, float]) -> dict[str, float]:
+    """A task objective's sums -> its mean `loss` and `accuracy` (what `correct_sum` counts:
+    classes, both span ends, tagged tokens)."""
+    count = max(float(sums["count"]), 1e-5)
+    return {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": float(sums["correct_sum"]) / count,
+    }
+
+
 def classification_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Cross-entropy over classes, or mean squared error when `logits` is [B, 1] (STS-B).
 

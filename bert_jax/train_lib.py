@@ -29,12 +29,15 @@ class Objective:
     """The model a run trains and what its steps compute from a batch.
 
     `loss(model, batch, rng, deterministic) -> (loss, metric sums)`;
-    `predict(model, batch) -> outputs` for inference.
+    `predict(model, batch) -> outputs` for inference;
+    `summarize(metric sums, possibly added over batches) -> named metrics`, what logs and
+    progress bars report (a task's `loss` and `accuracy` unless the objective says more).
     """
 
     model_cls: Callable[..., nnx.Module]
     loss: Callable[..., tuple[jax.Array, dict]]
     predict: Callable[..., Any] | None = None
+    summarize: Callable[[dict], dict[str, float]] = losses.summarize_task
 
 
 def _pretraining_loss(model, batch, rng, deterministic):
@@ -63,7 +66,7 @@ def _classifier_logits(model, batch, rng=None, deterministic=True):
     return logits
 
 
-PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss)
+PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss, summarize=losses.summarize)
 
 
 def classification(num_labels: int, classifier_dropout: float | None = None) -> Objective:
@@ -170,6 +173,7 @@ class Trainer:
     eval_step: Callable[[models.Params, Batch], dict]
     predict_step: Callable[[models.Params, Batch], Any] | None
     init: Callable[[int], TrainState]
+    objective: Objective = PRETRAINING
 
 
 def create_trainer(
@@ -257,6 +261,7 @@ def create_trainer(
             in_shardings=(param_shardings, batch_sharding),
         ),
         init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
+        objective=objective,
     )
 
 

@@ -27,7 +27,7 @@ def test_train_writes_checkpoints_logs_and_resumes_exactly(tmp_path):
     assert {"next_batch", "read_metrics"} <= names
     assert any(n.startswith("ThunkExecutor::Execute") for n in names)
     first = run_train(tmp_path, split, 20, devices=8)
-    assert "held-out MLM loss" in first.stdout
+    assert "held-out mlm_loss" in first.stdout and "nsp_accuracy" in first.stdout
     assert sorted(os.listdir(split / "checkpoints")) == ["10", "20"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(split / "tensorboard"))
     assert json.loads((split / "config.json").read_text())["train"]["num_steps"] == 20
