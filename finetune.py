@@ -464,32 +464,32 @@ def compile_for_topology(cfg: FinetuneConfig) -> None:
     else:
         model = (convert.read_hf_dir if kind == "hf" else convert.read_tf_checkpoint)(path).config
     model = dataclasses.replace(model, **cfg.numerics)
-    other = [
-        t for t in cfg.tasks if tasks.get_task(t).architecture != "BertForSequenceClassification"
-    ]
-    if other:
-        raise ValueError(
-            f"--topology compiles the sequence classification (GLUE) tasks; {', '.join(other)} "
-            f"cannot be compiled for a slice yet: leave them out of --config.tasks"
-        )
+    settings = cfg.settings()
+    groups: dict[tuple, list[str]] = {}  # tasks that compile the same programs
+    for name in cfg.tasks:
+        task = tasks.get_task(name)
+        task.prepare(settings)
+        specs = task.feature_specs(settings)
+        key = (task.architecture, task.num_labels, tuple(sorted(specs.items())))
+        groups.setdefault(key, []).append(name)
     reports, tables = {}, []
-    for labels in sorted({tasks.get_task(name).num_labels for name in cfg.tasks}):
-        label = ((), np.dtype(np.float32 if labels == 1 else np.int32))  # 1: regression
-        row = ((cfg.max_seq_length,), np.dtype(np.int32))
+    for (architecture, labels, specs), names in groups.items():
+        task = tasks.get_task(names[0])
+        task.prepare(settings)
         setup = planner.Setup(
             model=model,
             optim=OptimConfig(learning_rate=cfg.learning_rates[0], weight_decay=cfg.weight_decay),
             mesh=cfg.mesh,
             batch_size=cfg.batch_size,
             seq_len=cfg.max_seq_length,
-            specs={"input_ids": row, "input_mask": row, "segment_ids": row, "label": label},
-            objective=train_lib.classification(labels),
+            specs=dict(specs),
+            objective=task.objective(None),
             programs=("train_step", "predict_step"),
         )
         report, _ = planner.compile_target(setup, devices)
-        reports[f"{labels} label(s)"] = report
-        names = [t for t in cfg.tasks if tasks.get_task(t).num_labels == labels]
-        tables.append(f"{labels} label(s): {', '.join(names)}\n{report['table']}")
+        label = f"{architecture}, {labels} label(s)"
+        reports[label] = report
+        tables.append(f"{label}: {', '.join(names)}\n{report['table']}")
     path = _REPORT.value or f"compile_{_TOPOLOGY.value.replace(':', '_')}.json"
     files.atomic_write(path, json.dumps(reports, indent=2).encode())
     print("\n\n".join(tables) + f"\nreport: {path} (compiled for the target, not run on it)")

@@ -306,8 +306,8 @@ def test_printed_memory_is_the_compiled_figure(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_compiles_each_task_for_a_tpu_slice(tmp_path):
-    """`finetune.py --topology` reads the model's config (its weights stay on disk; no GLUE
-    data is needed) and compiles the fine-tuning and prediction steps of each label count."""
+    """`finetune.py --topology` reads the model's config (its weights stay on disk; no task
+    data is needed) and compiles the fine-tuning and prediction steps of each task's head."""
     import transformers
 
     hf = tmp_path / "hf"
@@ -323,7 +323,7 @@ def test_finetune_compiles_each_task_for_a_tpu_slice(tmp_path):
             sys.executable,
             os.path.join(ROOT, "finetune.py"),
             f"--config.init_from=hf:{hf}",
-            "--config.tasks=mrpc",
+            "--config.tasks=mrpc,squad_v1",
             "--config.max_seq_length=128",
             "--topology=v5e:2x2",
             f"--report={report_path}",
@@ -333,7 +333,14 @@ def test_finetune_compiles_each_task_for_a_tpu_slice(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(report_path.read_text())["2 label(s)"]
+    reports = json.loads(report_path.read_text())
+    assert sorted(reports) == [
+        "BertForQuestionAnswering, 2 label(s)",
+        "BertForSequenceClassification, 2 label(s)",
+    ]
+    squad = reports["BertForQuestionAnswering, 2 label(s)"]["programs"]
+    assert all(p["fits"] and p["flops"] > 0 for p in squad)
+    report = reports["BertForSequenceClassification, 2 label(s)"]
     train_step, predict_step = report["programs"]
     assert train_step["name"] == "train_step" and predict_step["name"] == "predict_step"
     assert train_step["fits"] and predict_step["fits"] and train_step["flops"] > 0

@@ -72,6 +72,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def objective(self, dropout: float | None) -> train_lib.Objective: ...
 
+    def feature_specs(self, settings: Settings) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """One example's features as (shape, dtype): what compiling the task's steps for a
+        device target needs, without its data. Rows of `max_seq_length` tokens and a label
+        by default."""
+        row = ((settings.max_seq_length,), np.dtype(np.int32))
+        return {
+            "input_ids": row,
+            "input_mask": row,
+            "segment_ids": row,
+            **self._target_specs(settings),
+        }
+
+    def _target_specs(self, settings: Settings) -> dict:
+        return {"label": ((), np.dtype(np.int32))}
+
     @abc.abstractmethod
     def check(self, settings: Settings) -> list[str]:
         """Reads every file the task needs; the problems found (file and line), or []."""

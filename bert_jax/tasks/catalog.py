@@ -49,6 +49,9 @@ class GlueTask(base.Task):
     def objective(self, dropout):
         return train_lib.classification(self.num_labels, classifier_dropout=dropout)
 
+    def _target_specs(self, settings):
+        return {"label": ((), np.dtype(np.float32 if self.glue.is_regression else np.int32))}
+
     def _read(self, settings: base.Settings, split: glue.Split, folder: str) -> glue.Examples:
         if settings.source == "tfds":
             return glue.read_tfds(self.glue, split, settings.tfds_data_dir or None)
@@ -137,6 +140,10 @@ class SquadTask(base.Task):
 
     def objective(self, dropout):
         return train_lib.QUESTION_ANSWERING
+
+    def _target_specs(self, settings):
+        position = ((), np.dtype(np.int32))
+        return {"start_positions": position, "end_positions": position}
 
     def _path(self, settings, split):
         return os.path.join(settings.data_dir, self.folder, self.files[split])
@@ -230,6 +237,13 @@ class Conll2003Task(base.Task):
     def objective(self, dropout):
         return train_lib.token_classification(self.num_labels, classifier_dropout=dropout)
 
+    def _target_specs(self, settings):
+        length = (settings.max_seq_length,)
+        return {
+            "labels": (length, np.dtype(np.int32)),
+            "label_weights": (length, np.dtype(np.float32)),
+        }
+
     def _read(self, settings, split):
         path = os.path.join(settings.data_dir, self.folder, self.files[split])
         sentences = conll.read_conll(path, labels=self.labels)
@@ -300,6 +314,11 @@ class SwagTask(base.Task):
 
     def objective(self, dropout):
         return train_lib.multiple_choice(classifier_dropout=dropout)
+
+    def feature_specs(self, settings):
+        row = ((len(swag.ENDINGS), settings.max_seq_length), np.dtype(np.int32))
+        label = ((), np.dtype(np.int32))
+        return {"input_ids": row, "input_mask": row, "segment_ids": row, "label": label}
 
     def _path(self, settings, name):
         return os.path.join(settings.data_dir, self.folder, name)
