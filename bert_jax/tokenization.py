@@ -293,6 +293,36 @@ class SentencePieceTokenizer:
         """Per text, the ids of each whitespace-separated word, each word encoded alone."""
         return encode_grouped(self, [t.split() for t in texts])
 
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
+        """Per text, its token ids and each token's (start, end) character span in that text.
+
+        Pieces never cross a space, so each word is encoded alone (the same pieces as the
+        whole text) and keeps its exact span; inside a word, pieces take the characters their
+        text covers, exactly where preprocessing keeps the word's length (no accent or quote
+        rewritten), in proportion otherwise, the last piece ending with the word.
+        """
+        out = []
+        for text in texts:
+            spans = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+            encoded = self.encode_batch([text[a:b] for a, b in spans])
+            ids: list[int] = []
+            offsets: list[tuple[int, int]] = []
+            for (a, b), word in zip(spans, encoded, strict=True):
+                sizes = [
+                    1 if i == self.unk_id else len(self.id_to_token(i).replace("\u2581", ""))
+                    for i in word
+                ]
+                scale = (b - a) / max(len(self.preprocess(text[a:b])), 1)
+                position = 0.0
+                for k, (i, size) in enumerate(zip(word, sizes, strict=True)):
+                    start = a + min(round(position * scale), b - a)
+                    position += size
+                    end = b if k == len(word) - 1 else a + min(round(position * scale), b - a)
+                    ids.append(i)
+                    offsets.append((start, max(start, end)))
+            out.append((ids, offsets))
+        return out
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; the added special symbols appear as themselves."""
         parts, run = [], []

@@ -328,3 +328,34 @@ def test_a_tiny_model_learns_a_marked_span(tokenizer):
     )
     scores = squad.evaluate(held_out, {k: p.text for k, p in predictions.items()})
     assert scores["exact"] >= 90.0, scores
+
+
+def test_sentencepiece_windows_map_answers_back_to_the_text(tmp_path):
+    """ALBERT's tokenizer gives the same pieces word by word as for the whole text, and the
+    pieces' spans give back the answer's exact characters (accents and quotes included)."""
+    from bert_jax import tokenization
+
+    rng = np.random.default_rng(0)
+    lines = [
+        " ".join(f"tok{i} word{j}" for i, j in rng.integers(0, 50, (8, 2))) for _ in range(300)
+    ]
+    model = tokenization.train_sentencepiece(
+        iter(lines + ["café naïve ``quoted'' 1990, end"] * 5),
+        str(tmp_path / "sp.model"),
+        vocab_size=120,
+    )
+    tok = tokenization.SentencePieceTokenizer(model)
+    context = "tok3 word17  café tok42, 1990, ``quoted'' naïve word9 tok11"
+    ((ids, offsets),) = tok.encode_offsets([context])
+    assert ids == tok.encode(context)
+    assert all(0 <= a <= b <= len(context) for a, b in offsets)
+    for answer in ("word17", "café tok42", "1990", "``quoted'' naïve", "tok11"):
+        example = squad.Example(
+            "a", "tok1", context, (squad.Answer(answer, context.index(answer)),)
+        )
+        config = squad.WindowConfig(max_seq_length=64, doc_stride=16, max_query_length=8)
+        features = squad.make_features([example], tok, config)
+        row = int(np.flatnonzero(features.start_positions > 0)[0])
+        s, e = features.start_positions[row], features.end_positions[row]
+        got = context[features.offsets[row, s, 0] : features.offsets[row, e, 1]]
+        assert got == answer, (answer, got)

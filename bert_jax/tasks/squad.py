@@ -175,7 +175,8 @@ def max_context(spans: Sequence[tuple[int, int]], index: int, position: int) -> 
 def make_features(examples: Sequence[Example], tokenizer, config: WindowConfig) -> Features:
     """The windows of every example (see the module's rules), as fixed-length arrays.
 
-    `tokenizer` must give character offsets (`encode_offsets`): WordPiece does.
+    `tokenizer` must give character offsets (`encode_offsets`): WordPiece and SentencePiece
+    do.
     """
     if not hasattr(tokenizer, "encode_offsets"):
         raise ValueError(
