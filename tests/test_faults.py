@@ -6,6 +6,7 @@ guarantee the README's "When things go wrong" section states. The end-to-end tes
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -360,6 +361,24 @@ def test_o7_a_save_that_fills_the_disk_gives_one_message_and_keeps_the_others(
         subprocess.run(["umount", str(disk)], check=False)
 
 
+def _fill(path, leave: int) -> None:
+    """Writes zeros to `path` until `leave` bytes are free on its disk, or the disk is full:
+    the run writes its next checkpoint meanwhile, so the space measured before writing may
+    be gone by the end of it (one large write then failed with ENOSPC, in the test itself)."""
+    chunk = b"\0" * 2**20
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while (free := shutil.disk_usage(path.parent).free) > leave:
+            try:
+                os.write(fd, chunk[: free - leave])
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.slow
 def test_o7_a_disk_filled_during_the_run_stops_it_at_that_save_and_the_rerun_resumes(base):
     tmp, done, _ = base
@@ -369,8 +388,7 @@ def test_o7_a_disk_filled_during_the_run_stops_it_at_that_save_and_the_rerun_res
         workdir = disk / "w"
         run = _start(tmp, workdir)
         wait_for(workdir / "checkpoints" / "10" / "checksums" / "process_0.json", run)
-        free = shutil.disk_usage(disk).free
-        (disk / "filler").write_bytes(b"\0" * (free - 2**20))  # someone else fills the disk
+        _fill(disk / "filler", leave=2**20)  # someone else fills the disk
         out, err = run.communicate(timeout=600)
         assert run.returncode == 1
         line = _one_error_line(err)
