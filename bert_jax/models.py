@@ -707,7 +707,48 @@ class BertForMaskedLM(_MaskedLMModel):
         return self.mlm_logits(enc.sequence_output, masked_lm_positions), enc
 
 
-class BertForSequenceClassification(nnx.Module):
+class _DenseHead(nnx.Module):
+    """The shared shape of the classifier heads: BERT, dropout, and a dense layer of `outputs`
+    scores on the pooled output (`pooled`) or on every token's output."""
+
+    def _init_head(
+        self,
+        config: BertConfig,
+        outputs: int,
+        rngs: nnx.Rngs,
+        classifier_dropout: float | None,
+        pooled: bool,
+    ) -> None:
+        if not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {outputs!r}")
+        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=pooled)
+        self.classifier = layers.Dense(
+            config.hidden_size,
+            outputs,
+            kernel_axes=(axes.EMBED, None),
+            init_std=config.initializer_range,
+            rngs=rngs,
+            **_layer_kwargs(config),
+        )
+        self.dropout_rate = (
+            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
+        )
+
+    def _scores(
+        self, input_ids, input_mask, segment_ids, rng, deterministic, **kwargs
+    ) -> tuple[jax.Array, EncoderOutput]:
+        """(float32 scores of the pooled output, or of every token's without a pooler;
+        encoder output)."""
+        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
+        enc = self.bert(
+            input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
+        )
+        hidden = enc.sequence_output if self.bert.pooler is None else enc.pooled_output
+        hidden = layers.dropout(hidden, self.dropout_rate, drop_key, deterministic)
+        return self.classifier(hidden).astype(jnp.float32), enc
+
+
+class BertForSequenceClassification(_DenseHead):
     """BERT with dropout and a dense layer on the pooled output: `num_labels` classes, or a
     regression score when `num_labels` is 1 (STS-B)."""
 
@@ -719,21 +760,8 @@ class BertForSequenceClassification(nnx.Module):
         rngs: nnx.Rngs,
         classifier_dropout: float | None = None,
     ):
-        if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
         self.num_labels = num_labels
-        self.bert = BertModel(config, rngs=rngs)
-        self.classifier = layers.Dense(
-            config.hidden_size,
-            num_labels,
-            kernel_axes=(axes.EMBED, None),
-            init_std=config.initializer_range,
-            rngs=rngs,
-            **_layer_kwargs(config),
-        )
-        self.dropout_rate = (
-            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-        )
+        self._init_head(config, num_labels, rngs, classifier_dropout, pooled=True)
 
     def __call__(
         self,
@@ -747,15 +775,10 @@ class BertForSequenceClassification(nnx.Module):
     ) -> tuple[jax.Array, EncoderOutput]:
         """(logits [B, num_labels] float32, or [B, K, num_labels] with `packing`, encoder
         output); arguments as in `BertModel`."""
-        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
-        enc = self.bert(
-            input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
-        )
-        pooled = layers.dropout(enc.pooled_output, self.dropout_rate, drop_key, deterministic)
-        return self.classifier(pooled).astype(jnp.float32), enc
+        return self._scores(input_ids, input_mask, segment_ids, rng, deterministic, **kwargs)
 
 
-class BertForTokenClassification(nnx.Module):
+class BertForTokenClassification(_DenseHead):
     """BERT with dropout and a dense layer on every token's output: `num_labels` scores per
     token (named entities; `transformers`' BertForTokenClassification; no pooler)."""
 
@@ -767,21 +790,8 @@ class BertForTokenClassification(nnx.Module):
         rngs: nnx.Rngs,
         classifier_dropout: float | None = None,
     ):
-        if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
         self.num_labels = num_labels
-        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=False)
-        self.classifier = layers.Dense(
-            config.hidden_size,
-            num_labels,
-            kernel_axes=(axes.EMBED, None),
-            init_std=config.initializer_range,
-            rngs=rngs,
-            **_layer_kwargs(config),
-        )
-        self.dropout_rate = (
-            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-        )
+        self._init_head(config, num_labels, rngs, classifier_dropout, pooled=False)
 
     def __call__(
         self,
@@ -794,33 +804,17 @@ class BertForTokenClassification(nnx.Module):
         **kwargs,
     ) -> tuple[jax.Array, EncoderOutput]:
         """(logits [B, L, num_labels] float32, encoder output); arguments as in `BertModel`."""
-        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
-        enc = self.bert(
-            input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
-        )
-        hidden = layers.dropout(enc.sequence_output, self.dropout_rate, drop_key, deterministic)
-        return self.classifier(hidden).astype(jnp.float32), enc
+        return self._scores(input_ids, input_mask, segment_ids, rng, deterministic, **kwargs)
 
 
-class BertForMultipleChoice(nnx.Module):
+class BertForMultipleChoice(_DenseHead):
     """BERT scoring each of several (context, choice) rows by a dense layer on its pooled
     output (SWAG; `transformers`' BertForMultipleChoice): inputs [B, C, L], logits [B, C]."""
 
     def __init__(
         self, config: BertConfig, *, rngs: nnx.Rngs, classifier_dropout: float | None = None
     ):
-        self.bert = BertModel(config, rngs=rngs)
-        self.classifier = layers.Dense(
-            config.hidden_size,
-            1,
-            kernel_axes=(axes.EMBED, None),
-            init_std=config.initializer_range,
-            rngs=rngs,
-            **_layer_kwargs(config),
-        )
-        self.dropout_rate = (
-            config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
-        )
+        self._init_head(config, 1, rngs, classifier_dropout, pooled=True)
 
     def __call__(
         self,
@@ -836,10 +830,7 @@ class BertForMultipleChoice(nnx.Module):
         keyword arguments as in `BertModel`."""
         batch, choices, length = input_ids.shape
         flat = [x.reshape(batch * choices, length) for x in (input_ids, input_mask, segment_ids)]
-        enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
-        enc = self.bert(*flat, rng=enc_key, deterministic=deterministic, **kwargs)
-        pooled = layers.dropout(enc.pooled_output, self.dropout_rate, drop_key, deterministic)
-        logits = self.classifier(pooled).astype(jnp.float32)
+        logits, enc = self._scores(*flat, rng, deterministic, **kwargs)
         return logits.reshape(batch, choices), enc
 
 

@@ -53,9 +53,11 @@ def _pretraining_loss(model, batch, rng, deterministic):
     return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
 
 
-def _classifier_logits(model, batch, rng=None, deterministic=True):
-    """[B, C] logits, or [B, K, C] for a packed batch (`glue.pack`)."""
-    logits, _ = model(
+def _head_logits(model, batch, rng=None, deterministic=True):
+    """A task head's outputs without the encoder's: class logits [B, C] (or [B, K, C] for a
+    packed batch, `glue.pack`), token logits [B, L, C], choice logits [B, C], or QA's
+    (start [B, L], end [B, L])."""
+    *logits, _ = model(
         batch["input_ids"],
         batch["input_mask"],
         batch["segment_ids"],
@@ -63,85 +65,57 @@ def _classifier_logits(model, batch, rng=None, deterministic=True):
         deterministic=deterministic,
         packing=models.Packing.from_batch(batch),
     )
-    return logits
+    return logits[0] if len(logits) == 1 else tuple(logits)
+
+
+def _head_objective(model_cls, loss_fn) -> Objective:
+    """A fine-tuning objective: `loss_fn(head outputs, batch)` on `model_cls`'s head."""
+    return Objective(
+        model_cls,
+        lambda model, batch, rng, deterministic: loss_fn(
+            _head_logits(model, batch, rng, deterministic), batch
+        ),
+        _head_logits,
+    )
 
 
 PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss, summarize=losses.summarize)
+QUESTION_ANSWERING = _head_objective(
+    models.BertForQuestionAnswering, lambda logits, batch: losses.span_loss(*logits, batch)
+)
 
 
 def classification(num_labels: int, classifier_dropout: float | None = None) -> Objective:
     """Sequence classification with `num_labels` classes, or regression when it is 1.
     `classifier_dropout` None: the encoder's hidden dropout."""
-    return Objective(
+    return _head_objective(
         functools.partial(
             models.BertForSequenceClassification,
             num_labels=num_labels,
             classifier_dropout=classifier_dropout,
         ),
-        lambda model, batch, rng, deterministic: losses.classification_loss(
-            _classifier_logits(model, batch, rng, deterministic), batch
-        ),
-        _classifier_logits,
+        losses.classification_loss,
     )
-
-
-def _span_logits(model, batch, rng=None, deterministic=True):
-    """([B, L] start logits, [B, L] end logits)."""
-    start, end, _ = model(
-        batch["input_ids"],
-        batch["input_mask"],
-        batch["segment_ids"],
-        rng=rng,
-        deterministic=deterministic,
-    )
-    return start, end
-
-
-QUESTION_ANSWERING = Objective(
-    models.BertForQuestionAnswering,
-    lambda model, batch, rng, deterministic: losses.span_loss(
-        *_span_logits(model, batch, rng, deterministic), batch
-    ),
-    _span_logits,
-)
-
-
-def _token_logits(model, batch, rng=None, deterministic=True):
-    """[B, L, C] logits."""
-    logits, _ = model(
-        batch["input_ids"],
-        batch["input_mask"],
-        batch["segment_ids"],
-        rng=rng,
-        deterministic=deterministic,
-    )
-    return logits
 
 
 def token_classification(num_labels: int, classifier_dropout: float | None = None) -> Objective:
     """A label per token (named entities): the loss on each word's first piece."""
-    return Objective(
+    return _head_objective(
         functools.partial(
             models.BertForTokenClassification,
             num_labels=num_labels,
             classifier_dropout=classifier_dropout,
         ),
-        lambda model, batch, rng, deterministic: losses.token_loss(
-            _token_logits(model, batch, rng, deterministic), batch
-        ),
-        _token_logits,
+        losses.token_loss,
     )
 
 
 def multiple_choice(classifier_dropout: float | None = None) -> Objective:
     """One score per choice from each (context, choice) row's pooled output; cross-entropy
     over the choices (SWAG). Batches hold [B, C, L] inputs and a `label` [B]."""
-    return Objective(
+    return _head_objective(
         functools.partial(models.BertForMultipleChoice, classifier_dropout=classifier_dropout),
-        lambda model, batch, rng, deterministic: losses.classification_loss(
-            _classifier_logits(model, batch, rng, deterministic), batch
-        ),
-        _classifier_logits,
+        losses.classification_loss,
     )
 
 

@@ -3,6 +3,7 @@ malformed), the column files and their errors, and a tiny tagger that learns."""
 
 import numpy as np
 import pytest
+import tiny_training
 from seqeval import metrics as seqeval
 from seqeval.scheme import IOB2
 
@@ -160,9 +161,7 @@ def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
     """BertForTokenClassification trained by the shared train step, rows of 16 (long
     sentences continue in the next row), labels on first pieces: >= 95% entity F1 held out;
     the predictions file is conlleval's layout."""
-    import jax
-
-    from bert_jax import axes, models, optim, sharding, train_lib
+    from bert_jax import train_lib
 
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     rng = np.random.default_rng(0)
@@ -171,45 +170,17 @@ def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
     assert len(features) > len(train)  # long sentences take two rows
     # Only first pieces carry labels: one per word.
     assert features.label_weights.sum() == sum(len(s.words) for s in train)
-    config = models.BertConfig(
-        vocab_size=66,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    mesh = sharding.make_mesh(sharding.MeshConfig())
-    trainer = train_lib.create_trainer(
-        config,
-        optim.OptimConfig(learning_rate=3e-3, warmup_steps=50, total_steps=1000),
-        mesh,
-        axes.DEFAULT_RULES,
+    test = conll.make_features(held_out, tokenizer, labels, 16)
+    logits = tiny_training.train_and_predict(
         train_lib.token_classification(len(labels)),
+        tiny_training.config(66, 16),
+        features.inputs(),
+        test.inputs(),
+        steps=1000,
+        learning_rate=3e-3,
+        warmup=50,
     )
-    inputs = features.inputs()
-    per_epoch = len(features) // 32
-    with jax.set_mesh(mesh):
-        state = trainer.init(0)
-        for step in range(1000):
-            if step % per_epoch == 0:
-                perm = np.random.default_rng(step).permutation(len(features))
-            rows = perm[(step % per_epoch) * 32 :][:32]
-            batch = sharding.global_batch(
-                {k: v[rows] for k, v in inputs.items()}, mesh, axes.DEFAULT_RULES
-            )
-            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
-        test = conll.make_features(held_out, tokenizer, labels, 16)
-        logits = []
-        for i in range(0, len(test), 64):
-            n = min(64, len(test) - i)  # the last batch padded to 64 rows (8 devices)
-            rows = {
-                k: np.resize(v[i : i + n], (64, *v.shape[1:])) for k, v in test.inputs().items()
-            }
-            logits.append(jax.device_get(trainer.predict_step(state.params, rows))[:n])
-    predicted = conll.decode(held_out, test, np.concatenate(logits), labels)
+    predicted = conll.decode(held_out, test, logits, labels)
     scores = conll.entity_scores([list(s.tags) for s in held_out], predicted)
     assert scores["f1"] >= 0.95, scores
     assert scores["f1"] == pytest.approx(

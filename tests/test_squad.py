@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import tiny_training
 import torch
 from torchmetrics.functional.text import squad as torchmetrics_squad
 
@@ -274,58 +275,24 @@ def _marked_examples(rng, n, prefix):
 def test_a_tiny_model_learns_a_marked_span(tokenizer):
     """BertForQuestionAnswering trained by the shared train step on windows of 32 (contexts
     longer than a window included) finds held-out answers: >= 90% exact match."""
-    import jax
-
-    from bert_jax import axes, models, optim, sharding, train_lib
+    from bert_jax import train_lib
 
     rng = np.random.default_rng(0)
     train, held_out = _marked_examples(rng, 512, "t"), _marked_examples(rng, 100, "h")
     windows = squad.WindowConfig(max_seq_length=32, doc_stride=12, max_query_length=4)
     features = squad.make_features(train, tokenizer, windows)
     assert len(features) > len(train)  # some contexts need two windows
-    config = models.BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    mesh = sharding.make_mesh(sharding.MeshConfig())
-    trainer = train_lib.create_trainer(
-        config,
-        optim.OptimConfig(learning_rate=2e-3, warmup_steps=30, total_steps=600),
-        mesh,
-        axes.DEFAULT_RULES,
+    test = squad.make_features(held_out, tokenizer, windows)
+    starts, ends = tiny_training.train_and_predict(
         train_lib.QUESTION_ANSWERING,
+        tiny_training.config(len(WORDS) + 5, 32),
+        features.inputs(),
+        test.inputs(),
+        steps=600,
+        learning_rate=2e-3,
+        warmup=30,
     )
-    inputs = features.inputs()
-    with jax.set_mesh(mesh):
-        state = trainer.init(0)
-        order = np.random.default_rng(1).permutation
-        for step in range(600):
-            if step % (len(features) // 32) == 0:
-                perm = order(len(features))
-            rows = perm[(step % (len(features) // 32)) * 32 :][:32]
-            batch = sharding.global_batch(
-                {k: v[rows] for k, v in inputs.items()}, mesh, axes.DEFAULT_RULES
-            )
-            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
-        test = squad.make_features(held_out, tokenizer, windows)
-        starts, ends = [], []
-        for i in range(0, len(test), 64):
-            n = min(64, len(test) - i)  # the last batch padded to 64 rows (8 devices)
-            rows = {
-                k: np.resize(v[i : i + n], (64, *v.shape[1:])) for k, v in test.inputs().items()
-            }
-            s, e = jax.device_get(trainer.predict_step(state.params, rows))
-            starts.append(s[:n])
-            ends.append(e[:n])
-    predictions = squad.decode(
-        held_out, test, np.concatenate(starts), np.concatenate(ends), squad.DecodeConfig()
-    )
+    predictions = squad.decode(held_out, test, starts, ends, squad.DecodeConfig())
     scores = squad.evaluate(held_out, {k: p.text for k, p in predictions.items()})
     assert scores["exact"] >= 90.0, scores
 

@@ -5,6 +5,7 @@ import csv
 
 import numpy as np
 import pytest
+import tiny_training
 
 from bert_jax.tasks import swag
 from bert_jax.tokenization import WordPieceTokenizer
@@ -80,43 +81,20 @@ def _choices(rng, n):
 def test_a_tiny_model_learns_a_choice_the_text_decides(tokenizer):
     """BertForMultipleChoice trained by the shared train step on [B, 4, L] batches: >= 90%
     held-out accuracy."""
-    import jax
-
-    from bert_jax import axes, models, optim, sharding, train_lib
+    from bert_jax import train_lib
 
     rng = np.random.default_rng(0)
     train, held_out = _choices(rng, 512), _choices(rng, 128)
     features = swag.make_features(train, tokenizer, 16)
     assert features["input_ids"].shape == (512, 4, 16)
-    config = models.BertConfig(
-        vocab_size=65,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    mesh = sharding.make_mesh(sharding.MeshConfig())
-    trainer = train_lib.create_trainer(
-        config,
-        optim.OptimConfig(learning_rate=2e-3, warmup_steps=30, total_steps=500),
-        mesh,
-        axes.DEFAULT_RULES,
+    logits = tiny_training.train_and_predict(
         train_lib.multiple_choice(),
+        tiny_training.config(65, 16),
+        features,
+        swag.make_features(held_out, tokenizer, 16),
+        steps=500,
+        learning_rate=2e-3,
+        warmup=30,
     )
-    with jax.set_mesh(mesh):
-        state = trainer.init(0)
-        for step in range(500):
-            if step % 16 == 0:
-                perm = np.random.default_rng(step).permutation(512)
-            rows = perm[(step % 16) * 32 :][:32]
-            batch = sharding.global_batch(
-                {k: v[rows] for k, v in features.items()}, mesh, axes.DEFAULT_RULES
-            )
-            state, _ = jax.block_until_ready(trainer.train_step(state, batch))
-        test = swag.make_features(held_out, tokenizer, 16)
-        logits = jax.device_get(trainer.predict_step(state.params, test))
     assert logits.shape == (128, 4)
     assert swag.accuracy(held_out, logits) >= 0.9

@@ -103,6 +103,18 @@ class Task(abc.ABC):
         """Writes the predictions of `split` in the task's official layout; returns the path."""
 
 
+def problems_of(*reads: Callable[[], Any]) -> list[str]:
+    """Runs every read of a task's `check`; the messages of those that fail (OSError or
+    ValueError, naming the file and line), so that every problem is reported at once."""
+    problems = []
+    for read in reads:
+        try:
+            read()
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    return problems
+
+
 _REGISTRY: dict[str, Callable[..., Task]] = {}
 
 

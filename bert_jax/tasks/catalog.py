@@ -17,6 +17,7 @@ A user's own data, in `<data_dir>/<folder>/` with a `labels.txt` (one label per 
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -71,13 +72,10 @@ class GlueTask(base.Task):
         ]
 
     def check(self, settings):
-        problems = []
-        for split in [s for s in self.glue.splits if s.labelled] + self.test_splits(settings):
-            try:
-                self._read(settings, split, self.glue.folder)
-            except (OSError, ValueError) as e:
-                problems.append(str(e))
-        return problems
+        splits = [s for s in self.glue.splits if s.labelled] + self.test_splits(settings)
+        return base.problems_of(
+            *(functools.partial(self._read, settings, s, self.glue.folder) for s in splits)
+        )
 
     def load(self, settings, tokenizer):
         def encode(examples):
@@ -149,13 +147,9 @@ class SquadTask(base.Task):
         return os.path.join(settings.data_dir, self.folder, self.files[split])
 
     def check(self, settings):
-        problems = []
-        for split in self.files:
-            try:
-                squad.read_squad(self._path(settings, split))
-            except (OSError, ValueError) as e:
-                problems.append(str(e))
-        return problems
+        return base.problems_of(
+            *(functools.partial(squad.read_squad, self._path(settings, s)) for s in self.files)
+        )
 
     def _windows(self, settings):
         return squad.WindowConfig(
@@ -253,16 +247,15 @@ class Conll2003Task(base.Task):
         ]
 
     def check(self, settings):
-        problems = []
-        for split in self.files:
-            try:
-                self._read(settings, split)
-            except (OSError, ValueError) as e:
-                problems.append(str(e))
-        return problems
+        return base.problems_of(
+            *(functools.partial(self._read, settings, s) for s in self._splits(settings))
+        )
+
+    def _splits(self, settings):
+        return list(self.files)
 
     def load(self, settings, tokenizer):
-        return self.load_splits(settings, tokenizer, list(self.files))
+        return self.load_splits(settings, tokenizer, self._splits(settings))
 
     def load_splits(self, settings, tokenizer, splits) -> base.TaskData:
         """train, the dev names scored, and `test` (when among `splits`) predicted."""
@@ -330,15 +323,14 @@ class SwagTask(base.Task):
         return names
 
     def check(self, settings):
-        problems = []
-        for name, file in self._splits(settings).items():
-            try:
-                examples = swag.read_swag(self._path(settings, file))
-                if name != "test" and any(e.label is None for e in examples):
-                    problems.append(f"{self._path(settings, file)}: rows without a label")
-            except (OSError, ValueError) as e:
-                problems.append(str(e))
-        return problems
+        def read(name, file):
+            examples = swag.read_swag(self._path(settings, file))
+            if name != "test" and any(e.label is None for e in examples):
+                raise ValueError(f"{self._path(settings, file)}: rows without a label")
+
+        return base.problems_of(
+            *(functools.partial(read, n, f) for n, f in self._splits(settings).items())
+        )
 
     def load(self, settings, tokenizer):
         splits = {
@@ -473,20 +465,18 @@ class ClassifyTask(base.Task):
             labels = self._labels(settings)
         except (OSError, ValueError) as e:
             return [str(e)]
-        problems = []
-        for split in ("train", "dev", "test"):
+
+        def read(split):
             path = self._file(settings, split)
             if path is None:
                 if split != "test":
-                    problems.append(f"{self._dir(settings)} has no {split}.tsv or {split}.jsonl")
-                continue
-            try:
-                examples = read_classification(path, labels)
-                if split != "test" and (examples.labels < 0).any():
-                    problems.append(f"{path}: rows without a label")
-            except (OSError, ValueError) as e:
-                problems.append(str(e))
-        return problems
+                    raise ValueError(f"{self._dir(settings)} has no {split}.tsv or {split}.jsonl")
+                return
+            examples = read_classification(path, labels)
+            if split != "test" and (examples.labels < 0).any():
+                raise ValueError(f"{path}: rows without a label")
+
+        return base.problems_of(*(functools.partial(read, s) for s in ("train", "dev", "test")))
 
     def objective(self, dropout):
         return train_lib.classification(self.num_labels, classifier_dropout=dropout)
@@ -550,17 +540,11 @@ class TagTask(Conll2003Task):
         return [s for s in self.files if s != "test" or present]
 
     def check(self, settings):
-        problems = []
         try:
-            for split in self._splits(settings):
-                self._read(settings, split)
+            self.prepare(settings)
         except (OSError, ValueError) as e:
-            problems.append(str(e))
-        return problems
-
-    def load(self, settings, tokenizer):
-        self.prepare(settings)
-        return self.load_splits(settings, tokenizer, self._splits(settings))
+            return [str(e)]
+        return super().check(settings)
 
 
 for _name, _task in glue.TASKS.items():

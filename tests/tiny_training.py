@@ -1,0 +1,71 @@
+"""A tiny model trained through the shared train step on a synthetic task, and its predictions
+over the held-out rows: what the SQuAD, CoNLL and SWAG learning tests share."""
+
+import jax
+import numpy as np
+
+from bert_jax import axes, models, optim, sharding, train_lib
+
+
+def config(vocab_size: int, max_len: int) -> models.BertConfig:
+    """Two layers of 64, no dropout: learns a synthetic task in a few hundred steps."""
+    return models.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=max_len,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def train_and_predict(
+    objective: train_lib.Objective,
+    model_config: models.BertConfig,
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray],
+    *,
+    steps: int,
+    learning_rate: float,
+    warmup: int,
+    batch: int = 32,
+    eval_batch: int = 64,
+):
+    """Trains on `train` (epochs of shuffled batches, the remainder dropped) and returns the
+    predict step's outputs (an array, or a tuple of arrays) for every row of `test`, in order;
+    the last test batch is padded to `eval_batch` rows with repeated rows. One device: the
+    sharded steps are tested elsewhere, and steps queue without blocking here (on a 2-core
+    host, many queued steps over 8 simulated devices can starve a collective's rendezvous)."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        model_config,
+        optim.OptimConfig(learning_rate=learning_rate, warmup_steps=warmup, total_steps=steps),
+        mesh,
+        axes.DEFAULT_RULES,
+        objective,
+    )
+    n = len(train["input_ids"])
+    per_epoch, order = n // batch, np.random.default_rng(1)
+    outputs = []
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        for step in range(steps):
+            if step % per_epoch == 0:
+                perm = order.permutation(n)
+            rows = perm[(step % per_epoch) * batch :][:batch]
+            host = {k: v[rows] for k, v in train.items()}
+            state, _ = trainer.train_step(
+                state, sharding.global_batch(host, mesh, axes.DEFAULT_RULES)
+            )
+        total = len(test["input_ids"])
+        for start in range(0, total, eval_batch):
+            real = min(eval_batch, total - start)
+            rows = {
+                k: np.resize(v[start : start + real], (eval_batch, *v.shape[1:]))
+                for k, v in test.items()
+            }
+            out = jax.device_get(trainer.predict_step(state.params, rows))
+            outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
