@@ -212,36 +212,85 @@ class Run:
             extra={"task": task.name, "labels": list(task.label_names)},
         )
         self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
+        self.packed_splits: dict[int, tuple] = {}
+        self.eval_rows = 0  # rows per packed prediction batch, the same for every split
         ckpt_dir = os.path.join(directory, "checkpoints")
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts this run afresh
         self.ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=1)
 
-    def batch(self, features: dict[str, np.ndarray], rows: np.ndarray | slice, size: int):
-        """The rows `rows` of `features` as a device batch: packed several to a row
-        (`glue.pack`, classification), or padded with empty rows to `size`; and the packed
-        slots' sources."""
-        host = {k: v[rows] for k, v in features.items()}
-        if self.pack:
-            host = glue.pack(host, self.cfg.pack_max_examples, self.data_parallel)
-            source = host.pop("source")
-        else:
-            host = {k: _pad(v, size) for k, v in host.items()}
-            source = None
-        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES), source
+    def device_batch(self, host: dict[str, np.ndarray]):
+        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES)
+
+    def train_batches(self, n: int, total: int) -> tuple[list[np.ndarray], list[int | None]]:
+        """The examples of each of the run's `total` steps (a new shuffle each epoch, the
+        last partial batch dropped, as the original does), and for packed batches the row
+        count of each: every batch's need is known before the first step, so that the run
+        compiles one or two shapes (`glue.row_counts`) that fit every batch."""
+        rng, order, batches = np.random.default_rng(self.seed), np.empty(0, np.int64), []
+        size = self.cfg.batch_size
+        while len(batches) < total:
+            if len(order) < size:
+                order = rng.permutation(n)
+            batches.append(order[:size])
+            order = order[size:]
+        if not self.pack:
+            return batches, [None] * total
+        features = self.data.train
+        lengths = features["input_mask"].sum(axis=1)
+        width = features["input_ids"].shape[1]
+        needs = [
+            len(glue.pack_rows(lengths[b], width, self.cfg.pack_max_examples)) for b in batches
+        ]
+        counts = glue.row_counts(needs, self.data_parallel)
+        return batches, [min(c for c in counts if c >= need) for need in needs]
+
+    def packed_split(self, features: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, int]:
+        """A prediction split packed whole (rows filled across what would be batches), as
+        (packed arrays, their slots' sources, rows per prediction batch): one shape for the
+        run (the first split sets it: about `eval_batch_size` examples a batch). Kept for the
+        run's evaluations."""
+        key = id(features)
+        if key not in self.packed_splits:
+            n, width = features["input_ids"].shape
+            lengths = features["input_mask"].sum(axis=1)
+            needed = len(glue.pack_rows(lengths, width, self.cfg.pack_max_examples))
+            if not self.eval_rows:
+                per = -(-needed * self.cfg.eval_batch_size // n)
+                self.eval_rows = -(-per // self.data_parallel) * self.data_parallel
+            per = self.eval_rows
+            packed = glue.pack(
+                features,
+                self.cfg.pack_max_examples,
+                self.data_parallel,
+                rows=-(-needed // per) * per,
+            )
+            source = packed.pop("source")
+            self.packed_splits[key] = (features, packed, source, per)
+        _, packed, source, per = self.packed_splits[key]
+        return packed, source, per
 
     def predict(self, params, features):
         """The model's outputs (an array, or a tuple of arrays: QA's start and end scores)
         for every row of `features`, in order."""
-        outputs = []
-        n, b = len(features["input_ids"]), self.cfg.eval_batch_size
+        n = len(features["input_ids"])
+        if self.pack:
+            packed, source, per = self.packed_split(features)
+            outputs = [
+                jax.device_get(
+                    self.trainer.predict_step(
+                        params,
+                        self.device_batch({k: v[i : i + per] for k, v in packed.items()}),
+                    )
+                )
+                for i in range(0, len(source), per)
+            ]
+            return glue.unpack(np.concatenate(outputs), source, n)
+        outputs, b = [], self.cfg.eval_batch_size
         for start in range(0, n, b):
             real = min(b, n - start)
-            batch, source = self.batch(features, slice(start, start + real), b)
-            out = jax.device_get(self.trainer.predict_step(params, batch))
-            if source is None:
-                outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
-            else:
-                outputs.append(glue.unpack(np.asarray(out), source, real))
+            host = {k: _pad(v[start : start + real], b) for k, v in features.items()}
+            out = jax.device_get(self.trainer.predict_step(params, self.device_batch(host)))
+            outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 
     def evaluate(self, params, step: int) -> dict[str, dict[str, float]]:
@@ -261,7 +310,7 @@ class Run:
         # Copies: the train step donates the state, and the imported weights serve every seed.
         imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
         state = state.replace(params=convert.overlay(state.params, imported))
-        rng = np.random.default_rng(self.seed)
+        batches, row_counts = self.train_batches(n, total)
         best, best_step, evals_since_best, history = None, 0, 0, []
         bar = tqdm.tqdm(
             total=total,
@@ -269,13 +318,15 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        order, step, previous = np.empty(0, np.int64), 0, None
+        step, previous = 0, None
         while step < total:
-            if len(order) < cfg.batch_size:  # a new epoch: reshuffle, drop the remainder
-                order = rng.permutation(n)
-            rows, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            batch, _ = self.batch(train, rows, cfg.batch_size)
-            state, metrics = self.trainer.train_step(state, batch)
+            host = {k: v[batches[step]] for k, v in train.items()}
+            if self.pack:
+                host = glue.pack(
+                    host, cfg.pack_max_examples, self.data_parallel, rows=row_counts[step]
+                )
+                del host["source"]
+            state, metrics = self.trainer.train_step(state, self.device_batch(host))
             step += 1
             # One step in flight: the bar counts the steps that have run (it raced ahead of a
             # queue of dispatched steps and then stalled at each log), and the next batch is

@@ -308,18 +308,60 @@ def encode(examples: Examples, tokenizer: Tokenizer, max_seq_length: int) -> dic
     return dict(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids, label=label)
 
 
+def pack_rows(lengths: np.ndarray, width: int, max_per_row: int = 16) -> list[list[int]]:
+    """Places examples of `lengths` tokens into rows of `width`: best fit by decreasing
+    length (each example goes to the fullest row it fits in), at most `max_per_row` to a row.
+    Returns the examples of each row. O(examples x width), so that a whole split packs at once.
+    """
+    if max_per_row < 1:
+        raise ValueError(f"max_per_row={max_per_row} must be at least 1")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    # by_room[c]: the rows with c tokens free and room for another example.
+    by_room: list[list[int]] = [[] for _ in range(width + 1)]
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        n = int(lengths[i])
+        r = next((by_room[c].pop() for c in range(n, width + 1) if by_room[c]), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            room.append(width)
+        rows[r].append(int(i))
+        room[r] -= n
+        if len(rows[r]) < max_per_row:
+            by_room[room[r]].append(r)
+    return rows
+
+
+def row_counts(needs: Sequence[int], row_multiple: int = 1, min_saving: float = 0.1) -> list[int]:
+    """The packed batch shapes of a run: given the rows each batch needs, one row count (the
+    largest need), or two when a smaller second one saves at least `min_saving` of the rows
+    (each shape compiles once). Counts are multiples of `row_multiple`."""
+    needs = [-(-n // row_multiple) * row_multiple for n in needs]
+    top = max(needs)
+    best, best_total = [top], top * len(needs)
+    for low in sorted(set(needs) - {top}):
+        total = sum(low if n <= low else top for n in needs)
+        if total <= (1 - min_saving) * top * len(needs) and total < best_total:
+            best, best_total = [low, top], total
+    return best
+
+
 def pack(
-    features: dict[str, np.ndarray], max_per_row: int = 16, row_multiple: int = 1
+    features: dict[str, np.ndarray],
+    max_per_row: int = 16,
+    row_multiple: int = 1,
+    rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Packs one-example-per-row features (`encode`) into fewer rows of several examples.
 
     Short examples waste most of a padded row (an SST-2 sentence is about 25 of 128 tokens).
-    Here the examples are placed first-fit by decreasing length into rows of the same length,
-    at most `max_per_row` to a row; `models.Packing` keeps them apart in the encoder, so each
-    example's logits equal those of the example alone. The number of rows is rounded up to a
-    multiple of an eighth of the unpacked count (and of `row_multiple`, the data-parallel
-    degree), so that the packed batches of a run take a few distinct shapes only (each shape
-    compiles once), at most an eighth of a batch of padding rows.
+    Here the examples are placed by `pack_rows` into rows of the same length; `models.Packing`
+    keeps them apart in the encoder, so each example's logits equal those of the example
+    alone. `rows` fixes the number of rows (empty rows pad; an error when the examples need
+    more); without it the count is rounded up to a multiple of an eighth of the unpacked count
+    (and of `row_multiple`, the data-parallel degree), so that packed batches take a few
+    distinct shapes only (each shape compiles once).
 
     Returns:
       input_ids, input_mask, segment_ids, example_ids (1, 2, ... per example, 0 for padding),
@@ -327,25 +369,21 @@ def pack(
       label_weights (1 for a real example) and source (the example's row in `features`, -1
       for an unused slot): [R, max_per_row].
     """
-    if max_per_row < 1:
-        raise ValueError(f"max_per_row={max_per_row} must be at least 1")
     ids = features["input_ids"]
     n, width = ids.shape
     lengths = features["input_mask"].sum(axis=1).astype(np.int64)
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in np.argsort(-lengths, kind="stable"):
-        for r, filled in enumerate(used):
-            if filled + lengths[i] <= width and len(rows[r]) < max_per_row:
-                rows[r].append(int(i))
-                used[r] += int(lengths[i])
-                break
-        else:
-            rows.append([int(i)])
-            used.append(int(lengths[i]))
-    cap = -(-n // row_multiple) * row_multiple
-    step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
-    count = min(cap, -(-len(rows) // step) * step)
+    placed = pack_rows(lengths, width, max_per_row)
+    if rows is None:
+        cap = -(-n // row_multiple) * row_multiple
+        step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
+        count = min(cap, -(-len(placed) // step) * step)
+    elif rows < len(placed) or rows % row_multiple:
+        raise ValueError(
+            f"rows={rows}: the examples need {len(placed)} rows, and the count must be a "
+            f"multiple of {row_multiple}"
+        )
+    else:
+        count = rows
     label = features["label"]
     out = {
         name: np.zeros((count, width), np.int32)
@@ -355,7 +393,7 @@ def pack(
     out["label"] = np.zeros((count, max_per_row), label.dtype)
     out["label_weights"] = np.zeros((count, max_per_row), np.float32)
     out["source"] = np.full((count, max_per_row), -1, np.int32)
-    for r, members in enumerate(rows):
+    for r, members in enumerate(placed):
         start = 0
         for slot, i in enumerate(members):
             end = start + int(lengths[i])

@@ -159,6 +159,29 @@ def test_pack_places_every_example_once_within_its_row():
         glue.pack(features, max_per_row=0)
 
 
+def test_packing_to_a_fixed_row_count_and_choosing_the_run_shapes():
+    # Best fit by decreasing length: pairs that fill a row exactly end up together.
+    rows = glue.pack_rows(np.array([100, 28, 90, 38, 64, 64]), 128)
+    assert sorted(sorted(r) for r in rows) == [[0, 1], [2, 3], [4, 5]]
+    assert len(glue.pack_rows(np.full(10, 8), 128, max_per_row=4)) == 3  # 4 + 4 + 2
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(3, 17, 24)
+    features = _features(lengths, 16, rng)
+    need = len(glue.pack_rows(lengths, 16, 4))
+    packed = glue.pack(features, max_per_row=4, row_multiple=2, rows=need + need % 2 + 2)
+    assert len(packed["input_ids"]) == need + need % 2 + 2
+    assert sorted(packed["source"][packed["source"] >= 0].tolist()) == list(range(24))
+    assert (packed["input_mask"][need:].sum() == 0) and (packed["source"][need:] == -1).all()
+    with pytest.raises(ValueError, match=f"need {need} rows"):
+        glue.pack(features, max_per_row=4, rows=need - 1)
+    # Rows each batch needs -> the run's shapes: a second, smaller shape only where it saves
+    # at least a tenth of the rows (hand-computed: 8 for all is 48 rows; 6 and 8 make 40).
+    assert glue.row_counts([5, 6, 6, 6, 7, 8]) == [6, 8]
+    assert glue.row_counts([7, 7, 7, 7, 7, 8]) == [7, 8]  # 43 of 48 rows: 10.4% saved
+    assert glue.row_counts([7, 8, 8, 8, 8, 8]) == [8]  # 47 of 48 rows: not worth a compile
+    assert glue.row_counts([5, 6, 6, 6, 7, 8], row_multiple=4) == [8]
+
+
 def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
     """Logits of packed rows against transformers' BertForSequenceClassification run on each
     example alone; the gradient of a packed batch against the same batch unpacked."""
