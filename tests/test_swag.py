@@ -92,7 +92,7 @@ def test_a_tiny_model_learns_a_choice_the_text_decides(tokenizer):
         tiny_training.config(65, 16),
         features,
         swag.make_features(held_out, tokenizer, 16),
-        steps=500,
+        steps=250,
         learning_rate=2e-3,
         warmup=30,
     )
