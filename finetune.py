@@ -36,20 +36,10 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bert_jax import (
-    aot,
-    axes,
-    checkpoint,
-    cli,
-    convert,
-    files,
-    glue,
-    planner,
-    sharding,
-    train_lib,
-)
+from bert_jax import aot, axes, checkpoint, cli, convert, files, planner, sharding, train_lib
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base as tasks
+from bert_jax.tasks import glue
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -39,17 +39,16 @@ from bert_jax import (  # noqa: E402
     checkpoint,
     convert,
     files,
-    input_pipeline,
     models,
     planner,
-    pretraining_data,
     sharding,
     train_lib,
 )
-from bert_jax.input_pipeline import DataConfig  # noqa: E402
+from bert_jax.data import input_pipeline, pretraining_data  # noqa: E402
+from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
+from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
+from bert_jax.data.tokenization import WordPieceTokenizer  # noqa: E402
 from bert_jax.optim import OptimConfig  # noqa: E402
-from bert_jax.pretraining_data import MaskingConfig  # noqa: E402
-from bert_jax.tokenization import WordPieceTokenizer  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(

@@ -46,7 +46,8 @@ class BertJax:
     def __init__(self, model: str, packed: bool, max_per_row: int):
         import jax
 
-        from bert_jax import axes, glue, models, optim, sharding, train_lib
+        from bert_jax import axes, models, optim, sharding, train_lib
+        from bert_jax.tasks import glue
 
         self.jax, self.glue, self.sharding, self.axes = jax, glue, sharding, axes
         config = models.BertConfig.named(model)

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # per-core figures for the Rust tokenizers
 
-from bert_jax import corpus, input_pipeline  # noqa: E402
-from bert_jax.pretraining_data import MaskingConfig  # noqa: E402
+from bert_jax.data import corpus, input_pipeline  # noqa: E402
+from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -42,7 +42,7 @@ def tokenization(sentences: list[str], vocab_file: str, rounds: int) -> dict:
     import tokenizers
     from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-    from bert_jax import tokenization as tok
+    from bert_jax.data import tokenization as tok
 
     ours = tok.WordPieceTokenizer(vocab_file)
     direct = tokenizers.BertWordPieceTokenizer(vocab_file, lowercase=True)

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, extract, glue, models, sharding
+from bert_jax import axes, cli, convert, extract, models, sharding
 from bert_jax.models import BertConfig, Params
+from bert_jax.tasks import glue
 
 STATISTICS = ("entropy", "to_cls", "to_sep", "to_prev", "to_next", "to_self")
 

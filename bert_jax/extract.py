@@ -35,7 +35,7 @@ import numpy as np
 import tqdm
 
 from bert_jax import axes, cli, convert, models, sharding
-from bert_jax.tokenization import Tokenizer
+from bert_jax.data.tokenization import Tokenizer
 
 POOLINGS = ("first", "mean", "sum")
 

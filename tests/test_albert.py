@@ -15,17 +15,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from bert_jax import (
-    axes,
-    convert,
-    losses,
-    models,
-    optim,
-    pretraining_data,
-    sharding,
-    tokenization,
-    train_lib,
-)
+from bert_jax import axes, convert, losses, models, optim, sharding, train_lib
+from bert_jax.data import pretraining_data, tokenization
 
 SIZES = dict(
     vocab_size=64,

@@ -151,7 +151,7 @@ def test_pruned_model_equals_the_masked_model_and_fine_tunes(tmp_path):
 
 
 def _tokenizer(tmp_path):
-    from bert_jax.tokenization import WordPieceTokenizer
+    from bert_jax.data.tokenization import WordPieceTokenizer
 
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(VOCAB + [f"w{i}" for i in range(40 - len(VOCAB))]) + "\n")
@@ -304,7 +304,7 @@ def test_head_importance_on_a_glue_task(tmp_path):
     scores = json.loads(out.read_text())
     assert scores["lines"] == 12 and np.shape(scores["importance"]) == (3, 4)
     # The mean loss is the classifier's dev loss, which transformers computes the same way.
-    from bert_jax import glue
+    from bert_jax.tasks import glue
 
     task = glue.get_task("rte")
     examples = glue.read_tsv(task, task.split("dev"), str(tmp_path / "glue" / "RTE"))

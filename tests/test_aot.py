@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from cli import ROOT
 
-from bert_jax import aot, axes, models, planner, pretraining_data, sharding, train_lib
+from bert_jax import aot, axes, models, planner, sharding, train_lib
+from bert_jax.data import pretraining_data
 from bert_jax.optim import OptimConfig
 
 # A hand-written optimized HLO module: a loop of 12 trips (its condition compares a counter

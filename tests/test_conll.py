@@ -7,8 +7,8 @@ import tiny_training
 from seqeval import metrics as seqeval
 from seqeval.scheme import IOB2
 
+from bert_jax.data.tokenization import WordPieceTokenizer
 from bert_jax.tasks import conll
-from bert_jax.tokenization import WordPieceTokenizer
 
 TYPES = ("PER", "LOC", "ORG")
 

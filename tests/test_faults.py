@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 from cli import ROOT, SENTENCES, start, train_args, train_env, wait_for
 
-from bert_jax import axes, checkpoint, cli, files, models, optim, sharding, tokenization, train_lib
+from bert_jax import axes, checkpoint, cli, files, models, optim, sharding, train_lib
+from bert_jax.data import tokenization
 
 STEPS = 30
 

@@ -16,8 +16,9 @@ import scipy.stats
 import tensorflow_datasets as tfds
 from sklearn import metrics as skm
 
-from bert_jax import convert, glue, models, sharding
-from bert_jax.tokenization import WordPieceTokenizer
+from bert_jax import convert, models, sharding
+from bert_jax.data.tokenization import WordPieceTokenizer
+from bert_jax.tasks import glue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

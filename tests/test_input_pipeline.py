@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from bert_jax import corpus
-from bert_jax import input_pipeline as ip
-from bert_jax.pretraining_data import MaskingConfig
+from bert_jax.data import corpus
+from bert_jax.data import input_pipeline as ip
+from bert_jax.data.pretraining_data import MaskingConfig
 
 SENTENCES = [
     "The cat sat on the mat.",

@@ -100,7 +100,8 @@ def test_splash_attention_kernel_matches_the_xla_path():
     sharded over 8: the same outputs, loss and update as jax.nn.dot_product_attention."""
     import dataclasses
 
-    from bert_jax import axes, glue, optim, sharding, train_lib
+    from bert_jax import axes, optim, sharding, train_lib
+    from bert_jax.tasks import glue
 
     xla = models.BertConfig(
         **{**TINY, "max_position_embeddings": 128},

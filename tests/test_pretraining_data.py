@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bert_jax import pretraining_data as pd
+from bert_jax.data import pretraining_data as pd
 
 IDS = pd.SpecialIds(cls_id=2, sep_id=3, mask_id=4, vocab_size=5000)
 

@@ -9,8 +9,8 @@ import tiny_training
 import torch
 from torchmetrics.functional.text import squad as torchmetrics_squad
 
+from bert_jax.data.tokenization import WordPieceTokenizer
 from bert_jax.tasks import squad
-from bert_jax.tokenization import WordPieceTokenizer
 
 WORDS = [f"w{i}" for i in range(100)] + ["the", "cat", "sat", "(", ")", ",", ".", "##s"]
 
@@ -300,7 +300,7 @@ def test_a_tiny_model_learns_a_marked_span(tokenizer):
 def test_sentencepiece_windows_map_answers_back_to_the_text(tmp_path):
     """ALBERT's tokenizer gives the same pieces word by word as for the whole text, and the
     pieces' spans give back the answer's exact characters (accents and quotes included)."""
-    from bert_jax import tokenization
+    from bert_jax.data import tokenization
 
     rng = np.random.default_rng(0)
     lines = [

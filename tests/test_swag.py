@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tiny_training
 
+from bert_jax.data.tokenization import WordPieceTokenizer
 from bert_jax.tasks import swag
-from bert_jax.tokenization import WordPieceTokenizer
 
 HEADER = [
     "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",

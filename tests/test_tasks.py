@@ -14,7 +14,7 @@ import pytest
 from cli import ROOT
 
 from bert_jax import convert, models
-from bert_jax.tokenization import WordPieceTokenizer
+from bert_jax.data.tokenization import WordPieceTokenizer
 
 W = glue_data.FILLER
 

@@ -4,7 +4,7 @@
 import pytest
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from bert_jax import tokenization
+from bert_jax.data import tokenization
 
 TEXT = [
     "Hello, World! The quick brown fox jumps over the lazy dog.",

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from bert_jax import axes, checkpoint, files, input_pipeline, models, sharding
+from bert_jax import axes, checkpoint, files, models, sharding
 from bert_jax.convert.names import (
     Report,
     abstract_params,
@@ -22,8 +22,9 @@ from bert_jax.convert.names import (
     set_path,
 )
 from bert_jax.convert.sources import check_vocab, read_hf_dir, read_json, read_tf_checkpoint
+from bert_jax.data import input_pipeline
+from bert_jax.data.tokenization import Tokenizer, WordPieceTokenizer
 from bert_jax.models import BertConfig, Params
-from bert_jax.tokenization import Tokenizer, WordPieceTokenizer
 
 
 @dataclasses.dataclass

@@ -23,8 +23,8 @@ from bert_jax.convert.names import (
     tf_to_hf_name,
 )
 from bert_jax.convert.tf_checkpoint import TFCheckpoint
+from bert_jax.data.tokenization import Tokenizer, WordPieceTokenizer
 from bert_jax.models import BertConfig, Params
-from bert_jax.tokenization import Tokenizer, WordPieceTokenizer
 
 
 @dataclasses.dataclass

@@ -126,8 +126,10 @@ def register(name: str, factory: Callable[..., Task]) -> None:
 def get_task(name: str) -> Task:
     """A task by name: a GLUE task (`mrpc`, or `glue:mrpc`), `squad_v1`, `squad_v2`,
     `conll2003`, `swag`, or your own data: `classify:<folder>`, `tag:<folder>`."""
-    from bert_jax import glue
-    from bert_jax.tasks import catalog  # noqa: F401  (registers the tasks)
+    from bert_jax.tasks import (
+        catalog,  # noqa: F401  (registers the tasks)
+        glue,
+    )
 
     key = name.lower().removeprefix("glue:")
     prefix, sep, folder = name.partition(":")
@@ -150,7 +152,7 @@ def get_task(name: str) -> Task:
 
 def task_names(spec: str) -> list[str]:
     """`all` or `glue:all`: every GLUE task; otherwise the comma-separated names."""
-    from bert_jax import glue
+    from bert_jax.tasks import glue
 
     names = []
     for name in [t.strip() for t in spec.split(",") if t.strip()]:

@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from bert_jax import files, glue, train_lib
-from bert_jax.tasks import base, conll, squad, swag
+from bert_jax import files, train_lib
+from bert_jax.tasks import base, conll, glue, squad, swag
 
 
 class GlueTask(base.Task):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bert_jax import glue
+from bert_jax.tasks import glue
 
 ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 

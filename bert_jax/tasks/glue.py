@@ -16,7 +16,7 @@ import scipy.stats
 from sklearn import metrics as skm
 
 from bert_jax import files
-from bert_jax.tokenization import Tokenizer
+from bert_jax.data.tokenization import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,9 @@ import tqdm
 from absl import flags
 from array_record.python import array_record_module
 
-from bert_jax import corpus, files, pretraining_data, tokenization
-from bert_jax.pretraining_data import MaskingConfig
+from bert_jax import files
+from bert_jax.data import corpus, pretraining_data, tokenization
+from bert_jax.data.pretraining_data import MaskingConfig
 
 Batch = dict[str, np.ndarray]
 _FORMAT_VERSION = 1

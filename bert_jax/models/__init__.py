@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from bert_jax import axes, layers
+from bert_jax import axes
+from bert_jax.models import layers
 
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
 _SHARING = ("none", "all", "attention", "ffn")

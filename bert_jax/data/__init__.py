@@ -1,0 +1,1 @@
+"""Text to model inputs: tokenizers, corpora, pretraining instances, the input pipeline."""
