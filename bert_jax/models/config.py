@@ -1,0 +1,240 @@
+"""BertConfig: the sizes, variants (BERT, ALBERT sharing, pruned heads) and numerics of
+a model of the family, with the released sizes by name."""
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+
+from bert_jax.models import layers
+
+_ACTIVATIONS = ("gelu", "gelu_new", "relu")
+_SHARING = ("none", "all", "attention", "ffn")
+_DTYPES = ("float32", "bfloat16", "float16")
+# What the backward pass recomputes instead of keeping: nothing; the attention scores,
+# probabilities and every elementwise result (the matmul outputs are kept: Korthikanti et
+# al.'s selective recomputation); or the whole layer from its input.
+# Fields of a run's numerics, not of the model: a released config.json does not set them, an
+# import keeps the run's values, and the Hugging Face export leaves them out.
+RUN_FIELDS = ("dtype", "param_dtype", "remat", "attention_kernel")
+
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Sizes and numerics of a BERT encoder; field names follow the original `bert_config.json`.
+
+    Defaults are BERT-Base. `dtype` is the compute dtype, `param_dtype` the storage dtype.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    # ALBERT: factorized embeddings of size E (0: the hidden size, as BERT) and cross-layer
+    # sharing of all weights, attention only or feed-forward only; with "all", released
+    # checkpoints' layer groups (layer i uses group i * groups // layers, and each group
+    # applies `inner_group_num` layers of its own).
+    embedding_size: int = 0
+    share_layers: str = "none"
+    num_hidden_groups: int = 1
+    inner_group_num: int = 1
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"  # "minimal" or "full" (see REMAT_POLICIES); True / False: full / none.
+    # Attention without dropout on its probabilities (evaluation, inference, ALBERT's
+    # recipe): "xla" (jax.nn.dot_product_attention), "splash" (the Pallas splash kernel, on
+    # TPU; interpreted elsewhere, for tests) or "auto" (splash on TPU, XLA elsewhere).
+    attention_kernel: str = "auto"
+    # Heads removed from each layer (per layer, in the original numbering, as Hugging Face's
+    # `pruned_heads`); a pruned model runs its layers one by one, each of its own size.
+    pruned_heads: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):  # configs and config.json files of earlier runs
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"BertConfig.remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
+        if self.attention_kernel not in layers.ATTENTION_KERNELS:
+            raise ValueError(
+                f"BertConfig.attention_kernel={self.attention_kernel!r}; use one of "
+                f"{layers.ATTENTION_KERNELS}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; choose heads that divide the "
+                f"hidden size (BERT uses hidden_size / 64 heads)"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"BertConfig.hidden_act={self.hidden_act!r}; use one of {_ACTIVATIONS}"
+            )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"BertConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES}")
+        if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError("BertConfig.initializer_range and layer_norm_eps must be positive")
+        self._check_albert()
+        self._check_pruned_heads()
+
+    def _check_pruned_heads(self) -> None:
+        pruned = tuple(tuple(sorted(set(int(h) for h in p))) for p in self.pruned_heads or ())
+        object.__setattr__(self, "pruned_heads", pruned if any(pruned) else ())
+        if not self.pruned_heads:
+            return
+        if len(pruned) != self.num_hidden_layers:
+            raise ValueError(
+                f"BertConfig.pruned_heads has {len(pruned)} entries; it needs one per layer "
+                f"({self.num_hidden_layers}), empty for a layer that keeps its heads"
+            )
+        h = self.num_attention_heads
+        for i, p in enumerate(pruned):
+            if p and (p[0] < 0 or p[-1] >= h):
+                raise ValueError(f"BertConfig.pruned_heads[{i}]={p}: heads are 0..{h - 1}")
+            if len(p) == h:
+                raise ValueError(
+                    f"BertConfig.pruned_heads[{i}] removes all {h} heads of layer {i}; keep at "
+                    f"least one (a head mask of zeros silences a whole layer's attention)"
+                )
+        if self.share_layers != "none":
+            raise ValueError("pruned heads need unshared layers (share_layers='none')")
+
+    def kept_heads(self, layer: int) -> tuple[int, ...]:
+        """The original indices of the heads layer `layer` keeps."""
+        removed = set(self.pruned_heads[layer]) if self.pruned_heads else set()
+        return tuple(h for h in range(self.num_attention_heads) if h not in removed)
+
+    def _check_albert(self) -> None:
+        if not isinstance(self.embedding_size, int) or self.embedding_size < 0:
+            raise ValueError(f"BertConfig.embedding_size must be >= 0, got {self.embedding_size!r}")
+        if self.embedding_size > self.hidden_size:
+            raise ValueError(
+                f"BertConfig.embedding_size={self.embedding_size} is larger than hidden_size="
+                f"{self.hidden_size}: factorized embeddings are meant to be smaller (ALBERT uses "
+                f"128); use embedding_size <= hidden_size, or 0 for BERT's unfactorized table"
+            )
+        if self.share_layers not in _SHARING:
+            raise ValueError(
+                f"BertConfig.share_layers={self.share_layers!r}; use one of {_SHARING}"
+            )
+        groups, inner = self.num_hidden_groups, self.inner_group_num
+        if groups < 1 or inner < 1 or self.num_hidden_layers % groups:
+            raise ValueError(
+                f"BertConfig.num_hidden_groups={groups} must be positive and divide "
+                f"num_hidden_layers={self.num_hidden_layers} (inner_group_num={inner} >= 1)"
+            )
+        if (groups > 1 or inner > 1) and self.share_layers != "all":
+            raise ValueError(
+                "layer groups (num_hidden_groups or inner_group_num > 1) are ALBERT's sharing "
+                "scheme: set share_layers='all'"
+            )
+
+    @property
+    def embed_dim(self) -> int:
+        """E: the width of the embedding tables (the hidden size unless factorized)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def num_weight_sets(self) -> int:
+        """Distinct sets of layer weights: L for BERT, groups x inner layers for ALBERT."""
+        if self.share_layers == "all":
+            return self.num_hidden_groups * self.inner_group_num
+        return self.num_hidden_layers
+
+    def layer_schedule(self) -> list[int]:
+        """The weight set each applied layer uses, in order (L x inner_group_num entries)."""
+        if self.share_layers != "all":
+            return list(range(self.num_hidden_layers))
+        g, k, n = self.num_hidden_groups, self.inner_group_num, self.num_hidden_layers
+        return [(i * g // n) * k + j for i in range(n) for j in range(k)]
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> "BertConfig":
+        """A released size: `bert_base`, `bert_large`, or the small-BERT grid `L-4_H-256`.
+
+        The small BERTs (Turc et al., 2019) have heads = H / 64 and intermediate size 4 H.
+        """
+        if name in _NAMED:
+            return dataclasses.replace(_NAMED[name], **overrides)
+        match = re.fullmatch(r"(?:bert_)?(?:uncased_)?L-(\d+)_H-(\d+)(?:_A-\d+)?", name)
+        if match:
+            n_layers, hidden = int(match[1]), int(match[2])
+            if n_layers in _SMALL_LAYERS and hidden in _SMALL_HIDDEN:
+                sizes = dict(
+                    num_hidden_layers=n_layers,
+                    hidden_size=hidden,
+                    num_attention_heads=hidden // 64,
+                    intermediate_size=4 * hidden,
+                )
+                return cls(**{**sizes, **overrides})
+        raise ValueError(
+            f"unknown BERT size {name!r}; use one of {sorted(_NAMED)} or L-<layers>_H-<hidden> "
+            f"with layers in {_SMALL_LAYERS} and hidden in {_SMALL_HIDDEN}"
+        )
+
+
+_NAMED = {
+    "bert_base": BertConfig(),
+    "bert_large": BertConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+}
+_ALBERT = dict(
+    vocab_size=30000,
+    embedding_size=128,
+    share_layers="all",
+    hidden_act="gelu_new",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+for _name, (_layers, _hidden) in {
+    "albert_base": (12, 768),
+    "albert_large": (24, 1024),
+    "albert_xlarge": (24, 2048),
+    "albert_xxlarge": (12, 4096),
+}.items():
+    _NAMED[_name] = BertConfig(
+        num_hidden_layers=_layers,
+        hidden_size=_hidden,
+        num_attention_heads=_hidden // 64,
+        intermediate_size=4 * _hidden,
+        **_ALBERT,
+    )
+_SMALL_LAYERS = (2, 4, 6, 8, 10, 12)
+_SMALL_HIDDEN = (128, 256, 512, 768)

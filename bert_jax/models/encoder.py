@@ -1,0 +1,393 @@
+"""The BERT encoder: embeddings, the Transformer layers (stacked and scanned, shared across
+layers as ALBERT, or unrolled where heads are pruned) and the pooler."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from bert_jax import axes
+from bert_jax.models import layers
+from bert_jax.models.config import REMAT_POLICIES, BertConfig
+
+# The TransformerLayer attributes each partial sharing mode shares across layers.
+_SHARED_PARTS = {
+    "attention": ("attention", "attention_layer_norm"),
+    "ffn": ("intermediate", "output", "output_layer_norm"),
+}
+
+
+@struct.dataclass
+class EncoderOutput:
+    """sequence_output [B, L, D]; pooled_output [B, D] (None without a pooler);
+    hidden_states [1 + layers, B, L, D] (embeddings first) and attentions
+    [layers, B, H, L, L] when requested, else None."""
+
+    sequence_output: jax.Array
+    pooled_output: jax.Array | None
+    hidden_states: jax.Array | None = None
+    attentions: jax.Array | None = None
+
+
+@struct.dataclass
+class Packing:
+    """Several examples in one row of a batch, kept apart (Krell et al., 2021).
+
+    example_ids: [B, L] int32, 1, 2, ... for the tokens of a row's first, second, ... example
+      and 0 for padding; a token attends only to tokens of its own example.
+    position_ids: [B, L] int32, each token's position within its example (from 0 at its [CLS]).
+    cls_positions: [B, K] int32, where each example's [CLS] is (0 for the unused slots).
+    """
+
+    example_ids: jax.Array
+    position_ids: jax.Array
+    cls_positions: jax.Array
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "Packing | None":
+        """The packing of a batch made by `glue.pack`, or None for a batch of one example per
+        row."""
+        if "example_ids" not in batch:
+            return None
+        return cls(batch["example_ids"], batch["position_ids"], batch["cls_positions"])
+
+
+def _layer_kwargs(config: BertConfig) -> dict[str, Any]:
+    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        d = config.embed_dim
+        self.word_embeddings = layers.Embed(
+            config.vocab_size, d, table_axes=(axes.VOCAB, axes.EMBED), **kw
+        )
+        self.position_embeddings = layers.Embed(
+            config.max_position_embeddings, d, table_axes=(None, axes.EMBED), **kw
+        )
+        self.token_type_embeddings = layers.Embed(
+            config.type_vocab_size, d, table_axes=(None, axes.EMBED), **kw
+        )
+        self.layer_norm = layers.LayerNorm(
+            d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
+        )
+        self.dropout_rate = config.hidden_dropout_prob
+
+    def __call__(
+        self, input_ids, segment_ids, position_ids=None, *, rng=None, deterministic=True
+    ) -> jax.Array:
+        positions = (
+            jnp.arange(input_ids.shape[1])[None, :] if position_ids is None else position_ids
+        )
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(segment_ids)
+        )
+        x = layers.dropout(self.layer_norm(x), self.dropout_rate, rng, deterministic)
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, None))
+
+
+class BertEncoder(nnx.Module):
+    """The Transformer layers with stacked weights, run by `jax.lax.scan`.
+
+    Weights carry a leading axis of the distinct sets: L for BERT; 1 for what ALBERT shares
+    (all weights, or attention / feed-forward only), or groups x inner layers for ALBERT's
+    layer groups. Shared weights are read from the closure at every step of the scan, so
+    compile time and parameter memory do not grow with depth (activations still do).
+    """
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        def make_layer(key: jax.Array, heads: int = config.num_attention_heads):
+            return layers.TransformerLayer(
+                config.hidden_size,
+                heads,
+                config.intermediate_size,
+                hidden_act=config.hidden_act,
+                hidden_dropout=config.hidden_dropout_prob,
+                attention_dropout=config.attention_probs_dropout_prob,
+                layer_norm_eps=config.layer_norm_eps,
+                init_std=config.initializer_range,
+                rngs=nnx.Rngs(params=key),
+                head_dim=config.head_dim,
+                attention_kernel=config.attention_kernel,
+                **_layer_kwargs(config),
+            )
+
+        keys = jax.random.split(rngs.params(), config.num_weight_sets)
+        self.kept_heads = None
+        if config.pruned_heads:  # layers of different sizes: one module each, no scan
+            self.kept_heads = tuple(config.kept_heads(i) for i in range(len(keys)))
+            self.layers = nnx.List(
+                [make_layer(k, len(h)) for k, h in zip(keys, self.kept_heads, strict=True)]
+            )
+        self.shared_parts = _SHARED_PARTS.get(config.share_layers, ())
+        self.layer = None if self.kept_heads else self._stacked_layers(make_layer, keys)
+        self.embedding_projection = (
+            layers.Dense(
+                config.embed_dim,
+                config.hidden_size,
+                kernel_axes=(None, axes.EMBED),
+                init_std=config.initializer_range,
+                rngs=rngs,
+                **_layer_kwargs(config),
+            )
+            if config.embed_dim != config.hidden_size
+            else None
+        )
+        self.share_all = config.share_layers == "all"
+        self._num_heads = config.num_attention_heads
+        self.schedule = tuple(config.layer_schedule())
+        self.remat = config.remat
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: layers.AttentionMask,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """x: [B, L, E], head_mask: [N, H] or None -> (last [B, L, D], every layer's
+        [N, B, L, D], probs [N, B, H, L, L]); also returns the input as projected to D.
+
+        With `query_positions` [B, Q] the last layer computes only those positions (its keys
+        and values still come from all), and `last` is [B, Q, D].
+        """
+        if query_positions is not None and (output_hidden_states or output_attentions):
+            raise ValueError(
+                "query_positions computes the last layer at some positions only; it cannot "
+                "return every layer's hidden states or attention probabilities"
+            )
+        if self.embedding_projection is not None:
+            x = self.embedding_projection(x)
+        if self.kept_heads is not None:
+            return (
+                *self._unrolled(
+                    x,
+                    mask,
+                    rng,
+                    deterministic,
+                    head_mask,
+                    output_attentions,
+                    output_hidden_states,
+                    query_positions,
+                ),
+                x,
+            )
+        graphdef, stacked = nnx.split(self.layer)
+        weights = nnx.to_pure_dict(stacked)
+        steps = len(self.schedule)
+        keys = None if rng is None else jax.random.split(rng, steps)
+        if self.share_all:  # every set is read from the closure, by index for groups
+            scanned, fixed = {}, weights
+            index = jnp.asarray(self.schedule, jnp.int32) if max(self.schedule) else None
+        else:
+            scanned = {k: v for k, v in weights.items() if k not in self.shared_parts}
+            fixed = {k: v for k, v in weights.items() if k in self.shared_parts}
+            index = None
+
+        def apply(h, xs, positions):
+            per_layer, key, i, heads = xs
+            own = jax.tree.map(lambda w: w[0] if i is None else w[i], fixed)
+            layer = nnx.merge(graphdef, {**per_layer, **own})
+            return layer(
+                h,
+                mask,
+                rng=key,
+                deterministic=deterministic,
+                return_probs=output_attentions,
+                head_mask=heads,
+                query_positions=positions,
+            )
+
+        def body(h, xs):
+            h, probs = apply(h, xs, None)
+            return h, (h if output_hidden_states else None, probs)
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
+        if head_mask is not None and steps != head_mask.shape[0]:
+            # ALBERT's inner group layers: each applied layer's mask for its inner layers.
+            head_mask = jnp.repeat(head_mask, steps // head_mask.shape[0], axis=0)
+        xs = (scanned, keys, index, head_mask)
+        if query_positions is None:
+            out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
+            return out, hidden, probs, x
+        # All layers but the last over every position; the last at the asked positions only.
+        h, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], xs), length=steps - 1)
+        out, _ = apply(h, jax.tree.map(lambda a: a[-1], xs), query_positions)
+        return out, None, None, x
+
+    def _stacked_layers(self, make_layer, keys) -> layers.TransformerLayer:
+        """One layer module whose weights carry a leading axis of the weight sets."""
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
+        stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+        for name in self.shared_parts:  # one copy of the shared sublayers, for every layer
+            for var in _variables(stacked[name]):
+                var.set_value(var.get_value()[:1])
+        for var in _variables(stacked):
+            var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
+        return nnx.merge(graphdef, stacked)
+
+    def _unrolled(
+        self,
+        h,
+        mask,
+        rng,
+        deterministic,
+        head_mask,
+        output_attentions,
+        output_hidden,
+        query_positions=None,
+    ):
+        """A pruned model's layers, each with its own heads; attention probabilities come back
+        in the original head numbering (zeros for removed heads)."""
+        keys = [None] * len(self.layers) if rng is None else jax.random.split(rng, len(self.layers))
+        hidden, probs = [], []
+        for i, (layer, kept) in enumerate(zip(self.layers, self.kept_heads, strict=True)):
+            heads = None if head_mask is None else head_mask[i, ..., jnp.asarray(kept)]
+            h, p = layer(
+                h,
+                mask,
+                rng=keys[i],
+                deterministic=deterministic,
+                return_probs=output_attentions,
+                head_mask=heads,
+                query_positions=query_positions if i == len(self.layers) - 1 else None,
+            )
+            hidden.append(h)
+            if output_attentions:
+                full = jnp.zeros((*p.shape[:1], self._num_heads, *p.shape[2:]), p.dtype)
+                probs.append(full.at[:, jnp.asarray(kept)].set(p))
+        return (
+            h,
+            jnp.stack(hidden) if output_hidden else None,
+            jnp.stack(probs) if output_attentions else None,
+        )
+
+
+class BertModel(nnx.Module):
+    """The BERT encoder: embeddings, Transformer layers, pooler (dense + tanh on [CLS])."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, add_pooling_layer: bool = True):
+        self.config = config
+        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.encoder = BertEncoder(config, rngs=rngs)
+        self.pooler = (
+            layers.Dense(
+                config.hidden_size,
+                config.hidden_size,
+                kernel_axes=(axes.EMBED, axes.MLP),
+                init_std=config.initializer_range,
+                rngs=rngs,
+                **_layer_kwargs(config),
+            )
+            if add_pooling_layer
+            else None
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        head_mask: jax.Array | None = None,
+        packing: Packing | None = None,
+        query_positions: jax.Array | None = None,
+    ) -> EncoderOutput:
+        """Encodes a batch.
+
+        Args:
+          input_ids: [B, L] int32 token ids.
+          input_mask: [B, L] int32 or bool, 1 for real tokens and 0 for padding.
+          segment_ids: [B, L] int32 token types (0 for sentence A, 1 for sentence B).
+          rng: dropout key; required when deterministic=False.
+          head_mask: [num_hidden_layers, num_attention_heads] float multiplying each head's
+            output (0 silences it), or [B, layers, heads] for a mask per example; None: all 1.
+          packing: several examples per row (`Packing`): positions restart at each example,
+            attention stays within it, and the pooled output is [B, K, D], one per example.
+          query_positions: [B, Q] int32, the positions whose output is wanted, [CLS]'s (0)
+            first: the last layer computes only those, `sequence_output` is [B, Q, D] and the
+            pooler reads its first row. None: every position.
+        """
+        if packing is not None and query_positions is not None:
+            raise ValueError("packing and query_positions cannot be combined")
+        check_input_shapes(self.config, input_ids, input_mask, segment_ids)
+        emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
+        positions = None if packing is None else packing.position_ids
+        x = self.embeddings(
+            input_ids, segment_ids, positions, rng=emb_key, deterministic=deterministic
+        )
+        seq, hidden, probs, x = self.encoder(
+            x,
+            layers.AttentionMask(input_mask.astype(jnp.int32))
+            if packing is None
+            else layers.AttentionMask(packing.example_ids, packed=True),
+            rng=enc_key,
+            deterministic=deterministic,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            head_mask=self._check_head_mask(head_mask),
+            query_positions=query_positions,
+        )
+        if packing is None:
+            cls = seq[:, 0]
+        else:  # [B, K, D]: each packed example's [CLS]
+            cls = layers.gather(seq, packing.cls_positions)
+        pooled = None if self.pooler is None else jnp.tanh(self.pooler(cls))
+        if output_hidden_states:
+            hidden = jnp.concatenate([x[None], hidden], axis=0)
+        return EncoderOutput(seq, pooled, hidden, probs)
+
+    def _check_head_mask(self, head_mask):
+        """[N, H] (one mask) or [B, N, H] (one per example) -> [N, H] or [N, B, H]."""
+        if head_mask is None:
+            return None
+        want = (self.config.num_hidden_layers, self.config.num_attention_heads)
+        if tuple(head_mask.shape[-2:]) != want or head_mask.ndim not in (2, 3):
+            raise ValueError(
+                f"head_mask has shape {tuple(head_mask.shape)}; it must be [layers, heads] = "
+                f"{list(want)}, or [batch, layers, heads]"
+            )
+        head_mask = jnp.asarray(head_mask, jnp.float32)
+        return head_mask if head_mask.ndim == 2 else jnp.swapaxes(head_mask, 0, 1)
+
+
+def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -> None:
+    """Raises ValueError naming the offending input when a batch does not fit the config."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    for name, arr in (("input_mask", input_mask), ("segment_ids", segment_ids)):
+        if arr.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; every "
+                f"[batch, length] feature must have the same shape"
+            )
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; shorten the inputs or enlarge the config"
+        )
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _variables(state: nnx.State) -> list[nnx.Variable]:
+    return jax.tree.leaves(state, is_leaf=_is_variable)
