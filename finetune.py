@@ -117,8 +117,8 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         raise FileNotFoundError(
             f"data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
             f"with CoLA/, SST-2/, MNLI/, ... (the GLUE download), SQuAD/, CoNLL-2003/, SWAG/>, "
-            f"or for GLUE --config.source=tfds with the data prepared by "
-            f"`tfds build glue/<task> --file_format=array_record`"
+            f"or for GLUE, SQuAD and CoNLL-2003 --config.source=tfds with the data prepared "
+            f"by `tfds build <glue/task, squad/v1.1, conll2003> --file_format=array_record`"
         )
     for name in ("batch_size", "eval_batch_size", "max_seq_length", "pack_max_examples"):
         if cfg[name] < 1:

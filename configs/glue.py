@@ -19,7 +19,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Comma-separated: cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli (or all), squad_v1, squad_v2,
     # conll2003, swag (configs/squad.py, conll.py and swag.py hold their recipes).
     config.tasks = "all"
-    config.source = "tsv"  # "tsv": the GLUE folders under data_dir; "tfds": glue/<task>.
+    # "tsv": the official files under data_dir; "tfds": TFDS glue/<task>, squad/v1.1,
+    # squad/v2.0 and conll2003 prepared as ArrayRecord (SWAG and your own data: files).
+    config.source = "tsv"
     # Holds CoLA/, SST-2/, ..., diagnostic/ as the GLUE download does, and SQuAD/,
     # CoNLL-2003/, SWAG/ (see bert_jax/tasks/catalog.py).
     config.data_dir = ""

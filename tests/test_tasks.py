@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import glue_data
 import numpy as np
@@ -210,3 +211,107 @@ def test_bad_task_files_are_refused_before_compiling(tmp_path):
     assert "dev.jsonl:" in proc.stderr and "unknown label 'negative'" in proc.stderr
     assert time.time() - start < 60  # refused before any compilation
     assert not (tmp_path / "work" / "squad_v2").exists()
+
+
+class _FakeSource(list):
+    """A TFDS ArrayRecord data source as the readers use it: len, indexing, dataset_info."""
+
+    def __init__(self, records, ner_names=()):
+        super().__init__(records)
+        feature = types.SimpleNamespace(names=list(ner_names))
+        self.dataset_info = types.SimpleNamespace(
+            features={"ner": types.SimpleNamespace(feature=feature)}
+        )
+
+
+def test_squad_and_conll_read_from_tfds_records(monkeypatch):
+    """`--config.source=tfds`: TFDS squad/v2.0 and conll2003 records (text as bytes, tags as
+    class indices) become the same examples the official files give, with the same checks."""
+    import tensorflow_datasets as tfds
+
+    from bert_jax.tasks import base
+
+    context = "The cat sat on the mat."
+    squad_records = [
+        {
+            "id": b"q1",
+            "question": b"Where did the cat sit?",
+            "context": context.encode(),
+            "answers": {"text": [b"the mat", b"mat"], "answer_start": [15, 19]},
+            "is_impossible": False,
+        },
+        {
+            "id": b"q2",
+            "question": b"Who?",
+            "context": context.encode(),
+            "answers": {"text": [], "answer_start": []},
+            "is_impossible": True,
+        },
+    ]
+    ner_names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    # IOB1 as distributed: "I-PER I-PER" opens an entity; "B-LOC" follows an I-LOC entity.
+    conll_records = [
+        {"tokens": [b"John", b"Smith", b"visits", b"Paris"], "ner": [2, 2, 0, 6]},
+        {"tokens": [b"Bonn", b"Berlin"], "ner": [6, 5]},
+    ]
+    calls = []
+
+    def fake_data_source(name, split, data_dir, download):
+        calls.append((name, split, download))
+        if name.startswith("squad"):
+            return _FakeSource(squad_records)
+        return _FakeSource(conll_records, ner_names)
+
+    monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    settings = base.Settings(
+        data_dir="",
+        max_seq_length=64,
+        max_train_examples=0,
+        source="tfds",
+        tfds_data_dir="",
+        doc_stride=32,
+        max_query_length=16,
+        n_best_size=20,
+        max_answer_length=30,
+    )
+    squad_task = base.get_task("squad_v2")
+    assert squad_task.check(settings) == []
+    first, second = squad_task._read(settings, "dev")
+    assert (first.qas_id, first.question) == ("q1", "Where did the cat sit?")
+    assert first.context == context
+    assert [(a.text, a.start) for a in first.answers] == [("the mat", 15), ("mat", 19)]
+    assert second.is_impossible and second.answers == ()
+    assert ("squad/v2.0", "validation", False) in calls and ("squad/v2.0", "train", False) in calls
+    conll_task = base.get_task("conll2003")
+    sentences = conll_task._read(settings, "test")
+    assert [s.words for s in sentences] == [
+        ("John", "Smith", "visits", "Paris"),
+        ("Bonn", "Berlin"),
+    ]
+    assert [s.tags for s in sentences] == [("B-PER", "I-PER", "O", "B-LOC"), ("B-LOC", "B-LOC")]
+    assert ("conll2003", "test", False) in calls
+    # A record whose answer is not the context's text at its offset: named, as in the JSON.
+    squad_records[0]["answers"]["answer_start"][0] = 3
+    train_problem, dev_problem = squad_task.check(settings)
+    assert train_problem.startswith("TFDS squad/v2.0 train record 0: question 'q1'")
+    assert dev_problem.startswith("TFDS squad/v2.0 validation record 0")
+    assert "offset 3" in dev_problem
+
+
+def test_tfds_data_not_prepared_says_how(tmp_path):
+    from bert_jax.tasks import base
+
+    settings = base.Settings(
+        data_dir="",
+        max_seq_length=64,
+        max_train_examples=0,
+        source="tfds",
+        tfds_data_dir=str(tmp_path),
+        doc_stride=32,
+        max_query_length=16,
+        n_best_size=20,
+        max_answer_length=30,
+    )
+    (problem, *_) = base.get_task("conll2003").check(settings)
+    assert "tfds build conll2003 --file_format=array_record" in problem
+    assert "column files" in problem

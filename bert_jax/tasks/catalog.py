@@ -128,7 +128,7 @@ class SquadTask(base.Task):
     dev_names = ("dev",)
 
     def __init__(self, version: str):
-        self.version_2 = version == "2.0"
+        self.version, self.version_2 = version, version == "2.0"
         self.name = "squad_v2" if self.version_2 else "squad_v1"
         self.metrics = ("exact_match", "f1") + (("HasAns_f1", "NoAns_f1") if self.version_2 else ())
         # BERT-Base, single model, SQuAD v1.1 dev (Devlin et al., Table 2); the paper gives
@@ -146,10 +146,22 @@ class SquadTask(base.Task):
     def _path(self, settings, split):
         return os.path.join(settings.data_dir, self.folder, self.files[split])
 
-    def check(self, settings):
-        return base.problems_of(
-            *(functools.partial(squad.read_squad, self._path(settings, s)) for s in self.files)
+    def _read(self, settings, split) -> list[squad.Example]:
+        """The official JSON file, or with `--config.source=tfds` TFDS `squad/v1.1` or
+        `squad/v2.0` (train and validation)."""
+        if settings.source != "tfds":
+            return squad.read_squad(self._path(settings, split))
+        name, tfds_split = f"squad/v{self.version}", {"train": "train", "dev": "validation"}[split]
+        source = glue.tfds_source(
+            name,
+            tfds_split,
+            settings.tfds_data_dir or None,
+            f"the official JSON files in --config.data_dir/{self.folder}/ (--config.source=tsv)",
         )
+        return squad.examples_from_tfds(source, f"TFDS {name} {tfds_split}")
+
+    def check(self, settings):
+        return base.problems_of(*(functools.partial(self._read, settings, s) for s in self.files))
 
     def _windows(self, settings):
         return squad.WindowConfig(
@@ -157,11 +169,11 @@ class SquadTask(base.Task):
         )
 
     def load(self, settings, tokenizer):
-        train = squad.read_squad(self._path(settings, "train"))
+        train = self._read(settings, "train")
         if settings.max_train_examples:
             train = train[: settings.max_train_examples]
         windows = self._windows(settings)
-        examples = squad.read_squad(self._path(settings, "dev"))
+        examples = self._read(settings, "dev")
         features = squad.make_features(examples, tokenizer, windows)
         decoding = squad.DecodeConfig(
             settings.n_best_size, settings.max_answer_length, 0.0, self.version_2
@@ -239,6 +251,23 @@ class Conll2003Task(base.Task):
         }
 
     def _read(self, settings, split):
+        """The column file, or with `--config.source=tfds` TFDS `conll2003`; IOB1 as IOB2."""
+        if settings.source != "tfds":
+            return self._read_file(settings, split)
+        source = glue.tfds_source(
+            "conll2003",
+            split,
+            settings.tfds_data_dir or None,
+            f"the column files in --config.data_dir/{self.folder}/ (--config.source=tsv)",
+        )
+        names = source.dataset_info.features["ner"].feature.names
+        unknown = sorted(set(names) - set(self.labels))
+        if unknown:
+            raise ValueError(f"TFDS conll2003: tags {unknown} are not CoNLL-2003's {self.labels}")
+        sentences = conll.sentences_from_tfds(source, names)
+        return [conll.Sentence(s.words, tuple(conll.iob1_to_iob2(s.tags))) for s in sentences]
+
+    def _read_file(self, settings, split):
         path = os.path.join(settings.data_dir, self.folder, self.files[split])
         sentences = conll.read_conll(path, labels=self.labels)
         return [
@@ -529,7 +558,7 @@ class TagTask(Conll2003Task):
     def _read(self, settings, split):
         if not self.labels:
             self.prepare(settings)
-        return super()._read(settings, split)
+        return self._read_file(settings, split)  # a user's files, whatever config.source
 
     def prepare(self, settings):
         self.labels = read_labels(os.path.join(settings.data_dir, self.folder))

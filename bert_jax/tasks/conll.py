@@ -34,6 +34,18 @@ class Sentence:
 DOCSTART = "-DOCSTART-"
 
 
+def sentences_from_tfds(records, tag_names: Sequence[str]) -> list[Sentence]:
+    """The sentences of TFDS `conll2003` records (`tokens` as bytes, `ner` as indices into
+    `tag_names`, the builder's class names); TFDS keeps no document boundaries."""
+    return [
+        Sentence(
+            tuple(t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in r["tokens"]),
+            tuple(tag_names[int(k)] for k in r["ner"]),
+        )
+        for r in (records[i] for i in range(len(records)))
+    ]
+
+
 def read_conll(path: str, tag_column: int = -1, labels: Sequence[str] | None = None):
     """The sentences of a CoNLL column file.
 

@@ -230,26 +230,38 @@ def read_tsv(task: Task, split: Split, folder: str) -> Examples:
     return out
 
 
+def tfds_source(name: str, split: str, data_dir: str | None, instead: str):
+    """TFDS `name`'s `split` prepared as ArrayRecord, as a data source (no tensorflow).
+
+    Raises:
+      FileNotFoundError saying how to prepare it, or `instead` what else to read.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+        raise FileNotFoundError(
+            f"TFDS {name} split {split} is not prepared in "
+            f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {str(e)[:200]}); "
+            f"prepare it with `tfds build {name} --file_format=array_record` (then pass "
+            f"--config.tfds_data_dir), or use {instead}"
+        ) from e
+
+
 def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
     """One split of `task` from TFDS `glue/<config>` prepared as ArrayRecord (no tensorflow).
 
     Raises:
       FileNotFoundError saying how to prepare the data when it is not there.
     """
-    import tensorflow_datasets as tfds
-
     config = "ax" if split is AX else task.tfds_config
-    try:
-        source = tfds.data_source(
-            f"glue/{config}", split=split.tfds_split, data_dir=data_dir, download=False
-        )
-    except Exception as e:
-        raise FileNotFoundError(
-            f"TFDS glue/{config} split {split.tfds_split} is not prepared in "
-            f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {str(e)[:200]}); "
-            f"prepare it with `tfds build glue/{config} --file_format=array_record` (then pass "
-            f"--config.tfds_data_dir), or use the GLUE TSV folders (--config.data_dir)"
-        ) from e
+    source = tfds_source(
+        f"glue/{config}",
+        split.tfds_split,
+        data_dir,
+        "the GLUE TSV folders (--config.data_dir)",
+    )
     text_keys = AX_TEXT if split is AX else task.tfds_text
     out = Examples([], [] if len(text_keys) > 1 else None, None, [])
     labels = []

@@ -96,20 +96,59 @@ def read_squad(path: str) -> list[Example]:
                 for a in need(qa.get("answers", []), list, "'answers'", qas_id):
                     text = need(a.get("text"), str, "an answer's 'text'", qas_id)
                     start = need(a.get("answer_start"), int, "'answer_start'", qas_id)
-                    found = context[start : start + len(text)]
-                    if found != text:
-                        raise ValueError(
-                            f"{where(qas_id)}: question {qas_id!r}: the answer {text!r} is not "
-                            f"the context's text at offset {start}, which reads {found!r}; fix "
-                            f"answer_start (the character offset of the answer in the context)"
-                        )
                     answers.append(Answer(text, start))
-                if impossible and answers:
-                    raise ValueError(
-                        f"{where(qas_id)}: question {qas_id!r} is marked is_impossible but has "
-                        f"answers; SQuAD v2.0 keeps those under 'plausible_answers'"
-                    )
-                examples.append(Example(qas_id, question, context, tuple(answers), impossible))
+                examples.append(
+                    _checked(Example(qas_id, question, context, tuple(answers), impossible), where)
+                )
+    return examples
+
+
+def _checked(example: Example, where) -> Example:
+    """`example`, after checking its answers against its context (`where(qas_id)` names the
+    file and line, or the TFDS record, of a problem)."""
+    for answer in example.answers:
+        found = example.context[answer.start : answer.start + len(answer.text)]
+        if found != answer.text:
+            raise ValueError(
+                f"{where(example.qas_id)}: question {example.qas_id!r}: the answer "
+                f"{answer.text!r} is not the context's text at offset {answer.start}, which "
+                f"reads {found!r}; fix answer_start (the character offset of the answer in the "
+                f"context)"
+            )
+    if example.is_impossible and example.answers:
+        raise ValueError(
+            f"{where(example.qas_id)}: question {example.qas_id!r} is marked is_impossible but "
+            f"has answers; SQuAD v2.0 keeps those under 'plausible_answers'"
+        )
+    return example
+
+
+def examples_from_tfds(records, name: str) -> list[Example]:
+    """The examples of TFDS `squad/v1.1` or `squad/v2.0` records (a data source: `len` and
+    indexing; text as bytes), checked as the JSON reader checks them."""
+
+    def text(value) -> str:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    examples = []
+    for i in range(len(records)):
+        record = records[i]
+        answers = record["answers"]
+        examples.append(
+            _checked(
+                Example(
+                    text(record["id"]),
+                    text(record["question"]),
+                    text(record["context"]),
+                    tuple(
+                        Answer(text(t), int(a))
+                        for t, a in zip(answers["text"], answers["answer_start"], strict=True)
+                    ),
+                    bool(record.get("is_impossible", False)),
+                ),
+                lambda qas_id, i=i: f"{name} record {i}",
+            )
+        )
     return examples
 
 
