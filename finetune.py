@@ -189,7 +189,7 @@ class Run:
     def __init__(self, cfg, task, data, trainer, pretrained, lr, seed, directory):
         self.cfg, self.task, self.data, self.trainer = cfg, task, data, trainer
         self.pretrained, self.lr, self.seed, self.directory = pretrained, lr, seed, directory
-        self.data_parallel = sharding.data_parallel_size(trainer.mesh, axes.DEFAULT_RULES)
+        self.data_parallel = trainer.data_parallel
         self.main_dev = task.dev_names[0]
         self.pack = cfg.pack and task.packable
         self.writer = tensorboardX.SummaryWriter(os.path.join(directory, "tensorboard"))
@@ -207,9 +207,6 @@ class Run:
         ckpt_dir = os.path.join(directory, "checkpoints")
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts this run afresh
         self.ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=1)
-
-    def device_batch(self, host: dict[str, np.ndarray]):
-        return sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES)
 
     def train_batches(self, n: int, total: int) -> tuple[list[np.ndarray], list[int | None]]:
         """The examples of each of the run's `total` steps (a new shuffle each epoch, the
@@ -269,7 +266,7 @@ class Run:
                 jax.device_get(
                     self.trainer.predict_step(
                         params,
-                        self.device_batch({k: v[i : i + per] for k, v in packed.items()}),
+                        self.trainer.global_batch({k: v[i : i + per] for k, v in packed.items()}),
                     )
                 )
                 for i in range(0, len(source), per)
@@ -279,7 +276,7 @@ class Run:
         for start in range(0, n, b):
             real = min(b, n - start)
             host = {k: _pad(v[start : start + real], b) for k, v in features.items()}
-            out = jax.device_get(self.trainer.predict_step(params, self.device_batch(host)))
+            out = jax.device_get(self.trainer.predict_step(params, self.trainer.global_batch(host)))
             outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
         return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 
@@ -316,7 +313,7 @@ class Run:
                     host, cfg.pack_max_examples, self.data_parallel, rows=row_counts[step]
                 )
                 del host["source"]
-            state, metrics = self.trainer.train_step(state, self.device_batch(host))
+            state, metrics = self.trainer.train_step(state, self.trainer.global_batch(host))
             step += 1
             # One step in flight: the bar counts the steps that have run (it raced ahead of a
             # queue of dispatched steps and then stalled at each log), and the next batch is

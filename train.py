@@ -380,7 +380,7 @@ class Loop:
     def evaluate(self, params) -> dict[str, float]:
         totals: dict[str, float] = {}
         for batch in self.eval_batches:
-            batch = sharding.global_batch(batch, self.trainer.mesh, axes.DEFAULT_RULES)
+            batch = self.trainer.global_batch(batch)
             for key, value in jax.device_get(self.trainer.eval_step(params, batch)).items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         return self.trainer.objective.summarize(totals)
@@ -452,7 +452,7 @@ class Loop:
         (what a checkpoint of the step that consumes it records)."""
         with jax.profiler.TraceAnnotation("next_batch"):
             host = next(self.iterator)
-            placed = sharding.global_batch(host, self.trainer.mesh, axes.DEFAULT_RULES)
+            placed = self.trainer.global_batch(host)
             return placed, self.iterator.get_state()
 
     def run_steps(self, state) -> dict:

@@ -147,7 +147,17 @@ class Trainer:
     eval_step: Callable[[models.Params, Batch], dict]
     predict_step: Callable[[models.Params, Batch], Any] | None
     init: Callable[[int], TrainState]
+    rules: sharding.Rules
     objective: Objective = PRETRAINING
+
+    def global_batch(self, host: dict) -> Batch:
+        """A host batch as global arrays on the trainer's mesh, split by its rules."""
+        return sharding.global_batch(host, self.mesh, self.rules)
+
+    @property
+    def data_parallel(self) -> int:
+        """How many ways the rules split a batch over the mesh (data x fsdp)."""
+        return sharding.data_parallel_size(self.mesh, self.rules)
 
 
 def create_trainer(
@@ -235,6 +245,7 @@ def create_trainer(
             in_shardings=(param_shardings, batch_sharding),
         ),
         init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
+        rules=rules,
         objective=objective,
     )
 

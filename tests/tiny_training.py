@@ -56,9 +56,7 @@ def train_and_predict(
                 perm = order.permutation(n)
             rows = perm[(step % per_epoch) * batch :][:batch]
             host = {k: v[rows] for k, v in train.items()}
-            state, _ = trainer.train_step(
-                state, sharding.global_batch(host, mesh, axes.DEFAULT_RULES)
-            )
+            state, _ = trainer.train_step(state, trainer.global_batch(host))
         total = len(test["input_ids"])
         for start in range(0, total, eval_batch):
             real = min(eval_batch, total - start)
