@@ -3,6 +3,8 @@
 python -m bert_jax.convert import-hf  HF_DIR   OUT_WORKDIR
 python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
+python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
+    (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py)
 
 Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the traceback.
 """
@@ -14,8 +16,16 @@ import jax
 
 from bert_jax import axes, cli, models, sharding
 from bert_jax.convert.names import model_class
-from bert_jax.convert.runs import load_pretrained, load_run, overlay, read_run, write_run
+from bert_jax.convert.runs import (
+    load_pretrained,
+    load_run,
+    model_kind,
+    overlay,
+    read_run,
+    write_run,
+)
 from bert_jax.convert.sources import export_hf, read_hf_dir, read_tf_checkpoint
+from bert_jax.convert.stablehlo import export_stablehlo
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,14 +37,45 @@ def main(argv: list[str] | None = None) -> None:
         ("import-hf", "Hugging Face model directory -> bert_jax workdir"),
         ("import-tf", "original TF checkpoint directory -> bert_jax workdir"),
         ("export-hf", "bert_jax workdir -> Hugging Face model directory"),
+        ("export-stablehlo", "a model -> jax.export (StableHLO) artifact and a loader"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("source")
         p.add_argument("output")
         if name == "export-hf":
             p.add_argument("--step", type=int, default=None, help="default: the latest")
+        if name == "export-stablehlo":
+            p.add_argument(
+                "--architecture", default="", help="default: a run's own; BertModel otherwise"
+            )
+            p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
     args = parser.parse_args(argv)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    if args.command == "export-stablehlo":
+        kind, path = model_kind(args.source)
+        run = read_run(path) if kind == "bert_jax" else {}
+        architecture = args.architecture or run.get("architecture", "BertModel")
+        num_labels = args.num_labels or run.get("num_labels", 2)
+        loaded = load_pretrained(args.source, architecture, mesh=mesh, num_labels=num_labels)
+        if loaded.report.missing:
+            raise ValueError(
+                f"{args.source} has no weights for {architecture}'s {loaded.report.missing[:4]}: "
+                f"export the architecture it holds (--architecture; a run records its own)"
+            )
+        meta = export_stablehlo(
+            jax.device_get(loaded.params),
+            loaded.config,
+            architecture,
+            num_labels,
+            loaded.tokenizer,
+            args.output,
+        )
+        print(
+            f"wrote {architecture} of {loaded.description} to {args.output} as "
+            f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with "
+            f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
+        )
+        return
     if args.command == "export-hf":
         run = read_run(args.source, args.step)
         loaded = load_run(

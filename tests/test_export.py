@@ -1,0 +1,158 @@
+"""`python -m bert_jax.convert export-stablehlo`: each head's artifact, reloaded in a fresh
+process that never imports bert_jax, gives bert_jax's outputs at batch sizes and lengths
+other than any seen before."""
+
+import json
+import os
+import subprocess
+import sys
+
+import glue_data
+import jax
+import numpy as np
+import pytest
+from cli import ROOT
+
+from bert_jax import convert, models
+from bert_jax.convert.stablehlo import export_stablehlo
+from bert_jax.data.tokenization import WordPieceTokenizer
+
+HEADS = {
+    "BertModel": 2,
+    "BertForMaskedLM": 2,
+    "BertForSequenceClassification": 3,
+    "BertForTokenClassification": 5,
+    "BertForMultipleChoice": 2,
+    "BertForQuestionAnswering": 2,
+}
+
+# Runs in the exported directory's parent, with only the loader on its path.
+RELOAD = r"""
+import importlib.util, json, sys
+import numpy as np
+root, cases = sys.argv[1], json.loads(sys.argv[2])
+results = {}
+for name, shape in cases.items():
+    spec = importlib.util.spec_from_file_location("run_exported", f"{root}/{name}/run_exported.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    model = loader.ExportedModel(f"{root}/{name}")
+    rng = np.random.default_rng(len(shape))
+    ids = rng.integers(5, 39, shape).astype(np.int32)
+    mask = np.ones(shape, np.int32)
+    mask[..., shape[-1] - 3 :] = 0  # padding at the end of each row
+    segments = (np.arange(shape[-1]) >= shape[-1] // 2).astype(np.int32) * mask
+    for key, value in model(ids * mask, mask, segments).items():
+        results[f"{name}/{key}"] = value
+assert not any(m == "bert_jax" or m.startswith("bert_jax.") for m in sys.modules), "imported"
+np.savez(f"{root}/reloaded.npz", **results)
+"""
+
+
+def _bert_jax_outputs(config, architecture, num_labels, params, shape) -> dict:
+    rng = np.random.default_rng(len(shape))
+    ids = rng.integers(5, 39, shape).astype(np.int32)
+    mask = np.ones(shape, np.int32)
+    mask[..., shape[-1] - 3 :] = 0
+    segments = (np.arange(shape[-1]) >= shape[-1] // 2).astype(np.int32) * mask
+    graphdef, _ = models.split_params(
+        models.abstract_model(config, convert.model_class(architecture, num_labels))
+    )
+    out = models.merge_params(graphdef, jax.tree.map(np.asarray, params))(
+        ids * mask, mask, segments
+    )
+    if architecture == "BertModel":
+        return {"sequence_output": out.sequence_output, "pooled_output": out.pooled_output}
+    if architecture == "BertForQuestionAnswering":
+        return {"start_logits": out[0], "end_logits": out[1]}
+    return {"logits": out[0]}
+
+
+def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
+    config = models.BertConfig(
+        vocab_size=len(glue_data.VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    cases, expected = {}, {}
+    for i, (architecture, num_labels) in enumerate(HEADS.items()):
+        params = models.split_params(
+            models.create_model(config, i, convert.model_class(architecture, num_labels))
+        )[1]
+        out = tmp_path / "exported" / architecture
+        if architecture == "BertForSequenceClassification":  # the command line, from a run
+            run = tmp_path / "run"
+            convert.write_run(str(run), config, architecture, num_labels, params, tokenizer)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bert_jax.convert", "export-stablehlo", str(run), str(out)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert "[batch, length] -> logits" in proc.stdout
+        else:
+            export_stablehlo(params, config, architecture, num_labels, tokenizer, str(out))
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["architecture"] == architecture and (out / "vocab.txt").exists()
+        # Shapes the export never saw: batch 3 (or 2 x 3 choices), lengths 11 and 29.
+        shape = (2, 3, 11) if architecture == "BertForMultipleChoice" else (3, 29 - 2 * i)
+        cases[architecture] = shape
+        for key, value in _bert_jax_outputs(
+            config, architecture, num_labels, params, shape
+        ).items():
+            expected[f"{architecture}/{key}"] = np.asarray(value)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path / "exported"), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = np.load(tmp_path / "exported" / "reloaded.npz")
+    assert sorted(reloaded.files) == sorted(expected)
+    for key, value in expected.items():
+        assert reloaded[key].shape == value.shape, key
+        np.testing.assert_allclose(reloaded[key], value, atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_exporting_a_head_the_source_lacks_is_refused(tmp_path):
+    config = models.BertConfig(
+        vocab_size=len(glue_data.VOCAB),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    params = models.split_params(models.create_model(config, 0, models.BertModel))[1]
+    convert.write_run(str(tmp_path / "run"), config, "BertModel", 2, params, tokenizer)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bert_jax.convert",
+            "export-stablehlo",
+            str(tmp_path / "run"),
+            str(tmp_path / "out"),
+            "--architecture=BertForQuestionAnswering",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "has no weights for BertForQuestionAnswering" in proc.stderr
+    assert not (tmp_path / "out" / "model.jax_export").exists()
+
+
+@pytest.mark.parametrize("architecture", ["BertForPreTraining"])
+def test_heads_without_an_export_name_the_alternatives(architecture, tmp_path):
+    with pytest.raises(ValueError, match="export the encoder"):
+        export_stablehlo({}, models.BertConfig(), architecture, 2, None, str(tmp_path))
