@@ -142,11 +142,19 @@ class _DenseHead(nnx.Module):
             config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
         )
 
-    def _scores(
-        self, input_ids, input_mask, segment_ids, rng, deterministic, **kwargs
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        input_mask: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        **kwargs,
     ) -> tuple[jax.Array, EncoderOutput]:
-        """(float32 scores of the pooled output, or of every token's without a pooler;
-        encoder output)."""
+        """(float32 logits, encoder output): [B, outputs] from the pooled output ([B, K,
+        outputs] with `packing`), or [B, L, outputs] from every token's output without a
+        pooler; arguments as in `BertModel`."""
         enc_key, drop_key = (None, None) if rng is None else jax.random.split(rng)
         enc = self.bert(
             input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
@@ -158,7 +166,8 @@ class _DenseHead(nnx.Module):
 
 class BertForSequenceClassification(_DenseHead):
     """BERT with dropout and a dense layer on the pooled output: `num_labels` classes, or a
-    regression score when `num_labels` is 1 (STS-B)."""
+    regression score when `num_labels` is 1 (STS-B). Called as `_DenseHead`: logits
+    [B, num_labels], or [B, K, num_labels] for a packed batch."""
 
     def __init__(
         self,
@@ -171,24 +180,11 @@ class BertForSequenceClassification(_DenseHead):
         self.num_labels = num_labels
         self._init_head(config, num_labels, rngs, classifier_dropout, pooled=True)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        input_mask: jax.Array,
-        segment_ids: jax.Array,
-        *,
-        rng: jax.Array | None = None,
-        deterministic: bool = True,
-        **kwargs,
-    ) -> tuple[jax.Array, EncoderOutput]:
-        """(logits [B, num_labels] float32, or [B, K, num_labels] with `packing`, encoder
-        output); arguments as in `BertModel`."""
-        return self._scores(input_ids, input_mask, segment_ids, rng, deterministic, **kwargs)
-
 
 class BertForTokenClassification(_DenseHead):
     """BERT with dropout and a dense layer on every token's output: `num_labels` scores per
-    token (named entities; `transformers`' BertForTokenClassification; no pooler)."""
+    token (named entities; `transformers`' BertForTokenClassification; no pooler). Called as
+    `_DenseHead`: logits [B, L, num_labels]."""
 
     def __init__(
         self,
@@ -200,19 +196,6 @@ class BertForTokenClassification(_DenseHead):
     ):
         self.num_labels = num_labels
         self._init_head(config, num_labels, rngs, classifier_dropout, pooled=False)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        input_mask: jax.Array,
-        segment_ids: jax.Array,
-        *,
-        rng: jax.Array | None = None,
-        deterministic: bool = True,
-        **kwargs,
-    ) -> tuple[jax.Array, EncoderOutput]:
-        """(logits [B, L, num_labels] float32, encoder output); arguments as in `BertModel`."""
-        return self._scores(input_ids, input_mask, segment_ids, rng, deterministic, **kwargs)
 
 
 class BertForMultipleChoice(_DenseHead):
@@ -238,7 +221,7 @@ class BertForMultipleChoice(_DenseHead):
         keyword arguments as in `BertModel`."""
         batch, choices, length = input_ids.shape
         flat = [x.reshape(batch * choices, length) for x in (input_ids, input_mask, segment_ids)]
-        logits, enc = self._scores(*flat, rng, deterministic, **kwargs)
+        logits, enc = super().__call__(*flat, rng=rng, deterministic=deterministic, **kwargs)
         return logits.reshape(batch, choices), enc
 
 
