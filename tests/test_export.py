@@ -1,6 +1,6 @@
-"""`python -m bert_jax.convert export-stablehlo`: each head's artifact, reloaded in a fresh
-process that never imports bert_jax, gives bert_jax's outputs at batch sizes and lengths
-other than any seen before."""
+"""The exports, each head at batch sizes and lengths other than any seen before:
+`export-stablehlo`'s artifact, reloaded in a fresh process that never imports bert_jax, and
+`export-onnx`'s file, run in onnxruntime, give bert_jax's outputs."""
 
 import json
 import os
@@ -14,6 +14,7 @@ import pytest
 from cli import ROOT
 
 from bert_jax import convert, models
+from bert_jax.convert.onnx_export import export_onnx
 from bert_jax.convert.stablehlo import export_stablehlo
 from bert_jax.data.tokenization import WordPieceTokenizer
 
@@ -156,3 +157,71 @@ def test_exporting_a_head_the_source_lacks_is_refused(tmp_path):
 def test_heads_without_an_export_name_the_alternatives(architecture, tmp_path):
     with pytest.raises(ValueError, match="export the encoder"):
         export_stablehlo({}, models.BertConfig(), architecture, 2, None, str(tmp_path))
+
+
+ONNX_HEADS = {**HEADS, "AlbertForSequenceClassification": 3}
+
+
+def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
+    import onnxruntime
+
+    tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
+    for i, (architecture, num_labels) in enumerate(ONNX_HEADS.items()):
+        albert = architecture.startswith("Albert")
+        config = models.BertConfig(
+            vocab_size=len(glue_data.VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            **({"share_layers": "all", "embedding_size": 16} if albert else {}),
+        )
+        bert_name = "Bert" + architecture.removeprefix("Albert").removeprefix("Bert")
+        params = models.split_params(
+            models.create_model(config, i, convert.model_class(bert_name, num_labels))
+        )[1]
+        out = tmp_path / architecture
+        if architecture == "BertForTokenClassification":  # the command line, from a run
+            run = tmp_path / "run"
+            convert.write_run(str(run), config, bert_name, num_labels, params, tokenizer)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bert_jax.convert", "export-onnx", str(run), str(out)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert "[batch, length] -> logits" in proc.stdout
+        else:
+            export_onnx(params, config, bert_name, num_labels, tokenizer, str(out))
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["architecture"] == architecture and (out / "vocab.txt").exists()
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+        assert [x.name for x in session.get_inputs()] == meta["inputs"]
+        # Shapes other than the traced (2, 8) and the export's own checks.
+        shape = (3, 2, 13) if architecture == "BertForMultipleChoice" else (4, 27 - i)
+        expected = _bert_jax_outputs(config, bert_name, num_labels, params, shape)
+        rng = np.random.default_rng(len(shape))
+        ids = rng.integers(5, 39, shape)
+        mask = np.ones(shape, np.int64)
+        mask[..., shape[-1] - 3 :] = 0
+        segments = (np.arange(shape[-1]) >= shape[-1] // 2).astype(np.int64) * mask
+        feed = dict(zip(meta["inputs"], (ids * mask, mask, segments), strict=True))
+        got = session.run(None, feed)
+        assert meta["outputs"] == list(expected)
+        for name, value in zip(meta["outputs"], got, strict=True):
+            assert value.shape == np.shape(expected[name]), (architecture, name)
+            np.testing.assert_allclose(
+                value, expected[name], atol=1e-5, rtol=0, err_msg=f"{architecture}/{name}"
+            )
+
+
+def test_an_export_never_writes_into_a_directory_with_files(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.onnx").write_bytes(b"someone's model")
+    with pytest.raises(FileExistsError, match="choose a new output directory"):
+        export_onnx({}, models.BertConfig(), "BertModel", 2, None, str(tmp_path / "out"))
+    with pytest.raises(FileExistsError, match="choose a new output directory"):
+        export_stablehlo({}, models.BertConfig(), "BertModel", 2, None, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == b"someone's model"

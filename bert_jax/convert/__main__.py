@@ -4,7 +4,9 @@ python -m bert_jax.convert import-hf  HF_DIR   OUT_WORKDIR
 python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
 python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
-    (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py)
+python -m bert_jax.convert export-onnx  SOURCE  OUT_DIR [--architecture A --num_labels N]
+    (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py
+    and bert_jax/convert/onnx_export.py)
 
 Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the traceback.
 """
@@ -16,6 +18,7 @@ import jax
 
 from bert_jax import axes, cli, models, sharding
 from bert_jax.convert.names import model_class
+from bert_jax.convert.onnx_export import export_onnx
 from bert_jax.convert.runs import (
     load_pretrained,
     load_run,
@@ -38,20 +41,21 @@ def main(argv: list[str] | None = None) -> None:
         ("import-tf", "original TF checkpoint directory -> bert_jax workdir"),
         ("export-hf", "bert_jax workdir -> Hugging Face model directory"),
         ("export-stablehlo", "a model -> jax.export (StableHLO) artifact and a loader"),
+        ("export-onnx", "a model -> ONNX file (through the transformers PyTorch model)"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("source")
         p.add_argument("output")
         if name == "export-hf":
             p.add_argument("--step", type=int, default=None, help="default: the latest")
-        if name == "export-stablehlo":
+        if name.startswith("export-") and name != "export-hf":
             p.add_argument(
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
     args = parser.parse_args(argv)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    if args.command == "export-stablehlo":
+    if args.command in ("export-stablehlo", "export-onnx"):
         kind, path = model_kind(args.source)
         run = read_run(path) if kind == "bert_jax" else {}
         architecture = args.architecture or run.get("architecture", "BertModel")
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{args.source} has no weights for {architecture}'s {loaded.report.missing[:4]}: "
                 f"export the architecture it holds (--architecture; a run records its own)"
             )
-        meta = export_stablehlo(
+        onnx = args.command == "export-onnx"
+        meta = (export_onnx if onnx else export_stablehlo)(
             jax.device_get(loaded.params),
             loaded.config,
             architecture,
@@ -70,10 +75,15 @@ def main(argv: list[str] | None = None) -> None:
             loaded.tokenizer,
             args.output,
         )
+        how = (
+            f"{args.output}/model.onnx in any ONNX runtime (checked with onnxruntime: at most "
+            f"{meta['max_abs_error']:.1e} from bert_jax)"
+            if onnx
+            else f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
+        )
         print(
-            f"wrote {architecture} of {loaded.description} to {args.output} as "
-            f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with "
-            f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
+            f"wrote {meta['architecture']} of {loaded.description} to {args.output} as "
+            f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with {how}"
         )
         return
     if args.command == "export-hf":

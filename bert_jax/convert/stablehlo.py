@@ -43,6 +43,15 @@ def _head(architecture: str) -> str:
     return head
 
 
+def fresh_output(output: str) -> None:
+    """Refuses an output directory that already holds files; creates it otherwise."""
+    if os.path.isdir(output) and os.listdir(output):
+        raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
+    problem = files.writable_problem(output, "the export")
+    if problem:
+        raise OSError(problem)
+
+
 def _outputs(head: str, result) -> tuple[jax.Array, ...]:
     if head == "Model":
         pooled = result.pooled_output
@@ -77,10 +86,8 @@ def export_stablehlo(
     shape = export.symbolic_shape(dims, constraints=(limit,))
     ids = jax.ShapeDtypeStruct(shape, jnp.int32)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    fresh_output(output)
     exported = export.export(jax.jit(forward))(abstract, ids, ids, ids)
-    problem = files.writable_problem(output, "the export")
-    if problem:
-        raise OSError(problem)
     files.atomic_write(os.path.join(output, "model.jax_export"), bytes(exported.serialize()))
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:

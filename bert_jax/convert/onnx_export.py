@@ -1,0 +1,185 @@
+"""A model as an ONNX file, through the Hugging Face PyTorch model of the same weights.
+
+    python -m bert_jax.convert export-onnx SOURCE OUT_DIR [--architecture ...]
+
+OUT_DIR holds `model.onnx` (batch and length dynamic; multiple choice also the choices),
+`meta.json` (architecture, input and output names as in export-stablehlo, the tokenizer) and the
+tokenizer's vocabulary file. Any ONNX runtime runs it; `onnxruntime` checks it before anything
+is written.
+
+Why through PyTorch: jax2onnx (0.12.5, and 0.17.1, whose metadata also pins an orbax-checkpoint
+older than ours) fails on jax 0.10 with symbolic batch and length ('_DynamicDimSentinel' object
+has no attribute 'rmax', at the position ids); the `transformers` BERT/ALBERT models hold the
+same weights under the names `export-hf` writes and are what the ONNX field exports. The
+TorchScript exporter is used: the dynamo exporter of torch 2.13 gave wrong outputs for
+transformers' BERT (max error 2.9 on unit-scale outputs). Every export is checked against
+bert_jax's own forward pass at two shapes other than the traced one; a mismatch writes nothing.
+
+Needs `pip install -r requirements-export.txt` (torch, transformers, onnx, onnxruntime).
+"""
+
+import io
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from bert_jax import files, models
+from bert_jax.convert.names import config_to_hf, family, model_class, params_to_hf
+from bert_jax.convert.stablehlo import INPUTS, OUTPUTS, _head, _outputs, fresh_output
+
+# The export-time check: ONNX Runtime against bert_jax in fp32 (the test asks 1e-5).
+TOLERANCE = 1e-4
+
+
+def _imports():
+    try:
+        import onnxruntime
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            f"export-onnx converts through the Hugging Face PyTorch model and checks the file "
+            f"with onnxruntime ({e}); install them: pip install -r requirements-export.txt"
+        ) from e
+    return torch, transformers, onnxruntime
+
+
+def _torch_model(torch, transformers, params, config, architecture, num_labels, head):
+    """The `transformers` model holding `params`, wrapped to bert_jax's inputs and outputs."""
+    hf_config = config_to_hf(config, architecture, num_labels)
+    hf_config = transformers.AutoConfig.for_model(**hf_config)
+    model = getattr(transformers, architecture)(hf_config)
+    state = {k: torch.from_numpy(v) for k, v in params_to_hf(params, config).items()}
+    if head == "Model":  # a bare encoder's names have no prefix; the pooler may be absent
+        pooled = "pooler.dense.weight" in state or "pooler.weight" in state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()  # the MLM decoder is the word embeddings (and the output bias)
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {tensors[k].data_ptr() for k in state if k in tensors}
+    missing = [
+        k
+        for k in missing
+        if tensors[k].data_ptr() not in loaded
+        and "position_ids" not in k
+        and not k.startswith("pooler")
+    ]
+    if missing or unexpected:
+        raise ValueError(
+            f"the {architecture} of transformers {transformers.__version__} does not hold these "
+            f"weights (missing {missing[:4]}, unexpected {unexpected[:4]}); export the "
+            f"StableHLO artifact instead (export-stablehlo)"
+        )
+    model.eval()
+
+    class Exported(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, input_mask, segment_ids):
+            out = self.model(
+                input_ids=input_ids, attention_mask=input_mask, token_type_ids=segment_ids
+            )
+            if head == "Model":
+                sequence = out.last_hidden_state
+                if pooled:
+                    return sequence, out.pooler_output
+                return sequence, torch.zeros_like(sequence[:, 0])
+            if head == "ForQuestionAnswering":
+                return out.start_logits, out.end_logits
+            return (out.logits,)
+
+    return Exported().eval()
+
+
+def _inputs(shape, vocab_size, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, shape).astype(np.int64)
+    mask = np.ones(shape, np.int64)
+    mask[..., shape[-1] - shape[-1] // 3 :] = 0  # a padded tail
+    segments = (np.arange(shape[-1]) >= shape[-1] // 3).astype(np.int64) * mask
+    return ids * mask, mask, segments
+
+
+def _bert_jax(params, config, architecture, num_labels, head, inputs):
+    graphdef, _ = models.split_params(
+        models.abstract_model(config, model_class(architecture, num_labels))
+    )
+    model = models.merge_params(graphdef, params)
+    arrays = [np.asarray(x, np.int32) for x in inputs]
+    return [np.asarray(x) for x in _outputs(head, model(*arrays))]
+
+
+def export_onnx(
+    params: models.Params,
+    config: models.BertConfig,
+    architecture: str,
+    num_labels: int,
+    tokenizer,
+    output: str,
+    opset: int = 17,
+) -> dict:
+    """Writes `output` (see the module doc) and returns its meta.json, with the check's
+    largest difference from bert_jax under "max_abs_error"."""
+    head = _head(architecture)
+    architecture = ("Albert" if family(config) == "albert" else "Bert") + head
+    fresh_output(output)
+    torch, transformers, onnxruntime = _imports()
+    params = jax.device_get(params)
+    module = _torch_model(torch, transformers, params, config, architecture, num_labels, head)
+    choices = head == "ForMultipleChoice"
+    dims = ("batch", "choices", "length") if choices else ("batch", "length")
+    traced = (2, 2, 8) if choices else (2, 8)
+    dynamic = dict(enumerate(dims))
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(torch.from_numpy(x) for x in _inputs(traced, config.vocab_size, 0)),
+            buffer,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS[head]),
+            dynamic_axes={name: dynamic for name in (*INPUTS, *OUTPUTS[head])},
+            opset_version=opset,
+            dynamo=False,
+        )
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    limit = config.max_position_embeddings
+    for seed, shape in enumerate([(1, 3, limit) if choices else (3, limit), traced[:-1] + (5,)]):
+        inputs = _inputs(shape, config.vocab_size, seed + 1)
+        got = session.run(None, dict(zip(INPUTS, inputs, strict=True)))
+        want = _bert_jax(params, config, architecture, num_labels, head, inputs)
+        for name, g, w in zip(OUTPUTS[head], got, want, strict=True):
+            error = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
+            if error > TOLERANCE * max(1.0, float(np.max(np.abs(w)))):
+                raise ValueError(
+                    f"the ONNX {architecture}'s {name} differs from bert_jax's by {error:.2e} "
+                    f"at shape {shape} (shapes {g.shape} vs {w.shape}); nothing was written. "
+                    f"Export the StableHLO artifact instead (export-stablehlo), and report this"
+                )
+            worst = max(worst, error)
+    files.atomic_write(os.path.join(output, "model.onnx"), buffer.getvalue())
+    vocab = os.path.basename(tokenizer.vocab_file)
+    shutil.copyfile(tokenizer.vocab_file, os.path.join(output, vocab))
+    meta = {
+        "architecture": architecture,
+        "num_labels": num_labels,
+        "inputs": list(INPUTS),
+        "input_shape": ", ".join(dims),
+        "input_dtype": "int64",
+        "max_length": limit,
+        "outputs": list(OUTPUTS[head]),
+        "opset": opset,
+        "tokenizer": {"vocab_file": vocab, "do_lower_case": tokenizer.do_lower_case},
+        "max_abs_error": worst,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    files.atomic_write(
+        os.path.join(output, "meta.json"), (json.dumps(meta, indent=2) + "\n").encode()
+    )
+    return meta
