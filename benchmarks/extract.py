@@ -11,7 +11,8 @@ Face directory) and a generated text file of `--lines` lines (8 to 24 words, a t
 - the peer: the same model in PyTorch `transformers` (`BertModel`, hidden states of the last
   layer for every line, batched, on the CPU), the usual way features are taken, over the same
   lines, keeping nothing (its lower bound).
-Runs alternate A B A B; lines/s are medians.
+Runs alternate A B A B; lines/s are medians. Model compute is a small part here: the benchmark
+measures the Python around it (tokenizing, laying out, pooling, writing), where a tool loses.
 """
 
 import argparse

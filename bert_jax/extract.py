@@ -25,6 +25,7 @@ up to `max_seq_length`):
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,16 +43,24 @@ POOLINGS = ("first", "mean", "sum")
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One input line: its words (segment A, then B), their pieces, and the model input."""
+    """One input line: its words (segment A, then B) and its model input (views of a batch's
+    rows when it came from `batches`)."""
 
     index: int
     words: list[str]
-    pieces: list[list[str]]  # per word, the pieces kept (empty: none, or cut off)
     input_ids: np.ndarray  # [L] int32
     segment_ids: np.ndarray  # [L] int32
     input_mask: np.ndarray  # [L] int32
     piece_word: np.ndarray  # [L] int32: the word of each position, -1 for specials/padding
     truncated: bool
+
+    def pieces(self, vocabulary: Sequence[str]) -> list[list[str]]:
+        """Per word, the pieces kept (empty: none, or cut off)."""
+        kept: list[list[str]] = [[] for _ in self.words]
+        for token, word in zip(self.input_ids.tolist(), self.piece_word.tolist(), strict=True):
+            if word >= 0:
+                kept[word].append(vocabulary[token])
+        return kept
 
 
 def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
@@ -62,53 +71,55 @@ def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
             yield index, a.strip(), (b.strip() if sep else None)
 
 
-def encode(
-    index: int,
-    text_a: str,
-    text_b: str | None,
-    tokenizer: Tokenizer,
-    max_seq_length: int,
-    ids: list[list[int]] | None = None,
-    pieces: Sequence[str] | None = None,
-) -> Example:
-    """`[CLS] A [SEP] (B [SEP])` with each piece tagged by its word.
-
-    Args:
-      ids: the pieces of each word, when the caller tokenized many lines' words at once.
-      pieces: the vocabulary as strings (`vocabulary(tokenizer)`), to name pieces fast.
-    """
-    segments = [text_a.split()] + ([text_b.split()] if text_b is not None else [])
-    words = [w for seg in segments for w in seg]
-    if ids is None:
-        ids = [w for seg in segments for w in tokenizer.encode_words([" ".join(seg)])[0]]
-    # Pieces of each segment, as (word index, id); cut like run_classifier/extract_features.
-    tagged, start = [], 0
-    for seg in segments:
-        tagged.append([(start + i, t) for i, w in enumerate(seg) for t in ids[start + i]])
-        start += len(seg)
-    budget = max_seq_length - 1 - len(tagged)
-    truncated = sum(map(len, tagged)) > budget
-    if len(tagged) == 1:
-        tagged[0] = tagged[0][:budget]
+def _layout(tokenizer, encoded, max_seq_length) -> tuple[list[int], list[int], int, bool]:
+    """`[CLS] A [SEP] (B [SEP])` as (ids, piece_word, where B starts, truncated) from each
+    segment's (ids, word index) pair (B's words counted after A's); cut like the original
+    run_classifier/extract_features: one segment at its end, a pair from the longer
+    segment's end."""
+    budget = max_seq_length - 1 - len(encoded)
+    lengths = [len(ids) for ids, _ in encoded]
+    truncated = sum(lengths) > budget
+    if len(lengths) == 1:
+        lengths[0] = min(lengths[0], budget)
     else:
-        while len(tagged[0]) + len(tagged[1]) > budget:
-            (tagged[0] if len(tagged[0]) > len(tagged[1]) else tagged[1]).pop()
-    input_ids = np.zeros(max_seq_length, np.int32)
-    segment_ids = np.zeros(max_seq_length, np.int32)
-    piece_word = np.full(max_seq_length, -1, np.int32)
-    pos = 0
-    input_ids[pos] = tokenizer.cls_id
-    pos += 1
-    kept: list[list[str]] = [[] for _ in words]
-    for s, seg in enumerate(tagged):
-        for word, token in seg:
-            input_ids[pos], segment_ids[pos], piece_word[pos] = token, s, word
-            kept[word].append(pieces[token] if pieces else tokenizer.id_to_token(token))
-            pos += 1
-        input_ids[pos], segment_ids[pos] = tokenizer.sep_id, s
-        pos += 1
-    input_mask = (np.arange(max_seq_length) < pos).astype(np.int32)
-    return Example(index, words, kept, input_ids, segment_ids, input_mask, piece_word, truncated)
+        while lengths[0] + lengths[1] > budget:
+            lengths[0 if lengths[0] > lengths[1] else 1] -= 1
+    ids, words, second = [tokenizer.cls_id], [-1], 0
+    for (seg_ids, seg_words), n in zip(encoded, lengths, strict=True):
+        ids += seg_ids[:n]
+        words += seg_words[:n]
+        ids.append(tokenizer.sep_id)
+        words.append(-1)
+        second = second or len(ids)
+    return ids, words, second, truncated
+
+
+def _segment_words(text_a: str, text_b: str | None) -> tuple[list[str], int]:
+    words_a = text_a.split()
+    return (words_a + text_b.split() if text_b is not None else words_a), len(words_a)
+
+
+def encode(
+    index: int, text_a: str, text_b: str | None, tokenizer: Tokenizer, max_seq_length: int
+) -> Example:
+    """One line's `[CLS] A [SEP] (B [SEP])` with each piece tagged by its word."""
+    texts = [text_a] if text_b is None else [text_a, text_b]
+    words, n_a = _segment_words(text_a, text_b)
+    encoded = _offset_words(tokenizer.encode_word_ids(texts), n_a)
+    ids, piece_word, second, truncated = _layout(tokenizer, encoded, max_seq_length)
+    row = np.zeros((4, max_seq_length), np.int32)
+    row[3] = -1
+    row[0, : len(ids)], row[1, second : len(ids)], row[2, : len(ids)] = ids, 1, 1
+    row[3, : len(ids)] = piece_word
+    return Example(index, words, row[0], row[1], row[2], row[3], truncated)
+
+
+def _offset_words(encoded, n_a):
+    """Segment B's word indices counted after segment A's words."""
+    if len(encoded) == 2:
+        ids_b, words_b = encoded[1]
+        encoded = [encoded[0], (ids_b, [w + n_a for w in words_b])]
+    return encoded
 
 
 def vocabulary(tokenizer: Tokenizer) -> list[str]:
@@ -116,8 +127,8 @@ def vocabulary(tokenizer: Tokenizer) -> list[str]:
 
 
 def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.DEFAULT_RULES):
-    """`extract_step(params, batch) -> dict` of word vectors [B, N, W, D] (W = L: word slots),
-    pieces per word [B, W], pooled [CLS] [B, D] and mean-pooled last layer [B, D]."""
+    """`extract_step(params, batch) -> dict` of word vectors [B, N, W, D] (W = L: word slots;
+    NaN for a word without pieces), pooled [CLS] [B, D] and mean-pooled last layer [B, D]."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; use one of {POOLINGS}")
 
@@ -144,7 +155,8 @@ def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.
         mean = jnp.einsum("bl,bld->bd", mask, out.sequence_output.astype(jnp.float32))
         mean = mean / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
         cls = out.pooled_output if out.pooled_output is not None else out.sequence_output[:, 0]
-        return {"words": words, "pieces": pieces, "cls": cls.astype(jnp.float32), "mean": mean}
+        words = jnp.where(pieces[:, None, :, None] > 0, words, jnp.nan)  # no piece: no vector
+        return {"words": words, "cls": cls.astype(jnp.float32), "mean": mean}
 
     return extract_step
 
@@ -152,13 +164,15 @@ def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.
 class JsonlWriter:
     """The JSON-lines output (values rounded to 6 digits, as the original)."""
 
-    def __init__(self, path: str, layers: Sequence[int]):
+    def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
         self.f = open(path, "w", encoding="utf-8")
         self.layers = list(layers)
+        self.vocabulary = vocabulary
 
     def write(self, example: Example, features: np.ndarray, cls: np.ndarray, mean: np.ndarray):
         words = []
-        for w, (word, pieces) in enumerate(zip(example.words, example.pieces, strict=True)):
+        kept = example.pieces(self.vocabulary)
+        for w, (word, pieces) in enumerate(zip(example.words, kept, strict=True)):
             layers = (
                 [
                     {"index": layer, "values": [round(float(x), 6) for x in features[n, w]]}
@@ -208,10 +222,10 @@ def decode_arrays(record: bytes) -> dict[str, np.ndarray]:
 class ArrayRecordWriter:
     """One record per line in an ArrayRecord file (`encode_arrays`)."""
 
-    def __init__(self, path: str, layers: Sequence[int]):
+    def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
         from array_record.python import array_record_module
 
-        self.writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        self.writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
         self.layers = np.asarray(layers, np.int32)
 
     def write(self, example: Example, features: np.ndarray, cls: np.ndarray, mean: np.ndarray):
@@ -289,68 +303,100 @@ def extract(
         )
     graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
     step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling))
-    writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(output_path, layers)
+    writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
+        output_path, layers, vocabulary(tokenizer)
+    )
     with open(input_path, "rb") as f:
         total = sum(1 for _ in f)
     lines, truncated = 0, 0
     bar = tqdm.tqdm(total=total, unit="line", desc="extract", disable=not progress)
+    # The objects made so far (jax, the model) leave the garbage collector's passes (after one
+    # collection of the garbage of tracing), which
+    # the many small objects of each batch would otherwise trigger over and over.
+    gc.collect()
+    gc.freeze()
+    # One step in flight: its lines are written, and the next batch laid out, while it runs
+    # (a thread making the batches was slower, through the GIL, and its peak memory grew with
+    # the input).
+    pending = None
     try:
         with jax.set_mesh(mesh):
-            for batch in batches(read_lines(input_path), tokenizer, max_seq_length, batch_size):
+            lines_in = read_lines(input_path)
+            for batch in batches(lines_in, tokenizer, max_seq_length, batch_size):
                 examples = batch.pop("examples")
-                out = jax.device_get(
-                    step(pretrained.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES))
+                out = step(
+                    pretrained.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
                 )
-                for i, ex in enumerate(examples):
-                    features = out["words"][i, :, : len(ex.words)]
-                    features = np.where(
-                        out["pieces"][i, None, : len(ex.words), None] > 0, features, np.nan
-                    )
-                    writer.write(ex, features, out["cls"][i], out["mean"][i])
-                    truncated += ex.truncated
-                lines += len(examples)
-                bar.update(len(examples))
+                if pending is not None:
+                    truncated += _write(writer, *pending)
+                    lines += len(pending[1])
+                    bar.update(len(pending[1]))
+                pending = (out, examples)
+            if pending is not None:
+                truncated += _write(writer, *pending)
+                lines += len(pending[1])
+                bar.update(len(pending[1]))
     finally:
+        gc.unfreeze()
         bar.close()
         writer.close()
     return {"lines": lines, "truncated": truncated, "output": output_path}
+
+
+def _write(writer, out, examples) -> int:
+    """Writes a step's lines; returns how many were cut."""
+    out = jax.device_get(out)
+    for i, ex in enumerate(examples):
+        writer.write(ex, out["words"][i, :, : len(ex.words)], out["cls"][i], out["mean"][i])
+    return sum(ex.truncated for ex in examples)
 
 
 def batches(lines, tokenizer, max_seq_length, batch_size) -> Iterator[dict]:
     """Batches of `batch_size` rows (the last padded with empty rows), each as long as the
     smallest of 16, 32, 64, ... `max_seq_length` that holds its longest line: short lines do
     not pay for the longest possible, and there are a few shapes to compile, not one per batch."""
-    pieces = vocabulary(tokenizer)
     chunk: list[tuple[int, str, str | None]] = []
     for line in lines:
         chunk.append(line)
         if len(chunk) == batch_size:
-            yield _batch(chunk, tokenizer, pieces, max_seq_length, batch_size)
+            yield _batch(chunk, tokenizer, max_seq_length, batch_size)
             chunk = []
     if chunk:
-        yield _batch(chunk, tokenizer, pieces, max_seq_length, batch_size)
+        yield _batch(chunk, tokenizer, max_seq_length, batch_size)
 
 
-def _batch(chunk, tokenizer, pieces, max_seq_length, batch_size) -> dict:
+def _batch(chunk, tokenizer, max_seq_length, batch_size) -> dict:
     # One tokenizer call for every segment of the batch (run in parallel by `tokenizers`).
     texts = [t for _, a, b in chunk for t in (a, b) if t is not None]
-    per_text = iter(tokenizer.encode_words(texts))
-    examples = []
+    per_text = iter(tokenizer.encode_word_ids(texts))
+    rows = []
     for index, a, b in chunk:
-        ids = [w for t in (a, b) if t is not None for w in next(per_text)]
-        examples.append(encode(index, a, b, tokenizer, max_seq_length, ids, pieces))
-    longest = max(int(e.input_mask.sum()) for e in examples)
+        words, n_a = _segment_words(a, b)
+        encoded = [next(per_text)] if b is None else [next(per_text), next(per_text)]
+        rows.append((index, words, _layout(tokenizer, _offset_words(encoded, n_a), max_seq_length)))
+    longest = max(len(ids) for _, _, (ids, _, _, _) in rows)
     length = 16
     while length < longest:
         length *= 2
     length = min(length, max_seq_length)
-    pad = batch_size - len(examples)
-    batch = {"examples": examples}
-    for key in ("input_ids", "segment_ids", "input_mask", "piece_word"):
-        rows = np.stack([getattr(e, key)[:length] for e in examples])
-        fill = np.full((pad, length), -1 if key == "piece_word" else 0, np.int32)
-        batch[key] = np.concatenate([rows, fill]).astype(np.int32)
-    return batch
+    ids = np.zeros((batch_size, length), np.int32)
+    segments = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    piece_word = np.full((batch_size, length), -1, np.int32)
+    examples = []
+    for r, (index, words, (row_ids, row_words, second, truncated)) in enumerate(rows):
+        n = len(row_ids)
+        ids[r, :n], piece_word[r, :n], segments[r, second:n], mask[r, :n] = row_ids, row_words, 1, 1
+        examples.append(
+            Example(index, words, ids[r], segments[r], mask[r], piece_word[r], truncated)
+        )
+    return {
+        "examples": examples,
+        "input_ids": ids,
+        "segment_ids": segments,
+        "input_mask": mask,
+        "piece_word": piece_word,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ fast. `train_wordpiece_vocab` builds a `vocab.txt` from a corpus for pretraining
 `train_sentencepiece` learns one (unigram or BPE) with the special symbols reserved.
 """
 
-import bisect
 import os
 import re
 import unicodedata
@@ -45,6 +44,8 @@ class Tokenizer(Protocol):
     def is_continuation(self) -> list[bool]: ...
 
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]: ...
+
+    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]: ...
 
 
 def encode_grouped(tokenizer: Tokenizer, groups: Sequence[Sequence[str]]) -> list[list[list[int]]]:
@@ -97,23 +98,24 @@ class WordPieceTokenizer:
 
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Per text, the ids of each whitespace-separated word (`str.split`'s words), from
-        one batched call: each piece goes to the word its character offset falls in (BERT's
-        pieces never cross a space), the same as encoding every word alone.
-
-        The words are joined by plain spaces first: Python splits on separators that BERT's
-        text cleaning deletes (\\x0b, \\x0c, \\x1c-\\x1f, \\x85), which would otherwise glue two
-        words into one and give the pieces of both to the second.
-        """
-        joined = [" ".join(t.split()) for t in texts]
+        one batched call; the same as encoding every word alone."""
         out = []
-        encodings = self._tok.encode_batch(joined, add_special_tokens=False)
-        for text, enc in zip(joined, encodings, strict=True):
-            starts = [m.start() for m in _WORD.finditer(text)]
-            words: list[list[int]] = [[] for _ in starts]
-            for token_id, (start, _) in zip(enc.ids, enc.offsets, strict=True):
-                words[bisect.bisect_right(starts, start) - 1].append(token_id)
+        for text, (ids, word_ids) in zip(texts, self.encode_word_ids(texts), strict=True):
+            words: list[list[int]] = [[] for _ in text.split()]
+            for token_id, word in zip(ids, word_ids, strict=True):
+                words[word].append(token_id)
             out.append(words)
         return out
+
+    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Per text, its pieces' ids and the index of each piece's word among `str.split`'s
+        words, from one batched call of the words as given (`is_pretokenized`): every word is
+        pieced alone, so separators that BERT's text cleaning deletes (\\x0b, \\x0c, \\x1c-\\x1f,
+        \\x85) never glue two words into one."""
+        encodings = self._tok.encode_batch(
+            [t.split() for t in texts], is_pretokenized=True, add_special_tokens=False
+        )
+        return [(e.ids, e.word_ids) for e in encodings]
 
     def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
         """Per text, its token ids and each token's (start, end) character span in that text
@@ -292,6 +294,13 @@ class SentencePieceTokenizer:
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
         """Per text, the ids of each whitespace-separated word, each word encoded alone."""
         return encode_grouped(self, [t.split() for t in texts])
+
+    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Per text, its pieces' ids and each piece's word (as `WordPieceTokenizer`'s)."""
+        return [
+            ([i for w in words for i in w], [k for k, w in enumerate(words) for _ in w])
+            for words in self.encode_words(texts)
+        ]
 
     def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
         """Per text, its token ids and each token's (start, end) character span in that text.
