@@ -83,6 +83,7 @@ class FinetuneConfig:
     pack_max_examples: int
     numerics: dict
     mesh: sharding.MeshConfig
+    distill: dict = dataclasses.field(default_factory=dict)
     doc_stride: int = 128
     max_query_length: int = 64
     n_best_size: int = 20
@@ -124,6 +125,14 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         if cfg[name] < 1:
             raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
     qa = {k: cfg.get(k, d) for k, d in _QA_DEFAULTS.items()}
+    distill = dict(cfg.get("distill") or {})
+    if distill.get("teacher"):
+        convert.model_kind(distill["teacher"])  # names what is wrong with the path now
+        if distill.get("temperature", 2.0) <= 0 or not 0 <= distill.get("alpha", 0.5) <= 1:
+            raise ValueError(
+                f"--config.distill.temperature={distill.get('temperature')} must be > 0 and "
+                f"--config.distill.alpha={distill.get('alpha')} in [0, 1]"
+            )
     return FinetuneConfig(
         init_from=cfg.init_from,
         tasks=names,
@@ -147,6 +156,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         pack_max_examples=cfg.pack_max_examples,
         numerics=dict(cfg.model),
         mesh=sharding.MeshConfig(**cfg.mesh),
+        distill=distill if distill.get("teacher") else {},
         **qa,
     )
 
@@ -199,7 +209,11 @@ class Run:
             task.architecture,
             task.num_labels,
             pretrained.tokenizer,
-            extra={"task": task.name, "labels": list(task.label_names)},
+            extra={
+                "task": task.name,
+                "labels": list(task.label_names),
+                **({"distilled_from": dict(cfg.distill)} if cfg.distill else {}),
+            },
         )
         self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
         self.packed_splits: dict[int, tuple] = {}
@@ -393,10 +407,18 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             f"max_seq_length={cfg.max_seq_length} exceeds the model's max_position_embeddings="
             f"{pretrained.config.max_position_embeddings}"
         )
+    teacher = _teacher(cfg, task, pretrained, mesh) if cfg.distill else None
     data = task.load(cfg.settings(), pretrained.tokenizer)
     runs = []
     _, steps = run_length(cfg, task, len(data.train["input_ids"]))
     objective = task.objective(dropout)
+    if teacher is not None:
+        objective = train_lib.task_distillation(
+            objective,
+            teacher.config,
+            temperature=cfg.distill.get("temperature", 2.0),
+            alpha=cfg.distill.get("alpha", 0.5),
+        )
     for lr in cfg.learning_rates:
         optim = OptimConfig(
             learning_rate=lr,
@@ -405,7 +427,12 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             weight_decay=cfg.weight_decay,
         )
         trainer = train_lib.create_trainer(
-            pretrained.config, optim, mesh, axes.DEFAULT_RULES, objective
+            pretrained.config,
+            optim,
+            mesh,
+            axes.DEFAULT_RULES,
+            objective,
+            teacher_params=None if teacher is None else teacher.params,
         )
         for seed in cfg.seeds:
             directory = os.path.join(workdir, task.name, f"lr{lr:g}_seed{seed}")
@@ -415,6 +442,35 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
                 result["predictions"] = run.predict_tests(result["best_step"])
             runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
     return {**summarize_task(task, runs), "test_predicted": sorted(data.predict)}
+
+
+def _teacher(cfg: FinetuneConfig, task: tasks.Task, student, mesh) -> convert.Pretrained:
+    """The fine-tuned teacher of `--config.distill.teacher`, checked against the student
+    before any training: its task head, its vocabulary (it reads the student's input ids)
+    and its positions."""
+    source = cfg.distill["teacher"]
+    teacher = convert.load_pretrained(
+        source, task.architecture, mesh=mesh, num_labels=task.num_labels, **cfg.numerics
+    )
+    if teacher.report.missing:
+        raise ValueError(
+            f"the teacher {source} has no weights for {task.name}'s {task.architecture} "
+            f"({teacher.report.missing[:3]}): distill from a model fine-tuned on {task.name}, "
+            f"e.g. a finetune.py run directory"
+        )
+    vocab = [student.tokenizer.id_to_token(i) for i in range(student.tokenizer.vocab_size)]
+    if [teacher.tokenizer.id_to_token(i) for i in range(teacher.tokenizer.vocab_size)] != vocab:
+        raise ValueError(
+            f"the teacher {source} and the student {cfg.init_from} have different vocabularies;"
+            f" the teacher reads the student's token ids: use models of one vocabulary"
+        )
+    if cfg.max_seq_length > teacher.config.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_length={cfg.max_seq_length} exceeds the teacher's "
+            f"max_position_embeddings={teacher.config.max_position_embeddings}"
+        )
+    tqdm.tqdm.write(f"distilling from {teacher.description}")
+    return teacher
 
 
 def summarize_task(task: tasks.Task, runs: list[dict]) -> dict:

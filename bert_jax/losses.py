@@ -144,3 +144,50 @@ def token_loss(logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     loss_sum, correct, count = weighted_cross_entropy(logits, batch["labels"], weights)
     loss = loss_sum / jnp.maximum(count, 1e-5)
     return loss, {"loss_sum": loss_sum, "correct_sum": correct, "count": count}
+
+
+def soft_cross_entropy(student, teacher, weights, temperature: float) -> jax.Array:
+    """Hinton et al.'s distillation term, summed over weighted positions: T^2 times the
+    cross-entropy of the student's distribution at temperature T against the teacher's
+    (T^2 keeps its gradients on the scale of the hard loss's). Regression heads (one output)
+    take the squared difference instead.
+
+    Args:
+      student, teacher: [..., C] logits.
+      weights: [...] float32 (0 for padding and unlabelled positions).
+    """
+    student, teacher = student.astype(jnp.float32), teacher.astype(jnp.float32)
+    if student.shape[-1] == 1:
+        return jnp.sum((student[..., 0] - teacher[..., 0]) ** 2 * weights)
+    targets = jax.nn.softmax(teacher / temperature, axis=-1)
+    log_probs = jax.nn.log_softmax(student / temperature, axis=-1)
+    per_position = -jnp.sum(targets * log_probs, axis=-1) * temperature**2
+    return jnp.sum(per_position * weights)
+
+
+def task_distillation_loss(
+    student, teacher, hard_loss_fn, batch, *, temperature: float, alpha: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(1 - alpha) x the task's own loss + alpha x the mean `soft_cross_entropy` against the
+    teacher's outputs, over the positions the task's loss counts (`label_weights`, all rows
+    without it). QA's start and end distributions count half each, as in its own loss.
+
+    Args:
+      student, teacher: a head's outputs (an array, or QA's (start, end) pair).
+      hard_loss_fn: `(outputs, batch) -> (loss, sums)`, the task's loss.
+
+    Returns:
+      (loss, the task loss's sums plus `distill_loss_sum`).
+    """
+    hard, sums = hard_loss_fn(student, batch)
+    pairs = (
+        list(zip(student, teacher, strict=True))
+        if isinstance(student, tuple)
+        else [(student, teacher)]
+    )
+    weights = batch.get("label_weights", jnp.ones(pairs[0][0].shape[:-1], jnp.float32))
+    weights = weights.astype(jnp.float32)
+    soft_sum = sum(soft_cross_entropy(s, t, weights, temperature) for s, t in pairs) / len(pairs)
+    soft = soft_sum / jnp.maximum(jnp.sum(weights), 1e-5)
+    loss = (1.0 - alpha) * hard + alpha * soft
+    return loss, {**sums, "distill_loss_sum": soft_sum}

@@ -38,6 +38,62 @@ class Objective:
     loss: Callable[..., tuple[jax.Array, dict]]
     predict: Callable[..., Any] | None = None
     summarize: Callable[[dict], dict[str, float]] = losses.summarize_task
+    # A task head's loss from its outputs, `(outputs, batch) -> (loss, sums)`.
+    head_loss: Callable[..., tuple[jax.Array, dict]] | None = None
+    # Set: the train step also takes a frozen teacher's parameters and trains with this loss;
+    # evaluation and prediction stay the student's own (`loss`, `predict`).
+    distill: "Distillation | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """A frozen teacher in the train step: its model class and config, and
+    `loss(student, teacher, batch, rng, deterministic) -> (loss, sums)` (models both; the
+    teacher runs without dropout and its parameters get no gradient)."""
+
+    teacher_cls: Callable[..., nnx.Module]
+    teacher_config: BertConfig
+    loss: Callable[..., tuple[jax.Array, dict]]
+
+
+def task_distillation(
+    objective: Objective,
+    teacher_config: BertConfig,
+    *,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+) -> Objective:
+    """`objective` (a fine-tuning task's) trained against a fine-tuned teacher of the same
+    head: `losses.task_distillation_loss` on both models' head outputs, computed in the step."""
+    if objective.head_loss is None:
+        raise ValueError("task distillation needs a fine-tuning task's head (not pretraining)")
+    if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+        raise ValueError(
+            f"distillation temperature={temperature} must be > 0 and alpha={alpha} in [0, 1]"
+        )
+
+    def loss(student, teacher, batch, rng, deterministic):
+        return losses.task_distillation_loss(
+            _head_logits(student, batch, rng, deterministic),
+            _head_logits(teacher, batch),
+            objective.head_loss,
+            batch,
+            temperature=temperature,
+            alpha=alpha,
+        )
+
+    def summarize(sums):
+        count = max(float(sums["count"]), 1e-5)
+        out = objective.summarize(sums)
+        if "distill_loss_sum" in sums:
+            out["distill_loss"] = float(sums["distill_loss_sum"]) / count
+        return out
+
+    return dataclasses.replace(
+        objective,
+        distill=Distillation(objective.model_cls, teacher_config, loss),
+        summarize=summarize,
+    )
 
 
 def _pretraining_loss(model, batch, rng, deterministic):
@@ -76,6 +132,7 @@ def _head_objective(model_cls, loss_fn) -> Objective:
             _head_logits(model, batch, rng, deterministic), batch
         ),
         _head_logits,
+        head_loss=loss_fn,
     )
 
 
@@ -166,12 +223,20 @@ def create_trainer(
     mesh: Mesh,
     rules: sharding.Rules,
     objective: Objective = PRETRAINING,
+    teacher_params: models.Params | None = None,
 ) -> Trainer:
     """Builds the jitted init, train, eval (and predict) steps with shardings from an abstract
     pass.
 
     No state is allocated here; `trainer.init(seed)` creates it directly in its shardings.
+    A distillation objective takes `teacher_params`: placed once by the same rules as the
+    student's and given to every train step (which never changes them).
     """
+    if (teacher_params is None) != (objective.distill is None):
+        raise ValueError(
+            "teacher_params go with a distillation objective (train_lib.task_distillation), "
+            "and it needs them"
+        )
     sharding.check_divisible(
         {
             axes.HEADS: model_config.num_attention_heads,
@@ -216,6 +281,38 @@ def create_trainer(
     step_fn = make_train_step(
         graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
     )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+    )
+    if objective.distill is not None:
+        d = objective.distill
+        teacher_abstract = models.abstract_model(d.teacher_config, d.teacher_cls)
+        expected = models.split_params(teacher_abstract)[1]
+        teacher_shardings = sharding.tree_shardings(
+            models.param_logical_axes(teacher_abstract), expected, mesh, rules
+        )
+        shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
+        try:
+            given = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), teacher_params)
+        except (TypeError, ValueError):
+            given = None
+        if given != shapes:
+            raise ValueError(
+                "the teacher's parameters do not match its config and head (shapes, dtypes "
+                "or names differ): load the teacher with the config it was trained with"
+            )
+        train_step = _WithTeacher(
+            jax.jit(
+                step_fn,
+                in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+                out_shardings=(state_shardings, repl),
+                donate_argnums=0,
+            ),
+            jax.device_put(teacher_params, teacher_shardings),
+        )
     return Trainer(
         graphdef=graphdef,
         tx=tx,
@@ -227,12 +324,7 @@ def create_trainer(
             state_shardings,
         ),
         batch_sharding=batch_sharding,
-        train_step=jax.jit(
-            step_fn,
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, repl),
-            donate_argnums=0,
-        ),
+        train_step=train_step,
         eval_step=jax.jit(
             make_eval_step(graphdef, rules, objective),
             in_shardings=(param_shardings, batch_sharding),
@@ -250,10 +342,41 @@ def create_trainer(
     )
 
 
-def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic):
+def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic, teacher=None):
+    """The objective's loss; with `teacher` (graphdef, params), the distillation loss."""
     model = models.merge_params(graphdef, params)
     with axes.axis_rules(rules):  # active while tracing: activations get their shardings
-        return objective.loss(model, batch, rng, deterministic)
+        if teacher is None:
+            return objective.loss(model, batch, rng, deterministic)
+        teacher_graphdef, teacher_params = teacher
+        frozen = models.merge_params(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        return objective.distill.loss(model, frozen, batch, rng, deterministic)
+
+
+def teacher_graphdef(objective: Objective) -> nnx.GraphDef | None:
+    if objective.distill is None:
+        return None
+    d = objective.distill
+    return models.split_params(models.abstract_model(d.teacher_config, d.teacher_cls))[0]
+
+
+class _WithTeacher:
+    """A jitted `step(state, batch, teacher_params)` called as `step(state, batch)`: the
+    teacher's parameters (placed once, never donated) go in as an input of every call, not
+    as constants of the program."""
+
+    def __init__(self, step, teacher_params):
+        self.step, self.teacher_params = step, teacher_params
+
+    def __call__(self, state, batch):
+        return self.step(state, batch, self.teacher_params)
+
+    def lower(self, state, batch):
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            self.teacher_params,
+        )
+        return self.step.lower(state, batch, abstract)
 
 
 def _data_replicas(mesh: Mesh, rules: sharding.Rules) -> int:
@@ -291,30 +414,45 @@ def make_train_step(
         for name, t in rules
     )
 
-    def micro_grads(params, micro, rng, rules=rules):
+    frozen_graphdef = teacher_graphdef(objective)
+
+    def micro_grads(params, micro, rng, rules=rules, teacher=None):
         def loss_fn(p):
-            return _forward(graphdef, p, micro, rules, objective, rng=rng, deterministic=False)
+            return _forward(
+                graphdef,
+                p,
+                micro,
+                rules,
+                objective,
+                rng=rng,
+                deterministic=False,
+                teacher=None if teacher is None else (frozen_graphdef, teacher),
+            )
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, sums, grads
 
-    def replica_grads(params, micro, rng):
+    def replica_grads(params, micro, rng, teacher=None):
         """micro [k-th micro-batch, B / k] -> (loss, sums, grads) per replica [R, ...]."""
         split = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), micro)
         return jax.vmap(
-            functools.partial(micro_grads, rules=replica_rules),
+            functools.partial(micro_grads, rules=replica_rules, teacher=teacher),
             in_axes=(None, 0, 0),
             spmd_axis_name="data",
         )(params, split, jax.random.split(rng, replicas))
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(
+        state: TrainState, batch: Batch, teacher: models.Params | None = None
+    ) -> tuple[TrainState, dict]:
+        if (teacher is None) != (objective.distill is None):
+            raise ValueError("a distillation objective's step takes the teacher's params")
         if batch["input_ids"].shape[0] % k:
             raise ValueError(
                 f"batch size {batch['input_ids'].shape[0]} is not divisible by grad_accum_steps={k}"
             )
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if k == 1:
-            loss, sums, grads = micro_grads(state.params, batch, step_key)
+            loss, sums, grads = micro_grads(state.params, batch, step_key, teacher=teacher)
         else:
             # Micro-batch j takes rows j, j + k, j + 2k, ...: every device's rows of the
             # batch (a contiguous block of them) split evenly between the micro-batches, so
@@ -325,7 +463,9 @@ def make_train_step(
 
             # Per replica when every replica has rows of each micro-batch to itself.
             per_replica = replicas > 1 and (batch["input_ids"].shape[0] // k) % replicas == 0
-            accumulate = replica_grads if per_replica else micro_grads
+            accumulate = functools.partial(
+                replica_grads if per_replica else micro_grads, teacher=teacher
+            )
 
             def body(carry, xs):
                 index, mb = xs

@@ -51,6 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.n_best_size = 20  # Starts and ends considered per window.
     config.max_answer_length = 30  # Pieces in an answer at most.
 
+    # Task distillation: a model fine-tuned on the same task (a finetune.py run directory, or
+    # hf:/tf: with its head) as a frozen teacher in the train step; the student (init_from)
+    # learns (1 - alpha) x the labels' loss + alpha x T^2 x cross-entropy against the
+    # teacher's outputs at temperature T. Empty: no teacher.
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""
+    config.distill.temperature = 2.0
+    config.distill.alpha = 0.5
+
     # Numerics of this run (the encoder's sizes come from init_from).
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"

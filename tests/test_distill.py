@@ -1,0 +1,186 @@
+"""Task distillation: the losses against hand-computed values, a frozen teacher that no step
+changes, and a half-depth student that learns more from the teacher than from the labels."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_training
+
+from bert_jax import axes, losses, models, optim, sharding, train_lib
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_distillation_losses_equal_hand_computed_values():
+    student = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 1.0], [9.0, 9.0, 9.0]], np.float32)
+    teacher = np.array([[1.0, 1.0, 0.0], [0.0, 3.0, 0.0], [1.0, 2.0, 3.0]], np.float32)
+    weights = np.array([1.0, 1.0, 0.0], np.float32)  # the last row is padding
+    # By hand at T = 2: p = softmax(t / 2), q = softmax(s / 2), T^2 * -sum p log q per row.
+    p0, q0 = _softmax(teacher[0] / 2), _softmax(student[0] / 2)
+    p1, q1 = _softmax(teacher[1] / 2), _softmax(student[1] / 2)
+    want = 4 * (-(p0 * np.log(q0)).sum()) + 4 * (-(p1 * np.log(q1)).sum())
+    got = losses.soft_cross_entropy(student, teacher, weights, 2.0)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Row 0 by its numbers: q0 = softmax([1, 0, -0.5]), p0 = softmax([0.5, 0.5, 0]).
+    e = np.exp([1.0, 0.0, -0.5])
+    ep = np.exp([0.5, 0.5, 0.0])
+    row0 = -4 * sum(ep[i] / ep.sum() * np.log(e[i] / e.sum()) for i in range(3))
+    np.testing.assert_allclose(losses.soft_cross_entropy(student[:1], teacher[:1], 1.0, 2.0), row0)
+    # A regression head (one output): the squared difference, weighted.
+    np.testing.assert_allclose(
+        losses.soft_cross_entropy(student[:, :1], teacher[:, :1], weights, 2.0), 1.0 + 0.25
+    )
+    # The whole loss: (1 - alpha) x the task's cross-entropy + alpha x the mean soft term.
+    batch = {"label": np.array([0, 2, 1], np.int32), "label_weights": weights}
+    loss, sums = losses.task_distillation_loss(
+        student, teacher, losses.classification_loss, batch, temperature=2.0, alpha=0.25
+    )
+    hard = (-np.log(_softmax(student[0])[0]) - np.log(_softmax(student[1])[2])) / 2
+    np.testing.assert_allclose(loss, 0.75 * hard + 0.25 * want / 2, rtol=1e-6)
+    np.testing.assert_allclose(sums["distill_loss_sum"], want, rtol=1e-6)
+    np.testing.assert_allclose(sums["loss_sum"], hard * 2, rtol=1e-6)
+    # QA: the start and end distributions count half each.
+    qa_batch = {
+        "start_positions": np.array([0, 1], np.int32),
+        "end_positions": np.array([2, 2], np.int32),
+        "label_weights": np.ones(2, np.float32),
+    }
+    _, qa = losses.task_distillation_loss(
+        (student[:2], teacher[:2]),
+        (teacher[:2], student[:2]),
+        lambda out, b: losses.span_loss(*out, b),
+        qa_batch,
+        temperature=1.0,
+        alpha=1.0,
+    )
+    start = -(_softmax(teacher[:2]) * np.log(_softmax(student[:2]))).sum()
+    end = -(_softmax(student[:2]) * np.log(_softmax(teacher[:2]))).sum()
+    np.testing.assert_allclose(qa["distill_loss_sum"], (start + end) / 2, rtol=1e-6)
+
+
+def _tiny(layers: int) -> models.BertConfig:
+    return dataclasses.replace(tiny_training.config(40, 24), num_hidden_layers=layers)
+
+
+def _noisy_counting(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Is there more of the words 8-15 than of 16-23? Labels drawn with that probability
+    (a logistic of the difference), as annotators disagree on close calls: a model can learn
+    how sure to be, which the teacher's soft targets carry and hard labels do not."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(8, 40, (n, 24)).astype(np.int32)
+    ids[:, 0] = 2
+    more = ((ids >= 8) & (ids < 16)).sum(1) - ((ids >= 16) & (ids < 24)).sum(1)
+    label = (rng.random(n) < 1 / (1 + np.exp(-0.8 * more))).astype(np.int32)
+    ones = np.ones_like(ids)
+    return {"input_ids": ids, "input_mask": ones, "segment_ids": 0 * ones, "label": label}
+
+
+def _train(objective, config, data, steps, teacher=None):
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        config,
+        optim.OptimConfig(learning_rate=1e-3, warmup_steps=steps // 10, total_steps=steps),
+        mesh,
+        axes.DEFAULT_RULES,
+        objective,
+        teacher_params=teacher,
+    )
+    n, order = len(data["input_ids"]), np.random.default_rng(0)
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        for step in range(steps):
+            if step % (n // 32) == 0:
+                perm = order.permutation(n)
+            rows = perm[(step % (n // 32)) * 32 :][:32]
+            state, metrics = trainer.train_step(
+                state, trainer.global_batch({k: v[rows] for k, v in data.items()})
+            )
+    return trainer, state, metrics
+
+
+def _accuracy(trainer, params, data) -> float:
+    logits = [
+        np.asarray(trainer.predict_step(params, {k: v[i : i + 256] for k, v in data.items()}))
+        for i in range(0, len(data["label"]), 256)
+    ]
+    return float((np.concatenate(logits).argmax(-1) == data["label"]).mean())
+
+
+def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
+    data = _noisy_counting(64, 3)
+    teacher = models.split_params(
+        models.create_model(_tiny(2), 5, models.BertForSequenceClassification)
+    )[1]
+    teacher = jax.tree.map(np.asarray, teacher)
+    before = jax.tree.map(np.copy, teacher)
+    objective = train_lib.task_distillation(train_lib.classification(2), _tiny(2), alpha=0.7)
+    trainer, state, metrics = _train(objective, _tiny(1), data, 4, teacher)
+    assert np.isfinite(float(metrics["distill_loss_sum"])) and float(metrics["finite"])
+    placed = jax.device_get(trainer.train_step.teacher_params)
+    for leaf, a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(teacher), jax.tree.leaves(placed), strict=True
+    ):
+        assert np.array_equal(leaf, a) and np.array_equal(leaf, b)
+    # The loss the step differentiates, as a function of the teacher: no gradient reaches it.
+    graphdef = models.split_params(
+        models.abstract_model(_tiny(1), models.BertForSequenceClassification)
+    )[0]
+    batch = {k: jnp.asarray(v[:8]) for k, v in data.items()}
+
+    def loss_of_teacher(t):
+        return train_lib._forward(
+            graphdef,
+            state.params,
+            batch,
+            axes.DEFAULT_RULES,
+            objective,
+            rng=jax.random.key(0),
+            deterministic=False,
+            teacher=(train_lib.teacher_graphdef(objective), t),
+        )[0]
+
+    grads = jax.grad(loss_of_teacher)(jax.tree.map(jnp.asarray, teacher))
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+
+
+def test_a_teacher_of_another_shape_is_refused_before_training():
+    objective = train_lib.task_distillation(train_lib.classification(2), _tiny(2))
+    wrong = models.split_params(
+        models.create_model(_tiny(3), 0, models.BertForSequenceClassification)
+    )[1]
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    with pytest.raises(ValueError, match="do not match its config"):
+        train_lib.create_trainer(
+            _tiny(1), optim.OptimConfig(), mesh, axes.DEFAULT_RULES, objective, wrong
+        )
+    with pytest.raises(ValueError, match="teacher_params go with a distillation objective"):
+        train_lib.create_trainer(_tiny(1), optim.OptimConfig(), mesh, axes.DEFAULT_RULES, objective)
+
+
+def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
+    """The teacher was fine-tuned on 4,000 labelled examples; the student has 200 of its own
+    (the common case: a released fine-tuned model, a small labelled set). Alone it learns
+    those 200 labels' noise; distilled it learns how sure to be from the teacher."""
+    dev = _noisy_counting(2048, 1)
+    classify = train_lib.classification(2)
+    teacher_trainer, teacher_state, _ = _train(classify, _tiny(4), _noisy_counting(4000, 7), 400)
+    teacher_accuracy = _accuracy(teacher_trainer, teacher_state.params, dev)
+    teacher = jax.device_get(teacher_state.params)
+    train = _noisy_counting(200, 0)
+    alone_trainer, alone, _ = _train(classify, _tiny(2), train, 300)
+    distilled = train_lib.task_distillation(classify, _tiny(4), temperature=2.0, alpha=0.9)
+    student_trainer, student, _ = _train(distilled, _tiny(2), train, 300, teacher)
+    alone_accuracy = _accuracy(alone_trainer, alone.params, dev)
+    student_accuracy = _accuracy(student_trainer, student.params, dev)
+    print(
+        f"teacher {teacher_accuracy:.4f} student {student_accuracy:.4f} alone {alone_accuracy:.4f}"
+    )
+    assert teacher_accuracy > 0.8  # the labels' own noise caps any model at about 0.83
+    assert student_accuracy >= 0.95 * teacher_accuracy
+    assert student_accuracy > alone_accuracy + 0.02
