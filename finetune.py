@@ -36,7 +36,18 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bert_jax import aot, axes, checkpoint, cli, convert, files, planner, sharding, train_lib
+from bert_jax import (
+    aot,
+    axes,
+    checkpoint,
+    cli,
+    convert,
+    files,
+    models,
+    planner,
+    sharding,
+    train_lib,
+)
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base as tasks
 from bert_jax.tasks import glue
@@ -84,6 +95,7 @@ class FinetuneConfig:
     numerics: dict
     mesh: sharding.MeshConfig
     distill: dict = dataclasses.field(default_factory=dict)
+    student_layers: tuple[int, ...] = ()
     doc_stride: int = 128
     max_query_length: int = 64
     n_best_size: int = 20
@@ -157,8 +169,18 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         numerics=dict(cfg.model),
         mesh=sharding.MeshConfig(**cfg.mesh),
         distill=distill if distill.get("teacher") else {},
+        student_layers=_layer_list(cfg.get("student_layers", "")),
         **qa,
     )
+
+
+def _layer_list(text) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(
+            f"--config.student_layers={text!r}: comma-separated layer numbers, e.g. 0,2,4"
+        ) from None
 
 
 _QA_DEFAULTS = {
@@ -398,6 +420,11 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         scratch_dir=os.path.join(workdir, "vocab"),
         **cfg.numerics,
     )
+    if cfg.student_layers:
+        params, config = models.take_layers(
+            pretrained.params, pretrained.config, cfg.student_layers
+        )
+        pretrained = dataclasses.replace(pretrained, params=params, config=config)
     # A fresh task head is expected; anything else missing or left over is worth a word.
     unexpected_missing = [p for p in pretrained.report.missing if p.startswith("bert")]
     if pretrained.report.unexpected or unexpected_missing:

@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distill.teacher = ""
     config.distill.temperature = 2.0
     config.distill.alpha = 0.5
+    # Comma-separated layers of init_from that make the student, e.g. "0,2,4,6,8,10": a
+    # 6-layer student from every other layer of BERT-Base (DistilBERT's initialisation).
+    # Empty: all of init_from's layers.
+    config.student_layers = ""
 
     # Numerics of this run (the encoder's sizes come from init_from).
     config.model = ml_collections.ConfigDict()

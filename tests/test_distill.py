@@ -184,3 +184,41 @@ def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
     assert teacher_accuracy > 0.8  # the labels' own noise caps any model at about 0.83
     assert student_accuracy >= 0.95 * teacher_accuracy
     assert student_accuracy > alone_accuracy + 0.02
+
+
+def test_a_student_of_every_other_layer_equals_transformers_with_those_layers(tmp_path):
+    import hf_reference
+    import torch
+    import transformers
+
+    from bert_jax import convert
+
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+    ).eval()
+    config = convert.config_from_hf(hf.config.to_dict(), "the test model")
+    params, _ = convert.params_from_hf(
+        {k: v.numpy() for k, v in hf.state_dict().items()},
+        config,
+        "BertForSequenceClassification",
+        3,
+    )
+    student, student_config = models.take_layers(params, config, range(0, 4, 2))
+    assert student_config.num_hidden_layers == 2
+    # The reference: transformers' own model with layers 1 and 3 removed.
+    hf.bert.encoder.layer = torch.nn.ModuleList([hf.bert.encoder.layer[i] for i in (0, 2)])
+    hf.config.num_hidden_layers = 2
+    reference = hf_reference.torch_outputs(hf, "BertForSequenceClassification", 50)
+    ours = hf_reference.jax_outputs(student_config, "BertForSequenceClassification", student)
+    hf_reference.assert_same(ours, reference)
+    with pytest.raises(ValueError, match=r"layers \[4\]: choose some of the model's layers 0..3"):
+        models.take_layers(params, config, [4])

@@ -373,23 +373,23 @@ def test_fine_tuning_learns_a_task_determined_by_the_text(tmp_path):
     assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
     lines = open(run["predictions"]["test"]).read().splitlines()
     assert lines == ["index\tprediction", "0\t1", "1\t0"]
-    # The fine-tuned run teaches a one-layer student (--config.distill.teacher).
-    (tmp_path / "student").mkdir()
-    student = _tiny_model(tmp_path / "student", hidden=64, layers=1)
+    # The fine-tuned run teaches a one-layer student made of its first layer
+    # (--config.distill.teacher, --config.student_layers).
     with pytest.raises(ValueError, match="distill from a model fine-tuned on sst2"):
         finetune.finetune_task(
-            dataclasses.replace(cfg, init_from=student, distill={"teacher": cfg.init_from}),
+            dataclasses.replace(cfg, distill={"teacher": cfg.init_from}),
             "sst2",
             mesh,
             str(tmp_path / "refused"),
         )
     assert not (tmp_path / "refused" / "sst2").exists()
     distill = {"teacher": run["directory"], "temperature": 2.0, "alpha": 0.5}
-    cfg = dataclasses.replace(cfg, init_from=student, distill=distill)
+    cfg = dataclasses.replace(cfg, init_from=run["directory"], student_layers=(0,), distill=distill)
     (student_run,) = finetune.finetune_task(cfg, "sst2", mesh, str(tmp_path / "distilled"))["runs"]
     assert student_run["dev"]["dev"]["accuracy"] >= 0.95, student_run["history"]
     with open(os.path.join(student_run["directory"], "config.json")) as f:
-        assert json.load(f)["distilled_from"] == distill
+        saved = json.load(f)
+    assert saved["distilled_from"] == distill and saved["model"]["num_hidden_layers"] == 1
 
 
 @pytest.mark.slow

@@ -7,9 +7,12 @@ answering); this module re-exports them and holds the functional helpers: `split
 once, then `merge_params` inside pure jitted functions (see `train_lib`).
 """
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
 from bert_jax.models import layers
@@ -56,6 +59,7 @@ __all__ = [
     "merge_params",
     "param_logical_axes",
     "split_params",
+    "take_layers",
 ]
 
 
@@ -99,3 +103,36 @@ def count_params(config: BertConfig, model_cls=BertModel) -> int:
     """Number of parameters, from shapes only (nothing is allocated)."""
     _, params = split_params(abstract_model(config, model_cls))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def take_layers(
+    params: Params, config: BertConfig, layers: Sequence[int]
+) -> tuple[Params, BertConfig]:
+    """A shallower model made of some of a model's layers (in the order given), with its
+    embeddings, pooler and heads: how DistilBERT initialises its student (every other
+    layer of the teacher, `range(0, L, 2)`).
+
+    Raises:
+      ValueError: for layers that do not exist, or a model whose layers are not one stack of
+        their own weights (ALBERT's shared layers, pruned heads).
+    """
+    if config.share_layers != "none" or config.pruned_heads:
+        raise ValueError(
+            "taking layers needs a model with a weight set per layer (BERT, unpruned); "
+            f"this one has share_layers={config.share_layers!r}, "
+            f"pruned_heads={config.pruned_heads!r}"
+        )
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < config.num_hidden_layers]
+    if not layers or bad:
+        raise ValueError(
+            f"layers {layers}: choose some of the model's layers 0..{config.num_hidden_layers - 1}"
+        )
+    index = np.asarray(layers)
+
+    def take(path, leaf):
+        joined = "/".join(str(getattr(k, "key", k)) for k in path)
+        return leaf[index] if "encoder/layer/" in joined else leaf
+
+    params = jax.tree_util.tree_map_with_path(take, params)
+    return params, dataclasses.replace(config, num_hidden_layers=len(layers))
