@@ -222,3 +222,30 @@ def test_a_student_of_every_other_layer_equals_transformers_with_those_layers(tm
     hf_reference.assert_same(ours, reference)
     with pytest.raises(ValueError, match=r"layers \[4\]: choose some of the model's layers 0..3"):
         models.take_layers(params, config, [4])
+
+
+def test_distillation_configs_parse_and_refuse_bad_settings(tmp_path):
+    import finetune
+    from configs import distill
+
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "teacher").mkdir()
+    for name in ("config.json", "model.safetensors"):  # what a Hugging Face directory holds
+        (tmp_path / "teacher" / name).write_text("{}")
+    for student, layers in (("bert6", (0, 2, 4, 6, 8, 10)), ("tinybert4", ())):
+        config = distill.get_config(student)
+        config.init_from, config.data_dir = "hf:/models/bert", str(tmp_path / "glue")
+        config.distill.teacher, config.tasks = str(tmp_path / "teacher"), "sst2"
+        parsed = finetune.parse_config(config)
+        assert parsed.student_layers == layers and parsed.distill["teacher"]
+    config.distill.alpha = 1.5
+    with pytest.raises(ValueError, match=r"--config.distill.alpha=1.5 in \[0, 1\]"):
+        finetune.parse_config(config)
+    config.distill.alpha, config.student_layers = 0.5, "0,two"
+    with pytest.raises(ValueError, match="--config.student_layers='0,two': comma-separated"):
+        finetune.parse_config(config)
+    config.student_layers, config.distill.teacher = "", str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
+        finetune.parse_config(config)
+    with pytest.raises(ValueError, match="choose one of"):
+        distill.get_config("bert3")
