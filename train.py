@@ -129,6 +129,8 @@ class RunConfig:
     init_from: str = ""
     init_optimizer: bool = False
     init_step: bool = False
+    student_layers: tuple[int, ...] = ()
+    distill: dict = dataclasses.field(default_factory=dict)
 
 
 def parse_config(cfg) -> RunConfig:
@@ -147,6 +149,8 @@ def parse_config(cfg) -> RunConfig:
         init_from=cfg.init_from,
         init_optimizer=cfg.get("init_optimizer", False),
         init_step=cfg.get("init_step", False),
+        student_layers=tuple(int(x) for x in str(cfg.get("student_layers", "")).split(",") if x),
+        distill=dict(cfg.distill) if cfg.get("distill") and cfg.distill.teacher else {},
     )
 
 
@@ -169,7 +173,46 @@ def load_init(run: RunConfig, mesh, workdir: str) -> tuple[RunConfig, convert.Pr
     _print(f"initialised from {pretrained.description}")
     if pretrained.report.missing or pretrained.report.unexpected:
         _print("warning: " + pretrained.report.describe(pretrained.description))
+    if run.student_layers:
+        params, config = models.take_layers(
+            pretrained.params, pretrained.config, run.student_layers
+        )
+        pretrained = dataclasses.replace(pretrained, params=params, config=config)
+        _print(f"the model is layers {list(run.student_layers)} of it")
     return dataclasses.replace(run, model=pretrained.config, data=data), pretrained
+
+
+def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
+    """The objective and the frozen teacher's params of `--config.distill.teacher`, checked
+    against the student (its vocabulary, its width for the hidden-state loss)."""
+    if not run.distill:
+        return train_lib.PRETRAINING, None
+    numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
+    source = run.distill["teacher"]
+    teacher = convert.load_pretrained(source, "BertForPreTraining", mesh=mesh, **numerics)
+    if teacher.report.missing:
+        raise ValueError(
+            f"the teacher {source} has no weights for {teacher.report.missing[:3]}: distil "
+            f"from a pretrained model with its masked-LM and sentence heads"
+        )
+    vocab = [teacher.tokenizer.id_to_token(i) for i in range(teacher.tokenizer.vocab_size)]
+    if (
+        student is None
+        or [student.tokenizer.id_to_token(i) for i in range(student.tokenizer.vocab_size)] != vocab
+    ):
+        raise ValueError(
+            f"the student must share the teacher's vocabulary: set --config.init_from to the "
+            f"teacher ({source}) or a model of its vocabulary, with --config.student_layers"
+        )
+    if run.distill.get("alpha_cos", 1.0) and teacher.config.hidden_size != run.model.hidden_size:
+        raise ValueError(
+            f"the hidden-state loss compares vectors of the teacher's width "
+            f"{teacher.config.hidden_size} and the student's {run.model.hidden_size}: set "
+            f"--config.distill.alpha_cos=0 or use a student of the teacher's width"
+        )
+    _print(f"distilling from {teacher.description}")
+    weights = {k: v for k, v in run.distill.items() if k != "teacher"}
+    return train_lib.pretraining_distillation(teacher.config, **weights), teacher.params
 
 
 def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingData:
@@ -623,6 +666,18 @@ def preflight(run: RunConfig, workdir: str, mesh) -> list[str]:
         problems.append(
             "config.init_optimizer and init_step need config.init_from=<phase 1 workdir>"
         )
+    if run.student_layers and not run.init_from:
+        problems.append("config.student_layers takes layers of config.init_from: set it too")
+    if run.distill:
+        try:
+            convert.model_kind(run.distill["teacher"])
+        except (OSError, ValueError) as e:
+            problems.append(f"config.distill.teacher: {e}")
+        if not run.init_from:
+            problems.append(
+                "config.distill.teacher needs a student of its vocabulary: set "
+                "config.init_from (the teacher itself, with config.student_layers)"
+            )
     return problems
 
 
@@ -681,7 +736,10 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
         check_compatible(latest[1], ckpt.step_dir(latest[0]), run, config_json, workdir)
     run, pretrained = load_init(run, mesh, workdir)
     _refuse(model_problems(run, mesh))
-    trainer = train_lib.create_trainer(run.model, run.optim, mesh, axes.DEFAULT_RULES)
+    objective, teacher = load_teacher(run, mesh, pretrained)
+    trainer = train_lib.create_trainer(
+        run.model, run.optim, mesh, axes.DEFAULT_RULES, objective, teacher_params=teacher
+    )
     existing = len(ckpt.manager.all_steps())
     checkpoint.preflight(
         directory,
@@ -691,6 +749,8 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
     # Compiled before hours of preprocessing: a step that does not fit is refused now, and
     # the memory printed is the compiler's.
     train_step, compiled = compile_train_step(trainer, run)
+    if teacher is not None:  # the compiled step takes the teacher's params at every call
+        train_step = train_lib.bind_teacher(train_step, trainer.train_step.teacher_params)
     trainer = dataclasses.replace(trainer, train_step=train_step)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:

@@ -191,3 +191,49 @@ def task_distillation_loss(
     soft = soft_sum / jnp.maximum(jnp.sum(weights), 1e-5)
     loss = (1.0 - alpha) * hard + alpha * soft
     return loss, {**sums, "distill_loss_sum": soft_sum}
+
+
+def cosine_distance(student, teacher, weights) -> jax.Array:
+    """Sum over weighted positions of 1 - cos(student, teacher) of their vectors [..., D]
+    (DistilBERT's loss aligning the student's hidden states with the teacher's)."""
+    student, teacher = student.astype(jnp.float32), teacher.astype(jnp.float32)
+    dot = jnp.sum(student * teacher, axis=-1)
+    norms = jnp.linalg.norm(student, axis=-1) * jnp.linalg.norm(teacher, axis=-1)
+    return jnp.sum((1.0 - dot / jnp.maximum(norms, 1e-8)) * weights)
+
+
+def pretraining_distillation_loss(
+    student, teacher, batch, *, temperature: float, alpha_ce: float, alpha_mlm: float,
+    alpha_cos: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+    """DistilBERT's loss: alpha_ce x `soft_cross_entropy` against the teacher's masked-LM
+    distribution at the masked positions (mean over them) + alpha_mlm x the pretraining loss
+    on the labels (`pretraining_loss`: masked LM and the sentence head) + alpha_cos x the
+    mean `cosine_distance` between the last hidden states at the real tokens (at [CLS] and
+    the masked positions when the models computed only those, `only_predicted_positions`).
+
+    Args:
+      student, teacher: `PretrainingOutput`s of the same batch (logits at the masked
+        positions, `encoder.sequence_output` [B, L, D]).
+    """
+    hard, sums = pretraining_loss(student.mlm_logits, student.nsp_logits, batch)
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    soft_sum = soft_cross_entropy(student.mlm_logits, teacher.mlm_logits, weights, temperature)
+    tokens = batch["input_mask"].astype(jnp.float32)
+    if student.encoder.sequence_output.shape[1] != tokens.shape[1]:  # [CLS] and masked only
+        tokens = jnp.concatenate([tokens[:, :1], weights], axis=1)
+    cos_sum = cosine_distance(
+        student.encoder.sequence_output, teacher.encoder.sequence_output, tokens
+    )
+    token_count = jnp.sum(tokens)
+    loss = (
+        alpha_ce * soft_sum / (jnp.sum(weights) + 1e-5)
+        + alpha_mlm * hard
+        + alpha_cos * cos_sum / jnp.maximum(token_count, 1.0)
+    )
+    return loss, {
+        **sums,
+        "distill_loss_sum": soft_sum,
+        "cosine_loss_sum": cos_sum,
+        "token_count": token_count,
+    }

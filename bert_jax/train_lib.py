@@ -137,6 +137,65 @@ def _head_objective(model_cls, loss_fn) -> Objective:
 
 
 PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss, summarize=losses.summarize)
+
+
+def pretraining_distillation(
+    teacher_config: BertConfig,
+    *,
+    temperature: float = 2.0,
+    alpha_ce: float = 5.0,
+    alpha_mlm: float = 2.0,
+    alpha_cos: float = 1.0,
+) -> Objective:
+    """Pretraining against a frozen pretrained teacher of the same width (DistilBERT's
+    objective and weights, `losses.pretraining_distillation_loss`)."""
+    if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos) < 0:
+        raise ValueError(
+            f"distillation temperature={temperature} must be > 0 and its weights "
+            f"(alpha_ce={alpha_ce}, alpha_mlm={alpha_mlm}, alpha_cos={alpha_cos}) >= 0"
+        )
+
+    def run(model, batch, rng=None, deterministic=True):
+        return model(
+            batch["input_ids"],
+            batch["input_mask"],
+            batch["segment_ids"],
+            batch["masked_lm_positions"],
+            rng=rng,
+            deterministic=deterministic,
+            # The hidden-state loss reads every token's last hidden state.
+            only_predicted_positions=alpha_cos == 0,
+        )
+
+    def loss(student, teacher, batch, rng, deterministic):
+        return losses.pretraining_distillation_loss(
+            run(student, batch, rng, deterministic),
+            run(teacher, batch),
+            batch,
+            temperature=temperature,
+            alpha_ce=alpha_ce,
+            alpha_mlm=alpha_mlm,
+            alpha_cos=alpha_cos,
+        )
+
+    def summarize(sums):
+        out = losses.summarize(sums)
+        if "distill_loss_sum" in sums:
+            out["distill_loss"] = float(sums["distill_loss_sum"]) / max(
+                float(sums["mlm_count"]), 1e-5
+            )
+            out["cosine_loss"] = float(sums["cosine_loss_sum"]) / max(
+                float(sums["token_count"]), 1.0
+            )
+        return out
+
+    return dataclasses.replace(
+        PRETRAINING,
+        distill=Distillation(models.BertForPreTraining, teacher_config, loss),
+        summarize=summarize,
+    )
+
+
 QUESTION_ANSWERING = _head_objective(
     models.BertForQuestionAnswering, lambda logits, batch: losses.span_loss(*logits, batch)
 )
@@ -360,6 +419,11 @@ def teacher_graphdef(objective: Objective) -> nnx.GraphDef | None:
     return models.split_params(models.abstract_model(d.teacher_config, d.teacher_cls))[0]
 
 
+def bind_teacher(step, teacher_params):
+    """`step(state, batch, teacher_params)` (jitted or compiled) as `step(state, batch)`."""
+    return _WithTeacher(step, teacher_params)
+
+
 class _WithTeacher:
     """A jitted `step(state, batch, teacher_params)` called as `step(state, batch)`: the
     teacher's parameters (placed once, never donated) go in as an input of every call, not
@@ -371,12 +435,17 @@ class _WithTeacher:
     def __call__(self, state, batch):
         return self.step(state, batch, self.teacher_params)
 
-    def lower(self, state, batch):
-        abstract = jax.tree.map(
+    def _abstract_teacher(self):
+        return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             self.teacher_params,
         )
-        return self.step.lower(state, batch, abstract)
+
+    def trace(self, state, batch):
+        return self.step.trace(state, batch, self._abstract_teacher())
+
+    def lower(self, state, batch):
+        return self.step.lower(state, batch, self._abstract_teacher())
 
 
 def _data_replicas(mesh: Mesh, rules: sharding.Rules) -> int:

@@ -23,6 +23,19 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     # learning-rate schedule goes on where it stopped, the BERT paper's single schedule).
     config.init_optimizer = False
     config.init_step = False
+    # Comma-separated layers of init_from that make the model, e.g. "0,2,4,6,8,10": a 6-layer
+    # student from every other layer of BERT-Base (DistilBERT's initialisation).
+    config.student_layers = ""
+    # Pretraining distillation (DistilBERT): a pretrained teacher of the same width (hf:, tf:
+    # or a workdir) frozen in the train step; the loss is alpha_ce x T^2 x cross-entropy
+    # against its masked-LM distribution + alpha_mlm x the labels' pretraining loss +
+    # alpha_cos x (1 - cosine) between the last hidden states. Empty teacher: none.
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher = ""
+    config.distill.temperature = 2.0
+    config.distill.alpha_ce = 5.0
+    config.distill.alpha_mlm = 2.0
+    config.distill.alpha_cos = 1.0
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.

@@ -249,3 +249,105 @@ def test_distillation_configs_parse_and_refuse_bad_settings(tmp_path):
         finetune.parse_config(config)
     with pytest.raises(ValueError, match="choose one of"):
         distill.get_config("bert3")
+    from configs import distilbert  # train.py's parsing of these fields: the test below
+
+    pretraining = distilbert.get_config("bf16")
+    assert pretraining.student_layers == "0,2,4,6,8,10" and pretraining.model.dtype == "bfloat16"
+    assert (pretraining.distill.alpha_ce, pretraining.distill.alpha_mlm) == (5.0, 2.0)
+
+
+def test_pretraining_distillation_loss_equals_hand_computed_values():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    s_mlm, t_mlm = rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 3, 5))
+    s_nsp = rng.normal(size=(2, 2))
+    s_hidden, t_hidden = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 6))
+    batch = {
+        "masked_lm_ids": np.array([[1, 2, 0], [4, 0, 0]], np.int32),
+        "masked_lm_weights": np.array([[1, 1, 0], [1, 0, 0]], np.float32),
+        "next_sentence_labels": np.array([0, 1], np.int32),
+        "input_mask": np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32),
+    }
+
+    def output(mlm, nsp, hidden):
+        encoder = SimpleNamespace(sequence_output=jnp.asarray(hidden, jnp.float32))
+        return SimpleNamespace(
+            mlm_logits=jnp.asarray(mlm, jnp.float32),
+            nsp_logits=jnp.asarray(nsp, jnp.float32),
+            encoder=encoder,
+        )
+
+    loss, sums = losses.pretraining_distillation_loss(
+        output(s_mlm, s_nsp, s_hidden),
+        output(t_mlm, s_nsp, t_hidden),
+        batch,
+        temperature=2.0,
+        alpha_ce=5.0,
+        alpha_mlm=2.0,
+        alpha_cos=1.0,
+    )
+    masked = [(0, 0), (0, 1), (1, 0)]
+    soft = [
+        -4 * (_softmax(t_mlm[b, p] / 2) * np.log(_softmax(s_mlm[b, p] / 2))).sum()
+        for b, p in masked
+    ]
+    mlm = [-np.log(_softmax(s_mlm[b, p])[batch["masked_lm_ids"][b, p]]) for b, p in masked]
+    nsp = [-np.log(_softmax(s_nsp[b])[batch["next_sentence_labels"][b]]) for b in range(2)]
+    real = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    cos = [
+        1
+        - s_hidden[b, i]
+        @ t_hidden[b, i]
+        / (np.linalg.norm(s_hidden[b, i]) * np.linalg.norm(t_hidden[b, i]))
+        for b, i in real
+    ]
+    want = 5 * np.mean(soft) + 2 * (np.mean(mlm) + np.mean(nsp)) + np.mean(cos)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(sums["distill_loss_sum"], np.sum(soft), rtol=1e-5)
+    np.testing.assert_allclose(sums["cosine_loss_sum"], np.sum(cos), rtol=1e-5)
+
+
+def test_train_py_distils_a_student_of_every_other_layer_and_leaves_the_teacher(tmp_path):
+    import hashlib
+    import json
+    import os
+
+    from cli import read_summary, run_train
+
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    run_train(tmp_path, teacher, 10)
+
+    def digests():
+        return {
+            os.path.relpath(os.path.join(d, f), teacher): hashlib.sha256(
+                open(os.path.join(d, f), "rb").read()
+            ).hexdigest()
+            for d, _, names in os.walk(teacher / "checkpoints")
+            for f in names
+        }
+
+    before = digests()
+    proc = run_train(
+        tmp_path,
+        student,
+        6,
+        f"--config.init_from={teacher}",
+        "--config.student_layers=0",
+        f"--config.distill.teacher={teacher}",
+    )
+    assert "distilling from" in proc.stdout
+    assert digests() == before  # the teacher's checkpoint, byte for byte
+    with open(student / "config.json") as f:
+        assert json.load(f)["model"]["num_hidden_layers"] == 1
+    summary = read_summary(student)
+    assert summary["steps"] == 6
+    refused = run_train(
+        tmp_path,
+        tmp_path / "refused",
+        6,
+        f"--config.distill.teacher={tmp_path / 'nowhere'}",
+        check=False,
+    )
+    assert refused.returncode != 0 and "config.distill.teacher" in refused.stderr
+    assert "set config.init_from" in refused.stderr
