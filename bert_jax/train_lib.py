@@ -3,7 +3,8 @@
 What a step computes is an `Objective`: the model class and its loss. `PRETRAINING` (MLM +
 NSP/SOP), `classification(num_labels)` (GLUE), `token_classification(num_labels)` (NER),
 `multiple_choice()` (SWAG) and `QUESTION_ANSWERING` (SQuAD) share the same step, optimizer and
-sharding.
+sharding. `task_distillation(objective, ...)` and `pretraining_distillation(...)` add a frozen
+teacher to that step: its parameters are a second input (`create_trainer(teacher_params=)`).
 """
 
 import dataclasses
@@ -96,16 +97,20 @@ def task_distillation(
     )
 
 
-def _pretraining_loss(model, batch, rng, deterministic):
-    out = model(
+def _pretraining_outputs(model, batch, rng=None, deterministic=True, only_predicted=True):
+    return model(
         batch["input_ids"],
         batch["input_mask"],
         batch["segment_ids"],
         batch["masked_lm_positions"],
         rng=rng,
         deterministic=deterministic,
-        only_predicted_positions=True,
+        only_predicted_positions=only_predicted,
     )
+
+
+def _pretraining_loss(model, batch, rng, deterministic):
+    out = _pretraining_outputs(model, batch, rng, deterministic)
     return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
 
 
@@ -155,22 +160,12 @@ def pretraining_distillation(
             f"(alpha_ce={alpha_ce}, alpha_mlm={alpha_mlm}, alpha_cos={alpha_cos}) >= 0"
         )
 
-    def run(model, batch, rng=None, deterministic=True):
-        return model(
-            batch["input_ids"],
-            batch["input_mask"],
-            batch["segment_ids"],
-            batch["masked_lm_positions"],
-            rng=rng,
-            deterministic=deterministic,
-            # The hidden-state loss reads every token's last hidden state.
-            only_predicted_positions=alpha_cos == 0,
-        )
+    only_predicted = alpha_cos == 0  # the hidden-state loss reads every token's last state
 
     def loss(student, teacher, batch, rng, deterministic):
         return losses.pretraining_distillation_loss(
-            run(student, batch, rng, deterministic),
-            run(teacher, batch),
+            _pretraining_outputs(student, batch, rng, deterministic, only_predicted),
+            _pretraining_outputs(teacher, batch, only_predicted=only_predicted),
             batch,
             temperature=temperature,
             alpha_ce=alpha_ce,

@@ -69,15 +69,34 @@ def _bert_jax_outputs(config, architecture, num_labels, params, shape) -> dict:
     return {"logits": out[0]}
 
 
-def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
-    config = models.BertConfig(
+def _config(layers: int = 2, **kw) -> models.BertConfig:
+    return models.BertConfig(
         vocab_size=len(glue_data.VOCAB),
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=32,
+        **kw,
     )
+
+
+def _export_run(command: str, config, architecture, num_labels, params, tokenizer, tmp_path, out):
+    """`python -m bert_jax.convert COMMAND RUN OUT` on a run written from `params`."""
+    run = tmp_path / "run"
+    convert.write_run(str(run), config, architecture, num_labels, params, tokenizer)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bert_jax.convert", command, str(run), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
+    config = _config()
     tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
     cases, expected = {}, {}
     for i, (architecture, num_labels) in enumerate(HEADS.items()):
@@ -86,16 +105,11 @@ def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
         )[1]
         out = tmp_path / "exported" / architecture
         if architecture == "BertForSequenceClassification":  # the command line, from a run
-            run = tmp_path / "run"
-            convert.write_run(str(run), config, architecture, num_labels, params, tokenizer)
-            proc = subprocess.run(
-                [sys.executable, "-m", "bert_jax.convert", "export-stablehlo", str(run), str(out)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            assert "[batch, length] -> logits" in proc.stdout
+            stdout = _export_run(
+                "export-stablehlo", config, architecture, num_labels, params, tokenizer,
+                tmp_path, out,
+            )  # fmt: skip
+            assert "[batch, length] -> logits" in stdout
         else:
             export_stablehlo(params, config, architecture, num_labels, tokenizer, str(out))
         meta = json.loads((out / "meta.json").read_text())
@@ -124,14 +138,7 @@ def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
 
 
 def test_exporting_a_head_the_source_lacks_is_refused(tmp_path):
-    config = models.BertConfig(
-        vocab_size=len(glue_data.VOCAB),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    config = _config(layers=1)
     tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
     params = models.split_params(models.create_model(config, 0, models.BertModel))[1]
     convert.write_run(str(tmp_path / "run"), config, "BertModel", 2, params, tokenizer)
@@ -168,31 +175,17 @@ def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
     tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
     for i, (architecture, num_labels) in enumerate(ONNX_HEADS.items()):
         albert = architecture.startswith("Albert")
-        config = models.BertConfig(
-            vocab_size=len(glue_data.VOCAB),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=32,
-            **({"share_layers": "all", "embedding_size": 16} if albert else {}),
-        )
+        config = _config(**({"share_layers": "all", "embedding_size": 16} if albert else {}))
         bert_name = "Bert" + architecture.removeprefix("Albert").removeprefix("Bert")
         params = models.split_params(
             models.create_model(config, i, convert.model_class(bert_name, num_labels))
         )[1]
         out = tmp_path / architecture
         if architecture == "BertForTokenClassification":  # the command line, from a run
-            run = tmp_path / "run"
-            convert.write_run(str(run), config, bert_name, num_labels, params, tokenizer)
-            proc = subprocess.run(
-                [sys.executable, "-m", "bert_jax.convert", "export-onnx", str(run), str(out)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
+            stdout = _export_run(
+                "export-onnx", config, bert_name, num_labels, params, tokenizer, tmp_path, out
             )
-            assert proc.returncode == 0, proc.stderr[-2000:]
-            assert "[batch, length] -> logits" in proc.stdout
+            assert "[batch, length] -> logits" in stdout
         else:
             export_onnx(params, config, bert_name, num_labels, tokenizer, str(out))
         meta = json.loads((out / "meta.json").read_text())
