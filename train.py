@@ -314,8 +314,8 @@ def check_compatible(
     meta: dict, path: str, run: RunConfig, config_json: dict, workdir: str, here: dict | None = None
 ) -> None:
     """Refuses, before any array is read, a checkpoint written with other settings: another
-    model, optimizer, data or loop seed; with `here` (this run's checkpoint metadata, known
-    once the tokenizer is), another tokenizer or vocabulary.
+    model, optimizer, data, loop seed or distillation (teacher, weights); with `here` (this
+    run's checkpoint metadata, known once the tokenizer is), another tokenizer or vocabulary.
 
     Raises:
       checkpoint.IncompatibleCheckpoint naming every differing field and the ways forward.
@@ -332,14 +332,19 @@ def check_compatible(
         pairs = {
             f"model.{k}": (saved_model[k], v) for k, v in dataclasses.asdict(run.model).items()
         }
-    for section in ("optim", "data", "train"):
-        for key, value in config_json[section].items():
+    for section in ("optim", "data", "train", "distill"):
+        for key, value in config_json.get(section, {}).items():
             skip = _FREE_TO_CHANGE.get(section, set())
             if section == "data":
                 skip = skip | _VOCAB_FIELDS
             if key not in skip and key in saved.get(section, {}):
                 pairs[f"{section}.{key}"] = (saved[section][key], value)
-    for key, default in (("init_from", ""), ("init_optimizer", False), ("init_step", False)):
+    for key, default in (
+        ("init_from", ""),
+        ("init_optimizer", False),
+        ("init_step", False),
+        ("student_layers", ""),
+    ):
         pairs[key] = (saved.get(key, default), config_json.get(key, default))
     if here is not None:
         for key in ("tokenizer", "do_lower_case", "keep_accents"):

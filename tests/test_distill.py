@@ -308,14 +308,14 @@ def test_pretraining_distillation_loss_equals_hand_computed_values():
     np.testing.assert_allclose(sums["cosine_loss_sum"], np.sum(cos), rtol=1e-5)
 
 
-def test_train_py_distils_a_student_of_every_other_layer_and_leaves_the_teacher(tmp_path):
+def test_train_py_distils_a_student_resumes_exactly_and_leaves_the_teacher(tmp_path):
     import hashlib
     import json
     import os
 
     from cli import read_summary, run_train
 
-    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    teacher = tmp_path / "teacher"
     run_train(tmp_path, teacher, 10)
 
     def digests():
@@ -328,20 +328,26 @@ def test_train_py_distils_a_student_of_every_other_layer_and_leaves_the_teacher(
         }
 
     before = digests()
-    proc = run_train(
-        tmp_path,
-        student,
-        6,
+    student = (
         f"--config.init_from={teacher}",
         "--config.student_layers=0",
         f"--config.distill.teacher={teacher}",
     )
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = run_train(tmp_path, straight, 20, *student)
     assert "distilling from" in proc.stdout
+    run_train(tmp_path, split, 10, *student)
+    run_train(tmp_path, split, 20, *student)  # goes on from step 10
+    resumed = read_summary(split)
+    assert resumed["steps_this_run"] == 10 and resumed["steps"] == 20
+    # Resumed = never stopped, the teacher read again at the start.
+    for key, value in read_summary(straight)["eval"].items():
+        np.testing.assert_allclose(resumed["eval"][key], value, rtol=1e-5, err_msg=key)
     assert digests() == before  # the teacher's checkpoint, byte for byte
-    with open(student / "config.json") as f:
+    with open(split / "config.json") as f:
         assert json.load(f)["model"]["num_hidden_layers"] == 1
-    summary = read_summary(student)
-    assert summary["steps"] == 6
+    changed = run_train(tmp_path, split, 30, *student, "--config.distill.alpha_ce=1.0", check=False)
+    assert changed.returncode != 0 and "distill.alpha_ce: 5.0 there, 1.0 here" in changed.stderr
     refused = run_train(
         tmp_path,
         tmp_path / "refused",
