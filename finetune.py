@@ -48,6 +48,7 @@ from bert_jax import (
     sharding,
     train_lib,
 )
+from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base as tasks
 from bert_jax.tasks import glue
@@ -485,8 +486,7 @@ def _teacher(cfg: FinetuneConfig, task: tasks.Task, student, mesh) -> convert.Pr
             f"({teacher.report.missing[:3]}): distill from a model fine-tuned on {task.name}, "
             f"e.g. a finetune.py run directory"
         )
-    vocab = [student.tokenizer.id_to_token(i) for i in range(student.tokenizer.vocab_size)]
-    if [teacher.tokenizer.id_to_token(i) for i in range(teacher.tokenizer.vocab_size)] != vocab:
+    if vocabulary(teacher.tokenizer) != vocabulary(student.tokenizer):
         raise ValueError(
             f"the teacher {source} and the student {cfg.init_from} have different vocabularies;"
             f" the teacher reads the student's token ids: use models of one vocabulary"

@@ -47,7 +47,7 @@ from bert_jax import (  # noqa: E402
 from bert_jax.data import input_pipeline, pretraining_data  # noqa: E402
 from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
 from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
-from bert_jax.data.tokenization import WordPieceTokenizer  # noqa: E402
+from bert_jax.data.tokenization import WordPieceTokenizer, vocabulary  # noqa: E402
 from bert_jax.optim import OptimConfig  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -195,11 +195,7 @@ def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
             f"the teacher {source} has no weights for {teacher.report.missing[:3]}: distil "
             f"from a pretrained model with its masked-LM and sentence heads"
         )
-    vocab = [teacher.tokenizer.id_to_token(i) for i in range(teacher.tokenizer.vocab_size)]
-    if (
-        student is None
-        or [student.tokenizer.id_to_token(i) for i in range(student.tokenizer.vocab_size)] != vocab
-    ):
+    if student is None or vocabulary(student.tokenizer) != vocabulary(teacher.tokenizer):
         raise ValueError(
             f"the student must share the teacher's vocabulary: set --config.init_from to the "
             f"teacher ({source}) or a model of its vocabulary, with --config.student_layers"

@@ -36,7 +36,7 @@ import numpy as np
 import tqdm
 
 from bert_jax import axes, cli, convert, models, sharding
-from bert_jax.data.tokenization import Tokenizer
+from bert_jax.data.tokenization import Tokenizer, vocabulary
 
 POOLINGS = ("first", "mean", "sum")
 
@@ -120,10 +120,6 @@ def _offset_words(encoded, n_a):
         ids_b, words_b = encoded[1]
         encoded = [encoded[0], (ids_b, [w + n_a for w in words_b])]
     return encoded
-
-
-def vocabulary(tokenizer: Tokenizer) -> list[str]:
-    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
 
 
 def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.DEFAULT_RULES):

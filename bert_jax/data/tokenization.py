@@ -48,6 +48,11 @@ class Tokenizer(Protocol):
     def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]: ...
 
 
+def vocabulary(tokenizer: Tokenizer) -> list[str]:
+    """Every piece of the vocabulary, by id."""
+    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+
+
 def encode_grouped(tokenizer: Tokenizer, groups: Sequence[Sequence[str]]) -> list[list[list[int]]]:
     """The ids of every text of every group (documents' sentences, a line's words), from one
     batched call, grouped as given."""
