@@ -137,8 +137,15 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
     for name in ("batch_size", "eval_batch_size", "max_seq_length", "pack_max_examples"):
         if cfg[name] < 1:
             raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
+    if cfg.num_epochs < 0:
+        raise ValueError(f"--config.num_epochs={cfg.num_epochs}; use 0 to evaluate only")
+    quantized = cfg.model.get("quantization", "") not in ("", "none")
+    if quantized and cfg.num_epochs:
+        raise ValueError(f"--config.model.quantization: {train_lib.TRAINING_QUANTIZED}")
     qa = {k: cfg.get(k, d) for k, d in _QA_DEFAULTS.items()}
     distill = dict(cfg.get("distill") or {})
+    if distill.get("teacher") and not cfg.num_epochs:
+        raise ValueError("--config.distill.teacher trains; it needs --config.num_epochs > 0")
     if distill.get("teacher"):
         convert.model_kind(distill["teacher"])  # names what is wrong with the path now
         if distill.get("temperature", 2.0) <= 0 or not 0 <= distill.get("alpha", 0.5) <= 1:
@@ -167,7 +174,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         log_every=cfg.log_every,
         pack=cfg.pack,
         pack_max_examples=cfg.pack_max_examples,
-        numerics=dict(cfg.model),
+        numerics={k: v for k, v in cfg.model.items() if v or k != "quantization"},
         mesh=sharding.MeshConfig(**cfg.mesh),
         distill=distill if distill.get("teacher") else {},
         student_layers=_layer_list(cfg.get("student_layers", "")),
@@ -213,6 +220,8 @@ def run_length(cfg: FinetuneConfig, task: tasks.Task, n: int) -> tuple[int, int]
             f"{task.name}: {n} training examples are fewer than one batch of "
             f"{cfg.batch_size}; lower --config.batch_size"
         )
+    if not cfg.num_epochs:  # evaluation only
+        return steps_per_epoch, 0
     return steps_per_epoch, max(1, int(round(cfg.num_epochs * steps_per_epoch)))
 
 
@@ -330,6 +339,11 @@ class Run:
         cfg, train = self.cfg, self.data.train
         n = len(train["input_ids"])
         steps_per_epoch, total = run_length(cfg, self.task, n)
+        if total == 0:  # num_epochs=0: the model as it was loaded, evaluated and kept
+            results = self.evaluate(self.pretrained.params, 0)
+            self.ckpt.save(0, {"params": self.pretrained.params}, {}, self.meta)
+            self.ckpt.wait()
+            return {"best_step": 0, "dev": results, "history": [{"step": 0, **results}], "steps": 0}
         state = self.trainer.init(self.seed)
         # Copies: the train step donates the state, and the imported weights serve every seed.
         imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
@@ -426,6 +440,14 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             pretrained.params, pretrained.config, cfg.student_layers
         )
         pretrained = dataclasses.replace(pretrained, params=params, config=config)
+    if not cfg.num_epochs and pretrained.report.missing:
+        raise ValueError(
+            f"--config.num_epochs=0 evaluates {cfg.init_from} as it is, but it has no weights "
+            f"for {pretrained.report.missing[:3]}: give a model fine-tuned on {task.name} (a "
+            f"finetune.py run directory, or hf: with its head)"
+        )
+    if pretrained.config.quantization != "none" and cfg.num_epochs:
+        raise ValueError(f"{cfg.init_from}: {train_lib.TRAINING_QUANTIZED}")
     # A fresh task head is expected; anything else missing or left over is worth a word.
     unexpected_missing = [p for p in pretrained.report.missing if p.startswith("bert")]
     if pretrained.report.unexpected or unexpected_missing:
@@ -451,7 +473,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         optim = OptimConfig(
             learning_rate=lr,
             warmup_steps=int(cfg.warmup_fraction * steps),
-            total_steps=steps,
+            total_steps=max(steps, 1),
             weight_decay=cfg.weight_decay,
         )
         trainer = train_lib.create_trainer(

@@ -686,6 +686,8 @@ def model_problems(run: RunConfig, mesh, model_known: bool = True) -> list[str]:
     """What the model config (the configured one, or the imported one) says against the data,
     the batch and the mesh."""
     problems = []
+    if run.model.quantization != "none":
+        problems.append(train_lib.TRAINING_QUANTIZED)
     if model_known and run.data.masking.max_seq_length > run.model.max_position_embeddings:
         problems.append(
             f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "

@@ -14,10 +14,13 @@ library's own paths:
 - `pruned 40%`: the teacher without its 40% least important heads (gradient of the loss
   with respect to a head mask, Michel et al.; `analysis.heads_to_prune`, `prune_heads`),
   not retrained;
-- `distilled 3 layers, pruned 40%`: both.
+- `distilled 3 layers, pruned 40%`: both;
+- `..., int8`: int8 weights, a scale per output channel (`models.quantize`), dequantized into
+  float32 matmuls; `teacher, int8-dynamic`: the same weights, and each matmul's input
+  quantized to int8 per row as it runs (int8 products, int32 sums; qwix).
 For each: parameters, bytes of its float32 weights on disk (`params.npz`), CPU latency at
 batch 1 x 128 and throughput at batch 32 x 128 (jitted forward, medians of 5 rounds after a
-warm-up) and dev accuracy on 2,048 held-out examples. int8 quantization is not built yet.
+warm-up) and dev accuracy on 2,048 held-out examples.
 """
 
 import argparse
@@ -150,6 +153,12 @@ def timing(model_config, params, rounds: int) -> tuple[float, float]:
     return out[0] * 1e3, 32 / out[1]
 
 
+def parameters(params) -> int:
+    """Weights counted once whatever they are stored in (an int8 matrix's scales not counted)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(np.size(x) for path, x in leaves if not str(path[-1].key).endswith("_scale"))
+
+
 def disk_bytes(params) -> int:
     flat = {
         jax.tree_util.keystr(path): np.asarray(leaf)
@@ -185,13 +194,23 @@ def main():
         pruned_config, pruned = analysis.prune_heads(params, model_config, remove)
         label = "pruned 40%" if name.startswith("teacher") else f"{name}, pruned 40%"
         entries[label] = (pruned_config, pruned)
+    cls = models.BertForSequenceClassification
+    for name, mode in (
+        ("teacher (6 x 256)", "int8"),
+        ("teacher (6 x 256)", "int8-dynamic"),
+        ("distilled 3 layers", "int8"),
+        ("distilled 3 layers, pruned 40%", "int8"),
+    ):
+        model_config, params = entries[name]
+        params, model_config = models.quantize(params, model_config, mode, cls)
+        entries[f"{name.removesuffix(' (6 x 256)')}, {mode}"] = (model_config, params)
     rows = []
     for name, (model_config, params) in entries.items():
         latency, throughput = timing(model_config, params, args.rounds)
         rows.append(
             {
                 "model": name,
-                "parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+                "parameters": parameters(params),
                 "bytes_on_disk": disk_bytes(params),
                 "latency_ms_batch1": latency,
                 "sequences_per_s_batch32": throughput,

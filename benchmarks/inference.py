@@ -6,10 +6,14 @@ One model, a 6-layer x 384 BERT sequence classifier (MiniLM-L6-H384's shape, 30,
 random weights: nothing can be downloaded here), in each runtime:
 - `bert_jax fp32`: the jitted forward pass (`models.BertForSequenceClassification`);
 - `bert_jax bf16`: the same with `dtype="bfloat16"` (fp32 weights, bf16 compute);
+- `bert_jax int8`: int8 weights (`models.quantize`), dequantized into fp32 matmuls;
+  `bert_jax int8-dynamic`: int8 weights and each matmul's input quantized per row as it runs,
+  int8 x int8 products with int32 sums (qwix's dot_general);
 - `torch fp32` / `torch bf16`: `transformers.BertForSequenceClassification` from the same
   weights (`export-hf`), eager, `inference_mode`, SDPA attention; bf16 as `model.to(bf16)`;
 - `onnxruntime fp32`: the file `python -m bert_jax.convert export-onnx` writes, default
-  session options (all graph optimizations).
+  session options (all graph optimizations); `onnxruntime int8`: that file through
+  `onnxruntime.quantization.quantize_dynamic` (int8 weights, dynamic int8 activations).
 Shapes: batch 1 x 128 (latency) and batch 32 x 128 (throughput), every token real. Each
 measurement is the median over `--rounds` rounds, the runtimes alternating within a round,
 after warm-up calls (compilation excluded). Accuracy cost: the largest difference of each
@@ -17,6 +21,7 @@ runtime's logits from bert_jax fp32's on the batch of 32.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -67,17 +72,20 @@ def build(directory: str):
     export_onnx(params, config, "BertForSequenceClassification", 2, tokenizer, onnx_dir)
 
     runtimes = {}
-    for name, dtype in (("bert_jax fp32", "float32"), ("bert_jax bf16", "bfloat16")):
-        import dataclasses
-
-        graphdef = models.split_params(
-            models.abstract_model(
-                dataclasses.replace(config, dtype=dtype), models.BertForSequenceClassification
-            )
-        )[0]
+    cls = models.BertForSequenceClassification
+    for name, dtype, quantization in (
+        ("bert_jax fp32", "float32", "none"),
+        ("bert_jax bf16", "bfloat16", "none"),
+        ("bert_jax int8", "float32", "int8"),
+        ("bert_jax int8-dynamic", "float32", "int8-dynamic"),
+    ):
+        run_params, run_config = models.quantize(
+            params, dataclasses.replace(config, dtype=dtype), quantization, cls
+        )
+        graphdef = models.split_params(models.abstract_model(run_config, cls))[0]
         forward = jax.jit(lambda p, i, m, s, g=graphdef: models.merge_params(g, p)(i, m, s)[0])
-        runtimes[name] = lambda i, m, s, f=forward: np.asarray(
-            f(params, i, m, s).astype(np.float32)
+        runtimes[name] = lambda i, m, s, f=forward, p=run_params: np.asarray(
+            f(p, i, m, s).astype(np.float32)
         )
     torch.set_num_threads(os.cpu_count())
     for name, dtype in (("torch fp32", torch.float32), ("torch bf16", torch.bfloat16)):
@@ -94,14 +102,21 @@ def build(directory: str):
             return out.float().numpy()
 
         runtimes[name] = run
-    session = onnxruntime.InferenceSession(
-        os.path.join(onnx_dir, "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    runtimes["onnxruntime fp32"] = lambda i, m, s: session.run(
-        None,
-        {"input_ids": i.astype(np.int64), "input_mask": m.astype(np.int64),
-         "segment_ids": s.astype(np.int64)},
-    )[0]  # fmt: skip
+    # ONNX Runtime's own int8: dynamic quantization of the exported file's matmuls.
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8_file = os.path.join(directory, "model.int8.onnx")
+    quantize_dynamic(os.path.join(onnx_dir, "model.onnx"), int8_file, weight_type=QuantType.QInt8)
+    for name, path in (
+        ("onnxruntime fp32", os.path.join(onnx_dir, "model.onnx")),
+        ("onnxruntime int8", int8_file),
+    ):
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        runtimes[name] = lambda i, m, s, session=session: session.run(
+            None,
+            {"input_ids": i.astype(np.int64), "input_mask": m.astype(np.int64),
+             "segment_ids": s.astype(np.int64)},
+        )[0]  # fmt: skip
     return runtimes
 
 

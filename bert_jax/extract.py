@@ -265,12 +265,15 @@ def extract(
     batch_size: int = 32,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
+    quantization: str = "",
 ) -> dict:
     """Writes the features of every line of `input_path` to `output_path`; returns counts.
 
     Args:
       model: `hf:DIR`, `tf:DIR` or a bert_jax workdir (as `--config.init_from`).
       layers: hidden-state indices: 0 the embeddings, 1..N the layers, negative from the end.
+      quantization: hold the weights as `models.quantize` says ("int8", "int8-dynamic",
+        "none"); empty: as the model holds them.
     """
     ext = os.path.splitext(output_path)[1]
     if ext not in (".jsonl", ".array_record"):
@@ -283,7 +286,7 @@ def extract(
         raise ValueError(
             f"batch_size={batch_size} must be a multiple of the data axes ({data_size})"
         )
-    pretrained = convert.load_pretrained(model, "BertModel", mesh=mesh)
+    pretrained = convert.load_pretrained(model, "BertModel", mesh=mesh, quantization=quantization)
     config, tokenizer = pretrained.config, pretrained.tokenizer
     if max_seq_length > config.max_position_embeddings:
         raise ValueError(
@@ -405,6 +408,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pooling", default="first", choices=POOLINGS)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--quantization",
+        default="",
+        choices=("", *models.layers.QUANTIZATION),
+        help="int8 or int8-dynamic: quantize the model's weights as it loads (models.quantize); "
+        "none: float weights; default: as the model holds them",
+    )
     args = parser.parse_args(argv)
     result = extract(
         args.model,
@@ -414,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         pooling=args.pooling,
         max_seq_length=args.max_seq_length,
         batch_size=args.batch_size,
+        quantization=args.quantization,
     )
     print(
         f"wrote the features of {result['lines']} lines to {result['output']} "

@@ -101,7 +101,9 @@ def _rows(lines: Iterator[str], batch_size: int) -> Iterator[list[tuple[int, str
 class Predictor:
     """A model loaded once, answering batches of lines for one task."""
 
-    def __init__(self, task: str, model: str, *, max_seq_length=128, top_k=5, mesh=None):
+    def __init__(
+        self, task: str, model: str, *, max_seq_length=128, top_k=5, mesh=None, quantization=""
+    ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
         self.task, self.top_k = task, top_k
@@ -110,7 +112,7 @@ class Predictor:
         num_labels, labels = head_labels(model) if task in ("classify", "ner") else (2, None)
         self.labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
         self.pretrained = convert.load_pretrained(
-            model, architecture, mesh=self.mesh, num_labels=num_labels
+            model, architecture, mesh=self.mesh, num_labels=num_labels, quantization=quantization
         )
         if self.pretrained.report.missing:
             raise ValueError(
@@ -302,12 +304,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--quantization",
+        default="",
+        choices=("", *models.layers.QUANTIZATION),
+        help="int8 or int8-dynamic: quantize the model's weights as it loads (models.quantize); "
+        "none: float weights; default: as the model holds them",
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top_k and --batch_size must be positive")
     mesh = sharding.make_mesh(sharding.MeshConfig())
     predictor = Predictor(
-        args.task, args.model, max_seq_length=args.max_seq_length, top_k=args.top_k, mesh=mesh
+        args.task,
+        args.model,
+        max_seq_length=args.max_seq_length,
+        top_k=args.top_k,
+        mesh=mesh,
+        quantization=args.quantization,
     )
     if args.text is not None:
         lines: Iterator[str] = iter([args.text])

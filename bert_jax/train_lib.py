@@ -335,6 +335,8 @@ def create_trainer(
     step_fn = make_train_step(
         graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
     )
+    if model_config.quantization != "none":  # evaluation and prediction only
+        step_fn = functools.partial(_refuse_training, model_config.quantization)
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_sharding),
@@ -394,6 +396,17 @@ def create_trainer(
         rules=rules,
         objective=objective,
     )
+
+
+TRAINING_QUANTIZED = (
+    "the model holds int8 weights (quantization), which take no gradient: train or fine-tune "
+    "the float model, then quantize it (python -m bert_jax.convert quantize RUN OUT, or "
+    "--config.model.quantization=int8 when evaluating or predicting)"
+)
+
+
+def _refuse_training(mode: str, *args):
+    raise ValueError(f"{TRAINING_QUANTIZED} [quantization={mode}]")
 
 
 def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic, teacher=None):

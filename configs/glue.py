@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"
     config.model.remat = "none"
     config.model.attention_kernel = "auto"  # Or "xla", "splash" (see BertConfig).
+    # With num_epochs=0 (evaluate init_from as it is): "int8" or "int8-dynamic" evaluates it
+    # with int8 weights (quantized as it loads), "none" with float ones; "": as it is stored.
+    config.model.quantization = ""
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1

@@ -98,11 +98,12 @@ def _export_run(command: str, config, architecture, num_labels, params, tokenize
 def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
     config = _config()
     tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
-    cases, expected = {}, {}
+    cases, expected, params_of = {}, {}, []
     for i, (architecture, num_labels) in enumerate(HEADS.items()):
         params = models.split_params(
             models.create_model(config, i, convert.model_class(architecture, num_labels))
         )[1]
+        params_of.append(params)
         out = tmp_path / "exported" / architecture
         if architecture == "BertForSequenceClassification":  # the command line, from a run
             stdout = _export_run(
@@ -121,6 +122,15 @@ def test_every_head_reloads_without_bert_jax_and_matches(tmp_path):
             config, architecture, num_labels, params, shape
         ).items():
             expected[f"{architecture}/{key}"] = np.asarray(value)
+    # An int8 classifier (int8 weights and int8 matmuls) serves the same way.
+    cls = convert.model_class("BertForSequenceClassification", 3)
+    params, int8 = models.quantize(params_of[2], config, "int8-dynamic", cls)
+    export_stablehlo(
+        params, int8, "BertForSequenceClassification", 3, tokenizer, str(tmp_path / "exported/q")
+    )
+    cases["q"] = (3, 19)
+    for key, value in _bert_jax_outputs(int8, *list(HEADS.items())[2], params, (3, 19)).items():
+        expected[f"q/{key}"] = np.asarray(value)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
         [sys.executable, "-c", RELOAD, str(tmp_path / "exported"), json.dumps(cases)],

@@ -390,6 +390,57 @@ def test_fine_tuning_learns_a_task_determined_by_the_text(tmp_path):
     with open(os.path.join(student_run["directory"], "config.json")) as f:
         saved = json.load(f)
     assert saved["distilled_from"] == distill and saved["model"]["num_hidden_layers"] == 1
+    _int8_run_evaluates_and_predicts(tmp_path, run, dataclasses.replace(cfg, distill={}), mesh)
+
+
+def _int8_run_evaluates_and_predicts(tmp_path, run, cfg, mesh):
+    """The fine-tuned run quantized by the command line: a quarter of the bytes on disk, and
+    finetune.py's evaluation (num_epochs=0) and bert_jax.predict read it like any model."""
+    from bert_jax import predict
+    from bert_jax.convert import __main__ as convert_cli
+
+    out = tmp_path / "int8"
+    convert_cli.main(["quantize", run["directory"], str(out)])
+
+    def disk(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+    # On disk the weights shrink by what they shrink in memory (a tiny model's biases, scales
+    # and orbax's metadata weigh more than BERT-Base's: test_quantize checks its quarter).
+    saved = disk(os.path.join(run["directory"], "checkpoints")) - disk(out / "checkpoints")
+    float_params = convert.load_pretrained(
+        run["directory"], "BertForSequenceClassification", mesh=mesh
+    ).params
+    int8_params = convert.load_pretrained(
+        str(out), "BertForSequenceClassification", mesh=mesh
+    ).params
+    shrink = models.param_bytes(float_params) - models.param_bytes(int8_params)
+    assert 0.9 * shrink < saved < 1.1 * shrink, (saved, shrink)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        convert_cli.main(["quantize", run["directory"], str(out)])
+    with pytest.raises(ValueError, match="int8 weights, which the Hugging Face layout"):
+        convert_cli.main(["export-hf", str(out), str(tmp_path / "hf")])
+    evaluate = dataclasses.replace(cfg, init_from=str(out), num_epochs=0.0, student_layers=())
+    (int8_run,) = finetune.finetune_task(evaluate, "sst2", mesh, str(tmp_path / "eval"))["runs"]
+    accuracy = run["dev"]["dev"]["accuracy"]
+    assert abs(int8_run["dev"]["dev"]["accuracy"] - accuracy) <= 0.01, int8_run["dev"]
+    assert int8_run["steps"] == 0
+    # A float run quantized as it loads (--config.model.quantization), activations too.
+    dynamic = dataclasses.replace(
+        evaluate,
+        init_from=run["directory"],
+        numerics={**cfg.numerics, "quantization": "int8-dynamic"},
+    )
+    (dynamic_run,) = finetune.finetune_task(dynamic, "sst2", mesh, str(tmp_path / "dyn"))["runs"]
+    assert abs(dynamic_run["dev"]["dev"]["accuracy"] - accuracy) <= 0.01, dynamic_run["dev"]
+    with pytest.raises(ValueError, match="int8 weights .* take no gradient"):
+        finetune.finetune_task(
+            dataclasses.replace(evaluate, num_epochs=1.0), "sst2", mesh, str(tmp_path / "no")
+        )
+    lines = ["w1 good w2", "w3 bad", "good w5 w6 w7"]
+    float_answers = list(predict.Predictor("classify", run["directory"]).run(iter(lines)))
+    int8_answers = list(predict.Predictor("classify", str(out)).run(iter(lines)))
+    assert [a["label"] for a in int8_answers] == [a["label"] for a in float_answers]
 
 
 @pytest.mark.slow

@@ -32,12 +32,14 @@ def train_and_predict(
     warmup: int,
     batch: int = 32,
     eval_batch: int = 64,
+    with_params: bool = False,
 ):
     """Trains on `train` (epochs of shuffled batches, the remainder dropped) and returns the
     predict step's outputs (an array, or a tuple of arrays) for every row of `test`, in order;
     the last test batch is padded to `eval_batch` rows with repeated rows. One device: the
     sharded steps are tested elsewhere, and steps queue without blocking here (on a 2-core
-    host, many queued steps over 8 simulated devices can starve a collective's rendezvous)."""
+    host, many queued steps over 8 simulated devices can starve a collective's rendezvous).
+    `with_params`: also the trained parameters (on the host)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
     trainer = train_lib.create_trainer(
         model_config,
@@ -66,4 +68,5 @@ def train_and_predict(
             }
             out = jax.device_get(trainer.predict_step(state.params, rows))
             outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+    outputs = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+    return (outputs, jax.device_get(state.params)) if with_params else outputs

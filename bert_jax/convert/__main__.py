@@ -5,6 +5,8 @@ python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
 python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
 python -m bert_jax.convert export-onnx  SOURCE  OUT_DIR [--architecture A --num_labels N]
+python -m bert_jax.convert quantize  SOURCE  OUT_WORKDIR [--mode int8|int8-dynamic|none]
+    [--architecture A --num_labels N]
     (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py
     and bert_jax/convert/onnx_export.py)
 
@@ -12,6 +14,7 @@ Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the
 """
 
 import argparse
+import os
 import warnings
 
 import jax
@@ -27,7 +30,7 @@ from bert_jax.convert.runs import (
     read_run,
     write_run,
 )
-from bert_jax.convert.sources import export_hf, read_hf_dir, read_tf_checkpoint
+from bert_jax.convert.sources import export_hf, read_hf_dir, read_json, read_tf_checkpoint
 from bert_jax.convert.stablehlo import export_stablehlo
 
 
@@ -42,30 +45,65 @@ def main(argv: list[str] | None = None) -> None:
         ("export-hf", "bert_jax workdir -> Hugging Face model directory"),
         ("export-stablehlo", "a model -> jax.export (StableHLO) artifact and a loader"),
         ("export-onnx", "a model -> ONNX file (through the transformers PyTorch model)"),
+        ("quantize", "a model -> bert_jax workdir with int8 (or float) weights"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("source")
         p.add_argument("output")
         if name == "export-hf":
             p.add_argument("--step", type=int, default=None, help="default: the latest")
-        if name.startswith("export-") and name != "export-hf":
+        if name == "quantize":
+            p.add_argument(
+                "--mode",
+                default="int8",
+                choices=models.layers.QUANTIZATION,
+                help="int8: int8 weights, float matmuls; int8-dynamic: int8 matmuls too; "
+                "none: the float weights an int8 model computes with",
+            )
+        if name in ("export-stablehlo", "export-onnx", "quantize"):
             p.add_argument(
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
     args = parser.parse_args(argv)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    if args.command in ("export-stablehlo", "export-onnx"):
+    if args.command in ("export-stablehlo", "export-onnx", "quantize"):
         kind, path = model_kind(args.source)
         run = read_run(path) if kind == "bert_jax" else {}
         architecture = args.architecture or run.get("architecture", "BertModel")
         num_labels = args.num_labels or run.get("num_labels", 2)
-        loaded = load_pretrained(args.source, architecture, mesh=mesh, num_labels=num_labels)
+        if args.command == "quantize" and os.path.exists(os.path.join(args.output, "checkpoints")):
+            raise FileExistsError(
+                f"{args.output} already holds checkpoints; choose a new output directory"
+            )
+        mode = {"quantization": args.mode} if args.command == "quantize" else {}
+        loaded = load_pretrained(
+            args.source, architecture, mesh=mesh, num_labels=num_labels, **mode
+        )
         if loaded.report.missing:
             raise ValueError(
                 f"{args.source} has no weights for {architecture}'s {loaded.report.missing[:4]}: "
                 f"export the architecture it holds (--architecture; a run records its own)"
             )
+        if args.command == "quantize":
+            params = jax.device_get(loaded.params)
+            # A fine-tuned run's task and label names go with it (bert_jax.predict reads them).
+            extra = read_json(os.path.join(path, "config.json")) if run else {}
+            extra["quantized_from"] = args.source
+            write_run(
+                args.output,
+                loaded.config,
+                architecture,
+                num_labels,
+                params,
+                loaded.tokenizer,
+                extra=extra,
+            )
+            print(
+                f"wrote {architecture} of {loaded.description} to {args.output}: weights "
+                f"{models.param_bytes(params) / 2**20:.1f} MiB ({args.mode})"
+            )
+            return
         onnx = args.command == "export-onnx"
         meta = (export_onnx if onnx else export_stablehlo)(
             jax.device_get(loaded.params),

@@ -335,6 +335,7 @@ def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:
     A bare encoder (`BertModel`) gets names without the `bert.` prefix, as `save_pretrained`
     writes them.
     """
+    _check_float(config)
     table, prefix = _table(config)
     bare = "bert" not in params
     out = {}
@@ -390,8 +391,19 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
         raise ValueError(f"{source}: {e}") from e
 
 
+def _check_float(config: BertConfig) -> None:
+    if config.quantization != "none":
+        raise ValueError(
+            f"this model holds {config.quantization} weights, which the Hugging Face layout "
+            f"(and the ONNX export made through it) does not hold; export it with "
+            f"export-stablehlo, or export the float weights it computes with: "
+            f"`python -m bert_jax.convert quantize MODEL OUT --mode=none`"
+        )
+
+
 def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> dict:
     """The `config.json` that `transformers` reads for `architecture`."""
+    _check_float(config)
     albert = family(config) == "albert"
     if config.pruned_heads:
         raise ValueError(

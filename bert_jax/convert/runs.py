@@ -60,8 +60,27 @@ def load_pretrained(
     Args:
       spec: `hf:PATH`, `tf:PATH`, `bert_jax:PATH` or a bare `PATH` (see `model_kind`).
       architecture: the model to fill (one of `ARCHITECTURES`).
-      overrides: BertConfig fields of this run (dtype, param_dtype, remat, dropout).
+      overrides: BertConfig fields of this run (dtype, param_dtype, remat, dropout), and
+        `quantization` to hold the weights another way than the source does (an empty value
+        or none given: as the source holds them; see `models.quantize`).
     """
+    quantization = overrides.pop("quantization", "") or None
+    loaded = _load(spec, architecture, mesh, rules, num_labels, scratch_dir, overrides)
+    if quantization is None or quantization == loaded.config.quantization:
+        return loaded
+    cls = model_class(architecture, num_labels)
+    params, config = models.quantize(loaded.params, loaded.config, quantization, cls)
+    shardings = _param_shardings(config, architecture, num_labels, mesh, rules)
+    placed = jax.tree.map(jax.device_put, params, _prune(shardings, params))
+    return dataclasses.replace(
+        loaded,
+        config=config,
+        params=placed,
+        description=f"{loaded.description}, quantized to {quantization}",
+    )
+
+
+def _load(spec, architecture, mesh, rules, num_labels, scratch_dir, overrides) -> Pretrained:
     kind, path = model_kind(spec)
     if kind == "bert_jax":
         return load_run(path, architecture, num_labels, mesh, rules, overrides)
@@ -266,11 +285,13 @@ def write_run(
     num_labels: int,
     params: Params,
     tokenizer: Tokenizer,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """A bert_jax workdir holding `params` as the orbax checkpoint of step 0."""
+    """A bert_jax workdir holding `params` as the orbax checkpoint of step 0 (`extra`: more
+    entries for its config.json, as `describe_run`)."""
     if os.path.exists(os.path.join(out, "checkpoints")):
         raise FileExistsError(f"{out} already holds checkpoints; choose a new output directory")
-    meta = describe_run(out, config, architecture, num_labels, tokenizer)
+    meta = describe_run(out, config, architecture, num_labels, tokenizer, extra=extra)
     ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"))
     ckpt.save(0, {"params": params}, {}, meta)
     ckpt.close()

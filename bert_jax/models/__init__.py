@@ -12,7 +12,9 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from bert_jax.models import layers
@@ -57,7 +59,9 @@ __all__ = [
     "create_model",
     "layers",
     "merge_params",
+    "param_bytes",
     "param_logical_axes",
+    "quantize",
     "split_params",
     "take_layers",
 ]
@@ -136,3 +140,58 @@ def take_layers(
 
     params = jax.tree_util.tree_map_with_path(take, params)
     return params, dataclasses.replace(config, num_hidden_layers=len(layers))
+
+
+def quantize(
+    params: Params, config: BertConfig, mode: str, model_cls=BertForPreTraining
+) -> tuple[Params, BertConfig]:
+    """The parameters and config of `model_cls` with its weights held as `mode` says
+    (`layers.QUANTIZATION`), from a model held in any mode.
+
+    To int8: every Dense kernel and embedding table becomes int8 values and a float scale,
+    symmetric, the largest magnitude of each output channel (each table row) mapped to 127
+    (Q8BERT's rule; `qwix.quantize` with its absmax calibration scaled by 127.5 / 127, since
+    its own maps the largest to 127.5, a tie whose rounding sign then decides); biases,
+    LayerNorm and everything else stay float.
+    Back to "none": the int8 weights multiplied out (the values the int8 model computes with).
+    Between "int8" and "int8-dynamic" only the config changes. `params` may lack parts of the
+    model (a fresh task head): those stay absent.
+    """
+    target = dataclasses.replace(config, quantization=mode)
+    if (config.quantization == "none") == (mode == "none"):
+        return params, target
+    _, shapes = split_params(abstract_model(target, model_cls))
+
+    def walk(node: Params, like: Params) -> Params:
+        out = {}
+        for key, value in node.items():
+            if key in ("kernel", "embedding") and f"q{key}" in like:
+                scale_shape = like[f"{key}_scale"].shape
+                # Axes where the scale is not broadcast (size 1 in the kernel counts too).
+                channels = tuple(i for i, n in enumerate(scale_shape) if n == value.shape[i])
+                q = qwix.quantize(
+                    jnp.asarray(value),
+                    jnp.int8,
+                    channelwise_axes=channels,
+                    calibration_method=f"absmax,{127.5 / 127}",
+                )
+                out[f"q{key}"] = q.qvalue
+                out[f"{key}_scale"] = q.scale.astype(value.dtype)
+            elif key in ("qkernel", "qembedding"):
+                name = key[1:]
+                scale = node[f"{name}_scale"]
+                out[name] = qwix.dequantize(qwix.QArray(value, scale, qtype=jnp.int8))
+            elif key.endswith("_scale") and key[: -len("_scale")] in ("kernel", "embedding"):
+                continue
+            elif isinstance(value, dict):
+                out[key] = walk(value, like[key])
+            else:
+                out[key] = value
+        return out
+
+    return walk(params, shapes), target
+
+
+def param_bytes(params: Params) -> int:
+    """Bytes the parameters take (int8 weights one a value, float32 four); arrays or shapes."""
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))

@@ -65,6 +65,10 @@ class BertConfig:
     # Heads removed from each layer (per layer, in the original numbering, as Hugging Face's
     # `pruned_heads`); a pruned model runs its layers one by one, each of its own size.
     pruned_heads: tuple[tuple[int, ...], ...] = ()
+    # How dense layers and embedding tables hold their weights: "none" (float), "int8" or
+    # "int8-dynamic" (see layers.QUANTIZATION; made from a float model by `models.quantize`,
+    # for inference: int8 weights are not trained).
+    quantization: str = "none"
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # configs and config.json files of earlier runs
@@ -106,6 +110,10 @@ class BertConfig:
                 raise ValueError(f"BertConfig.{name}={getattr(self, name)!r}; use one of {_DTYPES}")
         if self.initializer_range <= 0 or self.layer_norm_eps <= 0:
             raise ValueError("BertConfig.initializer_range and layer_norm_eps must be positive")
+        if self.quantization not in layers.QUANTIZATION:
+            raise ValueError(
+                f"BertConfig.quantization={self.quantization!r}; use one of {layers.QUANTIZATION}"
+            )
         self._check_albert()
         self._check_pruned_heads()
 

@@ -57,11 +57,16 @@ def _layer_kwargs(config: BertConfig) -> dict[str, Any]:
     return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
 
+def _weight_kwargs(config: BertConfig) -> dict[str, Any]:
+    """For the layers that hold matmul weights or tables (Dense, Embed, TransformerLayer)."""
+    return dict(quantization=config.quantization, **_layer_kwargs(config))
+
+
 class BertEmbeddings(nnx.Module):
     """Word + position + token-type embeddings, LayerNorm, dropout."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_weight_kwargs(config))
         d = config.embed_dim
         self.word_embeddings = layers.Embed(
             config.vocab_size, d, table_axes=(axes.VOCAB, axes.EMBED), **kw
@@ -115,7 +120,7 @@ class BertEncoder(nnx.Module):
                 rngs=nnx.Rngs(params=key),
                 head_dim=config.head_dim,
                 attention_kernel=config.attention_kernel,
-                **_layer_kwargs(config),
+                **_weight_kwargs(config),
             )
 
         keys = jax.random.split(rngs.params(), config.num_weight_sets)
@@ -134,7 +139,7 @@ class BertEncoder(nnx.Module):
                 kernel_axes=(None, axes.EMBED),
                 init_std=config.initializer_range,
                 rngs=rngs,
-                **_layer_kwargs(config),
+                **_weight_kwargs(config),
             )
             if config.embed_dim != config.hidden_size
             else None
@@ -290,7 +295,7 @@ class BertModel(nnx.Module):
                 kernel_axes=(axes.EMBED, axes.MLP),
                 init_std=config.initializer_range,
                 rngs=rngs,
-                **_layer_kwargs(config),
+                **_weight_kwargs(config),
             )
             if add_pooling_layer
             else None

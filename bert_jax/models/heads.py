@@ -9,7 +9,7 @@ from flax import nnx, struct
 from bert_jax import axes
 from bert_jax.models import layers
 from bert_jax.models.config import BertConfig
-from bert_jax.models.encoder import BertModel, EncoderOutput, _layer_kwargs
+from bert_jax.models.encoder import BertModel, EncoderOutput, _layer_kwargs, _weight_kwargs
 
 
 @struct.dataclass
@@ -27,7 +27,7 @@ class _MaskedLMModel(nnx.Module):
     masked-LM models so that their weights have the same names."""
 
     def _init_encoder_and_mlm(self, config: BertConfig, rngs: nnx.Rngs, add_pooling_layer: bool):
-        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_weight_kwargs(config))
         d, e = config.hidden_size, config.embed_dim
         self.bert = BertModel(config, rngs=rngs, add_pooling_layer=add_pooling_layer)
         # ALBERT maps to the factorized size E, where the tied decoder lives.
@@ -57,7 +57,7 @@ class BertForPreTraining(_MaskedLMModel):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self._init_encoder_and_mlm(config, rngs, add_pooling_layer=True)
-        kw = dict(init_std=config.initializer_range, rngs=rngs, **_layer_kwargs(config))
+        kw = dict(init_std=config.initializer_range, rngs=rngs, **_weight_kwargs(config))
         self.seq_relationship = layers.Dense(
             config.hidden_size, 2, kernel_axes=(axes.EMBED, None), **kw
         )
@@ -136,7 +136,7 @@ class _DenseHead(nnx.Module):
             kernel_axes=(axes.EMBED, None),
             init_std=config.initializer_range,
             rngs=rngs,
-            **_layer_kwargs(config),
+            **_weight_kwargs(config),
         )
         self.dropout_rate = (
             config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout
@@ -237,7 +237,7 @@ class BertForQuestionAnswering(nnx.Module):
             kernel_axes=(axes.EMBED, None),
             init_std=config.initializer_range,
             rngs=rngs,
-            **_layer_kwargs(config),
+            **_weight_kwargs(config),
         )
 
     def __call__(

@@ -7,6 +7,10 @@ names to a device mesh live outside the model. Parameters are stored in `param_d
 and attention softmax are always computed in float32.
 
 Randomness is explicit: dropout takes a key, there is no RNG state inside a module.
+
+Dense layers and embedding tables may hold int8 weights (`quantization`, see `QUANTIZATION`):
+the int8 values and a float scale per output channel (per row of a table), used through
+`qwix`; LayerNorm, softmax and GELU stay in float, as in Q8BERT.
 """
 
 import functools
@@ -16,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
@@ -23,6 +28,13 @@ from bert_jax import axes
 
 Dtype = Any
 Axes = tuple[str | None, ...]
+
+# How Dense and Embed hold and use their weights: "none" (float, `param_dtype`); "int8"
+# (int8 weights with a float scale per output channel, dequantized into the float matmul:
+# a quarter of the bytes, float accuracy up to the weights' rounding); "int8-dynamic" (the
+# same weights; each matmul's input is also quantized to int8, per row, as it runs, and the
+# product is taken in int8 with int32 accumulation). Both int8 modes hold the same parameters.
+QUANTIZATION = ("none", "int8", "int8-dynamic")
 
 
 def truncated_normal(stddev: float):
@@ -107,14 +119,23 @@ class Dense(nnx.Module):
         use_bias: bool = True,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        quantization: str = "none",
     ):
         self.in_features = _as_tuple(in_features)
         self.out_features = _as_tuple(out_features)
         self.dtype = dtype
+        self.quantization = _check_quantization(quantization)
         shape = self.in_features + self.out_features
-        self.kernel = param(
-            truncated_normal(init_std)(rngs.params(), shape, param_dtype), kernel_axes
-        )
+        n_in = len(self.in_features)
+        if quantization == "none":
+            self.kernel = param(
+                truncated_normal(init_std)(rngs.params(), shape, param_dtype), kernel_axes
+            )
+        else:  # filled by `models.quantize`; a scale per output channel
+            self.qkernel = param(jnp.zeros(shape, jnp.int8), kernel_axes)
+            scale_shape = (1,) * n_in + self.out_features
+            scale_axes = (None,) * n_in + tuple(kernel_axes[n_in:])
+            self.kernel_scale = param(jnp.ones(scale_shape, param_dtype), scale_axes)
         if use_bias:
             bias_axes = tuple(kernel_axes[len(self.in_features) :])
             self.bias = param(jnp.zeros(self.out_features, param_dtype), bias_axes)
@@ -125,9 +146,16 @@ class Dense(nnx.Module):
         """x: [..., *in_features] -> [..., *out_features] in the compute dtype."""
         n_in = len(self.in_features)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ()))
-        )
+        x = x.astype(self.dtype)
+        if self.quantization == "none":
+            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        else:
+            kernel = qwix.QArray(
+                self.qkernel[...], self.kernel_scale[...].astype(self.dtype), qtype=jnp.int8
+            )
+            if self.quantization == "int8-dynamic":
+                x = qwix.quantize(x, jnp.int8, channelwise_axes=tuple(range(x.ndim - n_in)))
+            y = qwix.dot_general(x, kernel, (contract, ((), ()))).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -146,20 +174,40 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        quantization: str = "none",
     ):
         self.dtype = dtype
-        table = truncated_normal(init_std)(rngs.params(), (num_embeddings, features), param_dtype)
-        self.embedding = param(table, table_axes)
+        self.quantization = _check_quantization(quantization)
+        shape = (num_embeddings, features)
+        if quantization == "none":
+            table = truncated_normal(init_std)(rngs.params(), shape, param_dtype)
+            self.embedding = param(table, table_axes)
+        else:  # filled by `models.quantize`; a scale per row
+            self.qembedding = param(jnp.zeros(shape, jnp.int8), table_axes)
+            self.embedding_scale = param(
+                jnp.ones((num_embeddings, 1), param_dtype), (table_axes[0], None)
+            )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids: [...] int32 -> [..., D]."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.quantization == "none":
+            return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        rows = jnp.take(self.qembedding[...], ids, axis=0).astype(self.dtype)
+        return rows * jnp.take(self.embedding_scale[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x: [..., D] -> logits [..., N] against every row of the table."""
-        return jnp.einsum(
-            "...d,nd->...n", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        )
+        if self.quantization == "none":
+            table = self.embedding[...].astype(self.dtype)
+        else:
+            table = qwix.dequantize(
+                qwix.QArray(
+                    self.qembedding[...],
+                    self.embedding_scale[...].astype(self.dtype),
+                    qtype=jnp.int8,
+                )
+            )
+        return jnp.einsum("...d,nd->...n", x.astype(self.dtype), table)
 
 
 class LayerNorm(nnx.Module):
@@ -316,12 +364,19 @@ class SelfAttention(nnx.Module):
         kernel: str = "auto",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        quantization: str = "none",
     ):
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel {kernel!r}; use one of {ATTENTION_KERNELS}")
         # A pruned layer keeps the head size of the model and fewer heads.
         head_dim = head_dim or hidden_size // num_heads
-        kw = dict(init_std=init_std, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(
+            init_std=init_std,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            quantization=quantization,
+        )
         qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
         self.query = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
         self.key = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
@@ -412,30 +467,19 @@ class TransformerLayer(nnx.Module):
         attention_kernel: str = "auto",
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        quantization: str = "none",
     ):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        dense = dict(init_std=init_std, quantization=quantization, **kw)
         self.attention = SelfAttention(
-            hidden_size,
-            num_heads,
-            init_std=init_std,
-            head_dim=head_dim,
-            kernel=attention_kernel,
-            **kw,
+            hidden_size, num_heads, head_dim=head_dim, kernel=attention_kernel, **dense
         )
         self.attention_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
         self.intermediate = Dense(
-            hidden_size,
-            intermediate_size,
-            kernel_axes=(axes.EMBED, axes.MLP),
-            init_std=init_std,
-            **kw,
+            hidden_size, intermediate_size, kernel_axes=(axes.EMBED, axes.MLP), **dense
         )
         self.output = Dense(
-            intermediate_size,
-            hidden_size,
-            kernel_axes=(axes.MLP, axes.EMBED),
-            init_std=init_std,
-            **kw,
+            intermediate_size, hidden_size, kernel_axes=(axes.MLP, axes.EMBED), **dense
         )
         self.output_layer_norm = LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
         self.hidden_act = hidden_act
@@ -476,6 +520,12 @@ class TransformerLayer(nnx.Module):
         h = self.output(activation(self.hidden_act, h))
         x = self.output_layer_norm(x + dropout(h, self.hidden_dropout, keys[2], deterministic))
         return axes.constrain(x, (axes.BATCH, axes.LENGTH, None)), probs
+
+
+def _check_quantization(mode: str) -> str:
+    if mode not in QUANTIZATION:
+        raise ValueError(f"quantization {mode!r}; use one of {QUANTIZATION}")
+    return mode
 
 
 def _as_tuple(n: int | Sequence[int]) -> tuple[int, ...]:
