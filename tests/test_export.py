@@ -81,12 +81,14 @@ def _config(layers: int = 2, **kw) -> models.BertConfig:
     )
 
 
-def _export_run(command: str, config, architecture, num_labels, params, tokenizer, tmp_path, out):
-    """`python -m bert_jax.convert COMMAND RUN OUT` on a run written from `params`."""
+def _export_run(
+    command: str, config, architecture, num_labels, params, tokenizer, tmp_path, out, *flags
+):
+    """`python -m bert_jax.convert COMMAND RUN OUT [FLAGS]` on a run written from `params`."""
     run = tmp_path / "run"
     convert.write_run(str(run), config, architecture, num_labels, params, tokenizer)
     proc = subprocess.run(
-        [sys.executable, "-m", "bert_jax.convert", command, str(run), str(out)],
+        [sys.executable, "-m", "bert_jax.convert", command, str(run), str(out), *flags],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -193,9 +195,10 @@ def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
         out = tmp_path / architecture
         if architecture == "BertForTokenClassification":  # the command line, from a run
             stdout = _export_run(
-                "export-onnx", config, bert_name, num_labels, params, tokenizer, tmp_path, out
-            )
-            assert "[batch, length] -> logits" in stdout
+                "export-onnx", config, bert_name, num_labels, params, tokenizer, tmp_path, out,
+                "--int8",
+            )  # fmt: skip
+            assert "[batch, length] -> logits" in stdout and "model.int8.onnx" in stdout
         else:
             export_onnx(params, config, bert_name, num_labels, tokenizer, str(out))
         meta = json.loads((out / "meta.json").read_text())
@@ -218,6 +221,16 @@ def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
             np.testing.assert_allclose(
                 value, expected[name], atol=1e-5, rtol=0, err_msg=f"{architecture}/{name}"
             )
+        if (out / "model.int8.onnx").exists():  # ONNX Runtime's int8 of the same model
+            int8 = onnxruntime.InferenceSession(str(out / "model.int8.onnx"))
+            (value,) = int8.run(None, feed)
+            error = float(np.max(np.abs(value - expected["logits"])))
+            assert 0 < error <= 0.1 * float(np.max(np.abs(expected["logits"]))), error
+            assert meta["int8_max_abs_error"] > 0
+            import onnx
+
+            ops = {node.op_type for node in onnx.load(out / "model.int8.onnx").graph.node}
+            assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
 
 
 def test_an_export_never_writes_into_a_directory_with_files(tmp_path):

@@ -5,6 +5,7 @@ python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
 python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
 python -m bert_jax.convert export-onnx  SOURCE  OUT_DIR [--architecture A --num_labels N]
+    [--int8]
 python -m bert_jax.convert quantize  SOURCE  OUT_WORKDIR [--mode int8|int8-dynamic|none]
     [--architecture A --num_labels N]
     (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py
@@ -14,6 +15,7 @@ Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the
 """
 
 import argparse
+import functools
 import os
 import warnings
 
@@ -60,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
                 help="int8: int8 weights, float matmuls; int8-dynamic: int8 matmuls too; "
                 "none: the float weights an int8 model computes with",
             )
+        if name == "export-onnx":
+            p.add_argument(
+                "--int8",
+                action="store_true",
+                help="also model.int8.onnx: ONNX Runtime's dynamic int8 quantization of it",
+            )
         if name in ("export-stablehlo", "export-onnx", "quantize"):
             p.add_argument(
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             return
         onnx = args.command == "export-onnx"
-        meta = (export_onnx if onnx else export_stablehlo)(
+        export = functools.partial(export_onnx, int8=args.int8) if onnx else export_stablehlo
+        meta = export(
             jax.device_get(loaded.params),
             loaded.config,
             architecture,
@@ -119,6 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             if onnx
             else f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
         )
+        if "int8_file" in meta:
+            how += (
+                f"; int8: {args.output}/model.int8.onnx (at most "
+                f"{meta['int8_max_abs_error']:.1e} from bert_jax's float outputs)"
+            )
         print(
             f"wrote {meta['architecture']} of {loaded.description} to {args.output} as "
             f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with {how}"

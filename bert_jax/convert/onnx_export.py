@@ -2,7 +2,8 @@
 
     python -m bert_jax.convert export-onnx SOURCE OUT_DIR [--architecture ...]
 
-OUT_DIR holds `model.onnx` (batch and length dynamic; multiple choice also the choices),
+OUT_DIR holds `model.onnx` (batch and length dynamic; multiple choice also the choices; with
+`--int8` also `model.int8.onnx`, ONNX Runtime's dynamic int8 quantization of it),
 `meta.json` (architecture, input and output names as in export-stablehlo, the tokenizer) and the
 tokenizer's vocabulary file. Any ONNX runtime runs it; `onnxruntime` checks it before anything
 is written.
@@ -30,8 +31,11 @@ from bert_jax import files, models
 from bert_jax.convert.names import config_to_hf, family, model_class, params_to_hf
 from bert_jax.convert.stablehlo import INPUTS, OUTPUTS, _head, _outputs, fresh_output
 
-# The export-time check: ONNX Runtime against bert_jax in fp32 (the test asks 1e-5).
+# The export-time check: ONNX Runtime against bert_jax in fp32 (the test asks 1e-5), and the
+# int8 file against bert_jax's float outputs: a bound that rounding passes and a broken
+# quantization does not (a fraction of the outputs' largest magnitude).
 TOLERANCE = 1e-4
+INT8_TOLERANCE = 0.1
 
 
 def _imports():
@@ -113,6 +117,26 @@ def _bert_jax(params, config, architecture, num_labels, head, inputs):
     return [np.asarray(x) for x in _outputs(head, model(*arrays))]
 
 
+def _check(session, params, config, architecture, num_labels, head, shapes, tolerance, fate):
+    """The largest difference of the ONNX session's outputs from bert_jax's at `shapes`;
+    a ValueError (ending with `fate`) when one exceeds `tolerance` x the outputs' scale."""
+    worst = 0.0
+    for seed, shape in enumerate(shapes):
+        inputs = _inputs(shape, config.vocab_size, seed + 1)
+        got = session.run(None, dict(zip(INPUTS, inputs, strict=True)))
+        want = _bert_jax(params, config, architecture, num_labels, head, inputs)
+        for name, g, w in zip(OUTPUTS[head], got, want, strict=True):
+            error = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
+            if error > tolerance * max(1.0, float(np.max(np.abs(w)))):
+                raise ValueError(
+                    f"the ONNX {architecture}'s {name} differs from bert_jax's by {error:.2e} "
+                    f"at shape {shape} (shapes {g.shape} vs {w.shape}); {fate}. Export the "
+                    f"StableHLO artifact instead (export-stablehlo), and report this"
+                )
+            worst = max(worst, error)
+    return worst
+
+
 def export_onnx(
     params: models.Params,
     config: models.BertConfig,
@@ -121,9 +145,15 @@ def export_onnx(
     tokenizer,
     output: str,
     opset: int = 17,
+    int8: bool = False,
 ) -> dict:
     """Writes `output` (see the module doc) and returns its meta.json, with the check's
-    largest difference from bert_jax under "max_abs_error"."""
+    largest difference from bert_jax under "max_abs_error".
+
+    `int8`: also `model.int8.onnx`, the file through ONNX Runtime's dynamic quantization
+    (int8 weights per output channel, activations quantized as they run; ONNX Runtime's
+    VNNI/AVX-512 int8 kernels), its difference from bert_jax's float outputs under
+    "int8_max_abs_error" (refused over INT8_TOLERANCE of the outputs' largest magnitude)."""
     head = _head(architecture)
     architecture = ("Albert" if family(config) == "albert" else "Bert") + head
     fresh_output(output)
@@ -147,22 +177,21 @@ def export_onnx(
             dynamo=False,
         )
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    worst = 0.0
     limit = config.max_position_embeddings
-    for seed, shape in enumerate([(1, 3, limit) if choices else (3, limit), traced[:-1] + (5,)]):
-        inputs = _inputs(shape, config.vocab_size, seed + 1)
-        got = session.run(None, dict(zip(INPUTS, inputs, strict=True)))
-        want = _bert_jax(params, config, architecture, num_labels, head, inputs)
-        for name, g, w in zip(OUTPUTS[head], got, want, strict=True):
-            error = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
-            if error > TOLERANCE * max(1.0, float(np.max(np.abs(w)))):
-                raise ValueError(
-                    f"the ONNX {architecture}'s {name} differs from bert_jax's by {error:.2e} "
-                    f"at shape {shape} (shapes {g.shape} vs {w.shape}); nothing was written. "
-                    f"Export the StableHLO artifact instead (export-stablehlo), and report this"
-                )
-            worst = max(worst, error)
+    shapes = [(1, 3, limit) if choices else (3, limit), traced[:-1] + (5,)]
+    check = (params, config, architecture, num_labels, head, shapes)
+    worst = _check(session, *check, TOLERANCE, "nothing was written")
     files.atomic_write(os.path.join(output, "model.onnx"), buffer.getvalue())
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        part = os.path.join(output, "model.int8.onnx.partial")
+        quantize_dynamic(
+            os.path.join(output, "model.onnx"), part, per_channel=True, weight_type=QuantType.QInt8
+        )
+        quantized = onnxruntime.InferenceSession(part, providers=["CPUExecutionProvider"])
+        int8_error = _check(quantized, *check, INT8_TOLERANCE, "model.int8.onnx was not written")
+        os.replace(part, os.path.join(output, "model.int8.onnx"))
     vocab = os.path.basename(tokenizer.vocab_file)
     shutil.copyfile(tokenizer.vocab_file, os.path.join(output, vocab))
     meta = {
@@ -176,6 +205,7 @@ def export_onnx(
         "opset": opset,
         "tokenizer": {"vocab_file": vocab, "do_lower_case": tokenizer.do_lower_case},
         "max_abs_error": worst,
+        **({"int8_file": "model.int8.onnx", "int8_max_abs_error": int8_error} if int8 else {}),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
