@@ -147,3 +147,28 @@ def test_a_trained_model_keeps_its_outputs_and_dev_accuracy_in_int8():
         _int8(params["bert"]["encoder"]["layer"]["intermediate"]["kernel"], (1,)),
         rtol=1e-6,
     )
+
+
+def test_a_pruned_model_quantizes_layer_by_layer():
+    """Pruned heads leave layers of different sizes (one module each, no scan): each layer's
+    weights get their own scales, and the int8 model computes what its float values give."""
+    from bert_jax import analysis
+
+    config = models.BertConfig(**SIZES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cls = functools.partial(models.BertForSequenceClassification, num_labels=2)
+    params = models.split_params(models.create_model(config, 0, cls))[1]
+    pruned_config, pruned = analysis.prune_heads(params, config, {0: [1, 2], 1: [0]})
+    int8, int8_config = models.quantize(pruned, pruned_config, "int8", cls)
+    layers = int8["bert"]["encoder"]["layers"]
+    assert layers[0]["attention"]["query"]["qkernel"].shape == (32, 2, 8)
+    assert layers[1]["attention"]["query"]["kernel_scale"].shape == (1, 3, 8)
+    with pytest.raises(ValueError, match="prune the float model, then quantize"):
+        analysis.prune_heads(int8, int8_config, {0: [0]})
+    back, back_config = models.quantize(int8, int8_config, "none", cls)
+    ids = np.random.default_rng(0).integers(5, 50, (2, 9)).astype(np.int32)
+    args = (ids, np.ones_like(ids), np.zeros_like(ids))
+    outputs = []
+    for c, p in ((int8_config, int8), (back_config, back)):
+        graphdef = models.split_params(models.abstract_model(c, cls))[0]
+        outputs.append(np.asarray(models.merge_params(graphdef, p)(*args)[0]))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)

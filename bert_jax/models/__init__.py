@@ -181,7 +181,7 @@ def quantize(
                 name = key[1:]
                 scale = node[f"{name}_scale"]
                 out[name] = qwix.dequantize(qwix.QArray(value, scale, qtype=jnp.int8))
-            elif key.endswith("_scale") and key[: -len("_scale")] in ("kernel", "embedding"):
+            elif key in ("kernel_scale", "embedding_scale"):
                 continue
             elif isinstance(value, dict):
                 out[key] = walk(value, like[key])
