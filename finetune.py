@@ -139,8 +139,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
             raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
     if cfg.num_epochs < 0:
         raise ValueError(f"--config.num_epochs={cfg.num_epochs}; use 0 to evaluate only")
-    quantized = cfg.model.get("quantization", "") not in ("", "none")
-    if quantized and cfg.num_epochs:
+    if models.layers.holds_int8(cfg.model.get("quantization", "")) and cfg.num_epochs:
         raise ValueError(f"--config.model.quantization: {train_lib.TRAINING_QUANTIZED}")
     qa = {k: cfg.get(k, d) for k, d in _QA_DEFAULTS.items()}
     distill = dict(cfg.get("distill") or {})
@@ -446,7 +445,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             f"for {pretrained.report.missing[:3]}: give a model fine-tuned on {task.name} (a "
             f"finetune.py run directory, or hf: with its head)"
         )
-    if pretrained.config.quantization != "none" and cfg.num_epochs:
+    if models.layers.holds_int8(pretrained.config.quantization) and cfg.num_epochs:
         raise ValueError(f"{cfg.init_from}: {train_lib.TRAINING_QUANTIZED}")
     # A fresh task head is expected; anything else missing or left over is worth a word.
     unexpected_missing = [p for p in pretrained.report.missing if p.startswith("bert")]

@@ -686,7 +686,7 @@ def model_problems(run: RunConfig, mesh, model_known: bool = True) -> list[str]:
     """What the model config (the configured one, or the imported one) says against the data,
     the batch and the mesh."""
     problems = []
-    if run.model.quantization != "none":
+    if models.layers.holds_int8(run.model.quantization):
         problems.append(train_lib.TRAINING_QUANTIZED)
     if model_known and run.data.masking.max_seq_length > run.model.max_position_embeddings:
         problems.append(

@@ -309,7 +309,7 @@ def prune_heads(
     the original numbering}); returns the pruned config and params (numpy)."""
     if config.share_layers != "none":
         raise ValueError("heads of shared (ALBERT) layers cannot be pruned one layer at a time")
-    if config.quantization != "none":
+    if models.layers.holds_int8(config.quantization):
         raise ValueError(
             f"the model holds {config.quantization} weights: prune the float model, then "
             f"quantize the pruned one (python -m bert_jax.convert quantize)"

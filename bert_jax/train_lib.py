@@ -335,7 +335,7 @@ def create_trainer(
     step_fn = make_train_step(
         graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
     )
-    if model_config.quantization != "none":  # evaluation and prediction only
+    if models.layers.holds_int8(model_config.quantization):  # evaluation and prediction only
         step_fn = functools.partial(_refuse_training, model_config.quantization)
     train_step = jax.jit(
         step_fn,

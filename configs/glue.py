@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attention_kernel = "auto"  # Or "xla", "splash" (see BertConfig).
     # With num_epochs=0 (evaluate init_from as it is): "int8" or "int8-dynamic" evaluates it
     # with int8 weights (quantized as it loads), "none" with float ones; "": as it is stored.
+    # "int8-aware" fine-tunes seeing int8-dynamic's rounding (quantization-aware training);
+    # `python -m bert_jax.convert quantize RUN OUT --mode=int8-dynamic` then makes the model.
     config.model.quantization = ""
 
     config.mesh = ml_collections.ConfigDict()

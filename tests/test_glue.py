@@ -418,7 +418,7 @@ def _int8_run_evaluates_and_predicts(tmp_path, run, cfg, mesh):
     assert 0.9 * shrink < saved < 1.1 * shrink, (saved, shrink)
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         convert_cli.main(["quantize", run["directory"], str(out)])
-    with pytest.raises(ValueError, match="int8 weights, which the Hugging Face layout"):
+    with pytest.raises(ValueError, match="int8 weights, which the Hugging Face"):
         convert_cli.main(["export-hf", str(out), str(tmp_path / "hf")])
     evaluate = dataclasses.replace(cfg, init_from=str(out), num_epochs=0.0, student_layers=())
     (int8_run,) = finetune.finetune_task(evaluate, "sst2", mesh, str(tmp_path / "eval"))["runs"]

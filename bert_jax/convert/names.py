@@ -394,8 +394,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
 def _check_float(config: BertConfig) -> None:
     if config.quantization != "none":
         raise ValueError(
-            f"this model holds {config.quantization} weights, which the Hugging Face layout "
-            f"(and the ONNX export made through it) does not hold; export it with "
+            f"this model computes with {config.quantization} weights, which the Hugging Face "
+            f"layout (and the ONNX export made through it) does not describe; export it with "
             f"export-stablehlo, or export the float weights it computes with: "
             f"`python -m bert_jax.convert quantize MODEL OUT --mode=none`"
         )

@@ -150,15 +150,15 @@ def quantize(
 
     To int8: every Dense kernel and embedding table becomes int8 values and a float scale,
     symmetric, the largest magnitude of each output channel (each table row) mapped to 127
-    (Q8BERT's rule; `qwix.quantize` with its absmax calibration scaled by 127.5 / 127, since
-    its own maps the largest to 127.5, a tie whose rounding sign then decides); biases,
-    LayerNorm and everything else stay float.
-    Back to "none": the int8 weights multiplied out (the values the int8 model computes with).
-    Between "int8" and "int8-dynamic" only the config changes. `params` may lack parts of the
-    model (a fresh task head): those stay absent.
+    (`layers.quantize_weight`: Q8BERT's rule through `qwix.quantize`); biases, LayerNorm and
+    everything else stay float. Back to a float mode: the int8 weights multiplied out (the
+    values the int8 model computes with). Between the int8 modes ("int8", "int8-dynamic"),
+    or the float ones ("none", "int8-aware"), only the config changes: a model trained with
+    "int8-aware" becomes the "int8-dynamic" model it was trained to be. `params` may lack
+    parts of the model (a fresh task head): those stay absent.
     """
     target = dataclasses.replace(config, quantization=mode)
-    if (config.quantization == "none") == (mode == "none"):
+    if layers.holds_int8(config.quantization) == layers.holds_int8(mode):
         return params, target
     _, shapes = split_params(abstract_model(target, model_cls))
 
@@ -169,12 +169,7 @@ def quantize(
                 scale_shape = like[f"{key}_scale"].shape
                 # Axes where the scale is not broadcast (size 1 in the kernel counts too).
                 channels = tuple(i for i, n in enumerate(scale_shape) if n == value.shape[i])
-                q = qwix.quantize(
-                    jnp.asarray(value),
-                    jnp.int8,
-                    channelwise_axes=channels,
-                    calibration_method=f"absmax,{127.5 / 127}",
-                )
+                q = layers.quantize_weight(jnp.asarray(value), channels)
                 out[f"q{key}"] = q.qvalue
                 out[f"{key}_scale"] = q.scale.astype(value.dtype)
             elif key in ("qkernel", "qembedding"):

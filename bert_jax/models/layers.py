@@ -33,8 +33,37 @@ Axes = tuple[str | None, ...]
 # (int8 weights with a float scale per output channel, dequantized into the float matmul:
 # a quarter of the bytes, float accuracy up to the weights' rounding); "int8-dynamic" (the
 # same weights; each matmul's input is also quantized to int8, per row, as it runs, and the
-# product is taken in int8 with int32 accumulation). Both int8 modes hold the same parameters.
-QUANTIZATION = ("none", "int8", "int8-dynamic")
+# product is taken in int8 with int32 accumulation); "int8-aware" (float weights, trained
+# seeing what "int8-dynamic" computes: weights and matmul inputs rounded as it rounds them in
+# the forward pass, gradients passed straight through the rounding; quantization-aware
+# training, as Q8BERT). Both int8 modes hold the same parameters; "int8-aware" holds none's.
+QUANTIZATION = ("none", "int8", "int8-dynamic", "int8-aware")
+# Q8BERT's rule: a channel's largest magnitude at 127 (qwix's absmax calibration puts it at
+# 127.5, a tie whose rounding sign then decides; scaled by 127.5 / 127 it lands on 127).
+WEIGHT_CALIBRATION = f"absmax,{127.5 / 127}"
+
+
+def holds_int8(mode: str) -> bool:
+    """Whether a quantization mode's weights are int8 values and scales (not float)."""
+    return mode in ("int8", "int8-dynamic")
+
+
+def quantize_weight(w: jax.Array, channelwise_axes: Sequence[int]) -> qwix.QArray:
+    """Symmetric int8 with a scale per index of `channelwise_axes` (the output channels)."""
+    return qwix.quantize(
+        w, jnp.int8, channelwise_axes=tuple(channelwise_axes), calibration_method=WEIGHT_CALIBRATION
+    )
+
+
+def quantize_rows(x: jax.Array, n_features: int) -> qwix.QArray:
+    """A matmul input quantized to int8 as it runs: a scale per row (per token) over the
+    trailing `n_features` axes it is contracted over."""
+    return qwix.quantize(x, jnp.int8, channelwise_axes=tuple(range(x.ndim - n_features)))
+
+
+def straight_through(x: jax.Array, q: qwix.QArray) -> jax.Array:
+    """The values `q` stands for in the forward pass, the identity's gradient backward."""
+    return x + jax.lax.stop_gradient(qwix.dequantize(q).astype(x.dtype) - x)
 
 
 def truncated_normal(stddev: float):
@@ -127,7 +156,7 @@ class Dense(nnx.Module):
         self.quantization = _check_quantization(quantization)
         shape = self.in_features + self.out_features
         n_in = len(self.in_features)
-        if quantization == "none":
+        if not holds_int8(quantization):
             self.kernel = param(
                 truncated_normal(init_std)(rngs.params(), shape, param_dtype), kernel_axes
             )
@@ -147,14 +176,19 @@ class Dense(nnx.Module):
         n_in = len(self.in_features)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         x = x.astype(self.dtype)
-        if self.quantization == "none":
-            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        if not holds_int8(self.quantization):
+            kernel = self.kernel[...]
+            if self.quantization == "int8-aware":
+                out_axes = range(n_in, kernel.ndim)
+                kernel = straight_through(kernel, quantize_weight(kernel, out_axes))
+                x = straight_through(x, quantize_rows(x, n_in))
+            y = jax.lax.dot_general(x, kernel.astype(self.dtype), (contract, ((), ())))
         else:
             kernel = qwix.QArray(
                 self.qkernel[...], self.kernel_scale[...].astype(self.dtype), qtype=jnp.int8
             )
             if self.quantization == "int8-dynamic":
-                x = qwix.quantize(x, jnp.int8, channelwise_axes=tuple(range(x.ndim - n_in)))
+                x = quantize_rows(x, n_in)
             y = qwix.dot_general(x, kernel, (contract, ((), ()))).astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -179,7 +213,7 @@ class Embed(nnx.Module):
         self.dtype = dtype
         self.quantization = _check_quantization(quantization)
         shape = (num_embeddings, features)
-        if quantization == "none":
+        if not holds_int8(quantization):
             table = truncated_normal(init_std)(rngs.params(), shape, param_dtype)
             self.embedding = param(table, table_axes)
         else:  # filled by `models.quantize`; a scale per row
@@ -188,17 +222,23 @@ class Embed(nnx.Module):
                 jnp.ones((num_embeddings, 1), param_dtype), (table_axes[0], None)
             )
 
+    def _float_table(self) -> jax.Array:
+        table = self.embedding[...]
+        if self.quantization == "int8-aware":
+            table = straight_through(table, quantize_weight(table, (0,)))
+        return table
+
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids: [...] int32 -> [..., D]."""
-        if self.quantization == "none":
-            return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if not holds_int8(self.quantization):
+            return jnp.take(self._float_table(), ids, axis=0).astype(self.dtype)
         rows = jnp.take(self.qembedding[...], ids, axis=0).astype(self.dtype)
         return rows * jnp.take(self.embedding_scale[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x: [..., D] -> logits [..., N] against every row of the table."""
-        if self.quantization == "none":
-            table = self.embedding[...].astype(self.dtype)
+        if not holds_int8(self.quantization):
+            table = self._float_table().astype(self.dtype)
         else:
             table = qwix.dequantize(
                 qwix.QArray(
