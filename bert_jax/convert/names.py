@@ -383,6 +383,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
         *RUN_FIELDS,
         "share_layers",
         "pruned_heads",
+        "quantization",
     }
     values = {k: hf[k] for k in fields if k in hf}
     try:
@@ -411,7 +412,7 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
             "export does not write; export the model before pruning, or use it as a bert_jax "
             "workdir (init_from, finetune.py, bert_jax.extract)"
         )
-    skip = (*RUN_FIELDS, "share_layers", "pruned_heads")
+    skip = (*RUN_FIELDS, "share_layers", "pruned_heads", "quantization")
     if not albert:
         skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
     hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
