@@ -68,19 +68,6 @@ def _tiny(layers: int) -> models.BertConfig:
     return dataclasses.replace(tiny_training.config(40, 24), num_hidden_layers=layers)
 
 
-def _noisy_counting(n: int, seed: int) -> dict[str, np.ndarray]:
-    """Is there more of the words 8-15 than of 16-23? Labels drawn with that probability
-    (a logistic of the difference), as annotators disagree on close calls: a model can learn
-    how sure to be, which the teacher's soft targets carry and hard labels do not."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(8, 40, (n, 24)).astype(np.int32)
-    ids[:, 0] = 2
-    more = ((ids >= 8) & (ids < 16)).sum(1) - ((ids >= 16) & (ids < 24)).sum(1)
-    label = (rng.random(n) < 1 / (1 + np.exp(-0.8 * more))).astype(np.int32)
-    ones = np.ones_like(ids)
-    return {"input_ids": ids, "input_mask": ones, "segment_ids": 0 * ones, "label": label}
-
-
 def _train(objective, config, data, steps, teacher=None):
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
     trainer = train_lib.create_trainer(
@@ -113,7 +100,7 @@ def _accuracy(trainer, params, data) -> float:
 
 
 def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
-    data = _noisy_counting(64, 3)
+    data = tiny_training.noisy_counting(64, 3)
     teacher = models.split_params(
         models.create_model(_tiny(2), 5, models.BertForSequenceClassification)
     )[1]
@@ -167,12 +154,14 @@ def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
     """The teacher was fine-tuned on 4,000 labelled examples; the student has 200 of its own
     (the common case: a released fine-tuned model, a small labelled set). Alone it learns
     those 200 labels' noise; distilled it learns how sure to be from the teacher."""
-    dev = _noisy_counting(2048, 1)
+    dev = tiny_training.noisy_counting(2048, 1)
     classify = train_lib.classification(2)
-    teacher_trainer, teacher_state, _ = _train(classify, _tiny(4), _noisy_counting(4000, 7), 400)
+    teacher_trainer, teacher_state, _ = _train(
+        classify, _tiny(4), tiny_training.noisy_counting(4000, 7), 400
+    )
     teacher_accuracy = _accuracy(teacher_trainer, teacher_state.params, dev)
     teacher = jax.device_get(teacher_state.params)
-    train = _noisy_counting(200, 0)
+    train = tiny_training.noisy_counting(200, 0)
     alone_trainer, alone, _ = _train(classify, _tiny(2), train, 300)
     distilled = train_lib.task_distillation(classify, _tiny(4), temperature=2.0, alpha=0.9)
     student_trainer, student, _ = _train(distilled, _tiny(2), train, 300, teacher)

@@ -84,28 +84,16 @@ def test_int8_weights_take_a_quarter_of_the_bytes():
     assert 0.25 < ratio < 0.252, ratio
 
 
-def _noisy_counting(n: int, seed: int) -> dict[str, np.ndarray]:
-    """Is there more of the words 8-15 than of 16-23? Labels drawn with that probability: no
-    model passes about 0.83, so a change in the model shows in its accuracy."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(8, 40, (n, 24)).astype(np.int32)
-    ids[:, 0] = 2
-    more = ((ids >= 8) & (ids < 16)).sum(1) - ((ids >= 16) & (ids < 24)).sum(1)
-    label = (rng.random(n) < 1 / (1 + np.exp(-0.8 * more))).astype(np.int32)
-    ones = np.ones_like(ids)
-    return {"input_ids": ids, "input_mask": ones, "segment_ids": 0 * ones, "label": label}
-
-
 def test_a_trained_model_keeps_its_outputs_and_dev_accuracy_in_int8():
     """Held-out logits within 2% of their range, dev accuracy within one point, for int8
     weights and for int8 weights with int8 activations; the same trained weights."""
     config = tiny_training.config(40, 24)
-    dev = _noisy_counting(2048, 1)
+    dev = tiny_training.noisy_counting(2048, 1)
     objective = train_lib.classification(2)
     logits, params = tiny_training.train_and_predict(
         objective,
         config,
-        _noisy_counting(4000, 7),
+        tiny_training.noisy_counting(4000, 7),
         dev,
         steps=400,
         learning_rate=1e-3,
@@ -181,11 +169,11 @@ def test_quantization_aware_training_becomes_the_int8_model_it_saw():
     activation that float summation order moves across a rounding boundary (one step of its
     row's scale), a difference far below quantization's own (test above: 0.0135 of 3.69)."""
     config = dataclasses.replace(tiny_training.config(40, 24), quantization="int8-aware")
-    dev = _noisy_counting(1024, 1)
+    dev = tiny_training.noisy_counting(1024, 1)
     logits, params = tiny_training.train_and_predict(
         train_lib.classification(2),
         config,
-        _noisy_counting(4000, 7),
+        tiny_training.noisy_counting(4000, 7),
         dev,
         steps=300,
         learning_rate=1e-3,
