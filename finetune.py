@@ -147,6 +147,11 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         raise ValueError("--config.distill.teacher trains; it needs --config.num_epochs > 0")
     if distill.get("teacher"):
         convert.model_kind(distill["teacher"])  # names what is wrong with the path now
+        if not distill.get("prediction", True) and not distill.get("layerwise", 0.0):
+            raise ValueError(
+                "--config.distill.prediction=False leaves only the layer-wise loss: set "
+                "--config.distill.layerwise > 0 (TinyBERT's first task stage: 1.0)"
+            )
         if distill.get("temperature", 2.0) <= 0 or not 0 <= distill.get("alpha", 0.5) <= 1:
             raise ValueError(
                 f"--config.distill.temperature={distill.get('temperature')} must be > 0 and "
@@ -457,17 +462,20 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             f"{pretrained.config.max_position_embeddings}"
         )
     teacher = _teacher(cfg, task, pretrained, mesh) if cfg.distill else None
-    data = task.load(cfg.settings(), pretrained.tokenizer)
-    runs = []
-    _, steps = run_length(cfg, task, len(data.train["input_ids"]))
     objective = task.objective(dropout)
-    if teacher is not None:
+    if teacher is not None:  # its settings checked against both models before the data
         objective = train_lib.task_distillation(
             objective,
             teacher.config,
             temperature=cfg.distill.get("temperature", 2.0),
             alpha=cfg.distill.get("alpha", 0.5),
+            layerwise=cfg.distill.get("layerwise", 0.0),
+            prediction=cfg.distill.get("prediction", True),
+            student_config=pretrained.config,
         )
+    data = task.load(cfg.settings(), pretrained.tokenizer)
+    runs = []
+    _, steps = run_length(cfg, task, len(data.train["input_ids"]))
     for lr in cfg.learning_rates:
         optim = OptimConfig(
             learning_rate=lr,

@@ -193,6 +193,40 @@ def task_distillation_loss(
     return loss, {**sums, "distill_loss_sum": soft_sum}
 
 
+def layerwise_distillation_loss(
+    student_hidden, teacher_hidden, student_probs, teacher_probs, token_weights, projection=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """TinyBERT's intermediate-layer loss: the mean squared error between the student's
+    hidden states (embeddings first, then each layer's output; mapped into the teacher's
+    width by `projection` when given) and the teacher's at the layers they are mapped to, plus
+    the mean squared error between their attention probabilities; each a mean over the real
+    tokens (query tokens for attention) of one layer, summed over the layers.
+
+    Args:
+      student_hidden, teacher_hidden: [M + 1, B, L, d] and [M + 1, B, L, D], already the
+        mapped pairs (teacher layer n(m) at index m).
+      student_probs, teacher_probs: [M, B, H, L, L], the mapped pairs; the same head count.
+      token_weights: [B, L], 1 for real tokens.
+      projection: None (d == D), or (kernel [d, D], bias [D]).
+
+    Returns:
+      (hidden + attention, {"hidden_mse": hidden, "attention_mse": attention}).
+    """
+    student_hidden = student_hidden.astype(jnp.float32)
+    if projection is not None:
+        kernel, bias = projection
+        student_hidden = student_hidden @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
+    w = (token_weights > 0).astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(w), 1.0)
+    diff = jnp.square(student_hidden - teacher_hidden.astype(jnp.float32))
+    hidden = jnp.sum(jnp.sum(diff, axis=-1) * w) / (tokens * student_hidden.shape[-1])
+    diff = jnp.square(student_probs.astype(jnp.float32) - teacher_probs.astype(jnp.float32))
+    per_query = jnp.sum(diff, axis=-1)  # [M, B, H, L]
+    heads, keys = student_probs.shape[2], student_probs.shape[-1]
+    attention = jnp.sum(per_query * w[None, :, None, :]) / (tokens * heads * keys)
+    return hidden + attention, {"hidden_mse": hidden, "attention_mse": attention}
+
+
 def cosine_distance(student, teacher, weights) -> jax.Array:
     """Sum over weighted positions of 1 - cos(student, teacher) of their vectors [..., D]
     (DistilBERT's loss aligning the student's hidden states with the teacher's)."""

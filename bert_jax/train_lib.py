@@ -46,15 +46,24 @@ class Objective:
     distill: "Distillation | None" = None
 
 
+# The key under which a distillation objective keeps weights of its own (TinyBERT's
+# projection into the teacher's width) in the train state's params, beside the model's.
+OWN_PARAMS = "distill"
+
+
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """A frozen teacher in the train step: its model class and config, and
-    `loss(student, teacher, batch, rng, deterministic) -> (loss, sums)` (models both; the
-    teacher runs without dropout and its parameters get no gradient)."""
+    `loss(student, teacher, batch, rng, deterministic, own) -> (loss, sums)` (models both;
+    the teacher runs without dropout and its parameters get no gradient). `own_params(key)`:
+    trainable weights of the objective itself (None: none), trained with the student's and
+    kept in its params under `OWN_PARAMS`, which the model, evaluation and prediction ignore
+    (a checkpoint of the run still loads as the student alone)."""
 
     teacher_cls: Callable[..., nnx.Module]
     teacher_config: BertConfig
     loss: Callable[..., tuple[jax.Array, dict]]
+    own_params: Callable[[jax.Array], models.Params] | None = None
 
 
 def task_distillation(
@@ -63,38 +72,110 @@ def task_distillation(
     *,
     temperature: float = 2.0,
     alpha: float = 0.5,
+    layerwise: float = 0.0,
+    prediction: bool = True,
+    student_config: BertConfig | None = None,
 ) -> Objective:
     """`objective` (a fine-tuning task's) trained against a fine-tuned teacher of the same
-    head: `losses.task_distillation_loss` on both models' head outputs, computed in the step."""
+    head, in the step: `prediction`, `losses.task_distillation_loss` on both models' head
+    outputs; plus `layerwise` x TinyBERT's intermediate-layer loss
+    (`losses.layerwise_distillation_loss`: hidden states and attention probabilities, the
+    student's layer m against the teacher's layer m x N / M, its embeddings against the
+    teacher's; through a trained projection when `student_config` is narrower). TinyBERT's
+    two task stages: `layerwise=1, prediction=False`, then `layerwise=0` with alpha 1."""
     if objective.head_loss is None:
         raise ValueError("task distillation needs a fine-tuning task's head (not pretraining)")
-    if temperature <= 0 or not 0.0 <= alpha <= 1.0:
+    if temperature <= 0 or not 0.0 <= alpha <= 1.0 or layerwise < 0:
         raise ValueError(
-            f"distillation temperature={temperature} must be > 0 and alpha={alpha} in [0, 1]"
+            f"distillation temperature={temperature} must be > 0, alpha={alpha} in [0, 1] and "
+            f"layerwise={layerwise} >= 0"
         )
+    if not prediction and not layerwise:
+        raise ValueError("distillation with prediction=False needs a layerwise weight > 0")
+    own_params, outputs = None, {}
+    if layerwise:
+        if student_config is None:
+            raise ValueError("layer-wise distillation needs the student's config")
+        own_params, mapping = _layer_map(student_config, teacher_config)
+        outputs = dict(output_hidden_states=True, output_attentions=True)
 
-    def loss(student, teacher, batch, rng, deterministic):
-        return losses.task_distillation_loss(
-            _head_logits(student, batch, rng, deterministic),
-            _head_logits(teacher, batch),
-            objective.head_loss,
-            batch,
-            temperature=temperature,
-            alpha=alpha,
-        )
+    def loss(student, teacher, batch, rng, deterministic, own=None):
+        *s_heads, s_enc = _run(student, batch, rng, deterministic, **outputs)
+        *t_heads, t_enc = _run(teacher, batch, **outputs)
+        s_logits = s_heads[0] if len(s_heads) == 1 else tuple(s_heads)
+        t_logits = t_heads[0] if len(t_heads) == 1 else tuple(t_heads)
+        if prediction:
+            total, sums = losses.task_distillation_loss(
+                s_logits,
+                t_logits,
+                objective.head_loss,
+                batch,
+                temperature=temperature,
+                alpha=alpha,
+            )
+        else:
+            total, sums = 0.0, objective.head_loss(s_logits, batch)[1]
+        if layerwise:
+            hidden, probs = mapping
+            layer_loss, parts = losses.layerwise_distillation_loss(
+                s_enc.hidden_states,
+                t_enc.hidden_states[jnp.asarray(hidden)],
+                s_enc.attentions,
+                t_enc.attentions[jnp.asarray(probs)],
+                batch["input_mask"],
+                None if own is None else (own["kernel"], own["bias"]),
+            )
+            total = total + layerwise * layer_loss
+            count = sums["count"].astype(jnp.float32)
+            sums = {**sums, **{f"{k}_sum": v * count for k, v in parts.items()}}
+        return total, sums
 
     def summarize(sums):
         count = max(float(sums["count"]), 1e-5)
         out = objective.summarize(sums)
-        if "distill_loss_sum" in sums:
-            out["distill_loss"] = float(sums["distill_loss_sum"]) / count
+        for key in ("distill_loss", "hidden_mse", "attention_mse"):
+            if f"{key}_sum" in sums:
+                out[key] = float(sums[f"{key}_sum"]) / count
         return out
 
     return dataclasses.replace(
         objective,
-        distill=Distillation(objective.model_cls, teacher_config, loss),
+        distill=Distillation(objective.model_cls, teacher_config, loss, own_params),
         summarize=summarize,
     )
+
+
+def _layer_map(student: BertConfig, teacher: BertConfig):
+    """TinyBERT's uniform map (student layer m to teacher layer m x N / M, embeddings to
+    embeddings) as indices into the teacher's hidden states and attention probabilities, and
+    the projection's initialiser when the widths differ (None when they are equal)."""
+    m, n = student.num_hidden_layers * student.inner_group_num, teacher.num_hidden_layers
+    n *= teacher.inner_group_num
+    if n % m:
+        raise ValueError(
+            f"layer-wise distillation maps the student's {m} layers onto the teacher's {n} "
+            f"uniformly: choose a student depth that divides {n}"
+        )
+    if student.num_attention_heads != teacher.num_attention_heads:
+        raise ValueError(
+            f"layer-wise distillation compares attention head by head: the student has "
+            f"{student.num_attention_heads} heads, the teacher {teacher.num_attention_heads}; "
+            f"give the student the teacher's head count (TinyBERT 4 x 312 has 12)"
+        )
+    step = n // m
+    hidden = [i * step for i in range(m + 1)]
+    probs = [(i + 1) * step - 1 for i in range(m)]
+    d, big = student.hidden_size, teacher.hidden_size
+    if d == big:
+        return None, (hidden, probs)
+
+    def init(key):
+        return {
+            "kernel": models.layers.truncated_normal(student.initializer_range)(key, (d, big)),
+            "bias": jnp.zeros((big,), jnp.float32),
+        }
+
+    return init, (hidden, probs)
 
 
 def _pretraining_outputs(model, batch, rng=None, deterministic=True, only_predicted=True):
@@ -114,18 +195,24 @@ def _pretraining_loss(model, batch, rng, deterministic):
     return losses.pretraining_loss(out.mlm_logits, out.nsp_logits, batch)
 
 
-def _head_logits(model, batch, rng=None, deterministic=True):
-    """A task head's outputs without the encoder's: class logits [B, C] (or [B, K, C] for a
-    packed batch, `glue.pack`), token logits [B, L, C], choice logits [B, C], or QA's
-    (start [B, L], end [B, L])."""
-    *logits, _ = model(
+def _run(model, batch, rng=None, deterministic=True, **outputs):
+    """A task model on a batch: (its head's outputs..., the encoder's output)."""
+    return model(
         batch["input_ids"],
         batch["input_mask"],
         batch["segment_ids"],
         rng=rng,
         deterministic=deterministic,
         packing=models.Packing.from_batch(batch),
+        **outputs,
     )
+
+
+def _head_logits(model, batch, rng=None, deterministic=True):
+    """A task head's outputs without the encoder's: class logits [B, C] (or [B, K, C] for a
+    packed batch, `glue.pack`), token logits [B, L, C], choice logits [B, C], or QA's
+    (start [B, L], end [B, L])."""
+    *logits, _ = _run(model, batch, rng, deterministic)
     return logits[0] if len(logits) == 1 else tuple(logits)
 
 
@@ -162,7 +249,8 @@ def pretraining_distillation(
 
     only_predicted = alpha_cos == 0  # the hidden-state loss reads every token's last state
 
-    def loss(student, teacher, batch, rng, deterministic):
+    def loss(student, teacher, batch, rng, deterministic, own=None):
+        del own  # DistilBERT's objective has no weights of its own
         return losses.pretraining_distillation_loss(
             _pretraining_outputs(student, batch, rng, deterministic, only_predicted),
             _pretraining_outputs(teacher, batch, only_predicted=only_predicted),
@@ -307,11 +395,17 @@ def create_trainer(
         models.param_logical_axes(abstract), abstract_params, mesh, rules
     )
     repl = sharding.replicated(mesh)
+    own_params = None if objective.distill is None else objective.distill.own_params
+    if own_params is not None:  # small (a projection): whole on every device
+        own_shapes = jax.eval_shape(own_params, jax.random.key(0))
+        param_shardings = {**param_shardings, OWN_PARAMS: jax.tree.map(lambda _: repl, own_shapes)}
 
     def init_fn(seed: int) -> TrainState:
         _, params = models.split_params(
             models.create_model(model_config, seed, objective.model_cls)
         )
+        if own_params is not None:
+            params[OWN_PARAMS] = own_params(jax.random.fold_in(jax.random.key(seed), 2))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -409,15 +503,21 @@ def _refuse_training(mode: str, *args):
     raise ValueError(f"{TRAINING_QUANTIZED} [quantization={mode}]")
 
 
+def model_params(params: models.Params) -> models.Params:
+    """The model's parameters of a run's params (without a distillation's own weights)."""
+    return {k: v for k, v in params.items() if k != OWN_PARAMS}
+
+
 def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic, teacher=None):
     """The objective's loss; with `teacher` (graphdef, params), the distillation loss."""
-    model = models.merge_params(graphdef, params)
+    model = models.merge_params(graphdef, model_params(params))
     with axes.axis_rules(rules):  # active while tracing: activations get their shardings
         if teacher is None:
             return objective.loss(model, batch, rng, deterministic)
         teacher_graphdef, teacher_params = teacher
         frozen = models.merge_params(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-        return objective.distill.loss(model, frozen, batch, rng, deterministic)
+        own = params.get(OWN_PARAMS)
+        return objective.distill.loss(model, frozen, batch, rng, deterministic, own)
 
 
 def teacher_graphdef(objective: Objective) -> nnx.GraphDef | None:
@@ -623,7 +723,7 @@ def make_predict_step(
     """`predict_step(params, batch) -> outputs` (e.g. logits [B, C]) without dropout."""
 
     def predict_step(params: models.Params, batch: Batch):
-        model = models.merge_params(graphdef, params)
+        model = models.merge_params(graphdef, model_params(params))
         with axes.axis_rules(rules):
             return objective.predict(model, batch)
 

@@ -59,6 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.distill.teacher = ""
     config.distill.temperature = 2.0
     config.distill.alpha = 0.5
+    # TinyBERT's intermediate-layer loss, this weight x (the mean squared error of hidden
+    # states, through a trained projection when the student is narrower, + that of attention
+    # probabilities; the student's layer m against the teacher's m x N / M): 0 is off.
+    # prediction=False drops the head-output terms (TinyBERT's first task stage).
+    config.distill.layerwise = 0.0
+    config.distill.prediction = True
     # Comma-separated layers of init_from that make the student, e.g. "0,2,4,6,8,10": a
     # 6-layer student from every other layer of BERT-Base (DistilBERT's initialisation).
     # Empty: all of init_from's layers.

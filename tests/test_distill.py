@@ -221,12 +221,21 @@ def test_distillation_configs_parse_and_refuse_bad_settings(tmp_path):
     (tmp_path / "teacher").mkdir()
     for name in ("config.json", "model.safetensors"):  # what a Hugging Face directory holds
         (tmp_path / "teacher" / name).write_text("{}")
-    for student, layers in (("bert6", (0, 2, 4, 6, 8, 10)), ("tinybert4", ())):
+    for student, layers in (
+        ("bert6", (0, 2, 4, 6, 8, 10)),
+        ("tinybert4", ()),
+        ("tinybert4_layers", ()),
+    ):
         config = distill.get_config(student)
         config.init_from, config.data_dir = "hf:/models/bert", str(tmp_path / "glue")
         config.distill.teacher, config.tasks = str(tmp_path / "teacher"), "sst2"
         parsed = finetune.parse_config(config)
         assert parsed.student_layers == layers and parsed.distill["teacher"]
+    assert parsed.distill["layerwise"] == 1.0 and parsed.distill["prediction"] is False
+    config.distill.layerwise = 0.0
+    with pytest.raises(ValueError, match="leaves only the layer-wise loss"):
+        finetune.parse_config(config)
+    config.distill.prediction = True
     config.distill.alpha = 1.5
     with pytest.raises(ValueError, match=r"--config.distill.alpha=1.5 in \[0, 1\]"):
         finetune.parse_config(config)
@@ -346,3 +355,100 @@ def test_train_py_distils_a_student_resumes_exactly_and_leaves_the_teacher(tmp_p
     )
     assert refused.returncode != 0 and "config.distill.teacher" in refused.stderr
     assert "set config.init_from" in refused.stderr
+
+
+def test_layerwise_loss_equals_hand_computed_values():
+    """TinyBERT's intermediate-layer loss written out: per layer, the squared error summed
+    over the real tokens' features (through the projection), divided by their count x width;
+    attention the same over real query rows x heads x keys; summed over layers."""
+    rng = np.random.default_rng(0)
+    s_hidden, t_hidden = rng.normal(size=(3, 2, 4, 3)), rng.normal(size=(3, 2, 4, 5))
+    s_probs, t_probs = rng.random((2, 2, 2, 4, 4)), rng.random((2, 2, 2, 4, 4))
+    kernel, bias = rng.normal(size=(3, 5)), rng.normal(size=5)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    loss, parts = losses.layerwise_distillation_loss(
+        s_hidden, t_hidden, s_probs, t_probs, mask, (kernel, bias)
+    )
+    hidden = attention = 0.0
+    for layer in range(3):
+        total = 0.0
+        for b in range(2):
+            for i in range(4):
+                if mask[b, i]:
+                    projected = s_hidden[layer, b, i] @ kernel + bias
+                    total += ((projected - t_hidden[layer, b, i]) ** 2).sum()
+        hidden += total / (5 * 5)  # 5 real tokens x 5 features
+    for layer in range(2):
+        total = 0.0
+        for b in range(2):
+            for i in range(4):
+                if mask[b, i]:
+                    total += ((s_probs[layer, b, :, i] - t_probs[layer, b, :, i]) ** 2).sum()
+        attention += total / (5 * 2 * 4)  # 5 real queries x 2 heads x 4 keys
+    np.testing.assert_allclose(parts["hidden_mse"], hidden, rtol=1e-5)
+    np.testing.assert_allclose(parts["attention_mse"], attention, rtol=1e-5)
+    np.testing.assert_allclose(loss, hidden + attention, rtol=1e-5)
+
+
+def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_the_teacher():
+    """A 2 x 32 student of a fine-tuned 4 x 64 teacher (the same heads): its layer m learns
+    the teacher's layer 2m through a projection trained in the same step (kept in the run's
+    params beside the model's, which the model and prediction ignore); the layer-wise error
+    falls to a fraction of its start."""
+    data = tiny_training.noisy_counting(1024, 3)
+    teacher_config = _tiny(4)
+    teacher_trainer, teacher_state, _ = _train(
+        train_lib.classification(2), teacher_config, data, 100
+    )
+    teacher = jax.device_get(teacher_state.params)
+    student_config = dataclasses.replace(
+        teacher_config, num_hidden_layers=2, hidden_size=32, intermediate_size=64
+    )
+    objective = train_lib.task_distillation(
+        train_lib.classification(2),
+        teacher_config,
+        layerwise=1.0,
+        prediction=False,
+        student_config=student_config,
+    )
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        student_config,
+        optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=200),
+        mesh,
+        axes.DEFAULT_RULES,
+        objective,
+        teacher_params=teacher,
+    )
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        start = jax.device_get(state.params[train_lib.OWN_PARAMS])
+        assert start["kernel"].shape == (32, 64)
+        errors = []
+        for step in range(200):
+            rows = np.arange(step * 32, step * 32 + 32) % 1024
+            batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
+            state, metrics = trainer.train_step(state, batch)
+            summary = objective.summarize(jax.device_get(metrics))
+            errors.append(summary["hidden_mse"] + summary["attention_mse"])
+        # The student alone predicts (the projection is not part of the model).
+        logits = trainer.predict_step(state.params, batch)
+    assert logits.shape == (32, 2)
+    trained = jax.device_get(state.params[train_lib.OWN_PARAMS])
+    assert not np.allclose(trained["kernel"], start["kernel"])
+    print(f"layer-wise error {errors[0]:.4f} -> {errors[-1]:.4f}")
+    assert errors[-1] < 0.5 * errors[0]
+    with pytest.raises(ValueError, match="choose a student depth that divides 4"):
+        train_lib.task_distillation(
+            train_lib.classification(2),
+            teacher_config,
+            layerwise=1.0,
+            student_config=dataclasses.replace(student_config, num_hidden_layers=3),
+        )
+    with pytest.raises(ValueError, match="give the student the teacher's head count"):
+        train_lib.task_distillation(
+            train_lib.classification(2),
+            teacher_config,
+            layerwise=1.0,
+            student_config=dataclasses.replace(student_config, num_attention_heads=2),
+        )
