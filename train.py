@@ -204,11 +204,15 @@ def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
         raise ValueError(
             f"the hidden-state loss compares vectors of the teacher's width "
             f"{teacher.config.hidden_size} and the student's {run.model.hidden_size}: set "
-            f"--config.distill.alpha_cos=0 or use a student of the teacher's width"
+            f"--config.distill.alpha_cos=0 (--config.distill.layerwise crosses widths through "
+            f"a trained projection) or use a student of the teacher's width"
         )
     _print(f"distilling from {teacher.description}")
     weights = {k: v for k, v in run.distill.items() if k != "teacher"}
-    return train_lib.pretraining_distillation(teacher.config, **weights), teacher.params
+    objective = train_lib.pretraining_distillation(
+        teacher.config, student_config=run.model, **weights
+    )
+    return objective, teacher.params
 
 
 def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingData:

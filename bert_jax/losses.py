@@ -244,7 +244,8 @@ def pretraining_distillation_loss(
     distribution at the masked positions (mean over them) + alpha_mlm x the pretraining loss
     on the labels (`pretraining_loss`: masked LM and the sentence head) + alpha_cos x the
     mean `cosine_distance` between the last hidden states at the real tokens (at [CLS] and
-    the masked positions when the models computed only those, `only_predicted_positions`).
+    the masked positions when the models computed only those, `only_predicted_positions`;
+    with alpha_cos 0 the widths may differ, the term then logged as 0).
 
     Args:
       student, teacher: `PretrainingOutput`s of the same batch (logits at the masked
@@ -256,9 +257,11 @@ def pretraining_distillation_loss(
     tokens = batch["input_mask"].astype(jnp.float32)
     if student.encoder.sequence_output.shape[1] != tokens.shape[1]:  # [CLS] and masked only
         tokens = jnp.concatenate([tokens[:, :1], weights], axis=1)
-    cos_sum = cosine_distance(
-        student.encoder.sequence_output, teacher.encoder.sequence_output, tokens
-    )
+    s_last, t_last = student.encoder.sequence_output, teacher.encoder.sequence_output
+    if alpha_cos == 0 and s_last.shape != t_last.shape:  # off, and widths differ: nothing to log
+        cos_sum = jnp.zeros((), jnp.float32)
+    else:
+        cos_sum = cosine_distance(s_last, t_last, tokens)
     token_count = jnp.sum(tokens)
     loss = (
         alpha_ce * soft_sum / (jnp.sum(weights) + 1e-5)

@@ -116,26 +116,14 @@ def task_distillation(
         else:
             total, sums = 0.0, objective.head_loss(s_logits, batch)[1]
         if layerwise:
-            hidden, probs = mapping
-            layer_loss, parts = losses.layerwise_distillation_loss(
-                s_enc.hidden_states,
-                t_enc.hidden_states[jnp.asarray(hidden)],
-                s_enc.attentions,
-                t_enc.attentions[jnp.asarray(probs)],
-                batch["input_mask"],
-                None if own is None else (own["kernel"], own["bias"]),
-            )
-            total = total + layerwise * layer_loss
-            count = sums["count"].astype(jnp.float32)
-            sums = {**sums, **{f"{k}_sum": v * count for k, v in parts.items()}}
+            total, sums = _add_layerwise(total, sums, layerwise, mapping, s_enc, t_enc, batch, own)
         return total, sums
 
     def summarize(sums):
         count = max(float(sums["count"]), 1e-5)
-        out = objective.summarize(sums)
-        for key in ("distill_loss", "hidden_mse", "attention_mse"):
-            if f"{key}_sum" in sums:
-                out[key] = float(sums[f"{key}_sum"]) / count
+        out = {**objective.summarize(sums), **_layerwise_summary(sums)}
+        if "distill_loss_sum" in sums:
+            out["distill_loss"] = float(sums["distill_loss_sum"]) / count
         return out
 
     return dataclasses.replace(
@@ -143,6 +131,30 @@ def task_distillation(
         distill=Distillation(objective.model_cls, teacher_config, loss, own_params),
         summarize=summarize,
     )
+
+
+def _add_layerwise(total, sums, weight, mapping, s_enc, t_enc, batch, own):
+    """`total` + weight x `losses.layerwise_distillation_loss` of the mapped layers, and the
+    sums with its parts (per batch, weighted by its sequences, to average over batches)."""
+    hidden, probs = mapping
+    layer_loss, parts = losses.layerwise_distillation_loss(
+        s_enc.hidden_states,
+        t_enc.hidden_states[jnp.asarray(hidden)],
+        s_enc.attentions,
+        t_enc.attentions[jnp.asarray(probs)],
+        batch["input_mask"],
+        None if own is None else (own["kernel"], own["bias"]),
+    )
+    rows = jnp.float32(batch["input_ids"].shape[0])
+    added = {f"{k}_sum": v * rows for k, v in parts.items()}
+    return total + weight * layer_loss, {**sums, **added, "layerwise_count": rows}
+
+
+def _layerwise_summary(sums) -> dict[str, float]:
+    if "layerwise_count" not in sums:
+        return {}
+    rows = max(float(sums["layerwise_count"]), 1.0)
+    return {k: float(sums[f"{k}_sum"]) / rows for k in ("hidden_mse", "attention_mse")}
 
 
 def _layer_map(student: BertConfig, teacher: BertConfig):
@@ -178,7 +190,9 @@ def _layer_map(student: BertConfig, teacher: BertConfig):
     return init, (hidden, probs)
 
 
-def _pretraining_outputs(model, batch, rng=None, deterministic=True, only_predicted=True):
+def _pretraining_outputs(
+    model, batch, rng=None, deterministic=True, only_predicted=True, **outputs
+):
     return model(
         batch["input_ids"],
         batch["input_mask"],
@@ -187,6 +201,7 @@ def _pretraining_outputs(model, batch, rng=None, deterministic=True, only_predic
         rng=rng,
         deterministic=deterministic,
         only_predicted_positions=only_predicted,
+        **outputs,
     )
 
 
@@ -238,31 +253,48 @@ def pretraining_distillation(
     alpha_ce: float = 5.0,
     alpha_mlm: float = 2.0,
     alpha_cos: float = 1.0,
+    layerwise: float = 0.0,
+    student_config: BertConfig | None = None,
 ) -> Objective:
-    """Pretraining against a frozen pretrained teacher of the same width (DistilBERT's
-    objective and weights, `losses.pretraining_distillation_loss`)."""
-    if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos) < 0:
+    """Pretraining against a frozen pretrained teacher (DistilBERT's objective and weights,
+    `losses.pretraining_distillation_loss`; its hidden-state term needs the teacher's width),
+    plus `layerwise` x TinyBERT's intermediate-layer loss (its general distillation; see
+    `task_distillation`), through a trained projection when `student_config` is narrower."""
+    if temperature <= 0 or min(alpha_ce, alpha_mlm, alpha_cos, layerwise) < 0:
         raise ValueError(
             f"distillation temperature={temperature} must be > 0 and its weights "
-            f"(alpha_ce={alpha_ce}, alpha_mlm={alpha_mlm}, alpha_cos={alpha_cos}) >= 0"
+            f"(alpha_ce={alpha_ce}, alpha_mlm={alpha_mlm}, alpha_cos={alpha_cos}, "
+            f"layerwise={layerwise}) >= 0"
         )
-
-    only_predicted = alpha_cos == 0  # the hidden-state loss reads every token's last state
+    own_params, mapping, outputs = None, None, {}
+    if layerwise:
+        if student_config is None:
+            raise ValueError("layer-wise distillation needs the student's config")
+        own_params, mapping = _layer_map(student_config, teacher_config)
+        outputs = dict(output_hidden_states=True, output_attentions=True)
+    # The hidden-state losses read every token's states, not only the predicted positions'.
+    only_predicted = alpha_cos == 0 and not layerwise
 
     def loss(student, teacher, batch, rng, deterministic, own=None):
-        del own  # DistilBERT's objective has no weights of its own
-        return losses.pretraining_distillation_loss(
-            _pretraining_outputs(student, batch, rng, deterministic, only_predicted),
-            _pretraining_outputs(teacher, batch, only_predicted=only_predicted),
+        s = _pretraining_outputs(student, batch, rng, deterministic, only_predicted, **outputs)
+        t = _pretraining_outputs(teacher, batch, only_predicted=only_predicted, **outputs)
+        total, sums = losses.pretraining_distillation_loss(
+            s,
+            t,
             batch,
             temperature=temperature,
             alpha_ce=alpha_ce,
             alpha_mlm=alpha_mlm,
             alpha_cos=alpha_cos,
         )
+        if layerwise:
+            total, sums = _add_layerwise(
+                total, sums, layerwise, mapping, s.encoder, t.encoder, batch, own
+            )
+        return total, sums
 
     def summarize(sums):
-        out = losses.summarize(sums)
+        out = {**losses.summarize(sums), **_layerwise_summary(sums)}
         if "distill_loss_sum" in sums:
             out["distill_loss"] = float(sums["distill_loss_sum"]) / max(
                 float(sums["mlm_count"]), 1e-5
@@ -274,7 +306,7 @@ def pretraining_distillation(
 
     return dataclasses.replace(
         PRETRAINING,
-        distill=Distillation(models.BertForPreTraining, teacher_config, loss),
+        distill=Distillation(models.BertForPreTraining, teacher_config, loss, own_params),
         summarize=summarize,
     )
 

@@ -36,6 +36,10 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.distill.alpha_ce = 5.0
     config.distill.alpha_mlm = 2.0
     config.distill.alpha_cos = 1.0
+    # TinyBERT's general distillation: + layerwise x the mean squared error of hidden states
+    # (through a trained projection when the student is narrower) and attention probabilities,
+    # the student's layer m against the teacher's m x N / M. 0: off.
+    config.distill.layerwise = 0.0
 
     config.data = ml_collections.ConfigDict()
     config.data.corpus = ""  # Comma-separated text files/globs; empty: the stdlib docstrings.

@@ -330,6 +330,7 @@ def test_train_py_distils_a_student_resumes_exactly_and_leaves_the_teacher(tmp_p
         f"--config.init_from={teacher}",
         "--config.student_layers=0",
         f"--config.distill.teacher={teacher}",
+        "--config.distill.layerwise=1.0",  # with TinyBERT's layer-wise loss too
     )
     straight, split = tmp_path / "straight", tmp_path / "split"
     proc = run_train(tmp_path, straight, 20, *student)
@@ -452,3 +453,63 @@ def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_th
             layerwise=1.0,
             student_config=dataclasses.replace(student_config, num_attention_heads=2),
         )
+
+
+def test_general_layerwise_distillation_trains_a_narrower_student():
+    """TinyBERT's general stage in the pretraining objective: a 1 x 32 student of a 2 x 64
+    teacher, masked LM and sentence labels plus the layer-wise loss through its projection
+    (DistilBERT's cosine term off: it needs the teacher's width); the layer-wise error falls
+    and the projection trains, kept beside the model's params."""
+    teacher_config = models.BertConfig(
+        vocab_size=40,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=24,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    student_config = dataclasses.replace(
+        teacher_config, num_hidden_layers=1, hidden_size=32, intermediate_size=64
+    )
+    teacher = jax.device_get(models.split_params(models.create_model(teacher_config, 1))[1])
+    objective = train_lib.pretraining_distillation(
+        teacher_config, alpha_cos=0.0, layerwise=1.0, student_config=student_config
+    )
+    rng = np.random.default_rng(0)
+    n = 512
+    data = {
+        "input_ids": rng.integers(5, 40, (n, 24)).astype(np.int32),
+        "input_mask": np.ones((n, 24), np.int32),
+        "segment_ids": (np.arange(24) >= 12).astype(np.int32)[None].repeat(n, 0),
+        "masked_lm_positions": rng.integers(1, 24, (n, 3)).astype(np.int32),
+        "masked_lm_ids": rng.integers(5, 40, (n, 3)).astype(np.int32),
+        "masked_lm_weights": np.ones((n, 3), np.float32),
+        "next_sentence_labels": rng.integers(0, 2, n).astype(np.int32),
+    }
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        student_config,
+        optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=150),
+        mesh,
+        axes.DEFAULT_RULES,
+        objective,
+        teacher_params=teacher,
+    )
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        start = jax.device_get(state.params[train_lib.OWN_PARAMS]["kernel"])
+        errors = []
+        for step in range(150):
+            rows = np.arange(step * 32, step * 32 + 32) % n
+            batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
+            state, metrics = trainer.train_step(state, batch)
+            summary = objective.summarize(jax.device_get(metrics))
+            errors.append(summary["hidden_mse"] + summary["attention_mse"])
+        eval_sums = trainer.eval_step(state.params, batch)  # the student's own loss
+    assert np.isfinite(float(eval_sums["mlm_loss_sum"]))
+    assert start.shape == (32, 64)
+    assert not np.allclose(jax.device_get(state.params[train_lib.OWN_PARAMS]["kernel"]), start)
+    print(f"layer-wise error {errors[0]:.4f} -> {errors[-1]:.4f}")
+    assert errors[-1] < 0.5 * errors[0]
