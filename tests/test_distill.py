@@ -391,6 +391,31 @@ def test_layerwise_loss_equals_hand_computed_values():
     np.testing.assert_allclose(loss, hidden + attention, rtol=1e-5)
 
 
+def _layerwise_run(objective, student_config, data, steps, teacher):
+    """Trains a student with a layer-wise objective on `data` in order; returns the trainer,
+    the state, the projection at the start, each step's layer-wise error and the last batch."""
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    trainer = train_lib.create_trainer(
+        student_config,
+        optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=steps),
+        mesh,
+        axes.DEFAULT_RULES,
+        objective,
+        teacher_params=teacher,
+    )
+    n, errors = len(data["input_ids"]), []
+    with jax.set_mesh(mesh):
+        state = trainer.init(0)
+        start = jax.device_get(state.params[train_lib.OWN_PARAMS])
+        for step in range(steps):
+            rows = np.arange(step * 32, step * 32 + 32) % n
+            batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
+            state, metrics = trainer.train_step(state, batch)
+            summary = objective.summarize(jax.device_get(metrics))
+            errors.append(summary["hidden_mse"] + summary["attention_mse"])
+    return trainer, state, start, errors, batch
+
+
 def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_the_teacher():
     """A 2 x 32 student of a fine-tuned 4 x 64 teacher (the same heads): its layer m learns
     the teacher's layer 2m through a projection trained in the same step (kept in the run's
@@ -398,9 +423,7 @@ def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_th
     falls to a fraction of its start."""
     data = tiny_training.noisy_counting(1024, 3)
     teacher_config = _tiny(4)
-    teacher_trainer, teacher_state, _ = _train(
-        train_lib.classification(2), teacher_config, data, 100
-    )
+    _, teacher_state, _ = _train(train_lib.classification(2), teacher_config, data, 100)
     teacher = jax.device_get(teacher_state.params)
     student_config = dataclasses.replace(
         teacher_config, num_hidden_layers=2, hidden_size=32, intermediate_size=64
@@ -412,27 +435,11 @@ def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_th
         prediction=False,
         student_config=student_config,
     )
-    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
-        student_config,
-        optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=200),
-        mesh,
-        axes.DEFAULT_RULES,
-        objective,
-        teacher_params=teacher,
+    trainer, state, start, errors, batch = _layerwise_run(
+        objective, student_config, data, 200, teacher
     )
-    with jax.set_mesh(mesh):
-        state = trainer.init(0)
-        start = jax.device_get(state.params[train_lib.OWN_PARAMS])
-        assert start["kernel"].shape == (32, 64)
-        errors = []
-        for step in range(200):
-            rows = np.arange(step * 32, step * 32 + 32) % 1024
-            batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
-            state, metrics = trainer.train_step(state, batch)
-            summary = objective.summarize(jax.device_get(metrics))
-            errors.append(summary["hidden_mse"] + summary["attention_mse"])
-        # The student alone predicts (the projection is not part of the model).
+    assert start["kernel"].shape == (32, 64)
+    with jax.set_mesh(trainer.mesh):  # the student alone predicts (the projection is no part)
         logits = trainer.predict_step(state.params, batch)
     assert logits.shape == (32, 2)
     trained = jax.device_get(state.params[train_lib.OWN_PARAMS])
@@ -488,28 +495,14 @@ def test_general_layerwise_distillation_trains_a_narrower_student():
         "masked_lm_weights": np.ones((n, 3), np.float32),
         "next_sentence_labels": rng.integers(0, 2, n).astype(np.int32),
     }
-    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
-        student_config,
-        optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=150),
-        mesh,
-        axes.DEFAULT_RULES,
-        objective,
-        teacher_params=teacher,
+    trainer, state, start, errors, batch = _layerwise_run(
+        objective, student_config, data, 150, teacher
     )
-    with jax.set_mesh(mesh):
-        state = trainer.init(0)
-        start = jax.device_get(state.params[train_lib.OWN_PARAMS]["kernel"])
-        errors = []
-        for step in range(150):
-            rows = np.arange(step * 32, step * 32 + 32) % n
-            batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
-            state, metrics = trainer.train_step(state, batch)
-            summary = objective.summarize(jax.device_get(metrics))
-            errors.append(summary["hidden_mse"] + summary["attention_mse"])
+    with jax.set_mesh(trainer.mesh):
         eval_sums = trainer.eval_step(state.params, batch)  # the student's own loss
     assert np.isfinite(float(eval_sums["mlm_loss_sum"]))
-    assert start.shape == (32, 64)
-    assert not np.allclose(jax.device_get(state.params[train_lib.OWN_PARAMS]["kernel"]), start)
+    assert start["kernel"].shape == (32, 64)
+    trained = jax.device_get(state.params[train_lib.OWN_PARAMS])
+    assert not np.allclose(trained["kernel"], start["kernel"])
     print(f"layer-wise error {errors[0]:.4f} -> {errors[-1]:.4f}")
     assert errors[-1] < 0.5 * errors[0]
