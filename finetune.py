@@ -157,6 +157,8 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
                 f"--config.distill.temperature={distill.get('temperature')} must be > 0 and "
                 f"--config.distill.alpha={distill.get('alpha')} in [0, 1]"
             )
+    # Evaluating only (num_epochs 0), every learning rate and seed is the same model: one run.
+    runs = None if cfg.num_epochs else 1
     return FinetuneConfig(
         init_from=cfg.init_from,
         tasks=names,
@@ -168,8 +170,8 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         batch_size=cfg.batch_size,
         eval_batch_size=cfg.eval_batch_size,
         num_epochs=cfg.num_epochs,
-        learning_rates=tuple(float(x) for x in str(cfg.learning_rates).split(",")),
-        seeds=tuple(int(x) for x in str(cfg.seeds).split(",")),
+        learning_rates=tuple(float(x) for x in str(cfg.learning_rates).split(","))[:runs],
+        seeds=tuple(int(x) for x in str(cfg.seeds).split(","))[:runs],
         warmup_fraction=cfg.warmup_fraction,
         weight_decay=cfg.weight_decay,
         classifier_dropout=cfg.classifier_dropout,

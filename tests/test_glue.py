@@ -539,6 +539,15 @@ def test_bad_input_gets_clear_errors(tmp_path):
     config.data_dir, config.tasks = str(tmp_path / "glue"), "cola,sts"
     with pytest.raises(ValueError, match="unknown task 'sts': choose a GLUE task"):
         finetune.parse_config(config)
+    # Evaluating only: one run, the rates and seeds would all evaluate the same model.
+    config.tasks, config.seeds, config.learning_rates = "cola", "0,1,2", "2e-5,3e-5"
+    assert len(finetune.parse_config(config).seeds) == 3
+    config.num_epochs = 0.0
+    parsed = finetune.parse_config(config)
+    assert (parsed.seeds, parsed.learning_rates) == ((0,), (2e-5,))
+    config.num_epochs = -1.0
+    with pytest.raises(ValueError, match="use 0 to evaluate only"):
+        finetune.parse_config(config)
     config.init_from = ""
     with pytest.raises(ValueError, match="--config.init_from is required"):
         finetune.parse_config(config)
