@@ -26,12 +26,12 @@ predictions from it. Writes to --workdir:
 import dataclasses
 import json
 import os
-import shutil
+import signal
 import sys
+import time
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -101,6 +101,8 @@ class FinetuneConfig:
     max_query_length: int = 64
     n_best_size: int = 20
     max_answer_length: int = 30
+    checkpoint_every_steps: int = 500
+    checkpoint_minutes: float = 10.0
 
     def settings(self) -> tasks.Settings:
         return tasks.Settings(
@@ -127,7 +129,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
     names = tuple(tasks.task_names(cfg.tasks))
     if cfg.source not in ("tsv", "tfds"):
         raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
-    if need_data and cfg.source == "tsv" and not os.path.isdir(cfg.data_dir or ""):
+    if need_data and cfg.source == "tsv" and not files.isdir(cfg.data_dir or ""):
         raise FileNotFoundError(
             f"data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
             f"with CoLA/, SST-2/, MNLI/, ... (the GLUE download), SQuAD/, CoNLL-2003/, SWAG/>, "
@@ -184,6 +186,8 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         mesh=sharding.MeshConfig(**cfg.mesh),
         distill=distill if distill.get("teacher") else {},
         student_layers=_layer_list(cfg.get("student_layers", "")),
+        checkpoint_every_steps=cfg.get("checkpoint_every_steps", 500),
+        checkpoint_minutes=cfg.get("checkpoint_minutes", 10.0),
         **qa,
     )
 
@@ -231,6 +235,68 @@ def run_length(cfg: FinetuneConfig, task: tasks.Task, n: int) -> tuple[int, int]
     return steps_per_epoch, max(1, int(round(cfg.num_epochs * steps_per_epoch)))
 
 
+RESULT = "result.json"  # a finished run's results; a rerun skips the run
+SETTINGS = "finetune_settings.json"  # what every run of the workdir was trained with
+# The sweep itself (tasks, learning rates, seeds) may grow between reruns; logging and how
+# often a run saves do not change its results.
+_SWEEP_FIELDS = ("tasks", "learning_rates", "seeds", "log_every", "checkpoint_every_steps",
+                 "checkpoint_minutes")  # fmt: skip
+
+
+class Preempted(Exception):
+    """SIGTERM (a TPU maintenance event, a spot preemption): the run saved and stops."""
+
+
+class _Stop:
+    """Set by SIGTERM; the training loop saves and stops at its next step."""
+
+    requested = False
+
+    def install(self) -> None:
+        def handler(signum, frame):
+            del signum, frame
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+STOP = _Stop()
+
+
+def run_settings(cfg: FinetuneConfig) -> dict:
+    """The settings a run's results depend on (JSON types), for the rerun check."""
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return {k: v for k, v in settings.items() if k not in _SWEEP_FIELDS}
+
+
+def check_workdir_settings(cfg: FinetuneConfig, workdir: str) -> None:
+    """Refuses a rerun whose settings differ from the ones the workdir's runs were trained
+    with (naming each field), before anything is loaded; records them on a first run."""
+    path = os.path.join(workdir, SETTINGS)
+    wanted = run_settings(cfg)
+    if not files.exists(path):
+        files.atomic_write(path, json.dumps(wanted, indent=2).encode())
+        return
+    saved = json.loads(files.read_bytes(path))
+    differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differing:
+        fields = "; ".join(
+            f"{k}: {json.dumps(saved.get(k))} there, {json.dumps(wanted.get(k))} now"
+            for k in differing
+        )
+        raise checkpoint.IncompatibleCheckpoint(
+            f"{workdir} holds runs fine-tuned with other settings ({fields}). Nothing was "
+            f"changed. To resume or extend them, use the settings in {path}; for new "
+            f"settings, use a new --workdir"
+        )
+
+
+def finished_run(directory: str) -> dict | None:
+    """The results of a run that finished in an earlier invocation, or None."""
+    path = os.path.join(directory, RESULT)
+    return json.loads(files.read_bytes(path)) if files.exists(path) else None
+
+
 class Run:
     """One fine-tuning run (task, learning rate, seed): train, evaluate, keep the best."""
 
@@ -240,7 +306,7 @@ class Run:
         self.data_parallel = trainer.data_parallel
         self.main_dev = task.dev_names[0]
         self.pack = cfg.pack and task.packable
-        self.writer = tensorboardX.SummaryWriter(os.path.join(directory, "tensorboard"))
+        self.writer = files.SummaryWriter(os.path.join(directory, "tensorboard"))
         meta = convert.describe_run(
             directory,
             pretrained.config,
@@ -256,9 +322,61 @@ class Run:
         self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
         self.packed_splits: dict[int, tuple] = {}
         self.eval_rows = 0  # rows per packed prediction batch, the same for every split
-        ckpt_dir = os.path.join(directory, "checkpoints")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a rerun starts this run afresh
-        self.ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=1)
+        # checkpoints/: the best weights (the run as a model); resume/: the whole state of the
+        # newest save, which a rerun of the same command continues from.
+        self.ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), max_to_keep=1)
+        self.resume = checkpoint.Checkpointer(os.path.join(directory, "resume"), max_to_keep=1)
+        self.last_save = time.time()
+
+    def start(self) -> tuple[int, train_lib.TrainState, dict]:
+        """(step, train state, loop state) to go on from: the newest save of an earlier
+        attempt at this run (its weights, optimizer, step, dropout key and best so far), or
+        the imported weights at step 0."""
+        fresh = dict(best=None, best_step=0, evals_since_best=0, history=[])
+        restored = self.resume.restore_latest(self.trainer.abstract_state, start_over=True)
+        if restored is None:
+            state = self.trainer.init(self.seed)
+            # Copies: the step donates the state, and the imported weights serve every seed.
+            imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
+            return 0, state.replace(params=convert.overlay(state.params, imported)), fresh
+        step, state, loop, _ = restored
+        # A best checkpoint newer than the save was made after it: it is made again.
+        for saved in self.ckpt.manager.all_steps():
+            if saved != loop["best_step"]:
+                self.ckpt.manager.delete(saved)
+        tqdm.tqdm.write(f"{self.directory}: resumed from step {step}")
+        return step, state, loop
+
+    def save_due(self, step: int) -> bool:
+        every, minutes = self.cfg.checkpoint_every_steps, self.cfg.checkpoint_minutes
+        return (
+            STOP.requested
+            or (every > 0 and step % every == 0)
+            or (minutes > 0 and time.time() - self.last_save > 60 * minutes)
+        )
+
+    def save(self, step: int, state, loop: dict) -> None:
+        """Saves everything the run needs to go on from `step`; on SIGTERM waits for it to be
+        written and stops (`Preempted`)."""
+        self.resume.save(step, state, loop, self.meta)
+        self.last_save = time.time()
+        if STOP.requested:
+            self.resume.wait()
+            self.ckpt.wait()
+            self.writer.close()
+            raise Preempted(
+                f"stopped by SIGTERM at step {step} of {self.directory}, saved: run the same "
+                f"command again to resume"
+            )
+
+    def finish(self, result: dict) -> None:
+        """Records the finished run (a rerun skips it) and drops its resume state."""
+        result = {**result, "settings": run_settings(self.cfg)}
+        files.atomic_write(
+            os.path.join(self.directory, RESULT), json.dumps(result, indent=2).encode()
+        )
+        self.resume.close()
+        files.rmtree(os.path.join(self.directory, "resume"))
 
     def train_batches(self, n: int, total: int) -> tuple[list[np.ndarray], list[int | None]]:
         """The examples of each of the run's `total` steps (a new shuffle each epoch, the
@@ -350,19 +468,18 @@ class Run:
             self.ckpt.save(0, {"params": self.pretrained.params}, {}, self.meta)
             self.ckpt.wait()
             return {"best_step": 0, "dev": results, "history": [{"step": 0, **results}], "steps": 0}
-        state = self.trainer.init(self.seed)
-        # Copies: the train step donates the state, and the imported weights serve every seed.
-        imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
-        state = state.replace(params=convert.overlay(state.params, imported))
         batches, row_counts = self.train_batches(n, total)
-        best, best_step, evals_since_best, history = None, 0, 0, []
+        step, state, loop = self.start()
+        best, best_step = loop["best"], loop["best_step"]
+        evals_since_best, history = loop["evals_since_best"], loop["history"]
         bar = tqdm.tqdm(
             total=total,
+            initial=step,
             desc=f"{self.task.name} lr={self.lr:g} seed={self.seed}",
             unit="step",
             dynamic_ncols=True,
         )
-        step, previous = 0, None
+        previous = None
         while step < total:
             host = {k: v[batches[step]] for k, v in train.items()}
             if self.pack:
@@ -390,6 +507,9 @@ class Run:
             if cfg.eval_every_steps:
                 due = due or step % cfg.eval_every_steps == 0
             if not due:
+                if self.save_due(step):
+                    loop = dict(best=best, best_step=best_step, history=history)
+                    self.save(step, state, {**loop, "evals_since_best": evals_since_best})
                 continue
             jax.block_until_ready(previous)  # the bar shows this step done before evaluating
             bar.update(1)
@@ -398,6 +518,7 @@ class Run:
             score = results[self.main_dev]["score"]
             history.append({"step": step, **results})
             bar.set_postfix(dev=f"{score:.4f}")
+            stop = False
             if best is None or score > best[self.main_dev]["score"]:
                 best, best_step, evals_since_best = results, step, 0
                 self.ckpt.save(step, {"params": state.params}, {}, self.meta)
@@ -407,7 +528,12 @@ class Run:
                     tqdm.tqdm.write(
                         f"early stop at step {step}: no gain in {evals_since_best} evaluations"
                     )
-                    break
+                    stop = True
+            if not stop and step < total and self.save_due(step):
+                loop = dict(best=best, best_step=best_step, history=history)
+                self.save(step, state, {**loop, "evals_since_best": evals_since_best})
+            if stop:
+                break
         if previous is not None:
             jax.block_until_ready(previous)
             bar.update(1)
@@ -429,8 +555,21 @@ class Run:
         return written
 
 
+def run_directory(workdir: str, task_name: str, lr: float, seed: int) -> str:
+    return os.path.join(workdir, task_name, f"lr{lr:g}_seed{seed}")
+
+
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     task = tasks.get_task(name)
+    done = {
+        (lr, seed): finished_run(run_directory(workdir, task.name, lr, seed))
+        for lr in cfg.learning_rates
+        for seed in cfg.seeds
+    }
+    if all(done.values()):  # nothing to train: not even the model is loaded
+        tqdm.tqdm.write(f"{task.name}: all {len(done)} run(s) finished earlier; nothing to train")
+        runs = [_finished(workdir, task.name, lr, seed, r) for (lr, seed), r in done.items()]
+        return {**summarize_task(task, runs), "test_predicted": sorted(runs[0]["predictions"])}
     task.prepare(cfg.settings())
     dropout = None if cfg.classifier_dropout < 0 else cfg.classifier_dropout
     pretrained = convert.load_pretrained(
@@ -479,6 +618,11 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     runs = []
     _, steps = run_length(cfg, task, len(data.train["input_ids"]))
     for lr in cfg.learning_rates:
+        if all(done[(lr, seed)] for seed in cfg.seeds):
+            runs += [
+                _finished(workdir, task.name, lr, seed, done[(lr, seed)]) for seed in cfg.seeds
+            ]
+            continue
         optim = OptimConfig(
             learning_rate=lr,
             warmup_steps=int(cfg.warmup_fraction * steps),
@@ -494,13 +638,24 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             teacher_params=None if teacher is None else teacher.params,
         )
         for seed in cfg.seeds:
-            directory = os.path.join(workdir, task.name, f"lr{lr:g}_seed{seed}")
+            if done[(lr, seed)]:
+                runs.append(_finished(workdir, task.name, lr, seed, done[(lr, seed)]))
+                continue
+            directory = run_directory(workdir, task.name, lr, seed)
             run = Run(cfg, task, data, trainer, pretrained, lr, seed, directory)
             with jax.set_mesh(mesh):
                 result = run.train()
                 result["predictions"] = run.predict_tests(result["best_step"])
+            run.finish(result)
             runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
     return {**summarize_task(task, runs), "test_predicted": sorted(data.predict)}
+
+
+def _finished(workdir: str, task_name: str, lr: float, seed: int, result: dict) -> dict:
+    directory = run_directory(workdir, task_name, lr, seed)
+    tqdm.tqdm.write(f"{directory}: finished earlier (best step {result['best_step']}), skipped")
+    result = {k: v for k, v in result.items() if k != "settings"}
+    return {"learning_rate": lr, "seed": seed, "directory": directory, **result}
 
 
 def _teacher(cfg: FinetuneConfig, task: tasks.Task, student, mesh) -> convert.Pretrained:
@@ -599,11 +754,19 @@ def main(argv):
     # the persistent compilation cache turns all but the first into a lookup.
     sharding.enable_compilation_cache()
     workdir = _WORKDIR.value
+    problem = files.writable_problem(workdir, "the fine-tuning runs")
+    if problem:
+        raise PermissionError(problem)
     check_data(cfg)
     convert.model_kind(cfg.init_from)
     mesh = sharding.make_mesh(cfg.mesh)
     with files.WorkdirLock(workdir, " ".join(sys.argv)):
-        finetune_all(cfg, mesh, workdir)
+        check_workdir_settings(cfg, workdir)
+        STOP.install()
+        try:
+            finetune_all(cfg, mesh, workdir)
+        except Preempted as e:
+            print(e)
 
 
 def compile_for_topology(cfg: FinetuneConfig) -> None:
@@ -654,10 +817,10 @@ def finetune_all(cfg: FinetuneConfig, mesh, workdir: str) -> None:
     for res in results.values():
         chosen = next(r for r in res["runs"] if r["directory"] == res["submission_run"])
         for path in chosen["predictions"].values():
-            os.makedirs(submission, exist_ok=True)
-            shutil.copyfile(path, os.path.join(submission, os.path.basename(path)))
+            files.makedirs(submission)
+            files.copy(path, os.path.join(submission, os.path.basename(path)))
     model = json.load(
-        open(os.path.join(next(iter(results.values()))["submission_run"], "config.json"))
+        files.open(os.path.join(next(iter(results.values()))["submission_run"], "config.json"))
     )["model"]
     # BERT-Base sizes without ALBERT's sharing: the published figures are comparable.
     bert_base = (

@@ -27,7 +27,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorboardX  # noqa: E402
 import tqdm  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -716,6 +715,8 @@ def _vocab_problem(tokens: int, rows: int) -> str:
 
 
 def _refuse(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ValueError(f"{problems[0]}; nothing was started")
     if problems:
         raise ValueError(
             f"{len(problems)} problem(s) before anything was started:\n  - "
@@ -834,7 +835,7 @@ class _Writer:
 
     def __init__(self, logdir: str):
         self.logdir = logdir
-        self._writer = tensorboardX.SummaryWriter(logdir) if jax.process_index() == 0 else None
+        self._writer = files.SummaryWriter(logdir) if jax.process_index() == 0 else None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:

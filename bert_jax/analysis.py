@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, extract, models, sharding
+from bert_jax import axes, cli, convert, extract, files, models, sharding
 from bert_jax.models import BertConfig, Params
 from bert_jax.tasks import glue
 
@@ -394,7 +394,7 @@ def _load(model: str, mesh, max_seq_length, architecture: str = "BertModel", num
 
 def _model_batches(input_path, tokenizer, max_seq_length, batch_size, progress):
     """The model inputs of `extract`'s batches, with `example_weight` 0 on padding rows."""
-    if not os.path.isfile(input_path):
+    if not files.isfile(input_path):
         raise FileNotFoundError(f"--input={input_path} does not exist")
     lines = extract.read_lines(input_path)
     bar = tqdm.tqdm(unit="line", desc="analyse", disable=not progress)
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {plot_attention(args.model, args.text, heads, args.output)}")
         return
     if args.command == "prune":
-        with open(args.importance) as f:
+        with files.open(args.importance) as f:
             scores = json.load(f)["normalized"]
         print(json.dumps(prune(args.model, heads_to_prune(scores, args.fraction), args.output)))
         return
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("head-importance needs --input (masked-LM loss) or --task and --data_dir")
         task_kw = dict(task=args.task, data_dir=args.data_dir, split=args.split)
         result = head_importance(args.model, args.input, **task_kw, **kw)
-    with open(args.output, "w") as f:
+    with files.open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.output}")
 

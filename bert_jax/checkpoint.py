@@ -16,7 +16,6 @@ mesh wrote it.
 """
 
 import errno
-import glob
 import json
 import logging
 import os
@@ -52,6 +51,8 @@ class _OrbaxErrors(logging.Filter):
     lines of tracebacks for one full disk); the Checkpointer reports it once, itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and 'Item "checksums"' in record.getMessage():
+            return False  # the per-process checksums beside orbax's items (see module doc)
         return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
 
 
@@ -103,7 +104,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, keep_period: int | None = None):
-        self.directory = os.path.abspath(directory)
+        self.directory = files.absolute(directory)
         problem = files.writable_problem(self.directory, "checkpoints")
         if problem:
             raise PermissionError(problem)
@@ -187,9 +188,9 @@ class Checkpointer:
         except Exception:  # orbax raises the same failure again: it is reported below
             pass
         if jax.process_index() == 0:  # a half-written save only takes space
-            for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
-                shutil.rmtree(tmp, ignore_errors=True)
-        if _is_disk_full(error):
+            for tmp in files.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+                files.rmtree(tmp)
+        if _is_disk_full(error) and not files.is_url(self.directory):
             free = shutil.disk_usage(self.directory).free
             raise files.DiskFullError(
                 errno.ENOSPC,
@@ -334,9 +335,7 @@ class Checkpointer:
 
     def damaged(self) -> list[str]:
         """The step folders set aside as damaged, by name."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(n for n in os.listdir(self.directory) if _DAMAGED.match(n))
+        return [n for n in files.listdir(self.directory) if _DAMAGED.match(n)]
 
     def _set_aside(self, path: str, reason: str) -> None:
         """Warns, and renames a damaged checkpoint out of the way (kept for inspection, no
@@ -347,7 +346,7 @@ class Checkpointer:
             stacklevel=3,
         )
         if jax.process_index() == 0:
-            os.replace(path, aside)
+            files.rename(path, aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"bert_jax: set aside {path}")
         self.manager.reload()
@@ -433,11 +432,7 @@ def _checksum_path(step_dir: str, process: int) -> str:
 
 
 def _step_files(step_dir: str) -> list[str]:
-    out = []
-    for folder, dirs, names in os.walk(step_dir):
-        dirs[:] = sorted(d for d in dirs if not (folder == step_dir and d == "checksums"))
-        out.extend(os.path.relpath(os.path.join(folder, n), step_dir) for n in sorted(names))
-    return out
+    return [f for f in files.walk_files(step_dir) if not f.startswith("checksums/")]
 
 
 def file_checksum(path: str) -> str:
@@ -446,7 +441,7 @@ def file_checksum(path: str) -> str:
     digest = xxhash.xxh3_128()
     buffer = bytearray(1 << 23)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
+    with files.open(path, "rb") as f:
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
@@ -466,10 +461,9 @@ def verify_checksums(step_dir: str, process: int = 0, process_count: int = 1) ->
     without records (written before checksums existed, or cut off between the save and its
     record) has nothing to verify: its arrays are still checked finite when restored."""
     problems = []
-    for record_file in sorted(glob.glob(os.path.join(step_dir, "checksums", "process_*.json"))):
+    for record_file in files.glob(os.path.join(step_dir, "checksums", "process_*.json")):
         try:
-            with open(record_file) as f:
-                record = json.load(f)
+            record = json.loads(files.read_bytes(record_file))
         except (OSError, ValueError) as e:
             problems.append(f"{record_file} is unreadable ({e})")
             continue
@@ -480,7 +474,7 @@ def verify_checksums(step_dir: str, process: int = 0, process_count: int = 1) ->
             continue
         for relpath, digest in record["files"].items():
             path = os.path.join(step_dir, relpath)
-            if not os.path.isfile(path):
+            if not files.isfile(path):
                 problems.append(f"{relpath} is missing")
             elif file_checksum(path) != digest:
                 problems.append(f"{relpath} differs from its checksum")
@@ -533,10 +527,9 @@ def read_meta(step_dir: str) -> dict | None:
     """The metadata item of a step folder, read without a manager (nothing is created or
     cleaned up); None when it has none."""
     path = os.path.join(step_dir, "meta", "metadata")
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(files.read_bytes(path))
 
 
 def restore_subtree(
@@ -564,7 +557,7 @@ def restore_subtree(
     for key in reversed((*root, *path)):
         target = {key: target}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.CheckpointManager(os.path.abspath(directory), item_names=("state",)) as manager:
+    with ocp.CheckpointManager(files.absolute(directory), item_names=("state",)) as manager:
         try:
             restored = manager.restore(
                 step,

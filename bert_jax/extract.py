@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, models, sharding
+from bert_jax import axes, cli, convert, files, models, sharding
 from bert_jax.data.tokenization import Tokenizer, vocabulary
 
 POOLINGS = ("first", "mean", "sum")
@@ -65,7 +65,7 @@ class Example:
 
 def read_lines(path: str) -> Iterator[tuple[int, str, str | None]]:
     """(index, text A, text B or None) per line of a UTF-8 file, lazily."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with files.open(path, encoding="utf-8", errors="replace") as f:
         for index, line in enumerate(f):
             a, sep, b = line.rstrip("\n").partition(" ||| ")
             yield index, a.strip(), (b.strip() if sep else None)
@@ -157,11 +157,27 @@ def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.
     return extract_step
 
 
-class JsonlWriter:
+class _Output:
+    """An output file written aside and published whole by `close()` (renamed into place,
+    or uploaded to a bucket); `abort()` drops it, so a failed run leaves no partial file."""
+
+    def __init__(self, path: str):
+        self._stage = files.atomic_path(path)
+        self.local = self._stage.__enter__()
+
+    def close(self):
+        self._stage.__exit__(None, None, None)
+
+    def abort(self):
+        self._stage.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class JsonlWriter(_Output):
     """The JSON-lines output (values rounded to 6 digits, as the original)."""
 
     def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
-        self.f = open(path, "w", encoding="utf-8")
+        super().__init__(path)
+        self.f = open(self.local, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self.layers = list(layers)
         self.vocabulary = vocabulary
 
@@ -189,6 +205,11 @@ class JsonlWriter:
 
     def close(self):
         self.f.close()
+        super().close()
+
+    def abort(self):
+        self.f.close()
+        super().abort()
 
 
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -215,13 +236,14 @@ def decode_arrays(record: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-class ArrayRecordWriter:
+class ArrayRecordWriter(_Output):
     """One record per line in an ArrayRecord file (`encode_arrays`)."""
 
     def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
         from array_record.python import array_record_module
 
-        self.writer = array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
+        super().__init__(path)
+        self.writer = array_record_module.ArrayRecordWriter(self.local, "group_size:1,uncompressed")
         self.layers = np.asarray(layers, np.int32)
 
     def write(self, example: Example, features: np.ndarray, cls: np.ndarray, mean: np.ndarray):
@@ -240,6 +262,11 @@ class ArrayRecordWriter:
 
     def close(self):
         self.writer.close()
+        super().close()
+
+    def abort(self):
+        self.writer.close()
+        super().abort()
 
 
 def read_array_record(path: str) -> Iterator[dict[str, np.ndarray]]:
@@ -278,7 +305,7 @@ def extract(
     ext = os.path.splitext(output_path)[1]
     if ext not in (".jsonl", ".array_record"):
         raise ValueError(f"--output={output_path}: use a .jsonl or .array_record file name")
-    if not os.path.isfile(input_path):
+    if not files.isfile(input_path):
         raise FileNotFoundError(f"--input={input_path} does not exist")
     mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
     data_size = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
@@ -305,7 +332,7 @@ def extract(
     writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
         output_path, layers, vocabulary(tokenizer)
     )
-    with open(input_path, "rb") as f:
+    with files.open(input_path, "rb") as f:
         total = sum(1 for _ in f)
     lines, truncated = 0, 0
     bar = tqdm.tqdm(total=total, unit="line", desc="extract", disable=not progress)
@@ -335,10 +362,14 @@ def extract(
                 truncated += _write(writer, *pending)
                 lines += len(pending[1])
                 bar.update(len(pending[1]))
+    except BaseException:
+        writer.abort()
+        raise
+    else:
+        writer.close()
     finally:
         gc.unfreeze()
         bar.close()
-        writer.close()
     return {"lines": lines, "truncated": truncated, "output": output_path}
 
 

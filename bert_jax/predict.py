@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import axes, cli, convert, models, sharding, train_lib
+from bert_jax import axes, cli, convert, files, models, sharding, train_lib
 from bert_jax.tasks import conll, squad
 
 MASK = "[MASK]"
@@ -59,7 +59,7 @@ def head_labels(model: str) -> tuple[int, list[str] | None]:
         run = convert.read_run(path)
         return run["num_labels"], run.get("labels") or None
     if kind == "hf":
-        with open(f"{path}/config.json") as f:
+        with files.open(f"{path}/config.json") as f:
             hf = json.load(f)
         id2label = hf.get("id2label") or {}
         labels = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
@@ -326,10 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.text is not None:
         lines: Iterator[str] = iter([args.text])
     elif args.input:
-        lines = open(args.input, encoding="utf-8")  # noqa: SIM115 (streamed, closed at exit)
+        lines = files.open(args.input, encoding="utf-8")  # noqa: SIM115 (streamed, closed at exit)
     else:
         lines = sys.stdin
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    out = files.open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         for answer in predictor.run(lines, args.batch_size):
             out.write(json.dumps(answer, ensure_ascii=False) + "\n")

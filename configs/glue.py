@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 0  # 0: evaluate after every epoch only.
     config.early_stopping_patience = 0  # Evaluations without improvement; 0: never stop.
     config.log_every = 50
+    # Each run saves its whole state (weights, optimizer, step, best so far) this often, and
+    # on SIGTERM; rerunning the same command resumes unfinished runs and skips finished ones.
+    config.checkpoint_every_steps = 500
+    config.checkpoint_minutes = 10.0
     # Several short examples share a row of max_seq_length, kept apart by the attention mask
     # and their own positions: the same logits and gradients as one example per row, and
     # (SST-2, about 25 tokens an example) a fraction of the compute. False: one per row.

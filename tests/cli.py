@@ -72,8 +72,9 @@ def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True, config=No
 
 
 def read_summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
+    from bert_jax import files  # the workdir may be in a bucket
+
+    return json.loads(files.read_bytes(os.path.join(str(workdir), "summary.json")))
 
 
 def start(args, cwd, devices=1):

@@ -72,14 +72,14 @@ def test_preprocess_only_writes_shards_and_stops(tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
-def _run_two_processes(tmp_path, workdir, steps):
+def _run_two_processes(tmp_path, workdir, steps, *extra):
     """train.py as two processes of 4 CPU devices each, joined through jax.distributed."""
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
     procs = [
         subprocess.Popen(
-            train_args(tmp_path, workdir, steps)
+            train_args(tmp_path, workdir, steps, *extra)
             + [
                 "--distributed",
                 f"--coordinator_address=localhost:{port}",
@@ -102,10 +102,15 @@ def _run_two_processes(tmp_path, workdir, steps):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path):
-    one, two = tmp_path / "one_process", tmp_path / "two_processes"
+def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path, gcs):
+    # The two processes share a workdir and preprocessed shards in a bucket, as a pod does;
+    # the one process keeps its files on disk.
+    bucket = gcs.create_bucket("two-processes")
+    one, two = tmp_path / "one_process", f"{bucket}/run"
+    shards = f"--config.data.preprocessed_dir={bucket}/shards"
     run_train(tmp_path, one, 4, devices=8)  # 1 process x 8 devices
-    outputs = _run_two_processes(tmp_path, two, 4)  # 2 processes x 4 devices
+    outputs = _run_two_processes(tmp_path, two, 4, shards)  # 2 processes x 4 devices
+    assert any(n.startswith("shards/train-") for n in gcs.objects("two-processes"))
     assert "2 process(es)" in outputs[0][0] and "eval step" in outputs[0][0]
     assert "eval step" not in outputs[1][0]  # process 0 alone reports
     np.testing.assert_allclose(
@@ -115,7 +120,7 @@ def test_two_processes_train_like_one_and_checkpoints_move_between_them(tmp_path
     )
     # Continue each run in the other layout: the 2-process checkpoint on 1 device, the
     # 1-process checkpoint on 2 processes. Both continue identically.
-    run_train(tmp_path, two, 6, devices=1)
+    run_train(tmp_path, two, 6, shards, devices=1)
     _run_two_processes(tmp_path, one, 6)
     for a, b in zip(read_summary(one)["train_loss"], read_summary(two)["train_loss"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5)

@@ -21,7 +21,7 @@ import warnings
 
 import jax
 
-from bert_jax import axes, cli, models, sharding
+from bert_jax import axes, cli, files, models, sharding
 from bert_jax.convert.names import model_class
 from bert_jax.convert.onnx_export import export_onnx
 from bert_jax.convert.runs import (
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         run = read_run(path) if kind == "bert_jax" else {}
         architecture = args.architecture or run.get("architecture", "BertModel")
         num_labels = args.num_labels or run.get("num_labels", 2)
-        if args.command == "quantize" and os.path.exists(os.path.join(args.output, "checkpoints")):
+        if args.command == "quantize" and files.exists(os.path.join(args.output, "checkpoints")):
             raise FileExistsError(
                 f"{args.output} already holds checkpoints; choose a new output directory"
             )

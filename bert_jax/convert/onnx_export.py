@@ -22,7 +22,7 @@ Needs `pip install -r requirements-export.txt` (torch, transformers, onnx, onnxr
 import io
 import json
 import os
-import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -185,15 +185,20 @@ def export_onnx(
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        part = os.path.join(output, "model.int8.onnx.partial")
-        quantize_dynamic(
-            os.path.join(output, "model.onnx"), part, per_channel=True, weight_type=QuantType.QInt8
-        )
-        quantized = onnxruntime.InferenceSession(part, providers=["CPUExecutionProvider"])
-        int8_error = _check(quantized, *check, INT8_TOLERANCE, "model.int8.onnx was not written")
-        os.replace(part, os.path.join(output, "model.int8.onnx"))
+        # ONNX Runtime reads and writes local files: quantized in a scratch folder, then
+        # published whole to the output (a folder or a bucket).
+        with tempfile.TemporaryDirectory() as scratch:
+            source, part = os.path.join(scratch, "model.onnx"), os.path.join(scratch, "int8.onnx")
+            with open(source, "wb") as f:
+                f.write(buffer.getvalue())
+            quantize_dynamic(source, part, per_channel=True, weight_type=QuantType.QInt8)
+            quantized = onnxruntime.InferenceSession(part, providers=["CPUExecutionProvider"])
+            int8_error = _check(
+                quantized, *check, INT8_TOLERANCE, "model.int8.onnx was not written"
+            )
+            files.copy(part, os.path.join(output, "model.int8.onnx"))
     vocab = os.path.basename(tokenizer.vocab_file)
-    shutil.copyfile(tokenizer.vocab_file, os.path.join(output, vocab))
+    files.copy(tokenizer.vocab_file, os.path.join(output, vocab))
     meta = {
         "architecture": architecture,
         "num_labels": num_labels,

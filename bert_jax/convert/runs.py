@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,7 +119,7 @@ def model_kind(spec: str) -> tuple[str, str]:
     match = re.match(r"^(hf|tf|bert_jax):", spec)
     kind, path = (match.group(1), spec[match.end() :]) if match else ("", spec)
     path = os.path.expanduser(path)
-    if not (os.path.exists(path) or os.path.exists(path + ".index")):
+    if not (files.exists(path) or files.exists(path + ".index")):
         raise FileNotFoundError(
             f"model {spec!r}: {path} does not exist; give {_KINDS['hf']}, {_KINDS['tf']} or "
             f"{_KINDS['bert_jax']}"
@@ -139,9 +138,9 @@ def model_kind(spec: str) -> tuple[str, str]:
 
 
 def _detect(path: str) -> str | None:
-    if not os.path.isdir(path):
-        return "tf" if os.path.exists(path + ".index") else None
-    names = set(os.listdir(path))
+    if not files.isdir(path):
+        return "tf" if files.exists(path + ".index") else None
+    names = set(files.listdir(path))
     if "config.json" in names and "checkpoints" in names:
         return "bert_jax"
     if "config.json" in names and names & {
@@ -207,7 +206,7 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
 def read_run(path: str, step: int | None = None) -> dict:
     """A bert_jax workdir's model config, architecture, tokenizer and checkpoint step."""
     config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
+    if not files.isfile(config_file):
         raise FileNotFoundError(
             f"{path} is not a bert_jax workdir (no config.json); for released weights pass "
             f"hf:<directory> or tf:<directory>"
@@ -218,12 +217,12 @@ def read_run(path: str, step: int | None = None) -> dict:
     kind = data.get("tokenizer", "wordpiece")
     vocab_name = "spm.model" if kind == "sentencepiece" else "vocab.txt"
     vocab_file = os.path.join(path, vocab_name)
-    if not os.path.isfile(vocab_file):
+    if not files.isfile(vocab_file):
         raise FileNotFoundError(f"{path} has no {vocab_name}: the run's tokenizer is missing")
     directory = os.path.join(path, "checkpoints")
     steps = (
-        sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-        if os.path.isdir(directory)
+        sorted(int(d) for d in files.listdir(directory) if d.isdigit())
+        if files.isdir(directory)
         else []
     )
     if not steps or (step is not None and step not in steps):
@@ -289,7 +288,7 @@ def write_run(
 ) -> None:
     """A bert_jax workdir holding `params` as the orbax checkpoint of step 0 (`extra`: more
     entries for its config.json, as `describe_run`)."""
-    if os.path.exists(os.path.join(out, "checkpoints")):
+    if files.exists(os.path.join(out, "checkpoints")):
         raise FileExistsError(f"{out} already holds checkpoints; choose a new output directory")
     meta = describe_run(out, config, architecture, num_labels, tokenizer, extra=extra)
     ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"))
@@ -330,10 +329,10 @@ def describe_run(
         "num_labels": num_labels,
     }
     if write:
-        os.makedirs(out, exist_ok=True)
+        files.makedirs(out)
         target = os.path.join(out, vocab_name)
-        if not (os.path.exists(target) and os.path.samefile(tokenizer.vocab_file, target)):
-            shutil.copyfile(tokenizer.vocab_file, target)
+        if files.absolute(tokenizer.vocab_file) != files.absolute(target):
+            files.copy(tokenizer.vocab_file, target)
         files.atomic_write(
             os.path.join(out, "config.json"), json.dumps(config_json, indent=2).encode("utf-8")
         )

@@ -51,7 +51,7 @@ def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> 
       overrides: BertConfig fields that replace the directory's (e.g. dtype).
     """
     config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
+    if not files.isfile(config_file):
         raise FileNotFoundError(
             f"{path} has no config.json; a Hugging Face model directory holds config.json and "
             f"model.safetensors (what save_pretrained writes)"
@@ -73,11 +73,11 @@ def read_tf_checkpoint(path: str, **overrides: Any) -> Source:
     ckpt = TFCheckpoint(path)
     folder = os.path.dirname(ckpt.prefix)
     config_file = os.path.join(folder, "bert_config.json")
-    if not os.path.isfile(config_file):
+    if not files.isfile(config_file):
         raise FileNotFoundError(f"{folder} has no bert_config.json beside {ckpt.prefix}")
     config = config_from_hf(read_json(config_file), config_file, **overrides)
     vocab_file = os.path.join(folder, "vocab.txt")
-    if not os.path.isfile(vocab_file):
+    if not files.isfile(vocab_file):
         raise FileNotFoundError(f"{folder} has no vocab.txt beside {ckpt.prefix}")
     tensors = _TFTensors(ckpt)
     # Released uncased models say so only in their folder name.
@@ -149,15 +149,16 @@ def _hf_tensors(path: str) -> Mapping[str, Any]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         index = os.path.join(path, index_name)
-        if os.path.isfile(index):
-            files = sorted(set(read_json(index)["weight_map"].values()))
-            files = [os.path.join(path, f) for f in files]
-        elif os.path.isfile(os.path.join(path, single)):
-            files = [os.path.join(path, single)]
+        if files.isfile(index):
+            names = sorted(set(read_json(index)["weight_map"].values()))
+        elif files.isfile(os.path.join(path, single)):
+            names = [single]
         else:
             continue
+        # Both readers map local files: a bucket's are copied to the cache first.
+        paths = [files.local_copy(os.path.join(path, name)) for name in names]
         return (
-            _SafetensorsTensors(files) if single.endswith("safetensors") else _torch_tensors(files)
+            _SafetensorsTensors(paths) if single.endswith("safetensors") else _torch_tensors(paths)
         )
     raise FileNotFoundError(
         f"{path} has no model.safetensors (or pytorch_model.bin); save the model with "
@@ -187,14 +188,14 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
     """(vocab.txt or spiece.model path, do_lower_case, keep_accents) of a Hugging Face
     directory."""
     settings_file = os.path.join(path, "tokenizer_config.json")
-    settings = read_json(settings_file) if os.path.isfile(settings_file) else {}
+    settings = read_json(settings_file) if files.isfile(settings_file) else {}
     lower = bool(settings.get("do_lower_case", True))
     keep_accents = bool(settings.get("keep_accents", False))
     for name in ("vocab.txt", "spiece.model"):  # WordPiece (BERT), SentencePiece (ALBERT)
-        if os.path.isfile(os.path.join(path, name)):
+        if files.isfile(os.path.join(path, name)):
             return os.path.join(path, name), lower, keep_accents
     tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_file):
+    if not files.isfile(tokenizer_file):
         raise FileNotFoundError(
             f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there too "
             f"(tokenizer.save_pretrained)"
@@ -213,7 +214,7 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
             files.cache_root(), "vocab", hashlib.sha256(text).hexdigest()[:16]
         )
     out = os.path.join(scratch_dir, "vocab.txt")
-    os.makedirs(scratch_dir, exist_ok=True)
+    files.makedirs(scratch_dir)
     files.atomic_write(out, text)
     return out, lower, False
 
@@ -231,7 +232,7 @@ def export_hf(
     head and a one-label classifier hold the same tensors, so name it for those). The
     directory is assembled aside and renamed into place, so a crash leaves no half-written
     model, and an existing non-empty `out` is refused."""
-    if os.path.isdir(out) and os.listdir(out):
+    if files.isdir(out) and files.listdir(out):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
     from safetensors.numpy import save_file
 
@@ -248,12 +249,12 @@ def export_hf(
             metadata={"format": "pt"},
         )
         hf_config = config_to_hf(config, architecture, num_labels)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        with files.open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         wordpiece = isinstance(tokenizer, WordPieceTokenizer)
         vocab_name = "vocab.txt" if wordpiece else "spiece.model"
-        shutil.copyfile(tokenizer.vocab_file, os.path.join(tmp, vocab_name))
-        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        files.copy(tokenizer.vocab_file, os.path.join(tmp, vocab_name))
+        with files.open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
             json.dump(
                 {
                     "tokenizer_class": "BertTokenizer" if wordpiece else "AlbertTokenizer",
@@ -264,9 +265,12 @@ def export_hf(
                 f,
                 indent=2,
             )
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
+        if files.is_url(out):  # a bucket has no rename: each object appears whole
+            files.upload_tree(tmp, out)
+        else:
+            if files.isdir(out):
+                os.rmdir(out)
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return architecture
@@ -283,7 +287,7 @@ def check_vocab(tokenizer: Tokenizer, config: BertConfig, source: str) -> None:
 
 def read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
+        with files.open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e

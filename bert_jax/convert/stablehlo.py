@@ -11,7 +11,6 @@ needs jax, numpy and flatbuffers only.
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,7 @@ def _head(architecture: str) -> str:
 
 def fresh_output(output: str) -> None:
     """Refuses an output directory that already holds files; creates it otherwise."""
-    if os.path.isdir(output) and os.listdir(output):
+    if files.isdir(output) and files.listdir(output):
         raise FileExistsError(f"{output} exists and is not empty; choose a new output directory")
     problem = files.writable_problem(output, "the export")
     if problem:
@@ -93,11 +92,10 @@ def export_stablehlo(
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
         key = "/".join(f"#{k.key}" if isinstance(k.key, int) else str(k.key) for k in path)
         flat[key] = np.asarray(leaf)
-    with open(os.path.join(output, "params.npz.tmp"), "wb") as f:
-        np.savez(f, **flat)
-    os.replace(os.path.join(output, "params.npz.tmp"), os.path.join(output, "params.npz"))
+    with files.atomic_path(os.path.join(output, "params.npz"), suffix=".npz") as tmp:
+        np.savez(tmp, **flat)
     vocab = os.path.basename(tokenizer.vocab_file)
-    shutil.copyfile(tokenizer.vocab_file, os.path.join(output, vocab))
+    files.copy(tokenizer.vocab_file, os.path.join(output, vocab))
     meta = {
         "architecture": architecture,
         "num_labels": num_labels,

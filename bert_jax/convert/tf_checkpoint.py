@@ -7,7 +7,6 @@ so the released google-research/bert checkpoints load with numpy alone; tensorfl
 optional dependency. The few protobuf fields needed are decoded by hand.
 """
 
-import glob
 import os
 import re
 import struct
@@ -15,6 +14,8 @@ from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+
+from bert_jax import files
 
 _MAGIC = 0xDB4775248B80FB57
 _FOOTER_BYTES = 48
@@ -48,7 +49,7 @@ class TFCheckpoint:
     def __init__(self, path: str | os.PathLike):
         self.prefix = find_prefix(os.fspath(path))
         index_file = self.prefix + ".index"
-        with open(index_file, "rb") as f:
+        with files.open(index_file, "rb") as f:
             data = f.read()
         try:
             entries = dict(_read_table(data))
@@ -76,7 +77,7 @@ class TFCheckpoint:
         if entry["slices"]:
             raise ValueError(f"variable {name} is stored in partitioned slices (not supported)")
         data_file = f"{self.prefix}.data-{entry['shard']:05d}-of-{self.num_shards:05d}"
-        with open(data_file, "rb") as f:
+        with files.open(data_file, "rb") as f:
             f.seek(entry["offset"])
             raw = f.read(entry["size"])
         if len(raw) != entry["size"]:
@@ -94,21 +95,21 @@ class TFCheckpoint:
 
 def find_prefix(path: str) -> str:
     """The checkpoint prefix that `path` (prefix, index file or directory) designates."""
-    if path.endswith(".index") and os.path.isfile(path):
+    if path.endswith(".index") and files.isfile(path):
         return path[: -len(".index")]
-    if os.path.isfile(path + ".index"):
+    if files.isfile(path + ".index"):
         return path
-    if os.path.isdir(path):
+    if files.isdir(path):
         pointer = os.path.join(path, "checkpoint")
-        if os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as f:
+        if files.isfile(pointer):
+            with files.open(pointer, encoding="utf-8") as f:
                 match = re.search(r'^model_checkpoint_path:\s*"(.*)"', f.read(), re.M)
             if match:  # the named path may be absolute and stale after the folder moved
                 named = os.path.join(path, match[1])
-                if not os.path.isfile(named + ".index"):
+                if not files.isfile(named + ".index"):
                     named = os.path.join(path, os.path.basename(match[1]))
                 return find_prefix(named)
-        indexes = sorted(glob.glob(os.path.join(path, "*.index")))
+        indexes = sorted(files.glob(os.path.join(path, "*.index")))
         if len(indexes) == 1:
             return indexes[0][: -len(".index")]
         if len(indexes) > 1:

@@ -55,12 +55,12 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def iter_text_documents(files: Sequence[str], stats: CorpusStats) -> Iterator[list[str]]:
+def iter_text_documents(paths: Sequence[str], stats: CorpusStats) -> Iterator[list[str]]:
     """Documents (lists of sentences) of text files in the original BERT format, streamed."""
-    for path in files:
+    for path in paths:
         document: list[str] = []
         seen_any = False
-        with open(path, "rb") as f:
+        with files.open(path, "rb") as f:
             for raw in f:
                 seen_any = True
                 try:
@@ -152,7 +152,7 @@ def build_stdlib_corpus(directory: str) -> str:
     """
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     path = os.path.join(directory, f"python{version}_stdlib_docstrings.txt")
-    if os.path.exists(path):
+    if files.exists(path):
         return path
     root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
@@ -170,7 +170,7 @@ def build_stdlib_corpus(directory: str) -> str:
 
 def _docstring_sentences(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f, warnings.catch_warnings():
+        with files.open(path, encoding="utf-8") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree = ast.parse(f.read())
     except (SyntaxError, UnicodeDecodeError, ValueError):

@@ -13,7 +13,6 @@ restored iterator yields exactly the batches an uninterrupted one would have.
 """
 
 import dataclasses
-import glob
 import hashlib
 import json
 import multiprocessing
@@ -91,16 +90,19 @@ def corpus_files(config: DataConfig) -> list[str]:
         return []
     if not config.corpus:
         return [corpus.build_stdlib_corpus(os.path.join(cache_dir(config), "corpora"))]
-    files: list[str] = []
+    found: list[str] = []
     for pattern in (p.strip() for p in config.corpus.split(",") if p.strip()):
-        matched = sorted(m for m in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(m))
+        problem = files.backend_problem(pattern)
+        if problem:
+            raise ValueError(f"data.corpus: {problem}")
+        matched = [m for m in files.glob(pattern) if files.isfile(m)]
         if not matched:
             raise FileNotFoundError(
                 f"corpus path {pattern!r} matches no file; give text files (one sentence per "
                 f"line, blank line between documents) or leave data.corpus empty for the default"
             )
-        files.extend(matched)
-    return files
+        found.extend(matched)
+    return found
 
 
 def iter_documents(config: DataConfig, stats: corpus.CorpusStats) -> Iterator[list[str]]:
@@ -139,7 +141,7 @@ def make_tokenizer(config: DataConfig) -> tokenization.Tokenizer:
     )
     name = f"{config.tokenizer}_{config.spm_model_type}_{config.vocab_size}_{key}.{suffix}"
     path = os.path.join(cache_dir(config), "vocab", name)
-    if not os.path.exists(path):
+    if not files.exists(path):
         stats = corpus.CorpusStats()
         sentences = (s for d in iter_documents(config, stats) for s in d)
         if config.tokenizer == "sentencepiece":
@@ -306,16 +308,15 @@ def prepare(config: DataConfig, tokenizer: tokenization.Tokenizer, directory: st
     """
     settings = _shard_settings(config, tokenizer)
     meta_path = os.path.join(directory, "metadata.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            metadata = json.load(f)
+    if files.exists(meta_path):
+        metadata = json.loads(files.read_bytes(meta_path))
         _check_settings(metadata["settings"], settings, directory)
         return metadata
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):
+    files.makedirs(directory)
+    for name in files.listdir(directory):
         if name.startswith("stats-"):
-            with open(os.path.join(directory, name)) as f:
-                _check_settings(json.load(f)["settings"], settings, directory)
+            found = json.loads(files.read_bytes(os.path.join(directory, name)))
+            _check_settings(found["settings"], settings, directory)
     jobs = [(config, tokenizer.vocab_file, directory, shard) for shard in range(config.num_shards)]
     workers = min(config.preprocess_workers or os.cpu_count() or 1, config.num_shards)
     results = []
@@ -366,9 +367,8 @@ def _write_shard(job) -> dict:
     """Worker: tokenizes this shard's documents, cuts pairs, writes train/eval ArrayRecords."""
     config, vocab_file, directory, shard = job
     stats_path = os.path.join(directory, f"stats-{shard:05d}.json")
-    if os.path.exists(stats_path):  # finished by an earlier run
-        with open(stats_path) as f:
-            return json.load(f)
+    if files.exists(stats_path):  # finished by an earlier run
+        return json.loads(files.read_bytes(stats_path))
     tokenizer = config_tokenizer(config, vocab_file)
     stats = corpus.CorpusStats()
     docs: dict[str, list[list[str]]] = {"train": [], "eval": []}
@@ -458,7 +458,7 @@ def _check_settings(found: dict, wanted: dict, directory: str) -> None:
 
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with files.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

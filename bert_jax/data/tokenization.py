@@ -71,9 +71,9 @@ class WordPieceTokenizer:
     """The original BERT WordPiece tokenizer for a `vocab.txt` (one token per line)."""
 
     def __init__(self, vocab_file: str | os.PathLike, *, do_lower_case: bool = True):
-        if not os.path.isfile(vocab_file):
+        if not files.isfile(vocab_file):
             raise FileNotFoundError(f"WordPiece vocabulary {vocab_file} does not exist")
-        vocab = tokenizers.models.WordPiece.read_file(str(vocab_file))
+        vocab = tokenizers.models.WordPiece.read_file(files.local_copy(os.fspath(vocab_file)))
         _check_unique(vocab_file, len(vocab))
         missing = [t for t in SPECIAL_TOKENS if t not in vocab]
         if missing:
@@ -182,7 +182,7 @@ def train_wordpiece_vocab(
 
 def _check_unique(vocab_file: str | os.PathLike, distinct: int) -> None:
     """A vocabulary that lists a token twice has fewer ids than lines: name the repeats."""
-    with open(vocab_file, encoding="utf-8", errors="replace") as f:
+    with files.open(vocab_file, encoding="utf-8", errors="replace") as f:
         lines = [line.rstrip("\n") for line in f]
     if len(lines) == distinct:
         return
@@ -233,10 +233,12 @@ class SentencePieceTokenizer:
     ):
         import sentencepiece as spm
 
-        if not os.path.isfile(model_file):
+        if not files.isfile(model_file):
             raise FileNotFoundError(f"SentencePiece model {model_file} does not exist")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=os.fspath(model_file))
+            self._sp = spm.SentencePieceProcessor(
+                model_file=files.local_copy(os.fspath(model_file))
+            )
         except (RuntimeError, OSError) as e:
             raise ValueError(
                 f"{model_file} is not a SentencePiece model ({e}); give the .model file that "
@@ -402,7 +404,7 @@ def train_sentencepiece(
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type={model_type!r}; use 'unigram' or 'bpe'")
     model_file = os.fspath(model_file)
-    with files.atomic_path(model_file, suffix=".model.tmp") as tmp, open(tmp, "wb") as f:
+    with files.atomic_path(model_file, suffix=".model.tmp") as tmp, files.open(tmp, "wb") as f:
         spm.SentencePieceTrainer.train(
             sentence_iterator=(
                 albert_preprocess(s, do_lower_case, keep_accents) for s in sentences

@@ -67,7 +67,7 @@ class GlueTask(base.Task):
             if not split.labelled
             and (
                 settings.source == "tfds"
-                or os.path.isfile(os.path.join(settings.data_dir, self.glue.folder, split.file))
+                or files.isfile(os.path.join(settings.data_dir, self.glue.folder, split.file))
             )
         ]
 
@@ -99,7 +99,7 @@ class GlueTask(base.Task):
             examples = self._read(settings, split, self.glue.folder)
             predict[split.name] = base.Split((split, examples), encode(examples))
         ax_file = os.path.join(settings.data_dir, glue.AX_FOLDER, glue.AX.file)
-        if self.name == "mnli" and (settings.source == "tfds" or os.path.isfile(ax_file)):
+        if self.name == "mnli" and (settings.source == "tfds" or files.isfile(ax_file)):
             examples = self._read(settings, glue.AX, glue.AX_FOLDER)
             predict["ax"] = base.Split((glue.AX, examples), encode(examples))
         return base.TaskData(encode(train), dev, predict)
@@ -210,7 +210,7 @@ class SquadTask(base.Task):
     def write_predictions(self, directory, name, split, outputs):
         answers, _, decoded = self._predictions(split, outputs)
         folder = os.path.join(directory, "predictions")
-        os.makedirs(folder, exist_ok=True)
+        files.makedirs(folder)
         final = {
             k: squad.Prediction(answers[k], p.best_span, p.null_odds, p.nbest)
             for k, p in decoded.items()
@@ -316,7 +316,7 @@ class Conll2003Task(base.Task):
 
     def write_predictions(self, directory, name, split, outputs):
         path = os.path.join(directory, "predictions", f"conll2003_{name}.txt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        files.makedirs(os.path.dirname(path))
         conll.write_predictions(path, split.examples[0], self._tags(split, outputs))
         return path
 
@@ -347,7 +347,7 @@ class SwagTask(base.Task):
 
     def _splits(self, settings):
         names = {"train": "train.csv", "dev": "val.csv"}
-        if os.path.isfile(self._path(settings, "test.csv")):
+        if files.isfile(self._path(settings, "test.csv")):
             names["test"] = "test.csv"
         return names
 
@@ -398,11 +398,11 @@ class SwagTask(base.Task):
 
 def read_labels(folder: str) -> tuple[str, ...]:
     path = os.path.join(folder, "labels.txt")
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist: a task on your own data lists its labels there, one per line"
         )
-    with open(path, encoding="utf-8") as f:
+    with files.open(path, encoding="utf-8") as f:
         labels = tuple(line.strip() for line in f if line.strip())
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise ValueError(f"{path}: needs two or more distinct labels, one per line; got {labels}")
@@ -412,7 +412,7 @@ def read_labels(folder: str) -> tuple[str, ...]:
 def read_classification(path: str, labels: tuple[str, ...]) -> glue.Examples:
     """A `.tsv` (header with text, optional text_b, label, optional id) or `.jsonl` file."""
     rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with files.open(path, encoding="utf-8", newline="") as f:
         if path.endswith(".jsonl"):
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -477,7 +477,7 @@ class ClassifyTask(base.Task):
     def _file(self, settings, split) -> str | None:
         for ext in (".tsv", ".jsonl"):
             path = os.path.join(self._dir(settings), split + ext)
-            if os.path.isfile(path):
+            if files.isfile(path):
                 return path
         return None
 
@@ -565,7 +565,7 @@ class TagTask(Conll2003Task):
         self.num_labels, self.label_names = len(self.labels), self.labels
 
     def _splits(self, settings):
-        present = os.path.isfile(os.path.join(settings.data_dir, self.folder, "test.txt"))
+        present = files.isfile(os.path.join(settings.data_dir, self.folder, "test.txt"))
         return [s for s in self.files if s != "test" or present]
 
     def check(self, settings):

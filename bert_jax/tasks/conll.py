@@ -64,7 +64,7 @@ def read_conll(path: str, tag_column: int = -1, labels: Sequence[str] | None = N
             words.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as f:
+    with files.open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             where = f"{path}:{number}"
             fields = line.split()

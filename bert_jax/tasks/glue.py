@@ -182,12 +182,12 @@ def read_tsv(task: Task, split: Split, folder: str) -> Examples:
       with the wrong number of columns or an unknown label.
     """
     path = os.path.join(folder, split.file)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"{path} does not exist: --config.data_dir must be the GLUE folder holding "
             f"{task.folder}/ (the layout of the GLUE download), or use --config.source=tfds"
         )
-    with open(path, encoding="utf-8", newline="") as f:
+    with files.open(path, encoding="utf-8", newline="") as f:
         lines = [line.rstrip("\r\n") for line in f]
     headerless = task.columns and split.labelled
     if not any(lines[0 if headerless else 1 :]):

@@ -60,7 +60,7 @@ def read_squad(path: str) -> list[Example]:
       missing or of the wrong type, an answer whose text is not the context's at its
       offset, an unanswerable question that has answers.
     """
-    with open(path, encoding="utf-8") as f:
+    with files.open(path, encoding="utf-8") as f:
         raw = f.read()
     try:
         document = json.loads(raw)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bert_jax import files
 from bert_jax.tasks import glue
 
 ENDINGS = ("ending0", "ending1", "ending2", "ending3")
@@ -36,7 +37,7 @@ def read_swag(path: str) -> list[Example]:
       ValueError naming the file and line: a missing column, a row with another number of
       fields than the header, a label that is not the index of an ending.
     """
-    with open(path, encoding="utf-8", newline="") as f:
+    with files.open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
