@@ -149,7 +149,8 @@ def plot_attention(
         ax.set_ylabel("query")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(output_path, dpi=100)
+    with files.atomic_path(output_path, suffix=os.path.splitext(output_path)[1]) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return output_path
 

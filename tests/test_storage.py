@@ -287,3 +287,19 @@ def test_finetune_and_the_tools_read_and_write_a_bucket(gcs, tmp_path):
         _tool(["-m", "bert_jax.convert", command, run, f"{bucket}/{command}"], work)
         assert made in files.listdir(f"{bucket}/{command}")
     assert os.listdir(work) == []  # everything went to the bucket
+
+
+def test_refused_permission_and_absent_credentials_are_one_line_naming_the_fix(gcs):
+    # The emulator checks no credentials: the two errors gcsfs and google-auth raise for them.
+    from google.auth.exceptions import DefaultCredentialsError
+
+    bucket = gcs.create_bucket("problems")
+    forbidden = OSError(f"Forbidden: {bucket}/run\nuser lacks storage.objects.create")
+    line = files.remote_problem(forbidden, f"{bucket}/run", "write checkpoints to")
+    assert "permission refused" in line and f"roles/storage.objectAdmin on {bucket}" in line
+    absent = DefaultCredentialsError("Your default credentials were not found.")
+    line = files.remote_problem(absent, f"{bucket}/run", "write checkpoints to")
+    assert "no usable Google Cloud credentials" in line
+    assert "gcloud auth application-default login" in line and "\n" not in line
+    missing = files.writable_problem("gs://no-such-bucket/run", "the run's files")
+    assert "the bucket gs://no-such-bucket does not exist" in missing
