@@ -26,7 +26,6 @@ predictions from it. Writes to --workdir:
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 
@@ -45,6 +44,7 @@ from bert_jax import (
     files,
     models,
     planner,
+    run_files,
     sharding,
     train_lib,
 )
@@ -247,48 +247,13 @@ class Preempted(Exception):
     """SIGTERM (a TPU maintenance event, a spot preemption): the run saved and stops."""
 
 
-class _Stop:
-    """Set by SIGTERM; the training loop saves and stops at its next step."""
-
-    requested = False
-
-    def install(self) -> None:
-        def handler(signum, frame):
-            del signum, frame
-            self.requested = True
-
-        signal.signal(signal.SIGTERM, handler)
-
-
-STOP = _Stop()
+STOP = run_files.StopFlag()
 
 
 def run_settings(cfg: FinetuneConfig) -> dict:
     """The settings a run's results depend on (JSON types), for the rerun check."""
     settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
     return {k: v for k, v in settings.items() if k not in _SWEEP_FIELDS}
-
-
-def check_workdir_settings(cfg: FinetuneConfig, workdir: str) -> None:
-    """Refuses a rerun whose settings differ from the ones the workdir's runs were trained
-    with (naming each field), before anything is loaded; records them on a first run."""
-    path = os.path.join(workdir, SETTINGS)
-    wanted = run_settings(cfg)
-    if not files.exists(path):
-        files.atomic_write(path, json.dumps(wanted, indent=2).encode())
-        return
-    saved = json.loads(files.read_bytes(path))
-    differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-    if differing:
-        fields = "; ".join(
-            f"{k}: {json.dumps(saved.get(k))} there, {json.dumps(wanted.get(k))} now"
-            for k in differing
-        )
-        raise checkpoint.IncompatibleCheckpoint(
-            f"{workdir} holds runs fine-tuned with other settings ({fields}). Nothing was "
-            f"changed. To resume or extend them, use the settings in {path}; for new "
-            f"settings, use a new --workdir"
-        )
 
 
 def finished_run(directory: str) -> dict | None:
@@ -306,7 +271,7 @@ class Run:
         self.data_parallel = trainer.data_parallel
         self.main_dev = task.dev_names[0]
         self.pack = cfg.pack and task.packable
-        self.writer = files.SummaryWriter(os.path.join(directory, "tensorboard"))
+        self.writer = run_files.SummaryWriter(os.path.join(directory, "tensorboard"))
         meta = convert.describe_run(
             directory,
             pretrained.config,
@@ -760,8 +725,8 @@ def main(argv):
     check_data(cfg)
     convert.model_kind(cfg.init_from)
     mesh = sharding.make_mesh(cfg.mesh)
-    with files.WorkdirLock(workdir, " ".join(sys.argv)):
-        check_workdir_settings(cfg, workdir)
+    with run_files.WorkdirLock(workdir, " ".join(sys.argv)):
+        run_files.check_settings(workdir, SETTINGS, run_settings(cfg))
         STOP.install()
         try:
             finetune_all(cfg, mesh, workdir)

@@ -40,6 +40,7 @@ from bert_jax import (  # noqa: E402
     files,
     models,
     planner,
+    run_files,
     sharding,
     train_lib,
 )
@@ -835,7 +836,7 @@ class _Writer:
 
     def __init__(self, logdir: str):
         self.logdir = logdir
-        self._writer = files.SummaryWriter(logdir) if jax.process_index() == 0 else None
+        self._writer = run_files.SummaryWriter(logdir) if jax.process_index() == 0 else None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:
@@ -876,7 +877,7 @@ def main(argv):
     # workdir has no lock to take: the preflight reports it with every other problem.
     writable = files.writable_problem(workdir, "the run's files") is None
     lead = jax.process_index() == 0 and writable
-    lock = files.WorkdirLock(workdir, " ".join(sys.argv)) if lead else None
+    lock = run_files.WorkdirLock(workdir, " ".join(sys.argv)) if lead else None
     try:
         summary = train(run, workdir, config_json, lock.heartbeat if lock else None)
         if jax.process_index() == 0:

@@ -10,9 +10,9 @@ listings that keep their scheme, and uploads and downloads of whole files.
 
 What holds on both: a file appears whole or not at all (a local file is written beside its
 target and renamed; an object is one upload, visible only when complete); written files get
-the permissions the user's umask gives (not `tempfile`'s private 0600/0700); two runs never
-write into one workdir (`WorkdirLock`). A scheme with no backend installed is refused with the
-package to install, and no code path turns a URL into a local folder named `gs:`.
+the permissions the user's umask gives (not `tempfile`'s private 0600/0700). A scheme with no
+backend installed is refused with the package to install, and no code path turns a URL into a
+local folder named `gs:`. The workdir's lock and TensorBoard events are `workdir.py`'s.
 
 An emulator is honoured: with `STORAGE_EMULATOR_HOST` set (fake-gcs-server, or Google's own),
 gcsfs, tensorstore (under orbax) and ArrayRecord's reader are all pointed at it.
@@ -20,27 +20,19 @@ gcsfs, tensorstore (under orbax) and ArrayRecord's reader are all pointed at it.
 
 import builtins
 import contextlib
-import dataclasses
 import errno
 import functools
 import glob as globlib
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
 import socket
 import tempfile
-import time
-import warnings
 from collections.abc import Iterator
 from typing import IO, Any
 
-# A lock whose holder has not touched it for this long is stale (a run on another host that
-# died without removing it); the holder touches it every minute.
-LOCK_HEARTBEAT_SECONDS = 60.0
-LOCK_STALE_SECONDS = 15 * 60.0
 # The package that serves each scheme, to name in the error when it is missing.
 _BACKENDS = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
 
@@ -516,142 +508,3 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
-
-
-@dataclasses.dataclass(frozen=True)
-class LockHolder:
-    host: str
-    pid: int
-    started: float
-    command: str
-
-    def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"PID {self.pid} on {self.host}, started {when} ({self.command})"
-
-
-class WorkdirInUseError(RuntimeError):
-    """Another live run holds the workdir's lock."""
-
-
-class WorkdirLock:
-    """`<workdir>/.lock`: host, PID and start time of the run writing the workdir.
-
-    Taken with an exclusive create (O_EXCL on a disk, `ifGenerationMatch=0` in a bucket, so two
-    launches or two hosts cannot both take it); a lock whose holder is a dead PID on this host,
-    or that nobody touched for `stale_seconds`, is taken over with a warning. `heartbeat()`
-    touches the lock; `release()` removes it.
-    """
-
-    def __init__(self, workdir: str, command: str, stale_seconds: float = LOCK_STALE_SECONDS):
-        self.path = join(workdir, ".lock")
-        self.stale_seconds = stale_seconds
-        self.holder = LockHolder(socket.gethostname(), os.getpid(), time.time(), command)
-        self._last_beat = 0.0
-        self._held = False
-        makedirs(workdir)
-        for _ in range(3):
-            if create_exclusive(self.path, self._record()):
-                self._held, self._last_beat = True, time.time()
-                return
-            current = self._read()
-            if current is None:
-                continue  # removed or half-written between our two looks: try again
-            if not self._stale(current):
-                raise WorkdirInUseError(
-                    f"{workdir} is in use by another run: {current.describe()}; wait for it "
-                    f"to end, stop it, or choose another --workdir (lock file {self.path})"
-                )
-            warnings.warn(
-                f"taking over the stale lock of {workdir} ({current.describe()}, no longer "
-                f"running)",
-                stacklevel=2,
-            )
-            remove(self.path)
-        raise WorkdirInUseError(f"could not take the lock {self.path}; try again")
-
-    def _record(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self.holder)).encode()
-
-    def _read(self) -> LockHolder | None:
-        try:
-            return LockHolder(**json.loads(read_bytes(self.path)))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
-
-    def _stale(self, holder: LockHolder) -> bool:
-        if holder.host == socket.gethostname():
-            try:
-                os.kill(holder.pid, 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False  # alive, another user's
-            return False
-        try:
-            age = time.time() - mtime(self.path)
-        except FileNotFoundError:
-            return True
-        return age > self.stale_seconds
-
-    def heartbeat(self) -> None:
-        """Touches the lock (at most once a minute), so other hosts see the run is alive."""
-        now = time.time()
-        if self._held and now - self._last_beat > LOCK_HEARTBEAT_SECONDS:
-            if is_url(self.path):
-                atomic_write(self.path, self._record())
-            else:
-                os.utime(self.path)
-            self._last_beat = now
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            remove(self.path)
-
-    def __enter__(self) -> "WorkdirLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-class SummaryWriter:
-    """TensorBoard scalars into `logdir`, local or remote.
-
-    tensorboardX writes the event file; for a bucket (whose objects cannot be appended to, and
-    whose tensorboardX writer fails) it writes into a local staging folder under
-    `cache_root()/tensorboard/` and uploads the event file whole every `upload_seconds` and at
-    `close()`; `tensorboard --logdir gs://...` reads it there.
-    """
-
-    def __init__(self, logdir: str, upload_seconds: float = 30.0):
-        import tensorboardX  # imported here: the library's other modules do not need it
-
-        self.logdir = str(logdir)
-        self.remote = is_url(self.logdir)
-        self.upload_seconds = upload_seconds
-        self._last_upload = time.time()
-        local = self.logdir
-        if self.remote:
-            digest = hashlib.sha256(self.logdir.encode()).hexdigest()[:16]
-            local = os.path.join(cache_root(), "tensorboard", digest)
-            shutil.rmtree(local, ignore_errors=True)  # a rerun's own file is the one to upload
-        self.local = local
-        self._writer = tensorboardX.SummaryWriter(local)
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._writer.add_scalar(tag, value, step)
-        if self.remote and time.time() - self._last_upload > self.upload_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self._writer.flush()
-        if self.remote:
-            upload_tree(self.local, self.logdir)
-            self._last_upload = time.time()
-
-    def close(self) -> None:
-        self._writer.close()
-        if self.remote:
-            upload_tree(self.local, self.logdir)

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli import ROOT, SENTENCES, start, train_args, train_env, wait_for
 
-from bert_jax import axes, checkpoint, cli, files, models, optim, sharding, train_lib
+from bert_jax import axes, checkpoint, cli, files, models, optim, run_files, sharding, train_lib
 from bert_jax.data import tokenization
 
 STEPS = 30
@@ -182,25 +182,25 @@ def test_o3_a_second_run_on_a_workdir_is_refused_and_the_first_is_unaffected(bas
 
 def test_o3_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
     workdir = tmp_path / "w"
-    with files.WorkdirLock(str(workdir), "first"):
-        with pytest.raises(files.WorkdirInUseError, match=f"PID {os.getpid()}"):
-            files.WorkdirLock(str(workdir), "second")
+    with run_files.WorkdirLock(str(workdir), "first"):
+        with pytest.raises(run_files.WorkdirInUseError, match=f"PID {os.getpid()}"):
+            run_files.WorkdirLock(str(workdir), "second")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (workdir / ".lock").write_text(
         json.dumps(dict(host=socket.gethostname(), pid=dead.pid, started=0.0, command="x"))
     )
     with pytest.warns(UserWarning, match="taking over the stale lock"):
-        files.WorkdirLock(str(workdir), "third").release()
+        run_files.WorkdirLock(str(workdir), "third").release()
     # Another host's lock is stale once nobody touched it for the heartbeat timeout.
     (workdir / ".lock").write_text(
         json.dumps(dict(host="elsewhere", pid=1, started=0.0, command="x"))
     )
-    with pytest.raises(files.WorkdirInUseError, match="on elsewhere"):
-        files.WorkdirLock(str(workdir), "fourth")
+    with pytest.raises(run_files.WorkdirInUseError, match="on elsewhere"):
+        run_files.WorkdirLock(str(workdir), "fourth")
     os.utime(workdir / ".lock", (0, 0))
     with pytest.warns(UserWarning, match="stale"):
-        files.WorkdirLock(str(workdir), "fifth").release()
+        run_files.WorkdirLock(str(workdir), "fifth").release()
     assert not (workdir / ".lock").exists()
 
 

@@ -23,7 +23,7 @@ from gcs import FaultyProxy
 from tensorboardX.proto import event_pb2
 from test_glue import _tiny_model
 
-from bert_jax import files
+from bert_jax import files, run_files
 
 STEPS = 30
 
@@ -109,17 +109,17 @@ def test_files_in_a_bucket_behave_as_on_disk(gcs, tmp_path, monkeypatch):
 
 def test_the_workdir_lock_in_a_bucket(gcs):
     workdir = f"{gcs.create_bucket('locks')}/run"
-    with files.WorkdirLock(workdir, "first"):
-        with pytest.raises(files.WorkdirInUseError, match=f"PID {os.getpid()}"):
-            files.WorkdirLock(workdir, "second")
+    with run_files.WorkdirLock(workdir, "first"):
+        with pytest.raises(run_files.WorkdirInUseError, match=f"PID {os.getpid()}"):
+            run_files.WorkdirLock(workdir, "second")
     assert not files.exists(f"{workdir}/.lock")
     # Another host's lock is stale once nobody touched it for the heartbeat timeout.
     record = dict(host="elsewhere", pid=1, started=0.0, command="x")
     files.atomic_write(f"{workdir}/.lock", json.dumps(record).encode())
-    with pytest.raises(files.WorkdirInUseError, match="on elsewhere"):
-        files.WorkdirLock(workdir, "third")
+    with pytest.raises(run_files.WorkdirInUseError, match="on elsewhere"):
+        run_files.WorkdirLock(workdir, "third")
     with pytest.warns(UserWarning, match="stale"):
-        files.WorkdirLock(workdir, "fourth", stale_seconds=0.0).release()
+        run_files.WorkdirLock(workdir, "fourth", stale_seconds=0.0).release()
 
 
 def test_a_scheme_without_backend_is_refused_naming_the_package():
@@ -179,7 +179,7 @@ def test_sigkill_on_a_bucket_resumes_bitwise(gcs, base):
 def test_a_second_launch_on_a_bucket_workdir_is_refused(gcs, base):
     tmp, bucket, _ = base
     workdir = f"{bucket}/locked"
-    with files.WorkdirLock(workdir, "the first run"):  # a live holder: this process
+    with run_files.WorkdirLock(workdir, "the first run"):  # a live holder: this process
         second = _train(tmp, workdir, check=False)
     assert second.returncode == 1
     line = _one_error_line(second.stderr)
@@ -286,6 +286,13 @@ def test_finetune_and_the_tools_read_and_write_a_bucket(gcs, tmp_path):
     for command, made in (("export-hf", "model.safetensors"), ("export-stablehlo", "params.npz")):
         _tool(["-m", "bert_jax.convert", command, run, f"{bucket}/{command}"], work)
         assert made in files.listdir(f"{bucket}/{command}")
+    # The exported Hugging Face folder, read from the bucket, answers as the run does.
+    _tool([*predict, f"--model=hf:{bucket}/export-hf", f"--input={bucket}/lines.txt",
+           f"--output={bucket}/hf_answers.jsonl"], work)  # fmt: skip
+    hf_answers = [json.loads(line) for line in files.read_text(f"{bucket}/hf_answers.jsonl")]
+    for ours, theirs in zip(map(json.loads, answers.splitlines()), hf_answers, strict=True):
+        expected = list(ours["scores"].values())
+        assert list(theirs["scores"].values()) == pytest.approx(expected, abs=1e-5)
     assert os.listdir(work) == []  # everything went to the bucket
 
 
