@@ -87,7 +87,9 @@ def _changed(path: str) -> None:
     """Forgets every cached listing: gcsfs caches directory listings per process (orbax's
     among them, the same client), and a listing that still shows a deleted or renamed step
     would be trusted."""
-    _fs(path).invalidate_cache()
+    fs = _fs(path)
+    for client in (fs, *getattr(type(fs), "_cache", {}).values()):  # every cached client
+        client.invalidate_cache()
 
 
 def _fs(path: str):

@@ -289,7 +289,7 @@ def test_finetune_and_the_tools_read_and_write_a_bucket(gcs, tmp_path):
     # The exported Hugging Face folder, read from the bucket, answers as the run does.
     _tool([*predict, f"--model=hf:{bucket}/export-hf", f"--input={bucket}/lines.txt",
            f"--output={bucket}/hf_answers.jsonl"], work)  # fmt: skip
-    hf_answers = [json.loads(line) for line in files.read_text(f"{bucket}/hf_answers.jsonl")]
+    hf_answers = [json.loads(x) for x in files.read_text(f"{bucket}/hf_answers.jsonl").splitlines()]
     for ours, theirs in zip(map(json.loads, answers.splitlines()), hf_answers, strict=True):
         expected = list(ours["scores"].values())
         assert list(theirs["scores"].values()) == pytest.approx(expected, abs=1e-5)
