@@ -96,3 +96,11 @@ def wait_for(path, proc, timeout=300):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, f"{path} never appeared"
         time.sleep(0.02)
+
+
+def one_error_line(stderr):
+    """A CLI error is one plain line, no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli import ROOT, SENTENCES, start, train_args, train_env, wait_for
+from cli import ROOT, SENTENCES, one_error_line, start, train_args, train_env, wait_for
 
 from bert_jax import axes, checkpoint, cli, files, models, optim, run_files, sharding, train_lib
 from bert_jax.data import tokenization
@@ -91,14 +91,6 @@ def _assert_bitwise(workdir, other, step=STEPS):
     jax.tree.map(np.testing.assert_array_equal, _params(workdir, step), _params(other, step))
 
 
-def _one_error_line(stderr):
-    """A CLI error is one plain line, no traceback."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A finished 30-step run (checkpoints 10, 20, 30) on the corpus with a bad byte."""
@@ -133,7 +125,7 @@ def test_o1_o2_changed_optimizer_is_refused_untouched_and_the_original_resumes(b
     before = _snapshot(workdir)
     other = _train(tmp, workdir, STEPS, "--config.optim.name=lamb", check=False)
     assert other.returncode == 2
-    line = _one_error_line(other.stderr)
+    line = one_error_line(other.stderr)
     assert "optim.name: 'adamw' there, 'lamb' here" in line and "new --workdir" in line
     assert _snapshot(workdir) == before  # same names, same bytes: nothing renamed or rewritten
     bigger = _train(tmp, workdir, STEPS, "--config.model.num_hidden_layers=3", check=False)
@@ -158,9 +150,7 @@ def test_o2_export_refuses_a_workdir_whose_config_was_replaced(base):
         cwd=ROOT,
     )
     assert proc.returncode == 2
-    assert "num_hidden_layers: 2 in the checkpoint, 1 in config.json" in _one_error_line(
-        proc.stderr
-    )
+    assert "num_hidden_layers: 2 in the checkpoint, 1 in config.json" in one_error_line(proc.stderr)
     assert not out.exists()
 
 
@@ -174,7 +164,7 @@ def test_o3_a_second_run_on_a_workdir_is_refused_and_the_first_is_unaffected(bas
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 1
-    line = _one_error_line(second.stderr)
+    line = one_error_line(second.stderr)
     assert "is in use by another run" in line and f"PID {first.pid}" in line
     assert "resumed from step 10" in out and not (workdir / ".lock").exists()
     _assert_bitwise(workdir, done)
@@ -229,7 +219,7 @@ def test_o1_every_checkpoint_damaged_is_not_silently_restarted(base):
         (workdir / "checkpoints" / str(step) / "meta" / "metadata").write_bytes(b"\x00garbage")
     refused = _train(tmp, workdir, check=False)
     assert refused.returncode == 1
-    line = _one_error_line(refused.stderr)
+    line = one_error_line(refused.stderr)
     assert "every checkpoint in" in line and "--config.train.start_over=true" in line
     again = _train(tmp, workdir, check=False)  # the damaged ones stay aside: still refused
     assert again.returncode == 1 and "every checkpoint in" in again.stderr
@@ -392,7 +382,7 @@ def test_o7_a_disk_filled_during_the_run_stops_it_at_that_save_and_the_rerun_res
         _fill(disk / "filler", leave=2**20)  # someone else fills the disk
         out, err = run.communicate(timeout=600)
         assert run.returncode == 1
-        line = _one_error_line(err)
+        line = one_error_line(err)
         # The save after the filler is refused by its free-space check, or, when the disk
         # filled while it was being written, fails in the background: one line either way,
         # naming the step, the folder and the space.
@@ -561,7 +551,7 @@ def test_o8_import_with_a_config_of_another_depth_exits_non_zero(tmp_path, says)
         env=train_env(1),
     )
     assert proc.returncode == 2
-    line = _one_error_line(proc.stderr)
+    line = one_error_line(proc.stderr)
     assert f"num_hidden_layers={says} but" in line and "holds 2 layers" in line
     assert not (out / "checkpoints").exists()
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from cli import ROOT, start, train_args, train_env
+from cli import ROOT, one_error_line, start, train_args, train_env
 from gcs import FaultyProxy
 from tensorboardX.proto import event_pb2
 from test_glue import _tiny_model
@@ -55,13 +55,6 @@ def _assert_bitwise(workdir, other, step=STEPS):
 def _copy_prefix(source, target):
     for relpath in files.walk_files(source):
         files.copy(f"{source}/{relpath}", f"{target}/{relpath}")
-
-
-def _one_error_line(stderr):
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +175,7 @@ def test_a_second_launch_on_a_bucket_workdir_is_refused(gcs, base):
     with run_files.WorkdirLock(workdir, "the first run"):  # a live holder: this process
         second = _train(tmp, workdir, check=False)
     assert second.returncode == 1
-    line = _one_error_line(second.stderr)
+    line = one_error_line(second.stderr)
     assert "is in use by another run" in line and f"PID {os.getpid()}" in line
     assert set(gcs.objects("runs", "locked/")) == set()  # the refused run wrote nothing
 
@@ -223,7 +216,7 @@ def test_transient_faults_are_retried_and_the_run_is_bitwise_undisturbed(gcs, ba
 def test_a_missing_bucket_is_one_line_and_nothing_is_written(gcs, tmp_path):
     proc = _train(tmp_path, "gs://no-such-bucket/run", check=False)
     assert proc.returncode == 2
-    line = _one_error_line(proc.stderr)
+    line = one_error_line(proc.stderr)
     assert "the bucket gs://no-such-bucket does not exist" in line
     assert "gcloud storage buckets create" in line
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]  # not even the data cache
