@@ -21,7 +21,6 @@ if __name__ == "__main__":  # not in the processes a worker pool spawns from thi
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -393,7 +392,7 @@ class Loop:
         self.bad_streak, self.rolled_back, self.skipped = 0, False, 0
         self.last_save = time.time()
         self.sigterm = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        cli.take_over_sigterm(self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 INPUT_ERRORS = (ValueError, LookupError, OSError)
 TERMINATED_STATUS = 128 + signal.SIGTERM
 _in_main = False
+_terminated = False  # a start-up SIGTERM arrived (its exception may have been swallowed)
 
 
 class Terminated(BaseException):
@@ -32,16 +33,27 @@ def stop_on_sigterm() -> None:
 
     def handler(signum, frame):
         del frame
+        global _terminated
         if os.getpid() != owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        _terminated = True
         if _in_main:  # unwinds through main's `finally`s (the workdir lock)
             raise Terminated()
         print(f"error: {message(Terminated())}", file=sys.stderr, flush=True)
         os._exit(TERMINATED_STATUS)  # still importing: nothing to unwind
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def take_over_sigterm(handler: Callable) -> None:
+    """Installs a run's own SIGTERM handler (one that saves). A start-up SIGTERM whose
+    exception the interrupted code swallowed (a `__del__`, a callback, an `except
+    BaseException` in a library) stops the run here instead of being lost."""
+    signal.signal(signal.SIGTERM, handler)
+    if _terminated:
+        raise Terminated()
 
 
 def exit_status(error: BaseException) -> int:

@@ -8,12 +8,11 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import time
 import warnings
 
-from bert_jax import files
+from bert_jax import cli, files
 
 # A lock whose holder has not touched it for this long is stale (a run on another host that
 # died without removing it); the holder touches it every minute.
@@ -171,7 +170,7 @@ class StopFlag:
             del signum, frame
             self.requested = True
 
-        signal.signal(signal.SIGTERM, handler)
+        cli.take_over_sigterm(handler)
 
 
 class SettingsChanged(ValueError):

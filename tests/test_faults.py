@@ -428,11 +428,28 @@ def test_o6_config_and_path_problems_are_all_reported_before_any_work(tmp_path):
 @pytest.mark.slow
 def test_o11_sigterm_during_start_up_says_so(tmp_path):
     proc = _start(tmp_path, tmp_path / "w", 5)
-    time.sleep(2.0)
+    wait_for(tmp_path / "cache", proc)  # preprocessing has begun; compiling is still ahead
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM during start-up" in err
+
+
+def test_a_start_up_sigterm_that_a_library_swallowed_still_stops_the_run(monkeypatch):
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_in_main", True)
+    monkeypatch.setattr(cli, "_terminated", False)
+    try:
+        cli.stop_on_sigterm()
+        try:  # as a `__del__` or a library's `except BaseException` would
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)  # the handler runs at the next bytecode; this bounds the wait
+        except cli.Terminated:
+            pass
+        with pytest.raises(cli.Terminated):
+            cli.take_over_sigterm(lambda signum, frame: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_o9_words_get_their_own_pieces_around_every_separator_the_tokenizer_deletes(tmp_path):
