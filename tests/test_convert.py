@@ -251,12 +251,6 @@ def test_tf_checkpoint_imports_with_the_same_outputs():
     _check_tf_import(TF_FIXTURE, _mesh())
 
 
-def test_tf_checkpoint_written_now_by_tensorflow(tmp_path):
-    pytest.importorskip("tensorflow", reason="tensorflow is not installed (optional extra)")
-    make_tf_checkpoint.main(str(tmp_path / "tf"))
-    _check_tf_import(str(tmp_path / "tf"), _mesh())
-
-
 def test_command_line_import_export(tmp_path):
     hf_dir, hf_model = _hf_dir(tmp_path, "BertForPreTraining")
     work, out = tmp_path / "work", tmp_path / "out"

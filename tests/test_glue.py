@@ -335,16 +335,6 @@ def test_tfds_records_map_to_examples(monkeypatch):
     )
 
 
-def test_tfds_glue_mock_data_through_data_source():
-    # TFDS's GLUE builder imports tensorflow: without it the builder code is not available.
-    pytest.importorskip("tensorflow", reason="TFDS's GLUE builder needs tensorflow")
-    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
-        for task in glue.TASKS.values():
-            for split in task.splits:
-                examples = glue.read_tfds(task, split, None)
-                assert len(examples) == 6 and (examples.text_b is None) == (task.text_b is None)
-
-
 def test_tfds_missing_data_says_how_to_prepare_it():
     with pytest.raises(FileNotFoundError, match=r"tfds build glue/rte --file_format=array_record"):
         glue.read_tfds(glue.TASKS["rte"], glue.TASKS["rte"].split("train"), "/nonexistent")

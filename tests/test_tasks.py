@@ -13,6 +13,8 @@ import glue_data
 import numpy as np
 import pytest
 from cli import ROOT
+from seqeval import metrics as seqeval
+from torchmetrics.functional.text import squad as torchmetrics_squad
 
 from bert_jax import convert, models
 from bert_jax.data.tokenization import WordPieceTokenizer
@@ -158,17 +160,40 @@ def test_finetune_runs_squad_conll_and_swag_and_writes_official_files(tmp_path):
     (squad_run,) = results["squad_v2"]["runs"]
     dev = squad_run["dev"]["dev"]
     assert {"exact_match", "f1", "HasAns_f1", "NoAns_f1", "null_score_diff_threshold"} <= set(dev)
-    assert 0.0 <= dev["f1"] <= 1.0
     # SQuAD's official layouts: {id: answer} and, for v2.0, {id: null odds}.
     folder = os.path.dirname(squad_run["predictions"]["dev"])
     answers = json.loads(open(os.path.join(folder, "predictions.json")).read())
     odds = json.loads(open(os.path.join(folder, "null_odds.json")).read())
     assert sorted(answers) == sorted(odds) == sorted(f"q{i}" for i in range(9))
     assert all(isinstance(a, str) for a in answers.values())
+    # The scores reported are the official rules applied to the file written: torchmetrics'
+    # SQuAD F1 on the answerable questions, an empty answer on the others.
+    (article,) = json.loads((data / "SQuAD/dev-v2.0.json").read_text())["data"]
+    golds = {
+        q["id"]: [a["text"] for a in q["answers"]] for p in article["paragraphs"] for q in p["qas"]
+    }
+    has = [i for i in golds if golds[i]]
+    reference = torchmetrics_squad(
+        [{"prediction_text": answers[i], "id": i} for i in has],
+        [
+            {"answers": {"answer_start": [0] * len(golds[i]), "text": golds[i]}, "id": i}
+            for i in has
+        ],
+    )
+    no_answer = [answers[i] == "" for i in golds if not golds[i]]
+    assert dev["HasAns_f1"] == pytest.approx(float(reference["f1"]) / 100, abs=1e-6)
+    assert dev["NoAns_f1"] == pytest.approx(np.mean(no_answer), abs=1e-9)
+    total = len(has) * dev["HasAns_f1"] + len(no_answer) * dev["NoAns_f1"]
+    assert dev["f1"] == pytest.approx(total / len(golds), abs=1e-6)
     (conll_run,) = results["conll2003"]["runs"]
-    assert {"dev", "test"} <= set(conll_run["dev"]) and "f1" in conll_run["dev"]["test"]
-    lines = open(conll_run["predictions"]["test"]).read().split("\n\n")[0].splitlines()
-    assert all(len(line.split()) == 3 for line in lines)  # word gold predicted
+    assert {"dev", "test"} <= set(conll_run["dev"])
+    sentences = open(conll_run["predictions"]["test"]).read().strip().split("\n\n")
+    rows = [[line.split() for line in s.splitlines()] for s in sentences]
+    assert all(len(row) == 3 for sentence in rows for row in sentence)  # word gold predicted
+    gold_tags = [[row[1] for row in sentence] for sentence in rows]
+    predicted = [[row[2] for row in sentence] for sentence in rows]
+    expected = seqeval.f1_score(gold_tags, predicted)  # conlleval's rules (IOB1 as written)
+    assert conll_run["dev"]["test"]["f1"] == pytest.approx(expected, abs=1e-6)
     (swag_run,) = results["swag"]["runs"]
     rows = list(csv.reader(open(swag_run["predictions"]["test"])))
     assert rows[0] == ["fold-ind", "label"] and len(rows) == 9
