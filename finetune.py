@@ -43,10 +43,11 @@ from bert_jax import (
     convert,
     files,
     models,
+    objectives,
     planner,
     run_files,
     sharding,
-    train_lib,
+    training,
 )
 from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
@@ -142,7 +143,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
     if cfg.num_epochs < 0:
         raise ValueError(f"--config.num_epochs={cfg.num_epochs}; use 0 to evaluate only")
     if models.layers.holds_int8(cfg.model.get("quantization", "")) and cfg.num_epochs:
-        raise ValueError(f"--config.model.quantization: {train_lib.TRAINING_QUANTIZED}")
+        raise ValueError(f"--config.model.quantization: {training.TRAINING_QUANTIZED}")
     qa = {k: cfg.get(k, d) for k, d in _QA_DEFAULTS.items()}
     distill = dict(cfg.get("distill") or {})
     if distill.get("teacher") and not cfg.num_epochs:
@@ -293,7 +294,7 @@ class Run:
         self.resume = checkpoint.Checkpointer(os.path.join(directory, "resume"), max_to_keep=1)
         self.last_save = time.time()
 
-    def start(self) -> tuple[int, train_lib.TrainState, dict]:
+    def start(self) -> tuple[int, training.TrainState, dict]:
         """(step, train state, loop state) to go on from: the newest save of an earlier
         attempt at this run (its weights, optimizer, step, dropout key and best so far), or
         the imported weights at step 0."""
@@ -557,7 +558,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             f"finetune.py run directory, or hf: with its head)"
         )
     if models.layers.holds_int8(pretrained.config.quantization) and cfg.num_epochs:
-        raise ValueError(f"{cfg.init_from}: {train_lib.TRAINING_QUANTIZED}")
+        raise ValueError(f"{cfg.init_from}: {training.TRAINING_QUANTIZED}")
     # A fresh task head is expected; anything else missing or left over is worth a word.
     unexpected_missing = [p for p in pretrained.report.missing if p.startswith("bert")]
     if pretrained.report.unexpected or unexpected_missing:
@@ -570,7 +571,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     teacher = _teacher(cfg, task, pretrained, mesh) if cfg.distill else None
     objective = task.objective(dropout)
     if teacher is not None:  # its settings checked against both models before the data
-        objective = train_lib.task_distillation(
+        objective = objectives.task_distillation(
             objective,
             teacher.config,
             temperature=cfg.distill.get("temperature", 2.0),
@@ -594,7 +595,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             total_steps=max(steps, 1),
             weight_decay=cfg.weight_decay,
         )
-        trainer = train_lib.create_trainer(
+        trainer = training.create_trainer(
             pretrained.config,
             optim,
             mesh,

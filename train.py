@@ -38,10 +38,11 @@ from bert_jax import (  # noqa: E402
     convert,
     files,
     models,
+    objectives,
     planner,
     run_files,
     sharding,
-    train_lib,
+    training,
 )
 from bert_jax.data import input_pipeline, pretraining_data  # noqa: E402
 from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
@@ -185,7 +186,7 @@ def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
     """The objective and the frozen teacher's params of `--config.distill.teacher`, checked
     against the student (its vocabulary, its width for the hidden-state loss)."""
     if not run.distill:
-        return train_lib.PRETRAINING, None
+        return objectives.PRETRAINING, None
     numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
     source = run.distill["teacher"]
     teacher = convert.load_pretrained(source, "BertForPreTraining", mesh=mesh, **numerics)
@@ -208,7 +209,7 @@ def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
         )
     _print(f"distilling from {teacher.description}")
     weights = {k: v for k, v in run.distill.items() if k != "teacher"}
-    objective = train_lib.pretraining_distillation(
+    objective = objectives.pretraining_distillation(
         teacher.config, student_config=run.model, **weights
     )
     return objective, teacher.params
@@ -224,7 +225,7 @@ def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingDa
     return data
 
 
-def memory_report(trainer: train_lib.Trainer, run: RunConfig, compiled: aot.ProgramReport) -> str:
+def memory_report(trainer: training.Trainer, run: RunConfig, compiled: aot.ProgramReport) -> str:
     """Per-device bytes of the compiled train step: its arguments (parameters, optimizer state,
     batch), temporaries (activations, gradients) and total; the formula's estimate only where
     the backend gives no memory analysis."""
@@ -243,7 +244,7 @@ def memory_report(trainer: train_lib.Trainer, run: RunConfig, compiled: aot.Prog
             f"temporaries {compiled.temporaries / 2**20:.1f} MiB, total "
             f"{compiled.required / 2**20:.1f}{of} MiB"
         )
-    estimate = train_lib.memory_estimate(
+    estimate = training.memory_estimate(
         run.model,
         trainer.abstract_state,
         per_device_batch(run, mesh),
@@ -260,7 +261,7 @@ def per_device_batch(run: RunConfig, mesh) -> int:
     return max(run.train.batch_size // replicas // run.optim.grad_accum_steps, 1)
 
 
-def compile_train_step(trainer: train_lib.Trainer, run: RunConfig):
+def compile_train_step(trainer: training.Trainer, run: RunConfig):
     """The train step compiled ahead of time (what the loop then runs) and its report.
 
     Raises:
@@ -690,7 +691,7 @@ def model_problems(run: RunConfig, mesh, model_known: bool = True) -> list[str]:
     the batch and the mesh."""
     problems = []
     if models.layers.holds_int8(run.model.quantization):
-        problems.append(train_lib.TRAINING_QUANTIZED)
+        problems.append(training.TRAINING_QUANTIZED)
     if model_known and run.data.masking.max_seq_length > run.model.max_position_embeddings:
         problems.append(
             f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
@@ -745,7 +746,7 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
     run, pretrained = load_init(run, mesh, workdir)
     _refuse(model_problems(run, mesh))
     objective, teacher = load_teacher(run, mesh, pretrained)
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         run.model, run.optim, mesh, axes.DEFAULT_RULES, objective, teacher_params=teacher
     )
     existing = len(ckpt.manager.all_steps())
@@ -758,7 +759,7 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
     # the memory printed is the compiler's.
     train_step, compiled = compile_train_step(trainer, run)
     if teacher is not None:  # the compiled step takes the teacher's params at every call
-        train_step = train_lib.bind_teacher(train_step, trainer.train_step.teacher_params)
+        train_step = training.bind_teacher(train_step, trainer.train_step.teacher_params)
     trainer = dataclasses.replace(trainer, train_step=train_step)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:

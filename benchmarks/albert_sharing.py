@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from benchmarks.checkpoint import pretraining_batch  # noqa: E402
-from bert_jax import axes, models, optim, sharding, train_lib  # noqa: E402
+from bert_jax import axes, models, optim, sharding, training  # noqa: E402
 
 
 def measure(config: models.BertConfig, mesh, batch) -> dict:
     """Compile seconds (lower + compile of a fresh train step) and median step seconds."""
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config,
         optim.OptimConfig(name="lamb", warmup_steps=1, total_steps=100),
         mesh,

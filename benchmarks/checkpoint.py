@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
-from bert_jax import axes, checkpoint, models, optim, sharding, train_lib  # noqa: E402
+from bert_jax import axes, checkpoint, models, optim, sharding, training  # noqa: E402
 
 
 def pretraining_batch(batch_size: int, length: int = 128, preds: int = 20) -> dict:
@@ -52,7 +52,7 @@ def main():
     args = parser.parse_args()
     mesh = sharding.make_mesh(sharding.MeshConfig())
     config = models.BertConfig.named("bert_base")
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config, optim.OptimConfig(warmup_steps=10, total_steps=100), mesh, axes.DEFAULT_RULES
     )
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0]}"}

@@ -8,7 +8,7 @@ difference), as annotators disagree on close calls; no model can pass about 0.83
 teacher (6 layers x 256, 4 heads) is fine-tuned on 4,000 examples; then, each through the
 library's own paths:
 - `distilled 3 layers`: layers 0, 2, 4 of the teacher (`models.take_layers`), trained with
-  the teacher's soft targets (`train_lib.task_distillation`, T 2, alpha 0.9);
+  the teacher's soft targets (`objectives.task_distillation`, T 2, alpha 0.9);
 - `distilled 2 x 128`: a narrower, shallower student (TinyBERT's shape, scaled down) from
   scratch, the same distillation;
 - `pruned 40%`: the teacher without its 40% least important heads (gradient of the loss
@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bert_jax import analysis, axes, losses, models, optim, sharding, train_lib  # noqa: E402
+from bert_jax import analysis, axes, losses, models, objectives, optim, sharding, training  # noqa: E402
 
 VOCAB, LENGTH = 40, 24
 
@@ -70,7 +70,7 @@ def config(layers: int, hidden: int, heads: int) -> models.BertConfig:
 
 def train(objective, model_config, data, steps, teacher=None, init=None):
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         model_config,
         optim.OptimConfig(learning_rate=5e-4, warmup_steps=steps // 10, total_steps=steps),
         mesh,
@@ -175,10 +175,10 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/compress")
     args = parser.parse_args()
     train_set, dev = task(4000, 7), task(2048, 1)
-    classify = train_lib.classification(2)
+    classify = objectives.classification(2)
     teacher_config = config(6, 256, 4)
     teacher = train(classify, teacher_config, train_set, 600)
-    distill = train_lib.task_distillation(classify, teacher_config, temperature=2.0, alpha=0.9)
+    distill = objectives.task_distillation(classify, teacher_config, temperature=2.0, alpha=0.9)
     entries = {"teacher (6 x 256)": (teacher_config, teacher)}
     layers, layers_config = models.take_layers(teacher, teacher_config, [0, 2, 4])
     entries["distilled 3 layers"] = (

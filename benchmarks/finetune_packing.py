@@ -46,18 +46,18 @@ class BertJax:
     def __init__(self, model: str, packed: bool, max_per_row: int):
         import jax
 
-        from bert_jax import axes, models, optim, sharding, train_lib
+        from bert_jax import axes, models, objectives, optim, sharding, training
         from bert_jax.tasks import glue
 
         self.jax, self.glue, self.sharding, self.axes = jax, glue, sharding, axes
         config = models.BertConfig.named(model)
         self.mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-        self.trainer = train_lib.create_trainer(
+        self.trainer = training.create_trainer(
             config,
             optim.OptimConfig(learning_rate=2e-5, warmup_steps=10, total_steps=10_000),
             self.mesh,
             axes.DEFAULT_RULES,
-            train_lib.classification(3),
+            objectives.classification(3),
         )
         self.state = jax.block_until_ready(self.trainer.init(0))
         self.packed, self.max_per_row = packed, max_per_row

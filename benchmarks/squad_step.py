@@ -5,7 +5,7 @@ r"""The SQuAD fine-tuning step of bert_jax against PyTorch `BertForQuestionAnswe
 
 Both models are built from the same config (random weights) and train on the same random
 batch of question-answering windows: bert_jax's `QUESTION_ANSWERING` objective through
-`train_lib`'s jitted step (AdamW, clipping, dropout 0.1) and `transformers`'
+`bert_jax.training`'s jitted step (AdamW, clipping, dropout 0.1) and `transformers`'
 `BertForQuestionAnswering` (SDPA attention, `torch.optim.AdamW`, eager), both float32. Each
 runs in a worker process of its own that compiles or warms up once; the driver then asks
 them in turn for `--steps` steps, A B A B, so that machine drift falls on both alike, and
@@ -51,7 +51,7 @@ def make_batch(batch: int, length: int, seed: int = 0) -> dict:
 def jax_worker(size: str, batch: dict):
     import jax
 
-    from bert_jax import axes, models, optim, sharding, train_lib
+    from bert_jax import axes, models, objectives, optim, sharding, training
 
     layers, hidden, heads, inter = SIZES[size]
     config = models.BertConfig(
@@ -63,12 +63,12 @@ def jax_worker(size: str, batch: dict):
         max_position_embeddings=512,
     )
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config,
         optim.OptimConfig(learning_rate=3e-5, warmup_steps=10, total_steps=1000),
         mesh,
         axes.DEFAULT_RULES,
-        train_lib.QUESTION_ANSWERING,
+        objectives.QUESTION_ANSWERING,
     )
     with jax.set_mesh(mesh):
         state = trainer.init(0)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' GCS server launche
 import jax  # noqa: E402
 from gcs import GcsServer  # noqa: E402
 
-from bert_jax import axes, checkpoint, files, models, optim, sharding, train_lib  # noqa: E402
+from bert_jax import axes, checkpoint, files, models, optim, sharding, training  # noqa: E402
 from bert_jax.data import input_pipeline  # noqa: E402
 from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
 
@@ -43,7 +43,7 @@ def checkpoints(places: dict[str, str], rounds: int) -> dict:
         vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=1024,
     )  # fmt: skip
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config, optim.OptimConfig(warmup_steps=10, total_steps=100), mesh, axes.DEFAULT_RULES
     )
     times = {f"{kind}_{name}": [] for kind in ("save", "restore") for name in places}

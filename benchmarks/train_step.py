@@ -6,8 +6,8 @@ r"""The pretraining train step of bert_jax against its peers, measured side by s
 
 For each configuration (`name:sequence length:batch`): compile time, median step time over
 `--rounds` x `--steps_per_round` timed steps after warm-up, tokens/s, achieved FLOP/s and MFU, for
-- bert_jax (`train_lib`'s jitted step: MLM gathered at the masked positions + NSP, AdamW with
-  clipping and weight decay, dropout 0.1 as in BERT pretraining);
+- bert_jax (`bert_jax.training`'s jitted step: MLM gathered at the masked positions + NSP, AdamW
+  with clipping and weight decay, dropout 0.1 as in BERT pretraining);
 - Hugging Face `FlaxBertForPreTraining` (`FlaxAlbertForPreTraining` for ALBERT; transformers
   4.x, the last line with Flax) with the same loss and optax AdamW, jitted with donated state,
   run by the Python of a separate environment (`--flax_python`; its pins conflict with ours:
@@ -164,7 +164,7 @@ class BertJaxWorker(_JaxWorker):
 
         import jax
 
-        from bert_jax import axes, models, optim, sharding, train_lib
+        from bert_jax import axes, models, optim, sharding, training
 
         layers, d, heads, ffn, e, share = SIZES[size]
         config = dataclasses.replace(
@@ -180,7 +180,7 @@ class BertJaxWorker(_JaxWorker):
             remat=remat,
         )
         mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-        trainer = train_lib.create_trainer(
+        trainer = training.create_trainer(
             config, optim.OptimConfig(warmup_steps=10, total_steps=10_000), mesh, axes.DEFAULT_RULES
         )
         with jax.set_mesh(mesh):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from bert_jax import axes, sharding, train_lib
+from bert_jax import axes, objectives, sharding, training
 from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig
 
@@ -469,7 +469,7 @@ def _tuple_elements(shape: str) -> list[str]:
 Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
-def batch_structs(trainer: train_lib.Trainer, specs: Specs, batch_size: int) -> dict:
+def batch_structs(trainer: training.Trainer, specs: Specs, batch_size: int) -> dict:
     """The global batch of `batch_size` examples as ShapeDtypeStructs in the trainer's batch
     sharding; `specs` gives one example's shape and dtype per feature."""
     return {
@@ -500,7 +500,7 @@ def compile_steps(
     batch_size: int,
     specs: Specs,
     *,
-    objective: train_lib.Objective = train_lib.PRETRAINING,
+    objective: objectives.Objective = objectives.PRETRAINING,
     rules: sharding.Rules = axes.DEFAULT_RULES,
     programs: Sequence[str] = ("train_step", "eval_step"),
     capacity: int | None = None,
@@ -509,7 +509,7 @@ def compile_steps(
     """Compiles a run's steps on `mesh` (any devices: local, or a TPU topology's) with the
     run's state and batch shardings, and reports each. No array is allocated. The eval step
     takes `eval_batch_size` examples (default: the train batch)."""
-    trainer = train_lib.create_trainer(model_config, optim_config, mesh, rules, objective)
+    trainer = training.create_trainer(model_config, optim_config, mesh, rules, objective)
     state = trainer.abstract_state
     eval_batch = batch_structs(trainer, specs, eval_batch_size or batch_size)
     args = {

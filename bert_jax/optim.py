@@ -11,7 +11,7 @@ class OptimConfig:
     """The original BERT optimizer: AdamW(0.9, 0.999, eps 1e-6), weight decay 0.01 except
     LayerNorm parameters and biases, global-norm clipping at 1.0, linear warmup then linear
     decay to zero at `total_steps`. `lamb` is the large-batch alternative (You et al., 2019).
-    `grad_accum_steps` splits every batch into that many micro-batches (see `train_lib`)."""
+    `grad_accum_steps` splits every batch into that many micro-batches (see `bert_jax.training`)."""
 
     name: str = "adamw"
     learning_rate: float = 1e-4

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from bert_jax import aot, sharding, train_lib
+from bert_jax import aot, objectives, sharding
 from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig
 
@@ -224,7 +224,7 @@ class Setup:
     batch_size: int
     seq_len: int
     specs: aot.Specs
-    objective: train_lib.Objective = train_lib.PRETRAINING
+    objective: objectives.Objective = objectives.PRETRAINING
     programs: tuple[str, ...] = ("train_step", "eval_step")
 
     def with_candidate(self, c: Candidate) -> "Setup":

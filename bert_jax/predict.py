@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import axes, cli, convert, files, models, sharding, train_lib
+from bert_jax import axes, cli, convert, files, models, objectives, sharding
 from bert_jax.tasks import conll, squad
 
 MASK = "[MASK]"
@@ -125,9 +125,9 @@ class Predictor:
         graphdef, _ = models.split_params(models.abstract_model(self.config, cls))
         self.data_size = sharding.data_parallel_size(self.mesh, axes.DEFAULT_RULES)
         objective = {
-            "classify": train_lib.classification(num_labels),
-            "qa": train_lib.QUESTION_ANSWERING,
-            "ner": train_lib.token_classification(num_labels),
+            "classify": objectives.classification(num_labels),
+            "qa": objectives.QUESTION_ANSWERING,
+            "ner": objectives.token_classification(num_labels),
         }.get(task)
 
         def head(params, batch):

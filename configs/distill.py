@@ -18,7 +18,7 @@ The teacher is a model fine-tuned on the same task (a finetune.py run directory,
 with its head) and of the student's vocabulary (checked before training). The student learns
 (1 - alpha) x the labels' loss + alpha x T^2 x cross-entropy against the teacher's outputs at
 temperature T (unless prediction=False), + layerwise x TinyBERT's intermediate-layer loss,
-in the one train step (bert_jax.train_lib.task_distillation).
+in the one train step (bert_jax.objectives.task_distillation).
 """
 
 from configs import glue

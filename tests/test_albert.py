@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from bert_jax import axes, convert, losses, models, optim, sharding, train_lib
+from bert_jax import axes, convert, losses, models, optim, sharding, training
 from bert_jax.data import pretraining_data, tokenization
 
 SIZES = dict(
@@ -237,7 +237,7 @@ def test_sop_is_learned_on_held_out_documents():
     )
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
     steps = 400
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config,
         optim.OptimConfig(learning_rate=3e-3, warmup_steps=20, total_steps=steps),
         mesh,

@@ -10,7 +10,7 @@ import torch
 import transformers
 from test_extract import VOCAB, _hf_model
 
-from bert_jax import analysis, axes, convert, models, optim, sharding, train_lib
+from bert_jax import analysis, axes, convert, models, objectives, optim, sharding, training
 
 TINY = dict(
     vocab_size=40,
@@ -125,8 +125,8 @@ def test_pruned_model_equals_the_masked_model_and_fine_tunes(tmp_path):
         str(tmp_path / "pruned"), "BertForSequenceClassification", mesh=mesh
     )
     assert loaded.config.pruned_heads == pruned_config.pruned_heads
-    objective = train_lib.classification(2)
-    trainer = train_lib.create_trainer(
+    objective = objectives.classification(2)
+    trainer = training.create_trainer(
         loaded.config,
         optim.OptimConfig(warmup_steps=1, total_steps=10),
         mesh,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from cli import ROOT
 
-from bert_jax import aot, axes, models, planner, sharding, train_lib
+from bert_jax import aot, axes, models, planner, sharding, training
 from bert_jax.data import pretraining_data
 from bert_jax.optim import OptimConfig
 
@@ -240,7 +240,7 @@ def _tiny_setup(batch_size: int, **kw) -> planner.Setup:
 def _cpu_total(size: str, batch: int, length: int, predictions: int, remat: str = "none"):
     config = models.BertConfig.named(size, remat=remat)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config,
         OptimConfig(name="adamw", learning_rate=1e-4, warmup_steps=1, total_steps=10),
         mesh,
@@ -253,7 +253,7 @@ def _cpu_total(size: str, batch: int, length: int, predictions: int, remat: str 
     report, _ = aot.compile_program(
         "train_step", trainer.train_step, (trainer.abstract_state, batch_structs), mesh, None
     )
-    estimate = train_lib.memory_estimate(config, trainer.abstract_state, batch, length, predictions)
+    estimate = training.memory_estimate(config, trainer.abstract_state, batch, length, predictions)
     return report, estimate
 
 
@@ -277,7 +277,7 @@ def trainer_of_workdir(workdir, devices):
     if optim["total_steps"] == -1:
         optim["total_steps"] = config["train"]["num_steps"]
     mesh = sharding.make_mesh(sharding.MeshConfig(**config["mesh"]), devices)
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         models.BertConfig(**config["model"]), OptimConfig(**optim), mesh, axes.DEFAULT_RULES
     )
     masking = pretraining_data.MaskingConfig(

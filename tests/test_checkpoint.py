@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli import read_summary, run_train, start, train_args, wait_for
 
-from bert_jax import axes, checkpoint, models, optim, sharding, train_lib
+from bert_jax import axes, checkpoint, models, optim, sharding, training
 
 LOG_EVERY_STEP = ("--config.train.log_every=1",)
 
@@ -88,7 +88,7 @@ OPTIM = optim.OptimConfig(warmup_steps=1, total_steps=10)
 
 def _trainer(mesh_config, devices=None):
     mesh = sharding.make_mesh(mesh_config, devices=devices)
-    return train_lib.create_trainer(CONFIG, OPTIM, mesh, axes.DEFAULT_RULES), mesh
+    return training.create_trainer(CONFIG, OPTIM, mesh, axes.DEFAULT_RULES), mesh
 
 
 @pytest.mark.parametrize("direction", ["8_to_1", "1_to_8"])

@@ -161,7 +161,7 @@ def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
     """BertForTokenClassification trained by the shared train step, rows of 16 (long
     sentences continue in the next row), labels on first pieces: >= 95% entity F1 held out;
     the predictions file is conlleval's layout."""
-    from bert_jax import train_lib
+    from bert_jax import objectives
 
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     rng = np.random.default_rng(0)
@@ -172,7 +172,7 @@ def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
     assert features.label_weights.sum() == sum(len(s.words) for s in train)
     test = conll.make_features(held_out, tokenizer, labels, 16)
     logits = tiny_training.train_and_predict(
-        train_lib.token_classification(len(labels)),
+        objectives.token_classification(len(labels)),
         tiny_training.config(66, 16),
         features.inputs(),
         test.inputs(),

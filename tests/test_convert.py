@@ -124,9 +124,9 @@ def test_hugging_face_round_trip(tmp_path, architecture):
 
 
 def test_question_answering_loss_equals_transformers(tmp_path):
-    """The span loss of `train_lib.QUESTION_ANSWERING` on imported weights is the loss
+    """The span loss of `objectives.QUESTION_ANSWERING` on imported weights is the loss
     `transformers`' BertForQuestionAnswering computes for the same start and end positions."""
-    from bert_jax import train_lib
+    from bert_jax import objectives
 
     hf_dir, hf_model = _hf_dir(tmp_path, "BertForQuestionAnswering")
     ids, mask, segments, _ = hf_reference.padded_batch(SIZES["vocab_size"])
@@ -148,7 +148,7 @@ def test_question_answering_loss_equals_transformers(tmp_path):
         input_ids=ids, input_mask=mask, segment_ids=segments, start_positions=starts,
         end_positions=ends,
     )  # fmt: skip
-    loss, sums = train_lib.QUESTION_ANSWERING.loss(model, batch, None, True)
+    loss, sums = objectives.QUESTION_ANSWERING.loss(model, batch, None, True)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert float(sums["count"]) == 3
 

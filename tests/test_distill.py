@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiny_training
 
-from bert_jax import axes, losses, models, optim, sharding, train_lib
+from bert_jax import axes, losses, models, objectives, optim, sharding, training
 
 
 def _softmax(x):
@@ -70,7 +70,7 @@ def _tiny(layers: int) -> models.BertConfig:
 
 def _train(objective, config, data, steps, teacher=None):
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         config,
         optim.OptimConfig(learning_rate=1e-3, warmup_steps=steps // 10, total_steps=steps),
         mesh,
@@ -106,7 +106,7 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
     )[1]
     teacher = jax.tree.map(np.asarray, teacher)
     before = jax.tree.map(np.copy, teacher)
-    objective = train_lib.task_distillation(train_lib.classification(2), _tiny(2), alpha=0.7)
+    objective = objectives.task_distillation(objectives.classification(2), _tiny(2), alpha=0.7)
     trainer, state, metrics = _train(objective, _tiny(1), data, 4, teacher)
     assert np.isfinite(float(metrics["distill_loss_sum"])) and float(metrics["finite"])
     placed = jax.device_get(trainer.train_step.teacher_params)
@@ -121,7 +121,7 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
     batch = {k: jnp.asarray(v[:8]) for k, v in data.items()}
 
     def loss_of_teacher(t):
-        return train_lib._forward(
+        return training.step._forward(
             graphdef,
             state.params,
             batch,
@@ -129,7 +129,7 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
             objective,
             rng=jax.random.key(0),
             deterministic=False,
-            teacher=(train_lib.teacher_graphdef(objective), t),
+            teacher=(objectives.teacher_graphdef(objective), t),
         )[0]
 
     grads = jax.grad(loss_of_teacher)(jax.tree.map(jnp.asarray, teacher))
@@ -137,17 +137,17 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
 
 
 def test_a_teacher_of_another_shape_is_refused_before_training():
-    objective = train_lib.task_distillation(train_lib.classification(2), _tiny(2))
+    objective = objectives.task_distillation(objectives.classification(2), _tiny(2))
     wrong = models.split_params(
         models.create_model(_tiny(3), 0, models.BertForSequenceClassification)
     )[1]
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
     with pytest.raises(ValueError, match="do not match its config"):
-        train_lib.create_trainer(
+        training.create_trainer(
             _tiny(1), optim.OptimConfig(), mesh, axes.DEFAULT_RULES, objective, wrong
         )
     with pytest.raises(ValueError, match="teacher_params go with a distillation objective"):
-        train_lib.create_trainer(_tiny(1), optim.OptimConfig(), mesh, axes.DEFAULT_RULES, objective)
+        training.create_trainer(_tiny(1), optim.OptimConfig(), mesh, axes.DEFAULT_RULES, objective)
 
 
 def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
@@ -155,7 +155,7 @@ def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
     (the common case: a released fine-tuned model, a small labelled set). Alone it learns
     those 200 labels' noise; distilled it learns how sure to be from the teacher."""
     dev = tiny_training.noisy_counting(2048, 1)
-    classify = train_lib.classification(2)
+    classify = objectives.classification(2)
     teacher_trainer, teacher_state, _ = _train(
         classify, _tiny(4), tiny_training.noisy_counting(4000, 7), 400
     )
@@ -163,7 +163,7 @@ def test_half_depth_student_learns_more_from_the_teacher_than_from_labels():
     teacher = jax.device_get(teacher_state.params)
     train = tiny_training.noisy_counting(200, 0)
     alone_trainer, alone, _ = _train(classify, _tiny(2), train, 300)
-    distilled = train_lib.task_distillation(classify, _tiny(4), temperature=2.0, alpha=0.9)
+    distilled = objectives.task_distillation(classify, _tiny(4), temperature=2.0, alpha=0.9)
     student_trainer, student, _ = _train(distilled, _tiny(2), train, 300, teacher)
     alone_accuracy = _accuracy(alone_trainer, alone.params, dev)
     student_accuracy = _accuracy(student_trainer, student.params, dev)
@@ -395,7 +395,7 @@ def _layerwise_run(objective, student_config, data, steps, teacher):
     """Trains a student with a layer-wise objective on `data` in order; returns the trainer,
     the state, the projection at the start, each step's layer-wise error and the last batch."""
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         student_config,
         optim.OptimConfig(learning_rate=3e-3, warmup_steps=10, total_steps=steps),
         mesh,
@@ -406,7 +406,7 @@ def _layerwise_run(objective, student_config, data, steps, teacher):
     n, errors = len(data["input_ids"]), []
     with jax.set_mesh(mesh):
         state = trainer.init(0)
-        start = jax.device_get(state.params[train_lib.OWN_PARAMS])
+        start = jax.device_get(state.params[objectives.OWN_PARAMS])
         for step in range(steps):
             rows = np.arange(step * 32, step * 32 + 32) % n
             batch = trainer.global_batch({k: v[rows] for k, v in data.items()})
@@ -423,13 +423,13 @@ def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_th
     falls to a fraction of its start."""
     data = tiny_training.noisy_counting(1024, 3)
     teacher_config = _tiny(4)
-    _, teacher_state, _ = _train(train_lib.classification(2), teacher_config, data, 100)
+    _, teacher_state, _ = _train(objectives.classification(2), teacher_config, data, 100)
     teacher = jax.device_get(teacher_state.params)
     student_config = dataclasses.replace(
         teacher_config, num_hidden_layers=2, hidden_size=32, intermediate_size=64
     )
-    objective = train_lib.task_distillation(
-        train_lib.classification(2),
+    objective = objectives.task_distillation(
+        objectives.classification(2),
         teacher_config,
         layerwise=1.0,
         prediction=False,
@@ -442,20 +442,20 @@ def test_tinybert_layers_stage_trains_the_projection_and_pulls_the_student_to_th
     with jax.set_mesh(trainer.mesh):  # the student alone predicts (the projection is no part)
         logits = trainer.predict_step(state.params, batch)
     assert logits.shape == (32, 2)
-    trained = jax.device_get(state.params[train_lib.OWN_PARAMS])
+    trained = jax.device_get(state.params[objectives.OWN_PARAMS])
     assert not np.allclose(trained["kernel"], start["kernel"])
     print(f"layer-wise error {errors[0]:.4f} -> {errors[-1]:.4f}")
     assert errors[-1] < 0.5 * errors[0]
     with pytest.raises(ValueError, match="choose a student depth that divides 4"):
-        train_lib.task_distillation(
-            train_lib.classification(2),
+        objectives.task_distillation(
+            objectives.classification(2),
             teacher_config,
             layerwise=1.0,
             student_config=dataclasses.replace(student_config, num_hidden_layers=3),
         )
     with pytest.raises(ValueError, match="give the student the teacher's head count"):
-        train_lib.task_distillation(
-            train_lib.classification(2),
+        objectives.task_distillation(
+            objectives.classification(2),
             teacher_config,
             layerwise=1.0,
             student_config=dataclasses.replace(student_config, num_attention_heads=2),
@@ -481,7 +481,7 @@ def test_general_layerwise_distillation_trains_a_narrower_student():
         teacher_config, num_hidden_layers=1, hidden_size=32, intermediate_size=64
     )
     teacher = jax.device_get(models.split_params(models.create_model(teacher_config, 1))[1])
-    objective = train_lib.pretraining_distillation(
+    objective = objectives.pretraining_distillation(
         teacher_config, alpha_cos=0.0, layerwise=1.0, student_config=student_config
     )
     rng = np.random.default_rng(0)
@@ -502,7 +502,7 @@ def test_general_layerwise_distillation_trains_a_narrower_student():
         eval_sums = trainer.eval_step(state.params, batch)  # the student's own loss
     assert np.isfinite(float(eval_sums["mlm_loss_sum"]))
     assert start["kernel"].shape == (32, 64)
-    trained = jax.device_get(state.params[train_lib.OWN_PARAMS])
+    trained = jax.device_get(state.params[objectives.OWN_PARAMS])
     assert not np.allclose(trained["kernel"], start["kernel"])
     print(f"layer-wise error {errors[0]:.4f} -> {errors[-1]:.4f}")
     assert errors[-1] < 0.5 * errors[0]

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from cli import ROOT, SENTENCES, one_error_line, start, train_args, train_env, wait_for
 
-from bert_jax import axes, checkpoint, cli, files, models, optim, run_files, sharding, train_lib
+from bert_jax import axes, checkpoint, cli, files, models, optim, run_files, sharding, training
 from bert_jax.data import tokenization
 
 STEPS = 30
@@ -234,7 +234,7 @@ CONFIG = models.BertConfig.named("L-2_H-128", vocab_size=256, max_position_embed
 def _trainer(mesh_config=None, name="adamw"):
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     config = optim.OptimConfig(name=name, warmup_steps=1, total_steps=10)
-    return train_lib.create_trainer(CONFIG, config, mesh, axes.DEFAULT_RULES), mesh
+    return training.create_trainer(CONFIG, config, mesh, axes.DEFAULT_RULES), mesh
 
 
 def _batch():

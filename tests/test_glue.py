@@ -190,7 +190,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
     import torch
     import transformers
 
-    from bert_jax import train_lib
+    from bert_jax import objectives
 
     torch.manual_seed(0)
     hf = transformers.BertForSequenceClassification(
@@ -238,7 +238,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
             ).logits.numpy()[0]
         np.testing.assert_allclose(ours[i], ref, atol=1e-5, rtol=0, err_msg=f"example {i}")
 
-    objective = train_lib.classification(3)
+    objective = objectives.classification(3)
 
     def grads(batch):
         def loss(p):

@@ -100,7 +100,7 @@ def test_splash_attention_kernel_matches_the_xla_path():
     sharded over 8: the same outputs, loss and update as jax.nn.dot_product_attention."""
     import dataclasses
 
-    from bert_jax import axes, optim, sharding, train_lib
+    from bert_jax import axes, optim, sharding, training
     from bert_jax.tasks import glue
 
     xla = models.BertConfig(
@@ -153,7 +153,7 @@ def test_splash_attention_kernel_matches_the_xla_path():
     mesh = sharding.make_mesh(sharding.MeshConfig())
     results = []
     for config in (xla, splash):
-        trainer = train_lib.create_trainer(
+        trainer = training.create_trainer(
             config, optim.OptimConfig(warmup_steps=1, total_steps=10), mesh, axes.DEFAULT_RULES
         )
         with jax.set_mesh(mesh):

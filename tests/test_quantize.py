@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from bert_jax import convert, models, sharding, train_lib
+from bert_jax import convert, models, objectives, sharding
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hf_reference  # noqa: E402
@@ -89,7 +89,7 @@ def test_a_trained_model_keeps_its_outputs_and_dev_accuracy_in_int8():
     weights and for int8 weights with int8 activations; the same trained weights."""
     config = tiny_training.config(40, 24)
     dev = tiny_training.noisy_counting(2048, 1)
-    objective = train_lib.classification(2)
+    objective = objectives.classification(2)
     logits, params = tiny_training.train_and_predict(
         objective,
         config,
@@ -171,7 +171,7 @@ def test_quantization_aware_training_becomes_the_int8_model_it_saw():
     config = dataclasses.replace(tiny_training.config(40, 24), quantization="int8-aware")
     dev = tiny_training.noisy_counting(1024, 1)
     logits, params = tiny_training.train_and_predict(
-        train_lib.classification(2),
+        objectives.classification(2),
         config,
         tiny_training.noisy_counting(4000, 7),
         dev,

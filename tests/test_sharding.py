@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bert_jax import axes, models, optim, sharding, train_lib
+from bert_jax import axes, models, optim, sharding, training
 
 TINY = models.BertConfig.named(
     "L-2_H-128",
@@ -34,7 +34,7 @@ def _batch(seed=0, batch_size=8, length=32, preds=5):
 
 
 def _train(mesh, steps=3):
-    trainer = train_lib.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
+    trainer = training.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
     losses = []
     with jax.set_mesh(mesh):
         state = trainer.init(0)
@@ -103,13 +103,13 @@ def _flat_specs(params):
 
 def test_partition_specs_follow_the_golden_table():
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
-    trainer = train_lib.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
+    trainer = training.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
     with jax.set_mesh(mesh):
         state = trainer.init(0)
     specs = _flat_specs(state.params)
     assert specs == {k: P(*v) for k, v in GOLDEN_2x2x2.items()}
     data_parallel = sharding.make_mesh(sharding.MeshConfig(8, 1, 1))
-    trainer = train_lib.create_trainer(TINY, OPTIM, data_parallel, axes.DEFAULT_RULES)
+    trainer = training.create_trainer(TINY, OPTIM, data_parallel, axes.DEFAULT_RULES)
     with jax.set_mesh(data_parallel):
         replicated = _flat_specs(trainer.init(0).params)
     assert all(all(a is None for a in spec) for spec in replicated.values())
@@ -131,7 +131,7 @@ def test_fsdp_divides_parameter_and_optimizer_memory():
         ("single", sharding.make_mesh(sharding.MeshConfig(1, 1, 1), devices=jax.devices()[:1])),
         ("fsdp", sharding.make_mesh(sharding.MeshConfig(1, 8, 1))),
     ):
-        trainer = train_lib.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
+        trainer = training.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
         with jax.set_mesh(mesh):
             state = trainer.init(0)
         sizes[name] = _bytes_on_first_device((state.params, state.opt_state))
@@ -143,7 +143,7 @@ def test_bad_meshes_are_rejected_before_compiling():
         sharding.make_mesh(sharding.MeshConfig(3, 2, 1))
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 4))
     with pytest.raises(ValueError, match=r"heads dimension \(2\) is not divisible by 4"):
-        train_lib.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
+        training.create_trainer(TINY, OPTIM, mesh, axes.DEFAULT_RULES)
     mesh = sharding.make_mesh(sharding.MeshConfig(-1, 1, 1))
     with pytest.raises(ValueError, match="not divisible by the data-parallel degree 8"):
         sharding.global_batch(_batch(batch_size=12), mesh, axes.DEFAULT_RULES)

@@ -275,7 +275,7 @@ def _marked_examples(rng, n, prefix):
 def test_a_tiny_model_learns_a_marked_span(tokenizer):
     """BertForQuestionAnswering trained by the shared train step on windows of 32 (contexts
     longer than a window included) finds held-out answers: >= 90% exact match."""
-    from bert_jax import train_lib
+    from bert_jax import objectives
 
     rng = np.random.default_rng(0)
     train, held_out = _marked_examples(rng, 512, "t"), _marked_examples(rng, 100, "h")
@@ -284,7 +284,7 @@ def test_a_tiny_model_learns_a_marked_span(tokenizer):
     assert len(features) > len(train)  # some contexts need two windows
     test = squad.make_features(held_out, tokenizer, windows)
     starts, ends = tiny_training.train_and_predict(
-        train_lib.QUESTION_ANSWERING,
+        objectives.QUESTION_ANSWERING,
         tiny_training.config(len(WORDS) + 5, 32),
         features.inputs(),
         test.inputs(),

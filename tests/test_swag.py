@@ -81,14 +81,14 @@ def _choices(rng, n):
 def test_a_tiny_model_learns_a_choice_the_text_decides(tokenizer):
     """BertForMultipleChoice trained by the shared train step on [B, 4, L] batches: >= 90%
     held-out accuracy."""
-    from bert_jax import train_lib
+    from bert_jax import objectives
 
     rng = np.random.default_rng(0)
     train, held_out = _choices(rng, 512), _choices(rng, 128)
     features = swag.make_features(train, tokenizer, 16)
     assert features["input_ids"].shape == (512, 4, 16)
     logits = tiny_training.train_and_predict(
-        train_lib.multiple_choice(),
+        objectives.multiple_choice(),
         tiny_training.config(65, 16),
         features,
         swag.make_features(held_out, tokenizer, 16),

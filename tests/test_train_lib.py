@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax import axes, models, optim, sharding, train_lib
+from bert_jax import axes, models, optim, sharding, training
 
 CONFIG = models.BertConfig(
     vocab_size=64,
@@ -42,7 +42,7 @@ def _batch(batch_size=8, length=16, preds=4, seed=0):
 def _trainer(mesh_config=None, **optim_kw):
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     kw = dict(learning_rate=3e-3, warmup_steps=10, total_steps=300) | optim_kw
-    return train_lib.create_trainer(CONFIG, optim.OptimConfig(**kw), mesh, axes.DEFAULT_RULES), mesh
+    return training.create_trainer(CONFIG, optim.OptimConfig(**kw), mesh, axes.DEFAULT_RULES), mesh
 
 
 def test_overfits_one_batch_to_near_zero_mlm_loss():

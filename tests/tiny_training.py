@@ -5,7 +5,7 @@ tests share (with `noisy_counting`, a task whose labels carry annotator-like noi
 import jax
 import numpy as np
 
-from bert_jax import axes, models, optim, sharding, train_lib
+from bert_jax import axes, models, objectives, optim, sharding, training
 
 
 def config(vocab_size: int, max_len: int) -> models.BertConfig:
@@ -37,7 +37,7 @@ def noisy_counting(n: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def train_and_predict(
-    objective: train_lib.Objective,
+    objective: objectives.Objective,
     model_config: models.BertConfig,
     train: dict[str, np.ndarray],
     test: dict[str, np.ndarray],
@@ -56,7 +56,7 @@ def train_and_predict(
     host, many queued steps over 8 simulated devices can starve a collective's rendezvous).
     `with_params`: also the trained parameters (on the host)."""
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    trainer = train_lib.create_trainer(
+    trainer = training.create_trainer(
         model_config,
         optim.OptimConfig(learning_rate=learning_rate, warmup_steps=warmup, total_steps=steps),
         mesh,

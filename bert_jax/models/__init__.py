@@ -4,7 +4,7 @@
 (embeddings, the stacked, shared or unrolled Transformer layers, the pooler) and `heads.py`
 (pretraining, masked LM, sequence and token classification, multiple choice, question
 answering); this module re-exports them and holds the functional helpers: `split_params`
-once, then `merge_params` inside pure jitted functions (see `train_lib`).
+once, then `merge_params` inside pure jitted functions (see `bert_jax.training`).
 """
 
 import dataclasses

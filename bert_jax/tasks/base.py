@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_jax import train_lib
+from bert_jax import objectives
 
 
 @dataclasses.dataclass
@@ -70,7 +70,7 @@ class Task(abc.ABC):
         loaded."""
 
     @abc.abstractmethod
-    def objective(self, dropout: float | None) -> train_lib.Objective: ...
+    def objective(self, dropout: float | None) -> objectives.Objective: ...
 
     def feature_specs(self, settings: Settings) -> dict[str, tuple[tuple[int, ...], Any]]:
         """One example's features as (shape, dtype): what compiling the task's steps for a

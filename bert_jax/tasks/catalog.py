@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from bert_jax import files, train_lib
+from bert_jax import files, objectives
 from bert_jax.tasks import base, conll, glue, squad, swag
 
 
@@ -48,7 +48,7 @@ class GlueTask(base.Task):
         self.published = published
 
     def objective(self, dropout):
-        return train_lib.classification(self.num_labels, classifier_dropout=dropout)
+        return objectives.classification(self.num_labels, classifier_dropout=dropout)
 
     def _target_specs(self, settings):
         return {"label": ((), np.dtype(np.float32 if self.glue.is_regression else np.int32))}
@@ -137,7 +137,7 @@ class SquadTask(base.Task):
         self.files = {s: f"{s}-v{version}.json" for s in ("train", "dev")}
 
     def objective(self, dropout):
-        return train_lib.QUESTION_ANSWERING
+        return objectives.QUESTION_ANSWERING
 
     def _target_specs(self, settings):
         position = ((), np.dtype(np.int32))
@@ -241,7 +241,7 @@ class Conll2003Task(base.Task):
         self.label_names = self.labels
 
     def objective(self, dropout):
-        return train_lib.token_classification(self.num_labels, classifier_dropout=dropout)
+        return objectives.token_classification(self.num_labels, classifier_dropout=dropout)
 
     def _target_specs(self, settings):
         length = (settings.max_seq_length,)
@@ -335,7 +335,7 @@ class SwagTask(base.Task):
     num_labels = 1
 
     def objective(self, dropout):
-        return train_lib.multiple_choice(classifier_dropout=dropout)
+        return objectives.multiple_choice(classifier_dropout=dropout)
 
     def feature_specs(self, settings):
         row = ((len(swag.ENDINGS), settings.max_seq_length), np.dtype(np.int32))
@@ -508,7 +508,7 @@ class ClassifyTask(base.Task):
         return base.problems_of(*(functools.partial(read, s) for s in ("train", "dev", "test")))
 
     def objective(self, dropout):
-        return train_lib.classification(self.num_labels, classifier_dropout=dropout)
+        return objectives.classification(self.num_labels, classifier_dropout=dropout)
 
     def load(self, settings, tokenizer):
         labels = self._labels(settings)
