@@ -36,7 +36,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bert_jax import (
-    aot,
     axes,
     checkpoint,
     cli,
@@ -44,11 +43,11 @@ from bert_jax import (
     files,
     models,
     objectives,
-    planner,
     run_files,
     sharding,
     training,
 )
+from bert_jax.compile import aot, planner
 from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base as tasks

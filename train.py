@@ -32,18 +32,17 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bert_jax import (  # noqa: E402
-    aot,
     axes,
     checkpoint,
     convert,
     files,
     models,
     objectives,
-    planner,
     run_files,
     sharding,
     training,
 )
+from bert_jax.compile import aot, planner  # noqa: E402
 from bert_jax.data import input_pipeline, pretraining_data  # noqa: E402
 from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
 from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402

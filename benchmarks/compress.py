@@ -40,7 +40,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bert_jax import analysis, axes, losses, models, objectives, optim, sharding, training  # noqa: E402
+from bert_jax import axes, losses, models, objectives, optim, sharding, training  # noqa: E402
+from bert_jax.tools import analysis  # noqa: E402
 
 VOCAB, LENGTH = 40, 24
 

@@ -5,7 +5,7 @@ r"""Feature extraction over long inputs: throughput and peak memory, against a p
 A small BERT (random weights, built from a config with `transformers` and saved as a Hugging
 Face directory) and a generated text file of `--lines` lines (8 to 24 words, a tenth of them
 `A ||| B` pairs). Each measurement is a fresh process, so its peak resident memory is its own:
-- bert_jax: `python -m bert_jax.extract` writing an ArrayRecord file (last layer, first-piece
+- bert_jax: `python -m bert_jax.tools.extract` writing an ArrayRecord file (last layer, first-piece
   word vectors, [CLS] and mean vectors), at `--lines` and at a tenth of them: memory that does
   not grow with the input shows as a ratio near 1;
 - the peer: the same model in PyTorch `transformers` (`BertModel`, hidden states of the last
@@ -111,7 +111,7 @@ def main():
                     [
                         sys.executable,
                         "-m",
-                        "bert_jax.extract",
+                        "bert_jax.tools.extract",
                         f"--model=hf:{model_dir}",
                         f"--input={path}",
                         f"--output={out}",

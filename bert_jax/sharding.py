@@ -25,7 +25,7 @@ Rules = axes.Rules
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1 to take the devices the others leave. `auto`:
     the entry point chooses the sizes (with remat and accumulation) by compiling candidates
-    for the devices at start (`bert_jax.planner`)."""
+    for the devices at start (`bert_jax.compile.planner`)."""
 
     data: int = -1
     fsdp: int = 1

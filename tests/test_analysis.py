@@ -10,7 +10,8 @@ import torch
 import transformers
 from test_extract import VOCAB, _hf_model
 
-from bert_jax import analysis, axes, convert, models, objectives, optim, sharding, training
+from bert_jax import axes, convert, models, objectives, optim, sharding, training
+from bert_jax.tools import analysis
 
 TINY = dict(
     vocab_size=40,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from cli import ROOT
 
-from bert_jax import aot, axes, models, planner, sharding, training
+from bert_jax import axes, models, sharding, training
+from bert_jax.compile import aot, planner
 from bert_jax.data import pretraining_data
 from bert_jax.optim import OptimConfig
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from bert_jax import extract, sharding
+from bert_jax import sharding
+from bert_jax.tools import extract
 
 VOCAB = (
     "[PAD] [UNK] [CLS] [SEP] [MASK] the cat sat on mat play ##ing ##ed un ##believ ##able "

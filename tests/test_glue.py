@@ -386,9 +386,9 @@ def test_fine_tuning_learns_a_task_determined_by_the_text(tmp_path):
 
 def _int8_run_evaluates_and_predicts(tmp_path, run, cfg, mesh):
     """The fine-tuned run quantized by the command line: a quarter of the bytes on disk, and
-    finetune.py's evaluation (num_epochs=0) and bert_jax.predict read it like any model."""
-    from bert_jax import predict
+    finetune.py's evaluation (num_epochs=0) and bert_jax.tools.predict read it like any model."""
     from bert_jax.convert import __main__ as convert_cli
+    from bert_jax.tools import predict
 
     out = tmp_path / "int8"
     convert_cli.main(["quantize", run["directory"], str(out)])

@@ -1,4 +1,4 @@
-"""`python -m bert_jax.predict`: fill-mask against `transformers`' fill-mask pipeline, next
+"""`python -m bert_jax.tools.predict`: fill-mask against `transformers`' fill-mask pipeline, next
 sentence against its NSP head, and the command line on a file, stdin and one line."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from bert_jax import predict
+from bert_jax.tools import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "home", "un", "##believ", "##able"]
@@ -81,7 +81,7 @@ def test_command_line_streams_json_lines(tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("\n".join(LINES) + "\n")
     env = {**os.environ, "PYTHONPATH": ROOT}
-    base = [sys.executable, "-m", "bert_jax.predict", "fill-mask", f"--model=hf:{directory}"]
+    base = [sys.executable, "-m", "bert_jax.tools.predict", "fill-mask", f"--model=hf:{directory}"]
     run = subprocess.run(
         [*base, f"--input={lines}", f"--output={tmp_path / 'out.jsonl'}", "--top_k=3"],
         capture_output=True, text=True, env=env, cwd=tmp_path,

@@ -140,7 +140,7 @@ def test_a_trained_model_keeps_its_outputs_and_dev_accuracy_in_int8():
 def test_a_pruned_model_quantizes_layer_by_layer():
     """Pruned heads leave layers of different sizes (one module each, no scan): each layer's
     weights get their own scales, and the int8 model computes what its float values give."""
-    from bert_jax import analysis
+    from bert_jax.tools import analysis
 
     config = models.BertConfig(**SIZES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     cls = functools.partial(models.BertForSequenceClassification, num_labels=2)

@@ -265,14 +265,14 @@ def test_finetune_and_the_tools_read_and_write_a_bucket(gcs, tmp_path):
         files.copy(f"{run}/{relpath}", str(local_run / relpath))
     files.atomic_write(f"{bucket}/lines.txt", b"w1 good w2\nw3 bad\ngood w5 w6 w7\n")
     (tmp_path / "lines.txt").write_bytes(files.read_bytes(f"{bucket}/lines.txt"))
-    predict = ["-m", "bert_jax.predict", "classify"]
+    predict = ["-m", "bert_jax.tools.predict", "classify"]
     _tool([*predict, f"--model={run}", f"--input={bucket}/lines.txt",
            f"--output={bucket}/answers.jsonl"], work)  # fmt: skip
     _tool([*predict, f"--model={local_run}", f"--input={tmp_path / 'lines.txt'}",
            f"--output={tmp_path / 'answers.jsonl'}"], work)  # fmt: skip
     answers = files.read_bytes(f"{bucket}/answers.jsonl")
     assert answers == (tmp_path / "answers.jsonl").read_bytes() and answers.count(b"\n") == 3
-    extract = ["-m", "bert_jax.extract", "--layers=-1", "--max_seq_length=16"]
+    extract = ["-m", "bert_jax.tools.extract", "--layers=-1", "--max_seq_length=16"]
     _tool([*extract, f"--model={run}", f"--input={bucket}/lines.txt",
            f"--output={bucket}/features.jsonl"], work)  # fmt: skip
     assert files.read_bytes(f"{bucket}/features.jsonl").count(b"\n") == 3

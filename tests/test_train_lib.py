@@ -72,7 +72,7 @@ def test_overfits_one_batch_to_near_zero_mlm_loss():
     ],
 )
 def test_gradient_accumulation_equals_the_full_batch(mesh_config, batch_size):
-    from bert_jax import aot
+    from bert_jax.compile import aot
 
     batch = _batch(batch_size=batch_size)
     results, all_reduces = [], []

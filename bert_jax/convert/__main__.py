@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         if args.command == "quantize":
             params = jax.device_get(loaded.params)
-            # A fine-tuned run's task and label names go with it (bert_jax.predict reads them).
+            # A fine-tuned run's task and label names go with it (tools.predict reads them).
             extra = read_json(os.path.join(path, "config.json")) if run else {}
             extra["quantized_from"] = args.source
             write_run(

@@ -377,7 +377,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
     if hf.get("pruned_heads"):
         raise ValueError(
             f"{source} describes a model with pruned heads ({hf['pruned_heads']}); import the "
-            f"unpruned model and prune it with `python -m bert_jax.analysis prune`"
+            f"unpruned model and prune it with `python -m bert_jax.tools.analysis prune`"
         )
     fields = {f.name for f in dataclasses.fields(BertConfig)} - {
         *RUN_FIELDS,
@@ -410,7 +410,7 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
         raise ValueError(
             "a model with pruned heads has layers of different sizes, which the Hugging Face "
             "export does not write; export the model before pruning, or use it as a bert_jax "
-            "workdir (init_from, finetune.py, bert_jax.extract)"
+            "workdir (init_from, finetune.py, bert_jax.tools.extract)"
         )
     skip = (*RUN_FIELDS, "share_layers", "pruned_heads", "quantization")
     if not albert:

@@ -1,7 +1,7 @@
 """Features from a trained encoder, streamed: per-word vectors of chosen layers, the pooled
 [CLS] vector and the mean-pooled sentence vector, for every line of a text file.
 
-    python -m bert_jax.extract --model=hf:/models/bert-base-cased --input=sentences.txt \
+    python -m bert_jax.tools.extract --model=hf:/models/bert-base-cased --input=sentences.txt \
         --output=features.jsonl --layers=-1,-2,-3,-4 --pooling=first
 
 A line is one sentence, or a pair `A ||| B` (as the original `extract_features.py`). Words are
@@ -430,7 +430,7 @@ def _batch(chunk, tokenizer, max_seq_length, batch_size) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.extract", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.extract", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")
     parser.add_argument("--input", required=True, help="text file: a sentence or A ||| B a line")

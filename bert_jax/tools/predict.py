@@ -1,9 +1,9 @@
 """Ask a model from the command line: JSON lines out, one per input line.
 
-    python -m bert_jax.predict fill-mask --model=hf:/models/bert-base-uncased \
+    python -m bert_jax.tools.predict fill-mask --model=hf:/models/bert-base-uncased \
         --text="The capital of France is [MASK]."
-    python -m bert_jax.predict fill-mask --model=workdir/tiny --input=lines.txt --top_k=10
-    echo "He went home. ||| He slept." | python -m bert_jax.predict next-sentence --model=...
+    python -m bert_jax.tools.predict fill-mask --model=workdir/tiny --input=lines.txt --top_k=10
+    echo "He went home. ||| He slept." | python -m bert_jax.tools.predict next-sentence --model=...
 
 `--model` takes what `--config.init_from` takes: `hf:DIR`, `tf:DIR` or a bert_jax workdir.
 Input: `--text` (one line), `--input` (a file, read as a stream) or stdin; lines are batched
@@ -293,7 +293,7 @@ class Predictor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.predict", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.predict", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")

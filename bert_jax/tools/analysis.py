@@ -1,13 +1,15 @@
 """Looking inside a trained encoder: what each attention head attends to, how much each head
 matters, and pruning the heads that do not.
 
-    python -m bert_jax.analysis attention-stats --model=M --input=lines.txt --output=stats.json
-    python -m bert_jax.analysis heatmap --model=M --text="The cat sat." --heads=0:0,11:3 \
+    python -m bert_jax.tools.analysis attention-stats --model=M --input=lines.txt \
+        --output=stats.json
+    python -m bert_jax.tools.analysis heatmap --model=M --text="The cat sat." --heads=0:0,11:3 \
         --output=attention.png
-    python -m bert_jax.analysis head-importance --model=M --input=lines.txt --output=imp.json
-    python -m bert_jax.analysis head-importance --model=FINETUNED --task=rte --data_dir=glue \
+    python -m bert_jax.tools.analysis head-importance --model=M --input=lines.txt --output=imp.json
+    python -m bert_jax.tools.analysis head-importance --model=FINETUNED --task=rte --data_dir=glue \
         --output=imp.json
-    python -m bert_jax.analysis prune --model=M --importance=imp.json --fraction=0.3 --output=DIR
+    python -m bert_jax.tools.analysis prune --model=M --importance=imp.json --fraction=0.3 \
+        --output=DIR
 
 `M` is `hf:DIR`, `tf:DIR` or a bert_jax workdir. Lines are sentences or `A ||| B` pairs.
 
@@ -35,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, extract, files, models, sharding
+from bert_jax import axes, cli, convert, files, models, sharding
 from bert_jax.models import BertConfig, Params
 from bert_jax.tasks import glue
+from bert_jax.tools import extract
 
 STATISTICS = ("entropy", "to_cls", "to_sep", "to_prev", "to_next", "to_self")
 
@@ -423,7 +426,7 @@ def _glue_batches(features: dict[str, np.ndarray], batch_size: int):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.analysis", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.analysis", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("attention-stats", "heatmap", "head-importance", "prune"):

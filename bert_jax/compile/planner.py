@@ -1,5 +1,5 @@
 """The memory and mesh planner: which mesh, remat policy and micro-batch a run should use on
-a device target, decided by compiling the candidates (`bert_jax.aot`), not by a formula.
+a device target, decided by compiling the candidates (`bert_jax.compile.aot`), not by a formula.
 
 `compile_target` is what `train.py --topology=... [--plan]` and `finetune.py --topology=...`
 run: the steps of a run compiled for a target, optionally after the search, as one report.
@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from bert_jax import aot, objectives, sharding
+from bert_jax import objectives, sharding
+from bert_jax.compile import aot
 from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig
 
