@@ -48,10 +48,10 @@ from bert_jax import (
     training,
 )
 from bert_jax.compile import aot, planner
+from bert_jax.data import encoding
 from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base as tasks
-from bert_jax.tasks import glue
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -347,7 +347,7 @@ class Run:
         """The examples of each of the run's `total` steps (a new shuffle each epoch, the
         last partial batch dropped, as the original does), and for packed batches the row
         count of each: every batch's need is known before the first step, so that the run
-        compiles one or two shapes (`glue.row_counts`) that fit every batch."""
+        compiles one or two shapes (`encoding.row_counts`) that fit every batch."""
         rng, order, batches = np.random.default_rng(self.seed), np.empty(0, np.int64), []
         size = self.cfg.batch_size
         while len(batches) < total:
@@ -361,9 +361,9 @@ class Run:
         lengths = features["input_mask"].sum(axis=1)
         width = features["input_ids"].shape[1]
         needs = [
-            len(glue.pack_rows(lengths[b], width, self.cfg.pack_max_examples)) for b in batches
+            len(encoding.pack_rows(lengths[b], width, self.cfg.pack_max_examples)) for b in batches
         ]
-        counts = glue.row_counts(needs, self.data_parallel)
+        counts = encoding.row_counts(needs, self.data_parallel)
         return batches, [min(c for c in counts if c >= need) for need in needs]
 
     def packed_split(self, features: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, int]:
@@ -375,12 +375,12 @@ class Run:
         if key not in self.packed_splits:
             n, width = features["input_ids"].shape
             lengths = features["input_mask"].sum(axis=1)
-            needed = len(glue.pack_rows(lengths, width, self.cfg.pack_max_examples))
+            needed = len(encoding.pack_rows(lengths, width, self.cfg.pack_max_examples))
             if not self.eval_rows:
                 per = -(-needed * self.cfg.eval_batch_size // n)
                 self.eval_rows = -(-per // self.data_parallel) * self.data_parallel
             per = self.eval_rows
-            packed = glue.pack(
+            packed = encoding.pack(
                 features,
                 self.cfg.pack_max_examples,
                 self.data_parallel,
@@ -406,7 +406,7 @@ class Run:
                 )
                 for i in range(0, len(source), per)
             ]
-            return glue.unpack(np.concatenate(outputs), source, n)
+            return encoding.unpack(np.concatenate(outputs), source, n)
         outputs, b = [], self.cfg.eval_batch_size
         for start in range(0, n, b):
             real = min(b, n - start)
@@ -448,7 +448,7 @@ class Run:
         while step < total:
             host = {k: v[batches[step]] for k, v in train.items()}
             if self.pack:
-                host = glue.pack(
+                host = encoding.pack(
                     host, cfg.pack_max_examples, self.data_parallel, rows=row_counts[step]
                 )
                 del host["source"]

@@ -8,7 +8,7 @@ batches of `--batch` examples whose lengths in pieces, [CLS] and [SEP] included,
 uniformly from [min_tokens, max_tokens] (8-64: sentences and sentence pairs of SST-2 / MNLI
 size), in three ways, one after the other on the same batches, A B C A B C:
 - `padded`: bert_jax, one example per row of `--max_len`, as `run_classifier.py` does;
-- `packed`: bert_jax, `glue.pack` (finetune.py's default): several examples to a row, kept
+- `packed`: bert_jax, `encoding.pack` (finetune.py's default): several examples to a row, kept
   apart by the attention mask, positions restarting at each example;
 - `torch`: `transformers` `BertForSequenceClassification` (PyTorch, SDPA attention) with each
   batch padded to its longest example (`DataCollatorWithPadding`, the Trainer's default).
@@ -65,7 +65,7 @@ class BertJax:
 
     def step(self, batch: dict) -> None:
         if self.packed:
-            batch = self.glue.pack(batch, self.max_per_row)
+            batch = self.encoding.pack(batch, self.max_per_row)
             batch.pop("source")
         self.rows.append(len(batch["input_ids"]))
         with self.jax.set_mesh(self.mesh):

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from sklearn import metrics as skm
 
 from bert_jax import convert, models, sharding
+from bert_jax.data import encoding
 from bert_jax.data.tokenization import WordPieceTokenizer
 from bert_jax.tasks import glue
 
@@ -87,7 +88,7 @@ def test_pair_packing_truncates_like_the_original(tmp_path):
         None,
         ["0", "1", "2"],
     )
-    f = glue.encode(examples, tok, 9)
+    f = encoding.encode(examples, tok, 9)
     cls, sep = tok.cls_id, tok.sep_id
     # Budget 6: (5, 3) -> pop the longer twice -> (3, 3); (4, 4) -> pop b on the tie, then a.
     assert f["input_ids"][0].tolist() == [
@@ -115,7 +116,7 @@ def test_pair_packing_truncates_like_the_original(tmp_path):
     assert f["segment_ids"][0].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1]
     assert f["input_ids"][2].tolist()[:5] == [cls, w["good"], sep, w["bad"], sep]
     assert f["input_mask"][2].tolist() == [1] * 5 + [0] * 4
-    single = glue.encode(
+    single = encoding.encode(
         glue.Examples(["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"], None, None, ["0"]), tok, 6
     )
     assert single["input_ids"][0].tolist() == [cls, w["w1"], w["w2"], w["w3"], w["w4"], sep]
@@ -137,7 +138,7 @@ def test_pack_places_every_example_once_within_its_row():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 17, 40)
     features = _features(lengths, 16, rng)
-    packed = glue.pack(features, max_per_row=4, row_multiple=2)
+    packed = encoding.pack(features, max_per_row=4, row_multiple=2)
     rows = len(packed["input_ids"])
     assert rows % 2 == 0 and rows >= -(-int(lengths.sum()) // 16)
     assert rows < 40  # fewer rows than examples: the point
@@ -154,34 +155,34 @@ def test_pack_places_every_example_once_within_its_row():
         assert packed["label"][r, slot] == features["label"][i]
     assert ((packed["example_ids"] > 0) == (packed["input_mask"] > 0)).all()
     logits = rng.normal(size=(rows, 4, 3))
-    back = glue.unpack(logits, packed["source"], 40)
+    back = encoding.unpack(logits, packed["source"], 40)
     r, slot = np.nonzero(packed["source"] == 7)
     np.testing.assert_array_equal(back[7], logits[r[0], slot[0]])
     with pytest.raises(ValueError, match="max_per_row=0"):
-        glue.pack(features, max_per_row=0)
+        encoding.pack(features, max_per_row=0)
 
 
 def test_packing_to_a_fixed_row_count_and_choosing_the_run_shapes():
     # Best fit by decreasing length: pairs that fill a row exactly end up together.
-    rows = glue.pack_rows(np.array([100, 28, 90, 38, 64, 64]), 128)
+    rows = encoding.pack_rows(np.array([100, 28, 90, 38, 64, 64]), 128)
     assert sorted(sorted(r) for r in rows) == [[0, 1], [2, 3], [4, 5]]
-    assert len(glue.pack_rows(np.full(10, 8), 128, max_per_row=4)) == 3  # 4 + 4 + 2
+    assert len(encoding.pack_rows(np.full(10, 8), 128, max_per_row=4)) == 3  # 4 + 4 + 2
     rng = np.random.default_rng(2)
     lengths = rng.integers(3, 17, 24)
     features = _features(lengths, 16, rng)
-    need = len(glue.pack_rows(lengths, 16, 4))
-    packed = glue.pack(features, max_per_row=4, row_multiple=2, rows=need + need % 2 + 2)
+    need = len(encoding.pack_rows(lengths, 16, 4))
+    packed = encoding.pack(features, max_per_row=4, row_multiple=2, rows=need + need % 2 + 2)
     assert len(packed["input_ids"]) == need + need % 2 + 2
     assert sorted(packed["source"][packed["source"] >= 0].tolist()) == list(range(24))
     assert (packed["input_mask"][need:].sum() == 0) and (packed["source"][need:] == -1).all()
     with pytest.raises(ValueError, match=f"need {need} rows"):
-        glue.pack(features, max_per_row=4, rows=need - 1)
+        encoding.pack(features, max_per_row=4, rows=need - 1)
     # Rows each batch needs -> the run's shapes: a second, smaller shape only where it saves
     # at least a tenth of the rows (hand-computed: 8 for all is 48 rows; 6 and 8 make 40).
-    assert glue.row_counts([5, 6, 6, 6, 7, 8]) == [6, 8]
-    assert glue.row_counts([7, 7, 7, 7, 7, 8]) == [7, 8]  # 43 of 48 rows: 10.4% saved
-    assert glue.row_counts([7, 8, 8, 8, 8, 8]) == [8]  # 47 of 48 rows: not worth a compile
-    assert glue.row_counts([5, 6, 6, 6, 7, 8], row_multiple=4) == [8]
+    assert encoding.row_counts([5, 6, 6, 6, 7, 8]) == [6, 8]
+    assert encoding.row_counts([7, 7, 7, 7, 7, 8]) == [7, 8]  # 43 of 48 rows: 10.4% saved
+    assert encoding.row_counts([7, 8, 8, 8, 8, 8]) == [8]  # 47 of 48 rows: not worth a compile
+    assert encoding.row_counts([5, 6, 6, 6, 7, 8], row_multiple=4) == [8]
 
 
 def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
@@ -214,7 +215,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
     rng = np.random.default_rng(1)
     lengths = [9, 3, 16, 5, 7, 4, 12, 6]
     features = _features(lengths, 16, rng)
-    packed = glue.pack(features, max_per_row=4)
+    packed = encoding.pack(features, max_per_row=4)
     assert len(packed["input_ids"]) == 4  # 62 tokens in 4 rows of 16, not 8
     graphdef, _ = models.split_params(
         models.abstract_model(
@@ -229,7 +230,7 @@ def test_packed_rows_give_each_example_its_own_logits_and_gradients(tmp_path):
         packed["segment_ids"],
         packing=models.Packing.from_batch(packed),
     )
-    ours = glue.unpack(np.asarray(logits), packed["source"], len(lengths))
+    ours = encoding.unpack(np.asarray(logits), packed["source"], len(lengths))
     for i, n in enumerate(lengths):
         with torch.no_grad():
             ref = hf(

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from bert_jax import convert, models
+from bert_jax.data import encoding
 
 TINY = dict(
     vocab_size=97,
@@ -101,7 +102,6 @@ def test_splash_attention_kernel_matches_the_xla_path():
     import dataclasses
 
     from bert_jax import axes, optim, sharding, training
-    from bert_jax.tasks import glue
 
     xla = models.BertConfig(
         **{**TINY, "max_position_embeddings": 128},
@@ -136,7 +136,7 @@ def test_splash_attention_kernel_matches_the_xla_path():
     # Packed classification rows.
     cls = models.BertForSequenceClassification
     graphdef, params = models.split_params(models.create_model(xla, 0, cls))
-    packed = glue.pack(
+    packed = encoding.pack(
         dict(input_ids=ids, input_mask=mask, segment_ids=segments, label=np.zeros(8, np.int32)),
         max_per_row=4,
     )

@@ -46,7 +46,7 @@ class Packing:
 
     @classmethod
     def from_batch(cls, batch: dict) -> "Packing | None":
-        """The packing of a batch made by `glue.pack`, or None for a batch of one example per
+        """The packing of a batch made by `encoding.pack`, or None for a batch of one example per
         row."""
         if "example_ids" not in batch:
             return None

@@ -22,7 +22,7 @@ def _run(model, batch, rng=None, deterministic=True, **outputs):
 
 def _head_logits(model, batch, rng=None, deterministic=True):
     """A task head's outputs without the encoder's: class logits [B, C] (or [B, K, C] for a
-    packed batch, `glue.pack`), token logits [B, L, C], choice logits [B, C], or QA's
+    packed batch, `encoding.pack`), token logits [B, L, C], choice logits [B, C], or QA's
     (start [B, L], end [B, L])."""
     *logits, _ = _run(model, batch, rng, deterministic)
     return logits[0] if len(logits) == 1 else tuple(logits)

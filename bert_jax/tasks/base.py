@@ -54,7 +54,7 @@ class Task(abc.ABC):
     num_labels: int = 2
     metrics: tuple[str, ...]  # the dev metrics reported (fractions), "score" selects
     dev_names: tuple[str, ...]
-    packable: bool = False  # several examples per row (`glue.pack`)
+    packable: bool = False  # several examples per row (`encoding.pack`)
     label_names: tuple[str, ...] = ()  # the head's outputs, where they are labels
     # BERT-Base figures from the papers, in percent: "metric" (the first dev split) or
     # "dev name/metric".

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 from bert_jax import files, objectives
+from bert_jax.data import encoding
 from bert_jax.tasks import base, conll, glue, squad, swag
 
 
@@ -79,7 +80,7 @@ class GlueTask(base.Task):
 
     def load(self, settings, tokenizer):
         def encode(examples):
-            return glue.encode(examples, tokenizer, settings.max_seq_length)
+            return encoding.encode(examples, tokenizer, settings.max_seq_length)
 
         train = self._read(settings, self.glue.split("train"), self.glue.folder)
         if settings.max_train_examples:
@@ -152,7 +153,7 @@ class SquadTask(base.Task):
         if settings.source != "tfds":
             return squad.read_squad(self._path(settings, split))
         name, tfds_split = f"squad/v{self.version}", {"train": "train", "dev": "validation"}[split]
-        source = glue.tfds_source(
+        source = encoding.tfds_source(
             name,
             tfds_split,
             settings.tfds_data_dir or None,
@@ -254,7 +255,7 @@ class Conll2003Task(base.Task):
         """The column file, or with `--config.source=tfds` TFDS `conll2003`; IOB1 as IOB2."""
         if settings.source != "tfds":
             return self._read_file(settings, split)
-        source = glue.tfds_source(
+        source = encoding.tfds_source(
             "conll2003",
             split,
             settings.tfds_data_dir or None,
@@ -515,7 +516,7 @@ class ClassifyTask(base.Task):
 
         def read(split):
             examples = read_classification(self._file(settings, split), labels)
-            features = glue.encode(examples, tokenizer, settings.max_seq_length)
+            features = encoding.encode(examples, tokenizer, settings.max_seq_length)
             features["label"] = np.maximum(features["label"], 0).astype(np.int32)
             return examples, features
 

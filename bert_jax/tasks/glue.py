@@ -16,7 +16,7 @@ import scipy.stats
 from sklearn import metrics as skm
 
 from bert_jax import files
-from bert_jax.data.tokenization import Tokenizer
+from bert_jax.data import encoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,25 +230,6 @@ def read_tsv(task: Task, split: Split, folder: str) -> Examples:
     return out
 
 
-def tfds_source(name: str, split: str, data_dir: str | None, instead: str):
-    """TFDS `name`'s `split` prepared as ArrayRecord, as a data source (no tensorflow).
-
-    Raises:
-      FileNotFoundError saying how to prepare it, or `instead` what else to read.
-    """
-    import tensorflow_datasets as tfds
-
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:
-        raise FileNotFoundError(
-            f"TFDS {name} split {split} is not prepared in "
-            f"{data_dir or '~/tensorflow_datasets'} ({type(e).__name__}: {str(e)[:200]}); "
-            f"prepare it with `tfds build {name} --file_format=array_record` (then pass "
-            f"--config.tfds_data_dir), or use {instead}"
-        ) from e
-
-
 def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
     """One split of `task` from TFDS `glue/<config>` prepared as ArrayRecord (no tensorflow).
 
@@ -256,7 +237,7 @@ def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
       FileNotFoundError saying how to prepare the data when it is not there.
     """
     config = "ax" if split is AX else task.tfds_config
-    source = tfds_source(
+    source = encoding.tfds_source(
         f"glue/{config}",
         split.tfds_split,
         data_dir,
@@ -283,153 +264,6 @@ def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
 
 
 AX_TEXT = ("premise", "hypothesis")
-
-
-def encode(examples: Examples, tokenizer: Tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
-    """`[CLS] A [SEP] B [SEP]` features, padded to `max_seq_length`; the pair is truncated as
-    the original `run_classifier.py` does (one token at a time from the longer text).
-
-    Returns:
-      input_ids, input_mask, segment_ids: [N, L] int32; label: [N] (int32 or float32; zeros
-      when unlabelled).
-    """
-    if max_seq_length < 3:
-        raise ValueError(f"max_seq_length={max_seq_length} leaves no room for [CLS] and [SEP]")
-    ids_a = tokenizer.encode_batch(examples.text_a)
-    ids_b = tokenizer.encode_batch(examples.text_b) if examples.text_b is not None else None
-    n = len(ids_a)
-    input_ids = np.zeros((n, max_seq_length), np.int32)
-    segment_ids = np.zeros((n, max_seq_length), np.int32)
-    input_mask = np.zeros((n, max_seq_length), np.int32)
-    cls, sep = tokenizer.cls_id, tokenizer.sep_id
-    for i in range(n):
-        a = list(ids_a[i])
-        b = list(ids_b[i]) if ids_b is not None else None
-        if b is None:
-            a = a[: max_seq_length - 2]
-            tokens, segments = [cls, *a, sep], [0] * (len(a) + 2)
-        else:
-            while len(a) + len(b) > max_seq_length - 3:
-                (a if len(a) > len(b) else b).pop()
-            tokens = [cls, *a, sep, *b, sep]
-            segments = [0] * (len(a) + 2) + [1] * (len(b) + 1)
-        input_ids[i, : len(tokens)] = tokens
-        segment_ids[i, : len(tokens)] = segments
-        input_mask[i, : len(tokens)] = 1
-    label = examples.labels if examples.labels is not None else np.zeros((n,), np.int32)
-    return dict(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids, label=label)
-
-
-def pack_rows(lengths: np.ndarray, width: int, max_per_row: int = 16) -> list[list[int]]:
-    """Places examples of `lengths` tokens into rows of `width`: best fit by decreasing
-    length (each example goes to the fullest row it fits in), at most `max_per_row` to a row.
-    Returns the examples of each row. O(examples x width), so that a whole split packs at once.
-    """
-    if max_per_row < 1:
-        raise ValueError(f"max_per_row={max_per_row} must be at least 1")
-    rows: list[list[int]] = []
-    room: list[int] = []
-    # by_room[c]: the rows with c tokens free and room for another example.
-    by_room: list[list[int]] = [[] for _ in range(width + 1)]
-    for i in np.argsort(-np.asarray(lengths), kind="stable"):
-        n = int(lengths[i])
-        r = next((by_room[c].pop() for c in range(n, width + 1) if by_room[c]), None)
-        if r is None:
-            r = len(rows)
-            rows.append([])
-            room.append(width)
-        rows[r].append(int(i))
-        room[r] -= n
-        if len(rows[r]) < max_per_row:
-            by_room[room[r]].append(r)
-    return rows
-
-
-def row_counts(needs: Sequence[int], row_multiple: int = 1, min_saving: float = 0.1) -> list[int]:
-    """The packed batch shapes of a run: given the rows each batch needs, one row count (the
-    largest need), or two when a smaller second one saves at least `min_saving` of the rows
-    (each shape compiles once). Counts are multiples of `row_multiple`."""
-    needs = [-(-n // row_multiple) * row_multiple for n in needs]
-    top = max(needs)
-    best, best_total = [top], top * len(needs)
-    for low in sorted(set(needs) - {top}):
-        total = sum(low if n <= low else top for n in needs)
-        if total <= (1 - min_saving) * top * len(needs) and total < best_total:
-            best, best_total = [low, top], total
-    return best
-
-
-def pack(
-    features: dict[str, np.ndarray],
-    max_per_row: int = 16,
-    row_multiple: int = 1,
-    rows: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Packs one-example-per-row features (`encode`) into fewer rows of several examples.
-
-    Short examples waste most of a padded row (an SST-2 sentence is about 25 of 128 tokens).
-    Here the examples are placed by `pack_rows` into rows of the same length; `models.Packing`
-    keeps them apart in the encoder, so each example's logits equal those of the example
-    alone. `rows` fixes the number of rows (empty rows pad; an error when the examples need
-    more); without it the count is rounded up to a multiple of an eighth of the unpacked count
-    (and of `row_multiple`, the data-parallel degree), so that packed batches take a few
-    distinct shapes only (each shape compiles once).
-
-    Returns:
-      input_ids, input_mask, segment_ids, example_ids (1, 2, ... per example, 0 for padding),
-      position_ids (from 0 at each example's [CLS]): [R, L] int32; cls_positions, label,
-      label_weights (1 for a real example) and source (the example's row in `features`, -1
-      for an unused slot): [R, max_per_row].
-    """
-    ids = features["input_ids"]
-    n, width = ids.shape
-    lengths = features["input_mask"].sum(axis=1).astype(np.int64)
-    placed = pack_rows(lengths, width, max_per_row)
-    if rows is None:
-        cap = -(-n // row_multiple) * row_multiple
-        step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
-        count = min(cap, -(-len(placed) // step) * step)
-    elif rows < len(placed) or rows % row_multiple:
-        raise ValueError(
-            f"rows={rows}: the examples need {len(placed)} rows, and the count must be a "
-            f"multiple of {row_multiple}"
-        )
-    else:
-        count = rows
-    label = features["label"]
-    out = {
-        name: np.zeros((count, width), np.int32)
-        for name in ("input_ids", "input_mask", "segment_ids", "example_ids", "position_ids")
-    }
-    out["cls_positions"] = np.zeros((count, max_per_row), np.int32)
-    out["label"] = np.zeros((count, max_per_row), label.dtype)
-    out["label_weights"] = np.zeros((count, max_per_row), np.float32)
-    out["source"] = np.full((count, max_per_row), -1, np.int32)
-    for r, members in enumerate(placed):
-        start = 0
-        for slot, i in enumerate(members):
-            end = start + int(lengths[i])
-            out["input_ids"][r, start:end] = ids[i, : end - start]
-            out["segment_ids"][r, start:end] = features["segment_ids"][i, : end - start]
-            out["input_mask"][r, start:end] = 1
-            out["example_ids"][r, start:end] = slot + 1
-            out["position_ids"][r, start:end] = np.arange(end - start)
-            out["cls_positions"][r, slot] = start
-            out["label"][r, slot] = label[i]
-            out["label_weights"][r, slot] = 1.0
-            out["source"][r, slot] = i
-            start = end
-    return out
-
-
-def unpack(outputs: np.ndarray, source: np.ndarray, n: int) -> np.ndarray:
-    """Per-slot outputs [R, K, ...] of packed rows -> [n, ...] in the original order."""
-    real = source >= 0
-    result = np.zeros((n, *outputs.shape[2:]), outputs.dtype)
-    result[source[real]] = outputs[real]
-    if np.bincount(source[real], minlength=n).min(initial=1) != 1:
-        raise ValueError("every example must sit in exactly one packed slot")
-    return result
 
 
 def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

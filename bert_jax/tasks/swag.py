@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bert_jax import files
+from bert_jax.data import encoding
 from bert_jax.tasks import glue
 
 ENDINGS = ("ending0", "ending1", "ending2", "ending3")
@@ -89,7 +90,7 @@ def make_features(
         None,
         [],
     )
-    flat = glue.encode(pairs, tokenizer, max_seq_length)
+    flat = encoding.encode(pairs, tokenizer, max_seq_length)
     out = {
         k: flat[k].reshape(len(examples), choices, max_seq_length)
         for k in ("input_ids", "input_mask", "segment_ids")

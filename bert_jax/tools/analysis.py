@@ -38,6 +38,7 @@ import numpy as np
 import tqdm
 
 from bert_jax import axes, cli, convert, files, models, sharding
+from bert_jax.data import encoding
 from bert_jax.models import BertConfig, Params
 from bert_jax.tasks import glue
 from bert_jax.tools import extract
@@ -225,7 +226,9 @@ def head_importance(
         examples = glue.read_tsv(
             glue_task, glue_task.split(split), os.path.join(data_dir, glue_task.folder)
         )
-        batches = _glue_batches(glue.encode(examples, loaded.tokenizer, max_seq_length), batch_size)
+        batches = _glue_batches(
+            encoding.encode(examples, loaded.tokenizer, max_seq_length), batch_size
+        )
     else:
         loaded, mesh = _load(model, mesh, max_seq_length, "BertForMaskedLM")
         model_cls = models.BertForMaskedLM
