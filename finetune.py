@@ -51,7 +51,7 @@ from bert_jax.compile import aot, planner
 from bert_jax.data import encoding
 from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
-from bert_jax.tasks import base as tasks
+from bert_jax.tasks import base, registry
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -104,8 +104,8 @@ class FinetuneConfig:
     checkpoint_every_steps: int = 500
     checkpoint_minutes: float = 10.0
 
-    def settings(self) -> tasks.Settings:
-        return tasks.Settings(
+    def settings(self) -> base.Settings:
+        return base.Settings(
             data_dir=self.data_dir,
             max_seq_length=self.max_seq_length,
             max_train_examples=self.max_train_examples,
@@ -126,7 +126,7 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
             "--config.init_from is required: hf:<Hugging Face directory>, tf:<original TF "
             "checkpoint directory> or a bert_jax pretraining workdir"
         )
-    names = tuple(tasks.task_names(cfg.tasks))
+    names = tuple(registry.task_names(cfg.tasks))
     if cfg.source not in ("tsv", "tfds"):
         raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
     if need_data and cfg.source == "tsv" and not files.isdir(cfg.data_dir or ""):
@@ -214,14 +214,14 @@ def check_data(cfg: FinetuneConfig) -> None:
     problem at once (a header-only dev file fails now, not after a training epoch)."""
     problems = []
     for name in cfg.tasks:
-        problems += tasks.get_task(name).check(cfg.settings())
+        problems += registry.get_task(name).check(cfg.settings())
     if problems:
         raise ValueError(
             f"{len(problems)} problem(s) in the task data:\n  - " + "\n  - ".join(problems)
         )
 
 
-def run_length(cfg: FinetuneConfig, task: tasks.Task, n: int) -> tuple[int, int]:
+def run_length(cfg: FinetuneConfig, task: base.Task, n: int) -> tuple[int, int]:
     """(steps per epoch, total steps) for `n` training examples; each epoch drops the last
     partial batch, as the original does."""
     steps_per_epoch = n // cfg.batch_size
@@ -525,7 +525,7 @@ def run_directory(workdir: str, task_name: str, lr: float, seed: int) -> str:
 
 
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
-    task = tasks.get_task(name)
+    task = registry.get_task(name)
     done = {
         (lr, seed): finished_run(run_directory(workdir, task.name, lr, seed))
         for lr in cfg.learning_rates
@@ -623,7 +623,7 @@ def _finished(workdir: str, task_name: str, lr: float, seed: int, result: dict) 
     return {"learning_rate": lr, "seed": seed, "directory": directory, **result}
 
 
-def _teacher(cfg: FinetuneConfig, task: tasks.Task, student, mesh) -> convert.Pretrained:
+def _teacher(cfg: FinetuneConfig, task: base.Task, student, mesh) -> convert.Pretrained:
     """The fine-tuned teacher of `--config.distill.teacher`, checked against the student
     before any training: its task head, its vocabulary (it reads the student's input ids)
     and its positions."""
@@ -651,7 +651,7 @@ def _teacher(cfg: FinetuneConfig, task: tasks.Task, student, mesh) -> convert.Pr
     return teacher
 
 
-def summarize_task(task: tasks.Task, runs: list[dict]) -> dict:
+def summarize_task(task: base.Task, runs: list[dict]) -> dict:
     """Per learning rate: median, mean and sample standard deviation over seeds of every dev
     metric; the chosen learning rate is the one with the best median GLUE score."""
     by_lr = {}
@@ -689,7 +689,7 @@ def results_table(results: dict, bert_base: bool) -> str:
         "|---|---|---|---|---|---|" + ("---|" if bert_base else ""),
     ]
     for name, res in results.items():
-        task = tasks.get_task(name)
+        task = registry.get_task(name)
         stats = res["by_learning_rate"][res["chosen_learning_rate"]]
         for split in task.dev_names:
             for metric in task.metrics:
@@ -747,14 +747,14 @@ def compile_for_topology(cfg: FinetuneConfig) -> None:
     settings = cfg.settings()
     groups: dict[tuple, list[str]] = {}  # tasks that compile the same programs
     for name in cfg.tasks:
-        task = tasks.get_task(name)
+        task = registry.get_task(name)
         task.prepare(settings)
         specs = task.feature_specs(settings)
         key = (task.architecture, task.num_labels, tuple(sorted(specs.items())))
         groups.setdefault(key, []).append(name)
     reports, tables = {}, []
     for (architecture, labels, specs), names in groups.items():
-        task = tasks.get_task(names[0])
+        task = registry.get_task(names[0])
         task.prepare(settings)
         setup = planner.Setup(
             model=model,

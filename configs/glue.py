@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # squad/v2.0 and conll2003 prepared as ArrayRecord (SWAG and your own data: files).
     config.source = "tsv"
     # Holds CoLA/, SST-2/, ..., diagnostic/ as the GLUE download does, and SQuAD/,
-    # CoNLL-2003/, SWAG/ (see bert_jax/tasks/catalog.py).
+    # CoNLL-2003/, SWAG/ (see bert_jax/tasks/registry.py).
     config.data_dir = ""
     config.tfds_data_dir = ""  # Empty: ~/tensorflow_datasets.
     config.max_seq_length = 128

@@ -307,7 +307,7 @@ def test_head_importance_on_a_glue_task(tmp_path):
     # The mean loss is the classifier's dev loss, which transformers computes the same way.
     from bert_jax.tasks import glue
 
-    task = glue.get_task("rte")
+    task = glue.get_spec("rte")
     examples = glue.read_tsv(task, task.split("dev"), str(tmp_path / "glue" / "RTE"))
     tok = transformers.BertTokenizerFast(f"{directory}/vocab.txt")
     enc = tok(

@@ -610,7 +610,7 @@ def test_o6_finetune_data_is_checked_whole_before_compiling(tmp_path):
     import glue_data
 
     import finetune
-    from bert_jax.tasks import base as tasks
+    from bert_jax.tasks import registry
 
     glue_data.write_glue(tmp_path / "glue", n=6)
     (tmp_path / "glue/SST-2/test.tsv").unlink()  # a user's own data: train and dev only
@@ -623,7 +623,7 @@ def test_o6_finetune_data_is_checked_whole_before_compiling(tmp_path):
     assert "RTE/dev.tsv has a header but no examples" in str(raised.value)
     assert "CoLA/dev.tsv is empty" in str(raised.value)
     finetune.check_data(dataclasses.replace(cfg, tasks=("sst2",)))
-    assert tasks.get_task("sst2").test_splits(cfg.settings()) == []
+    assert registry.get_task("sst2").test_splits(cfg.settings()) == []
 
 
 def test_cli_errors_are_one_line_with_an_exit_status(capsys):

@@ -509,7 +509,7 @@ def test_bad_input_gets_clear_errors(tmp_path):
     glue_data.write_glue(tmp_path / "glue", n=6)
     sst2 = glue.TASKS["sst2"]
     with pytest.raises(ValueError, match="unknown GLUE task 'sst3'"):
-        glue.get_task("sst3")
+        glue.get_spec("sst3")
     with pytest.raises(FileNotFoundError, match=r"nowhere/SST-2/train.tsv does not exist"):
         glue.read_tsv(sst2, sst2.split("train"), str(tmp_path / "nowhere" / "SST-2"))
     path = tmp_path / "glue/SST-2/train.tsv"

@@ -254,7 +254,7 @@ def test_squad_and_conll_read_from_tfds_records(monkeypatch):
     class indices) become the same examples the official files give, with the same checks."""
     import tensorflow_datasets as tfds
 
-    from bert_jax.tasks import base
+    from bert_jax.tasks import base, registry
 
     context = "The cat sat on the mat."
     squad_records = [
@@ -299,7 +299,7 @@ def test_squad_and_conll_read_from_tfds_records(monkeypatch):
         n_best_size=20,
         max_answer_length=30,
     )
-    squad_task = base.get_task("squad_v2")
+    squad_task = registry.get_task("squad_v2")
     assert squad_task.check(settings) == []
     first, second = squad_task._read(settings, "dev")
     assert (first.qas_id, first.question) == ("q1", "Where did the cat sit?")
@@ -307,7 +307,7 @@ def test_squad_and_conll_read_from_tfds_records(monkeypatch):
     assert [(a.text, a.start) for a in first.answers] == [("the mat", 15), ("mat", 19)]
     assert second.is_impossible and second.answers == ()
     assert ("squad/v2.0", "validation", False) in calls and ("squad/v2.0", "train", False) in calls
-    conll_task = base.get_task("conll2003")
+    conll_task = registry.get_task("conll2003")
     sentences = conll_task._read(settings, "test")
     assert [s.words for s in sentences] == [
         ("John", "Smith", "visits", "Paris"),
@@ -324,7 +324,7 @@ def test_squad_and_conll_read_from_tfds_records(monkeypatch):
 
 
 def test_tfds_data_not_prepared_says_how(tmp_path):
-    from bert_jax.tasks import base
+    from bert_jax.tasks import base, registry
 
     settings = base.Settings(
         data_dir="",
@@ -337,6 +337,6 @@ def test_tfds_data_not_prepared_says_how(tmp_path):
         n_best_size=20,
         max_answer_length=30,
     )
-    (problem, *_) = base.get_task("conll2003").check(settings)
+    (problem, *_) = registry.get_task("conll2003").check(settings)
     assert "tfds build conll2003 --file_format=array_record" in problem
     assert "column files" in problem

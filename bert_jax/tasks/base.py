@@ -1,4 +1,4 @@
-"""What a fine-tuning task is to the harness (`finetune.py`), and the registry of tasks.
+"""What a fine-tuning task is to the harness (`finetune.py`); `tasks.registry` names them.
 
 A task reads its data (every file checked before anything is compiled), turns it into
 fixed-shape features, names the model head and the objective that trains it, decodes the
@@ -113,51 +113,3 @@ def problems_of(*reads: Callable[[], Any]) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(str(e))
     return problems
-
-
-_REGISTRY: dict[str, Callable[..., Task]] = {}
-
-
-def register(name: str, factory: Callable[..., Task]) -> None:
-    """`name` a task's name, or a prefix ending in ':' whose factory takes the folder."""
-    _REGISTRY[name] = factory
-
-
-def get_task(name: str) -> Task:
-    """A task by name: a GLUE task (`mrpc`, or `glue:mrpc`), `squad_v1`, `squad_v2`,
-    `conll2003`, `swag`, or your own data: `classify:<folder>`, `tag:<folder>`."""
-    from bert_jax.tasks import (
-        catalog,  # noqa: F401  (registers the tasks)
-        glue,
-    )
-
-    key = name.lower().removeprefix("glue:")
-    prefix, sep, folder = name.partition(":")
-    if sep and f"{prefix.lower()}:" in _REGISTRY and prefix.lower() != "glue":
-        if not folder:
-            raise ValueError(f"task {name!r} names no folder: {prefix}:<folder under data_dir>")
-        return _REGISTRY[f"{prefix.lower()}:"](folder)
-    if key not in _REGISTRY:
-        try:
-            key = glue.get_task(key).name  # GLUE's spellings: SST-2, sst_2, ...
-        except ValueError:
-            others = sorted(k for k in set(_REGISTRY) - set(glue.TASKS) if not k.endswith(":"))
-            raise ValueError(
-                f"unknown task {name!r}: choose a GLUE task ({', '.join(glue.TASKS)}, or all), "
-                f"one of {', '.join(others)}, or your own data as classify:<folder> or "
-                f"tag:<folder>"
-            ) from None
-    return _REGISTRY[key]()
-
-
-def task_names(spec: str) -> list[str]:
-    """`all` or `glue:all`: every GLUE task; otherwise the comma-separated names."""
-    from bert_jax.tasks import glue
-
-    names = []
-    for name in [t.strip() for t in spec.split(",") if t.strip()]:
-        if name.lower() in ("all", "glue:all"):
-            names += list(glue.TASKS)
-        else:
-            names.append(get_task(name).name)
-    return names

@@ -17,11 +17,15 @@ aligned features, per-word decoding and entity-level precision, recall and F1.
 
 import collections
 import dataclasses
+import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from bert_jax import files
+from bert_jax import files, objectives
+from bert_jax.data import encoding
+from bert_jax.tasks import base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,3 +311,101 @@ def write_predictions(path: str, sentences: Sequence[Sentence], predicted) -> No
         lines += [f"{w} {g} {p}" for w, g, p in rows]
         lines.append("")
     files.atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
+CONLL_TYPES = ("PER", "ORG", "LOC", "MISC")
+
+
+class Conll2003Task(base.Task):
+    """Named entities (`conll2003`): tags per word, entity-level F1 (conlleval's counting) on
+    the dev (`valid.txt`) and test (`test.txt`) files, the test predictions in conlleval's
+    layout. The files' IOB1 tags are read as IOB2 (the same entities)."""
+
+    architecture = "BertForTokenClassification"
+    name = "conll2003"
+    folder = "CoNLL-2003"
+    metrics = ("f1", "precision", "recall")
+    dev_names = ("dev", "test")
+    # BERT-Base fine-tuned (Devlin et al., Table 7).
+    published = {"dev/f1": 96.4, "test/f1": 92.4}
+    files = {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"}
+    labels = ("O", *(f"{p}-{t}" for t in CONLL_TYPES for p in "BI"))
+
+    def __init__(self):
+        self.num_labels = len(self.labels)
+        self.label_names = self.labels
+
+    def objective(self, dropout):
+        return objectives.token_classification(self.num_labels, classifier_dropout=dropout)
+
+    def _target_specs(self, settings):
+        length = (settings.max_seq_length,)
+        return {
+            "labels": (length, np.dtype(np.int32)),
+            "label_weights": (length, np.dtype(np.float32)),
+        }
+
+    def _read(self, settings, split):
+        """The column file, or with `--config.source=tfds` TFDS `conll2003`; IOB1 as IOB2."""
+        if settings.source != "tfds":
+            return self._read_file(settings, split)
+        source = encoding.tfds_source(
+            "conll2003",
+            split,
+            settings.tfds_data_dir or None,
+            f"the column files in --config.data_dir/{self.folder}/ (--config.source=tsv)",
+        )
+        names = source.dataset_info.features["ner"].feature.names
+        unknown = sorted(set(names) - set(self.labels))
+        if unknown:
+            raise ValueError(f"TFDS conll2003: tags {unknown} are not CoNLL-2003's {self.labels}")
+        sentences = sentences_from_tfds(source, names)
+        return [Sentence(s.words, tuple(iob1_to_iob2(s.tags))) for s in sentences]
+
+    def _read_file(self, settings, split):
+        path = os.path.join(settings.data_dir, self.folder, self.files[split])
+        sentences = read_conll(path, labels=self.labels)
+        return [Sentence(s.words, tuple(iob1_to_iob2(s.tags)), s.document) for s in sentences]
+
+    def check(self, settings):
+        return base.problems_of(
+            *(functools.partial(self._read, settings, s) for s in self._splits(settings))
+        )
+
+    def _splits(self, settings):
+        return list(self.files)
+
+    def load(self, settings, tokenizer):
+        return self.load_splits(settings, tokenizer, self._splits(settings))
+
+    def load_splits(self, settings, tokenizer, splits) -> base.TaskData:
+        """train, the dev names scored, and `test` (when among `splits`) predicted."""
+
+        def split(name):
+            sentences = self._read(settings, name)
+            features = make_features(sentences, tokenizer, self.labels, settings.max_seq_length)
+            return base.Split((sentences, features), features.inputs())
+
+        train = self._read(settings, "train")
+        if settings.max_train_examples:
+            train = train[: settings.max_train_examples]
+        features = make_features(train, tokenizer, self.labels, settings.max_seq_length)
+        loaded = {name: split(name) for name in splits if name != "train"}
+        dev = {name: loaded[name] for name in self.dev_names}
+        predict = {"test": loaded["test"]} if "test" in loaded else {}
+        return base.TaskData(features.inputs(), dev, predict)
+
+    def _tags(self, split, outputs):
+        sentences, features = split.examples
+        return decode(sentences, features, np.asarray(outputs), self.labels)
+
+    def evaluate(self, name, split, outputs):
+        gold = [list(s.tags) for s in split.examples[0]]
+        scores = entity_scores(gold, self._tags(split, outputs))
+        return {k: scores[k] for k in self.metrics} | {"score": scores["f1"]}
+
+    def write_predictions(self, directory, name, split, outputs):
+        path = os.path.join(directory, "predictions", f"conll2003_{name}.txt")
+        files.makedirs(os.path.dirname(path))
+        write_predictions(path, split.examples[0], self._tags(split, outputs))
+        return path

@@ -7,6 +7,7 @@ each task's own columns and header rows (CoLA's train/dev have none), MNLI's
 """
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -15,12 +16,13 @@ import numpy as np
 import scipy.stats
 from sklearn import metrics as skm
 
-from bert_jax import files
+from bert_jax import files, objectives
 from bert_jax.data import encoding
+from bert_jax.tasks import base
 
 
 @dataclasses.dataclass(frozen=True)
-class Split:
+class SplitSpec:
     """One file of a task: `name` (train, dev, dev_mismatched, test, ...), the TSV file in the
     task folder, the TFDS split, and for test splits the submission file name."""
 
@@ -32,7 +34,7 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Spec:
     """A GLUE task. `labels` are the label strings of the TSV files (empty for regression);
     `tfds_labels` the class names of TFDS's integer labels; `columns` names the columns of
     header-less files (CoLA)."""
@@ -44,7 +46,7 @@ class Task:
     label: str
     labels: tuple[str, ...]
     metrics: tuple[str, ...]
-    splits: tuple[Split, ...]
+    splits: tuple[SplitSpec, ...]
     tfds_config: str
     tfds_text: tuple[str, ...]
     tfds_labels: tuple[str, ...] = ()
@@ -58,76 +60,76 @@ class Task:
     def is_regression(self) -> bool:
         return not self.labels
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> SplitSpec:
         for s in self.splits:
             if s.name == name:
                 return s
         raise ValueError(f"task {self.name} has no split {name!r}")
 
     @property
-    def dev_splits(self) -> tuple[Split, ...]:
+    def dev_splits(self) -> tuple[SplitSpec, ...]:
         return tuple(s for s in self.splits if s.labelled and s.name != "train")
 
 
-def _std_splits(submission: str) -> tuple[Split, ...]:
+def _std_splits(submission: str) -> tuple[SplitSpec, ...]:
     return (
-        Split("train", "train.tsv", "train"),
-        Split("dev", "dev.tsv", "validation"),
-        Split("test", "test.tsv", "test", labelled=False, submission=submission),
+        SplitSpec("train", "train.tsv", "train"),
+        SplitSpec("dev", "dev.tsv", "validation"),
+        SplitSpec("test", "test.tsv", "test", labelled=False, submission=submission),
     )
 
 
 _BINARY = ("0", "1")
 _NLI2 = ("entailment", "not_entailment")
 # fmt: off
-TASKS: dict[str, Task] = {
+TASKS: dict[str, Spec] = {
     t.name: t
     for t in (
-        Task(
+        Spec(
             "cola", "CoLA", "sentence", None, "label", _BINARY, ("mcc",), _std_splits("CoLA.tsv"),
             "cola", ("sentence",), ("0", "1"),
             columns=("source", "label", "original_label", "sentence"),
         ),
-        Task(
+        Spec(
             "sst2", "SST-2", "sentence", None, "label", _BINARY, ("accuracy",),
             _std_splits("SST-2.tsv"), "sst2", ("sentence",), ("0", "1"),
         ),
-        Task(
+        Spec(
             "mrpc", "MRPC", "#1 String", "#2 String", "Quality", _BINARY, ("f1", "accuracy"),
             _std_splits("MRPC.tsv"), "mrpc", ("sentence1", "sentence2"), ("0", "1"),
         ),
-        Task(
+        Spec(
             "stsb", "STS-B", "sentence1", "sentence2", "score", (), ("pearson", "spearman"),
             _std_splits("STS-B.tsv"), "stsb", ("sentence1", "sentence2"),
         ),
-        Task(
+        Spec(
             "qqp", "QQP", "question1", "question2", "is_duplicate", _BINARY, ("f1", "accuracy"),
             _std_splits("QQP.tsv"), "qqp", ("question1", "question2"), ("0", "1"),
         ),
-        Task(
+        Spec(
             "mnli", "MNLI", "sentence1", "sentence2", "gold_label",
             ("contradiction", "entailment", "neutral"), ("accuracy",),
             (
-                Split("train", "train.tsv", "train"),
-                Split("dev_matched", "dev_matched.tsv", "validation_matched"),
-                Split("dev_mismatched", "dev_mismatched.tsv", "validation_mismatched"),
-                Split("test_matched", "test_matched.tsv", "test_matched", False, "MNLI-m.tsv"),
-                Split(
+                SplitSpec("train", "train.tsv", "train"),
+                SplitSpec("dev_matched", "dev_matched.tsv", "validation_matched"),
+                SplitSpec("dev_mismatched", "dev_mismatched.tsv", "validation_mismatched"),
+                SplitSpec("test_matched", "test_matched.tsv", "test_matched", False, "MNLI-m.tsv"),
+                SplitSpec(
                     "test_mismatched", "test_mismatched.tsv", "test_mismatched", False,
                     "MNLI-mm.tsv",
                 ),
             ),
             "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
         ),
-        Task(
+        Spec(
             "qnli", "QNLI", "question", "sentence", "label", _NLI2, ("accuracy",),
             _std_splits("QNLI.tsv"), "qnli", ("question", "sentence"), _NLI2,
         ),
-        Task(
+        Spec(
             "rte", "RTE", "sentence1", "sentence2", "label", _NLI2, ("accuracy",),
             _std_splits("RTE.tsv"), "rte", ("sentence1", "sentence2"), _NLI2,
         ),
-        Task(
+        Spec(
             "wnli", "WNLI", "sentence1", "sentence2", "label", _BINARY, ("accuracy",),
             _std_splits("WNLI.tsv"), "wnli", ("sentence1", "sentence2"), ("0", "1"),
         ),
@@ -135,7 +137,7 @@ TASKS: dict[str, Task] = {
 }
 # fmt: on
 # The diagnostic set: MNLI's model predicts it; test only, in GLUE's `diagnostic` folder.
-AX = Split("ax", "diagnostic.tsv", "test", labelled=False, submission="AX.tsv")
+AX = SplitSpec("ax", "diagnostic.tsv", "test", labelled=False, submission="AX.tsv")
 AX_FOLDER = "diagnostic"
 
 # Hugging Face's BERT-Base (cased) dev results with the paper's recipe (transformers'
@@ -153,7 +155,7 @@ PUBLISHED_BERT_BASE = {
 }
 
 
-def get_task(name: str) -> Task:
+def get_spec(name: str) -> Spec:
     key = name.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
         raise ValueError(f"unknown GLUE task {name!r}; use one of {', '.join(TASKS)} or 'all'")
@@ -174,7 +176,7 @@ class Examples:
         return len(self.text_a)
 
 
-def read_tsv(task: Task, split: Split, folder: str) -> Examples:
+def read_tsv(task: Spec, split: SplitSpec, folder: str) -> Examples:
     """One split of `task` from its GLUE folder (e.g. `glue_data/MNLI`).
 
     Raises:
@@ -230,7 +232,7 @@ def read_tsv(task: Task, split: Split, folder: str) -> Examples:
     return out
 
 
-def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
+def read_tfds(task: Spec, split: SplitSpec, data_dir: str | None) -> Examples:
     """One split of `task` from TFDS `glue/<config>` prepared as ArrayRecord (no tensorflow).
 
     Raises:
@@ -266,7 +268,7 @@ def read_tfds(task: Task, split: Split, data_dir: str | None) -> Examples:
 AX_TEXT = ("premise", "hypothesis")
 
 
-def compute_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute_metrics(task: Spec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The official GLUE metrics of `task`, plus `score`: the GLUE score of the task (the mean
     of its two metrics for MRPC, QQP and STS-B), which model selection uses.
 
@@ -315,7 +317,7 @@ _METRICS = {
 }
 
 
-def write_submission(path: str, task: Task, index: Sequence[str], predictions: np.ndarray) -> None:
+def write_submission(path: str, task: Spec, index: Sequence[str], predictions: np.ndarray) -> None:
     """A GLUE server file: header `index<TAB>prediction`, one row per test example, labels as
     the task's strings (scores for STS-B, clipped to the 0-5 scale). Written atomically."""
     rows = ["index\tprediction"]
@@ -331,7 +333,7 @@ def _column(header: list[str], name: str, path: str) -> int:
     return header.index(name)
 
 
-def _parse_label(task: Task, value: str, where: str) -> float | int:
+def _parse_label(task: Spec, value: str, where: str) -> float | int:
     if task.is_regression:
         try:
             return float(value)
@@ -346,3 +348,93 @@ def _parse_label(task: Task, value: str, where: str) -> float | int:
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class GlueTask(base.Task):
+    """A GLUE task: sentence (pair) classification or regression, the official metrics, the
+    GLUE server's submission files for the test sets."""
+
+    architecture = "BertForSequenceClassification"
+    packable = True
+
+    def __init__(self, task: Spec):
+        self.glue = task
+        self.name = task.name
+        self.num_labels = task.num_labels
+        self.metrics = task.metrics
+        self.dev_names = tuple(s.name for s in task.dev_splits)
+        self.label_names = task.labels
+        published = dict(PUBLISHED_BERT_BASE.get(task.name, {}))
+        if "accuracy_mismatched" in published:
+            published["dev_mismatched/accuracy"] = published.pop("accuracy_mismatched")
+        self.published = published
+
+    def objective(self, dropout):
+        return objectives.classification(self.num_labels, classifier_dropout=dropout)
+
+    def _target_specs(self, settings):
+        return {"label": ((), np.dtype(np.float32 if self.glue.is_regression else np.int32))}
+
+    def _read(self, settings: base.Settings, split: SplitSpec, folder: str) -> Examples:
+        if settings.source == "tfds":
+            return read_tfds(self.glue, split, settings.tfds_data_dir or None)
+        return read_tsv(self.glue, split, os.path.join(settings.data_dir, folder))
+
+    def test_splits(self, settings: base.Settings) -> list[SplitSpec]:
+        """The unlabelled splits to predict: those whose file exists (a user's own task
+        folder holds train and dev only; without a test file there is no submission)."""
+        return [
+            split
+            for split in self.glue.splits
+            if not split.labelled
+            and (
+                settings.source == "tfds"
+                or files.isfile(os.path.join(settings.data_dir, self.glue.folder, split.file))
+            )
+        ]
+
+    def check(self, settings):
+        splits = [s for s in self.glue.splits if s.labelled] + self.test_splits(settings)
+        return base.problems_of(
+            *(functools.partial(self._read, settings, s, self.glue.folder) for s in splits)
+        )
+
+    def load(self, settings, tokenizer):
+        def encode(examples):
+            return encoding.encode(examples, tokenizer, settings.max_seq_length)
+
+        train = self._read(settings, self.glue.split("train"), self.glue.folder)
+        if settings.max_train_examples:
+            keep = slice(0, settings.max_train_examples)
+            train = Examples(
+                train.text_a[keep],
+                None if train.text_b is None else train.text_b[keep],
+                train.labels[keep],
+                train.index[keep],
+            )
+        dev = {}
+        for split in self.glue.dev_splits:
+            examples = self._read(settings, split, self.glue.folder)
+            dev[split.name] = base.Split(examples, encode(examples))
+        predict = {}
+        for split in self.test_splits(settings):
+            examples = self._read(settings, split, self.glue.folder)
+            predict[split.name] = base.Split((split, examples), encode(examples))
+        ax_file = os.path.join(settings.data_dir, AX_FOLDER, AX.file)
+        if self.name == "mnli" and (settings.source == "tfds" or files.isfile(ax_file)):
+            examples = self._read(settings, AX, AX_FOLDER)
+            predict["ax"] = base.Split((AX, examples), encode(examples))
+        return base.TaskData(encode(train), dev, predict)
+
+    def _labels(self, outputs) -> np.ndarray:
+        outputs = np.asarray(outputs)
+        return outputs[:, 0] if self.glue.is_regression else outputs.argmax(-1)
+
+    def evaluate(self, name, split, outputs):
+        return compute_metrics(self.glue, self._labels(outputs), split.examples.labels)
+
+    def write_predictions(self, directory, name, split, outputs):
+        glue_split, examples = split.examples
+        path = os.path.join(directory, "predictions", glue_split.submission)
+        write_submission(path, self.glue, examples.index, self._labels(outputs))
+        return path

@@ -25,6 +25,7 @@ script (`evaluate-v2.0.py`, which scores v1.1 data as the v1.1 script does):
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,7 +35,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bert_jax import files
+from bert_jax import files, objectives
+from bert_jax.data import encoding
+from bert_jax.tasks import base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,3 +494,100 @@ def write_predictions(
         files.atomic_write(path, json.dumps(content, indent=2, ensure_ascii=False).encode())
         paths.append(path)
     return paths
+
+
+class SquadTask(base.Task):
+    """Extractive QA (`squad`): spans of the context, the official exact match and F1;
+    v2.0's no-answer threshold tuned on dev. The dev predictions are written in the official
+    layout (predictions.json, nbest_predictions.json, and null_odds.json for v2.0)."""
+
+    architecture = "BertForQuestionAnswering"
+    folder = "SQuAD"
+    dev_names = ("dev",)
+
+    def __init__(self, version: str):
+        self.version, self.version_2 = version, version == "2.0"
+        self.name = "squad_v2" if self.version_2 else "squad_v1"
+        self.metrics = ("exact_match", "f1") + (("HasAns_f1", "NoAns_f1") if self.version_2 else ())
+        # BERT-Base, single model, SQuAD v1.1 dev (Devlin et al., Table 2); the paper gives
+        # v2.0 figures for BERT-Large only.
+        self.published = {} if self.version_2 else {"exact_match": 80.8, "f1": 88.5}
+        self.files = {s: f"{s}-v{version}.json" for s in ("train", "dev")}
+
+    def objective(self, dropout):
+        return objectives.QUESTION_ANSWERING
+
+    def _target_specs(self, settings):
+        position = ((), np.dtype(np.int32))
+        return {"start_positions": position, "end_positions": position}
+
+    def _path(self, settings, split):
+        return os.path.join(settings.data_dir, self.folder, self.files[split])
+
+    def _read(self, settings, split) -> list[Example]:
+        """The official JSON file, or with `--config.source=tfds` TFDS `squad/v1.1` or
+        `squad/v2.0` (train and validation)."""
+        if settings.source != "tfds":
+            return read_squad(self._path(settings, split))
+        name, tfds_split = f"squad/v{self.version}", {"train": "train", "dev": "validation"}[split]
+        source = encoding.tfds_source(
+            name,
+            tfds_split,
+            settings.tfds_data_dir or None,
+            f"the official JSON files in --config.data_dir/{self.folder}/ (--config.source=tsv)",
+        )
+        return examples_from_tfds(source, f"TFDS {name} {tfds_split}")
+
+    def check(self, settings):
+        return base.problems_of(*(functools.partial(self._read, settings, s) for s in self.files))
+
+    def _windows(self, settings):
+        return WindowConfig(settings.max_seq_length, settings.doc_stride, settings.max_query_length)
+
+    def load(self, settings, tokenizer):
+        train = self._read(settings, "train")
+        if settings.max_train_examples:
+            train = train[: settings.max_train_examples]
+        windows = self._windows(settings)
+        examples = self._read(settings, "dev")
+        features = make_features(examples, tokenizer, windows)
+        decoding = DecodeConfig(
+            settings.n_best_size, settings.max_answer_length, 0.0, self.version_2
+        )
+        dev = base.Split((examples, features, decoding), features.inputs())
+        return base.TaskData(
+            make_features(train, tokenizer, windows).inputs(), {"dev": dev}, {"dev": dev}
+        )
+
+    def _predictions(self, split, outputs):
+        """Decoded answers; for v2.0, with the null threshold that scores best on this split."""
+        examples, features, decoding = split.examples
+        start, end = outputs
+        decoded = decode(examples, features, start, end, decoding)
+        if not self.version_2:
+            return {k: p.text for k, p in decoded.items()}, {}, decoded
+        spans = {k: p.best_span for k, p in decoded.items()}
+        odds = {k: p.null_odds for k, p in decoded.items()}
+        tuned = evaluate(examples, spans, odds)
+        threshold = tuned["best_f1_thresh"]
+        answers = {k: "" if odds[k] > threshold else spans[k] for k in spans}
+        return answers, {"null_score_diff_threshold": threshold}, decoded
+
+    def evaluate(self, name, split, outputs):
+        answers, extra, _ = self._predictions(split, outputs)
+        scores = evaluate(split.examples[0], answers)
+        out = {"exact_match": scores["exact"] / 100, "f1": scores["f1"] / 100}
+        if self.version_2:
+            out["HasAns_f1"] = scores.get("HasAns_f1", 0.0) / 100
+            out["NoAns_f1"] = scores.get("NoAns_f1", 0.0) / 100
+        out["score"] = out["f1"]
+        return {**out, **extra}
+
+    def write_predictions(self, directory, name, split, outputs):
+        answers, _, decoded = self._predictions(split, outputs)
+        folder = os.path.join(directory, "predictions")
+        files.makedirs(folder)
+        final = {
+            k: Prediction(answers[k], p.best_span, p.null_odds, p.nbest) for k, p in decoded.items()
+        }
+        return write_predictions(folder, final, self.version_2)[0]

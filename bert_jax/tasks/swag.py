@@ -11,13 +11,16 @@ is the answer (BERT's SWAG setup).
 
 import csv
 import dataclasses
+import functools
+import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from bert_jax import files
+from bert_jax import files, objectives
 from bert_jax.data import encoding
-from bert_jax.tasks import glue
+from bert_jax.tasks import base, glue
 
 ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 
@@ -103,3 +106,74 @@ def accuracy(examples: Sequence[Example], logits: np.ndarray) -> float:
     """The fraction of labelled examples whose best-scored ending is the right one."""
     labels = np.array([e.label for e in examples])
     return float((np.asarray(logits).argmax(-1) == labels).mean())
+
+
+class SwagTask(base.Task):
+    """Multiple choice (`swag`): the best of four endings, accuracy on `val.csv`; the test
+    file's predictions as `fold-ind,label` rows."""
+
+    architecture = "BertForMultipleChoice"
+    name = "swag"
+    folder = "SWAG"
+    metrics = ("accuracy",)
+    dev_names = ("dev",)
+    # BERT-Base (Devlin et al., Table 4).
+    published = {"accuracy": 81.6}
+    num_labels = 1
+
+    def objective(self, dropout):
+        return objectives.multiple_choice(classifier_dropout=dropout)
+
+    def feature_specs(self, settings):
+        row = ((len(ENDINGS), settings.max_seq_length), np.dtype(np.int32))
+        label = ((), np.dtype(np.int32))
+        return {"input_ids": row, "input_mask": row, "segment_ids": row, "label": label}
+
+    def _path(self, settings, name):
+        return os.path.join(settings.data_dir, self.folder, name)
+
+    def _splits(self, settings):
+        names = {"train": "train.csv", "dev": "val.csv"}
+        if files.isfile(self._path(settings, "test.csv")):
+            names["test"] = "test.csv"
+        return names
+
+    def check(self, settings):
+        def read(name, file):
+            examples = read_swag(self._path(settings, file))
+            if name != "test" and any(e.label is None for e in examples):
+                raise ValueError(f"{self._path(settings, file)}: rows without a label")
+
+        return base.problems_of(
+            *(functools.partial(read, n, f) for n, f in self._splits(settings).items())
+        )
+
+    def load(self, settings, tokenizer):
+        splits = {
+            name: read_swag(self._path(settings, file))
+            for name, file in self._splits(settings).items()
+        }
+        train = splits.pop("train")
+        if settings.max_train_examples:
+            train = train[: settings.max_train_examples]
+
+        def split(examples):
+            return base.Split(examples, make_features(examples, tokenizer, settings.max_seq_length))
+
+        dev = {"dev": split(splits["dev"])}
+        predict = {"test": split(splits["test"])} if "test" in splits else {}
+        return base.TaskData(make_features(train, tokenizer, settings.max_seq_length), dev, predict)
+
+    def evaluate(self, name, split, outputs):
+        score = accuracy(split.examples, outputs)
+        return {"accuracy": score, "score": score}
+
+    def write_predictions(self, directory, name, split, outputs):
+        path = os.path.join(directory, "predictions", f"swag_{name}.csv")
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["fold-ind", "label"])
+        for example, label in zip(split.examples, np.asarray(outputs).argmax(-1), strict=True):
+            writer.writerow([example.example_id, int(label)])
+        files.atomic_write(path, text.getvalue().encode())
+        return path

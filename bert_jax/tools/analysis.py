@@ -218,7 +218,7 @@ def head_importance(
     with `task` (a GLUE task name) on the fine-tuned classifier's loss over `split` of the
     task's TSV files under `data_dir` (their method)."""
     if task:
-        glue_task = glue.get_task(task)
+        glue_task = glue.get_spec(task)
         loaded, mesh = _load(
             model, mesh, max_seq_length, "BertForSequenceClassification", glue_task.num_labels
         )
