@@ -36,7 +36,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bert_jax import (
-    axes,
     checkpoint,
     cli,
     convert,
@@ -253,6 +252,8 @@ STOP = run_files.StopFlag()
 def run_settings(cfg: FinetuneConfig) -> dict:
     """The settings a run's results depend on (JSON types), for the rerun check."""
     settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if cfg.mesh.rules == sharding.MeshConfig.rules:  # as recorded before rules were a setting
+        del settings["mesh"]["rules"]
     return {k: v for k, v in settings.items() if k not in _SWEEP_FIELDS}
 
 
@@ -541,6 +542,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         cfg.init_from,
         task.architecture,
         mesh=mesh,
+        rules=cfg.mesh.rules,
         num_labels=task.num_labels,
         scratch_dir=os.path.join(workdir, "vocab"),
         **cfg.numerics,
@@ -598,7 +600,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             pretrained.config,
             optim,
             mesh,
-            axes.DEFAULT_RULES,
+            cfg.mesh.rules,
             objective,
             teacher_params=None if teacher is None else teacher.params,
         )
@@ -629,7 +631,12 @@ def _teacher(cfg: FinetuneConfig, task: base.Task, student, mesh) -> convert.Pre
     and its positions."""
     source = cfg.distill["teacher"]
     teacher = convert.load_pretrained(
-        source, task.architecture, mesh=mesh, num_labels=task.num_labels, **cfg.numerics
+        source,
+        task.architecture,
+        mesh=mesh,
+        rules=cfg.mesh.rules,
+        num_labels=task.num_labels,
+        **cfg.numerics,
     )
     if teacher.report.missing:
         raise ValueError(

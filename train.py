@@ -32,7 +32,6 @@ from jax.experimental import multihost_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bert_jax import (  # noqa: E402
-    axes,
     checkpoint,
     convert,
     files,
@@ -160,7 +159,12 @@ def load_init(run: RunConfig, mesh, workdir: str) -> tuple[RunConfig, convert.Pr
         return run, None
     numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
     pretrained = convert.load_pretrained(
-        run.init_from, "BertForPreTraining", mesh=mesh, scratch_dir=workdir, **numerics
+        run.init_from,
+        "BertForPreTraining",
+        mesh=mesh,
+        rules=run.mesh.rules,
+        scratch_dir=workdir,
+        **numerics,
     )
     tok = pretrained.tokenizer
     data = dataclasses.replace(
@@ -188,7 +192,9 @@ def load_teacher(run: RunConfig, mesh, student: convert.Pretrained | None):
         return objectives.PRETRAINING, None
     numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
     source = run.distill["teacher"]
-    teacher = convert.load_pretrained(source, "BertForPreTraining", mesh=mesh, **numerics)
+    teacher = convert.load_pretrained(
+        source, "BertForPreTraining", mesh=mesh, rules=run.mesh.rules, **numerics
+    )
     if teacher.report.missing:
         raise ValueError(
             f"the teacher {source} has no weights for {teacher.report.missing[:3]}: distil "
@@ -256,7 +262,7 @@ def memory_report(trainer: training.Trainer, run: RunConfig, compiled: aot.Progr
 
 def per_device_batch(run: RunConfig, mesh) -> int:
     """Sequences one device computes at once (a micro-batch with accumulation)."""
-    replicas = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
+    replicas = sharding.data_parallel_size(mesh, run.mesh.rules)
     return max(run.train.batch_size // replicas // run.optim.grad_accum_steps, 1)
 
 
@@ -697,7 +703,7 @@ def model_problems(run: RunConfig, mesh, model_known: bool = True) -> list[str]:
             f"model.max_position_embeddings={run.model.max_position_embeddings}; lower one or "
             f"raise the other"
         )
-    replicas = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES) * run.optim.grad_accum_steps
+    replicas = sharding.data_parallel_size(mesh, run.mesh.rules) * run.optim.grad_accum_steps
     if run.train.batch_size % replicas:
         problems.append(
             f"train.batch_size={run.train.batch_size} is not divisible by the data-parallel "
@@ -746,7 +752,7 @@ def train(run: RunConfig, workdir: str, config_json: dict, heartbeat=None) -> di
     _refuse(model_problems(run, mesh))
     objective, teacher = load_teacher(run, mesh, pretrained)
     trainer = training.create_trainer(
-        run.model, run.optim, mesh, axes.DEFAULT_RULES, objective, teacher_params=teacher
+        run.model, run.optim, mesh, run.mesh.rules, objective, teacher_params=teacher
     )
     existing = len(ckpt.manager.all_steps())
     checkpoint.preflight(

@@ -31,6 +31,14 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     auto: bool = False
+    # Logical axis -> mesh axes (`axes.DEFAULT_RULES`: data and FSDP on the batch, FSDP on the
+    # hidden dimension, tensor on heads and MLP). A config may set its own; a list of pairs
+    # (as a config file writes it) is taken as the tuple of pairs.
+    rules: Rules = axes.DEFAULT_RULES
+
+    def __post_init__(self):
+        rules = tuple((str(n), tuple(t) if isinstance(t, list) else t) for n, t in self.rules)
+        object.__setattr__(self, "rules", rules)
 
 
 def enable_compilation_cache() -> None:

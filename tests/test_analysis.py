@@ -172,7 +172,9 @@ def test_head_importance_is_the_mean_absolute_per_example_gradient():
         "masked_lm_weights": np.array([[1, 1], [1, 0], [1, 1], [0, 0]], np.float32),
         "example_weight": np.array([1, 1, 1, 0], np.float32),
     }
-    imp, loss = jax.jit(analysis.make_importance_step(graphdef, config))(params, batch)
+    imp, loss = jax.jit(analysis.make_importance_step(graphdef, config, sharding.MeshConfig.rules))(
+        params, batch
+    )
 
     def example_loss(head_mask, row):  # one example, one mask: the definition
         model = models.merge_params(graphdef, params)

@@ -148,3 +148,16 @@ def test_a_finished_sweep_trains_nothing_and_changed_settings_are_refused(uninte
     assert len(line) == 1 and "batch_size: 8 there, 4 now" in line[0], changed.stderr[-2000:]
     assert "Nothing was changed" in line[0]
     assert _results(whole) == before
+
+
+def test_settings_recorded_before_the_mesh_rules_existed_still_match():
+    import dataclasses
+
+    import finetune
+    from bert_jax import axes, sharding
+
+    cfg = glue_data.finetune_config()
+    assert "rules" not in finetune.run_settings(cfg)["mesh"]  # as runs recorded them before
+    rules = tuple((n, None) if n == axes.EMBED else (n, t) for n, t in axes.DEFAULT_RULES)
+    other = dataclasses.replace(cfg, mesh=sharding.MeshConfig(rules=rules))
+    assert finetune.run_settings(other)["mesh"]["rules"][1] == [axes.EMBED, None]

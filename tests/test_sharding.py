@@ -147,3 +147,22 @@ def test_bad_meshes_are_rejected_before_compiling():
     mesh = sharding.make_mesh(sharding.MeshConfig(-1, 1, 1))
     with pytest.raises(ValueError, match="not divisible by the data-parallel degree 8"):
         sharding.global_batch(_batch(batch_size=12), mesh, axes.DEFAULT_RULES)
+
+
+def test_mesh_rules_travel_with_the_mesh_config():
+    # A config file writes lists; the rules become the tuples the sharding code hashes.
+    written = [[name, list(t) if isinstance(t, tuple) else t] for name, t in axes.DEFAULT_RULES]
+    assert sharding.MeshConfig(rules=written).rules == tuple(axes.DEFAULT_RULES)
+    # Weights kept whole on every device (no fsdp on the hidden dimension) when a config says
+    # so: the trainer places them by the config's rules, not the defaults.
+    rules = tuple((n, None) if n == axes.EMBED else (n, t) for n, t in axes.DEFAULT_RULES)
+    cfg = sharding.MeshConfig(data=2, fsdp=4, rules=rules)
+    mesh = sharding.make_mesh(cfg)
+    config = models.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=16,
+    )  # fmt: skip
+    for rules, fsdp in ((cfg.rules, None), (sharding.MeshConfig.rules, "fsdp")):
+        trainer = training.create_trainer(config, optim.OptimConfig(), mesh, rules)
+        kernel = trainer.abstract_state.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+        assert kernel.sharding.spec == P(None, fsdp), kernel.sharding.spec

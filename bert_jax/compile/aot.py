@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from bert_jax import axes, objectives, sharding, training
+from bert_jax import objectives, sharding, training
 from bert_jax.models import BertConfig
 from bert_jax.optim import OptimConfig
 
@@ -501,7 +501,7 @@ def compile_steps(
     specs: Specs,
     *,
     objective: objectives.Objective = objectives.PRETRAINING,
-    rules: sharding.Rules = axes.DEFAULT_RULES,
+    rules: sharding.Rules = sharding.MeshConfig.rules,
     programs: Sequence[str] = ("train_step", "eval_step"),
     capacity: int | None = None,
     eval_batch_size: int | None = None,

@@ -21,7 +21,7 @@ import warnings
 
 import jax
 
-from bert_jax import axes, cli, files, models, sharding
+from bert_jax import cli, files, models, sharding
 from bert_jax.convert.names import model_class
 from bert_jax.convert.onnx_export import export_onnx
 from bert_jax.convert.runs import (
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
     args = parser.parse_args(argv)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+    mesh_config = sharding.MeshConfig(data=1)
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
     if args.command in ("export-stablehlo", "export-onnx", "quantize"):
         kind, path = model_kind(args.source)
         run = read_run(path) if kind == "bert_jax" else {}
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             run["architecture"],
             run["num_labels"],
             mesh,
-            axes.DEFAULT_RULES,
+            mesh_config.rules,
             {},
             args.step,
         )

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from bert_jax import axes, checkpoint, files, models, sharding
+from bert_jax import checkpoint, files, models, sharding
 from bert_jax.convert.names import (
     Report,
     abstract_params,
@@ -43,7 +43,7 @@ def load_pretrained(
     architecture: str,
     *,
     mesh: jax.sharding.Mesh,
-    rules: sharding.Rules = axes.DEFAULT_RULES,
+    rules: sharding.Rules = sharding.MeshConfig.rules,
     num_labels: int = 2,
     scratch_dir: str | None = None,
     **overrides: Any,

@@ -46,7 +46,7 @@ from bert_jax.tools import extract
 STATISTICS = ("entropy", "to_cls", "to_sep", "to_prev", "to_next", "to_self")
 
 
-def make_attention_stats_step(graphdef, sep_id: int, rules=axes.DEFAULT_RULES):
+def make_attention_stats_step(graphdef, sep_id: int, rules: sharding.Rules):
     """`stats_step(params, batch) -> sums` of each statistic [N, H] over real query tokens,
     and `count` (the number of those tokens)."""
 
@@ -85,16 +85,17 @@ def attention_stats(
     max_seq_length: int = 128,
     batch_size: int = 32,
     mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.MeshConfig.rules,
     progress: bool = True,
 ) -> dict:
     """Per-head statistics (each a [layers, heads] list) over every line of `input_path`."""
     loaded, mesh = _load(model, mesh, max_seq_length)
     graphdef, _ = models.split_params(models.abstract_model(loaded.config, models.BertModel))
-    step = jax.jit(make_attention_stats_step(graphdef, loaded.tokenizer.sep_id))
+    step = jax.jit(make_attention_stats_step(graphdef, loaded.tokenizer.sep_id, rules))
     totals = None
     for batch in _model_batches(input_path, loaded.tokenizer, max_seq_length, batch_size, progress):
         with jax.set_mesh(mesh):
-            sums = step(loaded.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES))
+            sums = step(loaded.params, sharding.global_batch(batch, mesh, rules))
         sums = jax.device_get(sums)
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     if totals is None:
@@ -160,7 +161,7 @@ def plot_attention(
 
 
 def make_importance_step(
-    graphdef, config: BertConfig, task_loss: bool = False, rules=axes.DEFAULT_RULES
+    graphdef, config: BertConfig, rules: sharding.Rules, task_loss: bool = False
 ):
     """`importance_step(params, batch) -> (|dL_b/dm_b| summed over the batch [N, H], loss sum)`
     with a head mask per example, so that one backward pass gives every example's gradient.
@@ -211,6 +212,7 @@ def head_importance(
     batch_size: int = 32,
     seed: int = 0,
     mesh=None,
+    rules: sharding.Rules = sharding.MeshConfig.rules,
     progress: bool = True,
 ) -> dict:
     """Michel et al.'s head importance: `importance` [N, H] (mean |gradient| over examples)
@@ -241,13 +243,11 @@ def head_importance(
         )
     config = loaded.config
     graphdef, _ = models.split_params(models.abstract_model(config, model_cls))
-    step = jax.jit(make_importance_step(graphdef, config, task_loss=bool(task)))
+    step = jax.jit(make_importance_step(graphdef, config, rules, task_loss=bool(task)))
     total, loss, lines = 0.0, 0.0, 0
     for batch in batches:
         with jax.set_mesh(mesh):
-            imp, loss_sum = step(
-                loaded.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
-            )
+            imp, loss_sum = step(loaded.params, sharding.global_batch(batch, mesh, rules))
         total, loss = total + jax.device_get(imp), loss + float(loss_sum)
         lines += int(batch["example_weight"].sum())
     if not lines:

@@ -122,7 +122,7 @@ def _offset_words(encoded, n_a):
     return encoded
 
 
-def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules=axes.DEFAULT_RULES):
+def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules: sharding.Rules):
     """`extract_step(params, batch) -> dict` of word vectors [B, N, W, D] (W = L: word slots;
     NaN for a word without pieces), pooled [CLS] [B, D] and mean-pooled last layer [B, D]."""
     if pooling not in POOLINGS:
@@ -291,6 +291,7 @@ def extract(
     max_seq_length: int = 128,
     batch_size: int = 32,
     mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules = sharding.MeshConfig.rules,
     progress: bool = True,
     quantization: str = "",
 ) -> dict:
@@ -308,12 +309,14 @@ def extract(
     if not files.isfile(input_path):
         raise FileNotFoundError(f"--input={input_path} does not exist")
     mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
-    data_size = sharding.data_parallel_size(mesh, axes.DEFAULT_RULES)
+    data_size = sharding.data_parallel_size(mesh, rules)
     if batch_size % data_size:
         raise ValueError(
             f"batch_size={batch_size} must be a multiple of the data axes ({data_size})"
         )
-    pretrained = convert.load_pretrained(model, "BertModel", mesh=mesh, quantization=quantization)
+    pretrained = convert.load_pretrained(
+        model, "BertModel", mesh=mesh, rules=rules, quantization=quantization
+    )
     config, tokenizer = pretrained.config, pretrained.tokenizer
     if max_seq_length > config.max_position_embeddings:
         raise ValueError(
@@ -328,7 +331,7 @@ def extract(
             f"{n_states - 1} (-1 is the last layer)"
         )
     graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
-    step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling))
+    step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling, rules))
     writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
         output_path, layers, vocabulary(tokenizer)
     )
@@ -350,9 +353,7 @@ def extract(
             lines_in = read_lines(input_path)
             for batch in batches(lines_in, tokenizer, max_seq_length, batch_size):
                 examples = batch.pop("examples")
-                out = step(
-                    pretrained.params, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
-                )
+                out = step(pretrained.params, sharding.global_batch(batch, mesh, rules))
                 if pending is not None:
                     truncated += _write(writer, *pending)
                     lines += len(pending[1])

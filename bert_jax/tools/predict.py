@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import axes, cli, convert, files, models, objectives, sharding
+from bert_jax import cli, convert, files, models, objectives, sharding
 from bert_jax.tasks import conll, squad
 
 MASK = "[MASK]"
@@ -102,17 +102,30 @@ class Predictor:
     """A model loaded once, answering batches of lines for one task."""
 
     def __init__(
-        self, task: str, model: str, *, max_seq_length=128, top_k=5, mesh=None, quantization=""
+        self,
+        task: str,
+        model: str,
+        *,
+        max_seq_length=128,
+        top_k=5,
+        mesh=None,
+        rules: sharding.Rules = sharding.MeshConfig.rules,
+        quantization="",
     ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-        self.task, self.top_k = task, top_k
+        self.task, self.top_k, self.rules = task, top_k, rules
         self.mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
         architecture = _ARCHITECTURES[task]
         num_labels, labels = head_labels(model) if task in ("classify", "ner") else (2, None)
         self.labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
         self.pretrained = convert.load_pretrained(
-            model, architecture, mesh=self.mesh, num_labels=num_labels, quantization=quantization
+            model,
+            architecture,
+            mesh=self.mesh,
+            rules=rules,
+            num_labels=num_labels,
+            quantization=quantization,
         )
         if self.pretrained.report.missing:
             raise ValueError(
@@ -123,7 +136,7 @@ class Predictor:
         self.max_seq_length = min(max_seq_length, self.config.max_position_embeddings)
         cls = convert.model_class(architecture, num_labels)
         graphdef, _ = models.split_params(models.abstract_model(self.config, cls))
-        self.data_size = sharding.data_parallel_size(self.mesh, axes.DEFAULT_RULES)
+        self.data_size = sharding.data_parallel_size(self.mesh, rules)
         objective = {
             "classify": objectives.classification(num_labels),
             "qa": objectives.QUESTION_ANSWERING,
@@ -175,7 +188,7 @@ class Predictor:
         }
         with jax.set_mesh(self.mesh):
             out = self.step(
-                self.pretrained.params, sharding.global_batch(batch, self.mesh, axes.DEFAULT_RULES)
+                self.pretrained.params, sharding.global_batch(batch, self.mesh, self.rules)
             )
             return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
 
@@ -255,7 +268,7 @@ class Predictor:
             batch["segment_ids"][i, : len(ids)] = segments
         with jax.set_mesh(self.mesh):
             probs = self.step(
-                self.pretrained.params, sharding.global_batch(batch, self.mesh, axes.DEFAULT_RULES)
+                self.pretrained.params, sharding.global_batch(batch, self.mesh, self.rules)
             )
             if self.task == "fill-mask":
                 masked = batch["input_ids"] == self.tokenizer.mask_id

@@ -76,7 +76,7 @@ def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     config: OptimConfig,
-    rules: sharding.Rules = axes.DEFAULT_RULES,
+    rules: sharding.Rules,
     objective: Objective = PRETRAINING,
     replicas: int = 1,
 ):
@@ -213,7 +213,7 @@ def _all_finite(tree) -> jax.Array:
 
 def make_eval_step(
     graphdef: nnx.GraphDef,
-    rules: sharding.Rules = axes.DEFAULT_RULES,
+    rules: sharding.Rules,
     objective: Objective = PRETRAINING,
 ):
     """`eval_step(params, batch) -> metric sums` without dropout."""
