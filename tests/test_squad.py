@@ -10,7 +10,7 @@ import torch
 from torchmetrics.functional.text import squad as torchmetrics_squad
 
 from bert_jax.data.tokenization import WordPieceTokenizer
-from bert_jax.tasks import squad
+from bert_jax.tasks import squad, squad_eval
 
 WORDS = [f"w{i}" for i in range(100)] + ["the", "cat", "sat", "(", ")", ",", ".", "##s"]
 
@@ -49,7 +49,7 @@ def test_evaluation_matches_torchmetrics_squad():
         for i, (_, golds) in enumerate(cases)
     ]
     predictions = {str(i): p for i, (p, _) in enumerate(cases)}
-    ours = squad.evaluate(examples, predictions)
+    ours = squad_eval.evaluate(examples, predictions)
     reference = torchmetrics_squad(
         [{"prediction_text": p, "id": str(i)} for i, (p, _) in enumerate(cases)],
         [
@@ -66,7 +66,7 @@ def test_evaluation_matches_torchmetrics_squad():
             [{"prediction_text": p, "id": "x"}],
             [{"answers": {"answer_start": [0] * len(golds), "text": golds}, "id": "x"}],
         )
-        mine = squad.evaluate([examples[i]], {str(i): p})
+        mine = squad_eval.evaluate([examples[i]], {str(i): p})
         assert torch.isclose(one["f1"], torch.tensor(mine["f1"], dtype=one["f1"].dtype)), p
 
 
@@ -79,7 +79,7 @@ def test_v2_scores_break_down_by_answerable_and_tune_the_null_threshold():
         squad.Example("q3", "?", "", (), True),
         squad.Example("q4", "?", "", (), True),
     ]
-    scores = squad.evaluate(examples, {"q1": "cat", "q2": "red dog", "q3": "", "q4": "x y"})
+    scores = squad_eval.evaluate(examples, {"q1": "cat", "q2": "red dog", "q3": "", "q4": "x y"})
     # q1 exact (articles dropped); q2 F1 = 2 * 1 * 2/3 / (1 + 2/3) = 0.8; q3 right; q4 wrong.
     assert scores["exact"] == pytest.approx(50.0) and scores["f1"] == pytest.approx(70.0)
     assert scores["HasAns_exact"] == pytest.approx(50.0)
@@ -92,7 +92,7 @@ def test_v2_scores_break_down_by_answerable_and_tune_the_null_threshold():
     # (1.0) gains 0 (exact) or 0.8 (F1), q3 (3.0) loses 1.
     spans = {"q1": "cat", "q2": "red dog", "q3": "w1", "q4": "x y"}
     odds = {"q1": -2.0, "q2": 1.0, "q3": 3.0, "q4": 0.5}
-    tuned = squad.evaluate(examples, spans, odds)
+    tuned = squad_eval.evaluate(examples, spans, odds)
     assert tuned["best_exact"] == pytest.approx(75.0) and tuned["best_exact_thresh"] == -2.0
     assert tuned["best_f1"] == pytest.approx(75.0) and tuned["best_f1_thresh"] == -2.0
 
@@ -293,7 +293,7 @@ def test_a_tiny_model_learns_a_marked_span(tokenizer):
         warmup=30,
     )
     predictions = squad.decode(held_out, test, starts, ends, squad.DecodeConfig())
-    scores = squad.evaluate(held_out, {k: p.text for k, p in predictions.items()})
+    scores = squad_eval.evaluate(held_out, {k: p.text for k, p in predictions.items()})
     assert scores["exact"] >= 90.0, scores
 
 
