@@ -7,6 +7,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_CACHE = "BERT_JAX_TEST_DATA_CACHE"  # set by conftest for the session
 SENTENCES = [
     "The cat sat on the mat and looked at the birds.",
     "It was a sunny day in the garden behind the house.",
@@ -28,14 +29,18 @@ def write_corpus(tmp_path):
     return path
 
 
-def train_args(tmp_path, workdir, steps, *extra, config=None):
+def train_args(tmp_path, workdir, steps, *extra, config=None, own_cache=False):
+    """A train.py command line. The learned vocabulary and the shards go to the session's
+    data cache (`SHARED_CACHE`, keyed by corpus content and settings, as a user's cache is),
+    so that each corpus is preprocessed once per session; `own_cache`: to tmp_path/cache."""
+    cache = tmp_path / "cache" if own_cache else os.environ.get(SHARED_CACHE, tmp_path / "cache")
     return [
         sys.executable,
         os.path.join(ROOT, "train.py"),
         *([f"--config={os.path.join(ROOT, config)}"] if config else []),
         f"--workdir={workdir}",
         f"--config.data.corpus={write_corpus(tmp_path)}",
-        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        f"--config.data.cache_dir={cache}",
         "--config.data.vocab_size=300",
         "--config.model.vocab_size=300",
         "--config.data.max_seq_length=64",
@@ -57,9 +62,11 @@ def train_env(devices):
     return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def run_train(tmp_path, workdir, steps, *extra, devices=1, check=True, config=None):
+def run_train(
+    tmp_path, workdir, steps, *extra, devices=1, check=True, config=None, own_cache=False
+):
     proc = subprocess.run(
-        train_args(tmp_path, workdir, steps, *extra, config=config),
+        train_args(tmp_path, workdir, steps, *extra, config=config, own_cache=own_cache),
         capture_output=True,
         text=True,
         env=train_env(devices),

@@ -10,6 +10,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_cache(tmp_path_factory):
+    """One data cache for the session's train.py runs (tests/cli.py): a corpus's vocabulary
+    and shards are made once, as on a user's machine, not once per test."""
+    from cli import SHARED_CACHE
+
+    os.environ[SHARED_CACHE] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
+    os.environ.pop(SHARED_CACHE, None)
+
+
 @pytest.fixture(scope="session")
 def gcs():
     """One fake-gcs-server for the session, with the standard variables pointing every

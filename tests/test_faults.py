@@ -42,8 +42,8 @@ def _corpus(tmp_path):
     return path
 
 
-def _args(tmp_path, workdir, steps, *extra):
-    args = train_args(tmp_path, workdir, steps, *extra)
+def _args(tmp_path, workdir, steps, *extra, own_cache=False):
+    args = train_args(tmp_path, workdir, steps, *extra, own_cache=own_cache)
     corpus = _corpus(tmp_path)
     return [
         f"--config.data.corpus={corpus}" if a.startswith("--config.data.corpus=") else a
@@ -51,9 +51,9 @@ def _args(tmp_path, workdir, steps, *extra):
     ]
 
 
-def _train(tmp_path, workdir, steps=STEPS, *extra, check=True):
+def _train(tmp_path, workdir, steps=STEPS, *extra, check=True, own_cache=False):
     proc = subprocess.run(
-        _args(tmp_path, workdir, steps, *extra),
+        _args(tmp_path, workdir, steps, *extra, own_cache=own_cache),
         capture_output=True,
         text=True,
         env=train_env(1),
@@ -65,8 +65,8 @@ def _train(tmp_path, workdir, steps=STEPS, *extra, check=True):
     return proc
 
 
-def _start(tmp_path, workdir, steps=STEPS, *extra):
-    return start(_args(tmp_path, workdir, steps, *extra), cwd=tmp_path)
+def _start(tmp_path, workdir, steps=STEPS, *extra, own_cache=False):
+    return start(_args(tmp_path, workdir, steps, *extra, own_cache=own_cache), cwd=tmp_path)
 
 
 def _snapshot(workdir):
@@ -414,6 +414,7 @@ def test_o6_config_and_path_problems_are_all_reported_before_any_work(tmp_path):
         "--config.train.batch_size=15",
         "--config.optim.grad_accum_steps=2",
         check=False,
+        own_cache=True,
     )
     assert proc.returncode == 2
     err = proc.stderr
@@ -427,7 +428,7 @@ def test_o6_config_and_path_problems_are_all_reported_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_o11_sigterm_during_start_up_says_so(tmp_path):
-    proc = _start(tmp_path, tmp_path / "w", 5)
+    proc = _start(tmp_path, tmp_path / "w", 5, own_cache=True)
     wait_for(tmp_path / "cache", proc)  # preprocessing has begun; compiling is still ahead
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -28,9 +28,9 @@ from bert_jax import files, run_files
 STEPS = 30
 
 
-def _train(tmp, workdir, steps=STEPS, *extra, env=None, check=True):
+def _train(tmp, workdir, steps=STEPS, *extra, env=None, check=True, own_cache=False):
     proc = subprocess.run(
-        train_args(tmp, workdir, steps, *extra),
+        train_args(tmp, workdir, steps, *extra, own_cache=own_cache),
         capture_output=True,
         text=True,
         env={**train_env(1), **(env or {})},
@@ -204,17 +204,18 @@ def test_transient_faults_are_retried_and_the_run_is_bitwise_undisturbed(gcs, ba
     tmp, bucket, _ = base
     proxy = FaultyProxy(gcs.port, fail_share=0.05, seed=1)
     try:
-        disturbed = _train(tmp, f"{bucket}/faulty", env=gcs.env(proxy.url))
+        # 10 steps of the base run (the same schedule): a save, an evaluation, the logs.
+        disturbed = _train(tmp, f"{bucket}/faulty", 10, env=gcs.env(proxy.url))
     finally:
         proxy.close()
     assert proxy.failed["503"] > 0 and proxy.failed["dropped"] > 0, proxy.failed
     assert "storage request retried" in disturbed.stderr
-    _assert_bitwise(f"{bucket}/faulty", f"{bucket}/base")
+    _assert_bitwise(f"{bucket}/faulty", f"{bucket}/base", step=10)
 
 
 @pytest.mark.slow
 def test_a_missing_bucket_is_one_line_and_nothing_is_written(gcs, tmp_path):
-    proc = _train(tmp_path, "gs://no-such-bucket/run", check=False)
+    proc = _train(tmp_path, "gs://no-such-bucket/run", check=False, own_cache=True)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert "the bucket gs://no-such-bucket does not exist" in line

@@ -66,7 +66,7 @@ def test_train_reports_bad_inputs_clearly(tmp_path):
 
 @pytest.mark.slow
 def test_preprocess_only_writes_shards_and_stops(tmp_path):
-    proc = run_train(tmp_path, tmp_path / "w", 5, "--preprocess_only")
+    proc = run_train(tmp_path, tmp_path / "w", 5, "--preprocess_only", own_cache=True)
     assert '"train":' in proc.stdout
     assert list((tmp_path / "cache" / "pairs").glob("*/metadata.json"))
     assert not (tmp_path / "w" / "checkpoints").exists()
