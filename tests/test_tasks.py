@@ -211,6 +211,55 @@ def test_finetune_runs_squad_conll_and_swag_and_writes_official_files(tmp_path):
     assert saved["labels"] == ["neg", "pos"] and saved["task"] == "classify:reviews"
     table = (work / "results.md").read_text()
     assert "| squad_v2 | f1" in table and "| conll2003 | f1 (test)" in table
+    _every_run_answers_through_predict_as_its_files_say(data, results)
+
+
+def _every_run_answers_through_predict_as_its_files_say(data, results):
+    """`tools.predict` on each fine-tuned run (`task`: the run's own) answers lines as the
+    task's prediction files written by finetune.py say, through the same decoding."""
+    from bert_jax.tasks import swag
+    from bert_jax.tools import predict
+
+    def ask(task_name, lines):
+        (run,) = results[task_name]["runs"]
+        return list(predict.Predictor("task", run["directory"], max_seq_length=32).run(lines))
+
+    (run,) = results["swag"]["runs"]
+    written = [int(r[1]) for r in list(csv.reader(open(run["predictions"]["test"])))[1:]]
+    examples = swag.read_swag(str(data / "SWAG/test.csv"))
+    lines = [" ||| ".join([e.context, e.start, *e.endings]) for e in examples]
+    assert [a["choice"] for a in ask("swag", lines)] == written
+
+    (run,) = results["classify:reviews"]["runs"]
+    written = [r.split("\t")[1] for r in open(run["predictions"]["test"]).read().splitlines()[1:]]
+    texts = [json.loads(r)["text"] for r in open(data / "reviews/test.jsonl")]
+    answers = ask("classify:reviews", texts)
+    assert [a["label"] for a in answers] == written
+    assert all(set(a["scores"]) == {"neg", "pos"} for a in answers)
+
+    (run,) = results["conll2003"]["runs"]
+    sentences = open(run["predictions"]["test"]).read().strip().split("\n\n")
+    rows = [[line.split() for line in s.splitlines()] for s in sentences]
+    answers = ask("conll2003", [" ".join(r[0] for r in sentence) for sentence in rows])
+    assert [a["tags"] for a in answers] == [[r[2] for r in sentence] for sentence in rows]
+
+    (run,) = results["squad_v2"]["runs"]
+    folder = os.path.dirname(run["predictions"]["dev"])
+    odds = json.loads(open(os.path.join(folder, "null_odds.json")).read())
+    written = json.loads(open(os.path.join(folder, "predictions.json")).read())
+    (article,) = json.loads((data / "SQuAD/dev-v2.0.json").read_text())["data"]
+    questions = {
+        q["id"]: (q["question"], p["context"]) for p in article["paragraphs"] for q in p["qas"]
+    }
+    ids = sorted(questions)
+    answers = ask("squad_v2", [f"{questions[i][0]} ||| {questions[i][1]}" for i in ids])
+    for qas_id, answer in zip(ids, answers, strict=True):
+        assert answer["null_odds"] == pytest.approx(odds[qas_id], abs=1e-4)
+        assert written[qas_id] in ("", answer["answer"])  # "" where the tuned threshold says
+
+    (ents,) = results["tag:ents"]["runs"]
+    (answer,) = predict.Predictor("task", ents["directory"], max_seq_length=32).run(["w2 w5 w2"])
+    assert len(answer["tags"]) == 3 and set(answer["tags"]) <= {"O", "B-THING", "I-THING"}
 
 
 def test_bad_task_files_are_refused_before_compiling(tmp_path):

@@ -33,7 +33,8 @@ def pair_tokens(
 
 def encode(examples, tokenizer: Tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
     """`[CLS] A [SEP] B [SEP]` features of `examples` (`text_a`, `text_b` or None, `labels` or
-    None: `tasks.glue.Examples`), padded to `max_seq_length`; pairs truncated by `pair_tokens`.
+    None: `tasks.glue.Examples`; a None in `text_b` makes that example a single text), padded
+    to `max_seq_length`; pairs truncated by `pair_tokens`.
 
     Returns:
       input_ids, input_mask, segment_ids: [N, L] int32; label: [N] (int32 or float32; zeros
@@ -42,14 +43,16 @@ def encode(examples, tokenizer: Tokenizer, max_seq_length: int) -> dict[str, np.
     if max_seq_length < 3:
         raise ValueError(f"max_seq_length={max_seq_length} leaves no room for [CLS] and [SEP]")
     ids_a = tokenizer.encode_batch(examples.text_a)
-    ids_b = tokenizer.encode_batch(examples.text_b) if examples.text_b is not None else None
+    texts_b = examples.text_b
+    ids_b = tokenizer.encode_batch([t or "" for t in texts_b]) if texts_b is not None else None
     n = len(ids_a)
     input_ids = np.zeros((n, max_seq_length), np.int32)
     segment_ids = np.zeros((n, max_seq_length), np.int32)
     input_mask = np.zeros((n, max_seq_length), np.int32)
     for i in range(n):
+        single = ids_b is None or texts_b[i] is None
         tokens, segments = pair_tokens(
-            ids_a[i], None if ids_b is None else ids_b[i], tokenizer, max_seq_length
+            ids_a[i], None if single else ids_b[i], tokenizer, max_seq_length
         )
         input_ids[i, : len(tokens)] = tokens
         segment_ids[i, : len(tokens)] = segments

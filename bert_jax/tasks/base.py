@@ -9,7 +9,7 @@ rates, results tables) is the harness's, the same for every task.
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,52 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def write_predictions(self, directory: str, name: str, split: Split, outputs) -> str:
         """Writes the predictions of `split` in the task's official layout; returns the path."""
+
+    # What `tools.predict` reads: how one input line spells an example of the task.
+    line_format: str = "a text, or `A ||| B` for a pair"
+
+    def restore_labels(self, labels: Sequence[str]) -> None:  # noqa: B027 (fixed labels)
+        """Takes the label names a fine-tuned model recorded instead of reading them from
+        the task's data (a user's folder); tasks whose labels are fixed keep theirs."""
+
+    @abc.abstractmethod
+    def from_lines(self, lines: Sequence[str], tokenizer, settings: Settings) -> Split:
+        """Unlabelled examples parsed from input lines (`line_format`), with their features.
+
+        Raises:
+          ValueError naming the line and the format when a line does not parse.
+        """
+
+    @abc.abstractmethod
+    def answers(self, split: Split, outputs) -> list[dict]:
+        """The task's own decoding of the model's outputs for `split`: a JSON object per
+        example, in order."""
+
+
+def split_line(line: str, parts: int, task: str, spelled: str) -> list[str]:
+    """`line` split at `|||` into exactly `parts` stripped texts.
+
+    Raises:
+      ValueError naming the line and how the task spells one.
+    """
+    texts = [t.strip() for t in line.split("|||")]
+    if len(texts) != parts:
+        raise ValueError(f"{task} takes lines of the form {spelled}, not {line!r}")
+    return texts
+
+
+def label_answers(logits: np.ndarray, names: Sequence[str]) -> list[dict]:
+    """Each row's best label and every label's probability (the softmax of its logits)."""
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return [
+        {
+            "label": names[int(p.argmax())],
+            "scores": {n: float(x) for n, x in zip(names, p, strict=True)},
+        }
+        for p in probs
+    ]
 
 
 def problems_of(*reads: Callable[[], Any]) -> list[str]:

@@ -409,3 +409,21 @@ class Conll2003Task(base.Task):
         files.makedirs(os.path.dirname(path))
         write_predictions(path, split.examples[0], self._tags(split, outputs))
         return path
+
+    line_format = "words separated by spaces"
+
+    def from_lines(self, lines, tokenizer, settings):
+        # The tags are unknown: "O" stands in, as an unlabelled test file's would.
+        sentences = [Sentence(tuple(line.split()), ("O",) * len(line.split())) for line in lines]
+        features = make_features(sentences, tokenizer, self.labels, settings.max_seq_length)
+        return base.Split((sentences, features), features.inputs())
+
+    def answers(self, split, outputs):
+        out = []
+        for sentence, tags in zip(split.examples[0], self._tags(split, outputs), strict=True):
+            found = [
+                {"type": kind, "text": " ".join(sentence.words[a : b + 1]), "start": a, "end": b}
+                for kind, a, b in entities(tags)
+            ]
+            out.append({"tags": tags, "entities": found})
+        return out

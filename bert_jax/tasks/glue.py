@@ -438,3 +438,23 @@ class GlueTask(base.Task):
         path = os.path.join(directory, "predictions", glue_split.submission)
         write_submission(path, self.glue, examples.index, self._labels(outputs))
         return path
+
+    @property
+    def line_format(self) -> str:
+        return "`A ||| B`" if self.glue.text_b is not None else "a sentence"
+
+    def from_lines(self, lines, tokenizer, settings):
+        parts = 2 if self.glue.text_b is not None else 1
+        texts = [base.split_line(line, parts, self.name, self.line_format) for line in lines]
+        examples = Examples(
+            [t[0] for t in texts],
+            [t[1] for t in texts] if parts == 2 else None,
+            None,
+            [str(i) for i in range(len(lines))],
+        )
+        return base.Split(examples, encoding.encode(examples, tokenizer, settings.max_seq_length))
+
+    def answers(self, split, outputs):
+        if self.glue.is_regression:
+            return [{"score": float(x)} for x in np.asarray(outputs)[:, 0]]
+        return base.label_answers(outputs, self.label_names)

@@ -169,6 +169,24 @@ class ClassifyTask(base.Task):
         files.atomic_write(path, ("\n".join(rows) + "\n").encode("utf-8"))
         return path
 
+    def restore_labels(self, labels):
+        self.label_names, self.num_labels = tuple(labels), len(labels)
+
+    line_format = "a text, or `A ||| B` for a pair"
+
+    def from_lines(self, lines, tokenizer, settings):
+        texts = [[t.strip() for t in line.split("|||", 1)] for line in lines]
+        examples = glue.Examples(
+            [t[0] for t in texts],
+            [t[1] if len(t) == 2 else None for t in texts],
+            None,
+            [str(i) for i in range(len(lines))],
+        )
+        return base.Split(examples, encoding.encode(examples, tokenizer, settings.max_seq_length))
+
+    def answers(self, split, outputs):
+        return base.label_answers(outputs, self.label_names)
+
 
 class TagTask(conll.Conll2003Task):
     """Your own tagging data in CoNLL columns (`tag:<folder>`)."""
@@ -200,3 +218,7 @@ class TagTask(conll.Conll2003Task):
         except (OSError, ValueError) as e:
             return [str(e)]
         return super().check(settings)
+
+    def restore_labels(self, labels):
+        self.labels = self.label_names = tuple(labels)
+        self.num_labels = len(labels)

@@ -490,3 +490,31 @@ class SquadTask(base.Task):
             k: Prediction(answers[k], p.best_span, p.null_odds, p.nbest) for k, p in decoded.items()
         }
         return write_predictions(folder, final, self.version_2)[0]
+
+    line_format = "`question ||| context`"
+
+    def from_lines(self, lines, tokenizer, settings):
+        examples = []
+        for i, line in enumerate(lines):
+            question, context = base.split_line(line, 2, self.name, self.line_format)
+            examples.append(Example(str(i), question, context, ()))
+        features = make_features(examples, tokenizer, self._windows(settings))
+        decoding = DecodeConfig(
+            settings.n_best_size, settings.max_answer_length, 0.0, self.version_2
+        )
+        return base.Split((examples, features, decoding), features.inputs())
+
+    def answers(self, split, outputs):
+        """The best span, its probability among the n best, and (v2.0) the null odds: the
+        no-answer score minus the span's, to compare with the threshold tuned on dev."""
+        examples, features, decoding = split.examples
+        start, end = outputs
+        decoded = decode(examples, features, np.asarray(start), np.asarray(end), decoding)
+        out = []
+        for example in examples:
+            p = decoded[example.qas_id]
+            probability = dict(p.nbest).get(p.best_span, 0.0)
+            out.append(
+                {"answer": p.best_span, "probability": probability, "null_odds": p.null_odds}
+            )
+        return out

@@ -177,3 +177,20 @@ class SwagTask(base.Task):
             writer.writerow([example.example_id, int(label)])
         files.atomic_write(path, text.getvalue().encode())
         return path
+
+    line_format = "`context ||| start of the next sentence ||| ending ||| ending ||| ...`"
+
+    def from_lines(self, lines, tokenizer, settings):
+        examples = []
+        for i, line in enumerate(lines):
+            texts = base.split_line(line, 2 + len(ENDINGS), self.name, self.line_format)
+            examples.append(Example(str(i), texts[0], texts[1], tuple(texts[2:]), None))
+        return base.Split(examples, make_features(examples, tokenizer, settings.max_seq_length))
+
+    def answers(self, split, outputs):
+        out = []
+        for example, best in zip(split.examples, base.label_answers(outputs, ENDINGS), strict=True):
+            choice = ENDINGS.index(best["label"])
+            scores = list(best["scores"].values())
+            out.append({"choice": choice, "ending": example.endings[choice], "scores": scores})
+        return out

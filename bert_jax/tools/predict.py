@@ -16,19 +16,25 @@ each batch is split over the devices. Output: stdout or `--output`, written as b
   two needs `[MASK] [MASK]`-like input with the pieces joined (`##`).
 - `next-sentence`: for `A ||| B`, the probability that B follows A (the NSP head; for ALBERT
   models, the sentence-order head: B after A in the right order).
-- `classify` (a sequence classifier, e.g. a `finetune.py` GLUE run): for a line or `A ||| B`,
-  each label's probability and the best label.
-- `qa` (a SQuAD model): for `question ||| context`, the best answer span of the context and
-  its probability among the n best, decoded as `finetune.py` decodes SQuAD (windows over long
-  contexts, the max-context rule), and `null_odds`, the no-answer score minus the span's: a
-  SQuAD 2.0 model answers nothing where it exceeds the threshold tuned on dev (`results.json`).
-- `ner` (a token classifier, e.g. a CoNLL-2003 run): for a line of words, each word's tag and
-  the entities (type, words, first and last word index).
+- a fine-tuning task (`task`: the one a `finetune.py` run was trained on; or by name: `sst2`,
+  `mnli`, ..., `squad_v1`, `squad_v2`, `conll2003`, `swag`, `classify:<folder>`,
+  `tag:<folder>`): lines as the task spells an example (a sentence or `A ||| B`;
+  `question ||| context`; words; `context ||| start ||| ending ||| ending ||| ending |||
+  ending`), answered by the task's own decoding, as `finetune.py` writes its predictions:
+  labels and their probabilities (a score for STS-B); the best span of the context, its
+  probability among the n best and `null_odds` (the no-answer score minus the span's, to
+  compare with the threshold tuned on dev, `results.json`), decoded over windows with the
+  max-context rule; each word's tag and the entities; the best ending and each one's
+  probability.
+- `classify`, `qa`, `ner`: any sequence classifier, SQuAD model or token classifier (a
+  Hugging Face directory, say), as `classify:`, `squad_v2` and `tag:` read them.
 Label names come from the model (a `finetune.py` run records them; a Hugging Face directory's
-`id2label`).
+`id2label`); a `classify:`/`tag:` task of a model that records none reads
+`<--data_dir>/<folder>/labels.txt`.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -37,17 +43,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import cli, convert, files, models, objectives, sharding
-from bert_jax.tasks import conll, squad
+from bert_jax import cli, convert, files, models, sharding
+from bert_jax.data import encoding
+from bert_jax.tasks import base, own, registry, squad
 
 MASK = "[MASK]"
-TASKS = ("fill-mask", "next-sentence", "classify", "qa", "ner")
-_ARCHITECTURES = {
-    "fill-mask": "BertForMaskedLM",
-    "next-sentence": "BertForPreTraining",
-    "classify": "BertForSequenceClassification",
-    "qa": "BertForQuestionAnswering",
-    "ner": "BertForTokenClassification",
+PRETRAINING_HEADS = {"fill-mask": "BertForMaskedLM", "next-sentence": "BertForPreTraining"}
+# Any model with one of these heads, read as the task named.
+ALIASES = {
+    "classify": lambda: own.ClassifyTask(""),
+    "qa": lambda: squad.SquadTask("2.0"),
+    "ner": lambda: own.TagTask(""),
 }
 
 
@@ -98,8 +104,47 @@ def _rows(lines: Iterator[str], batch_size: int) -> Iterator[list[tuple[int, str
         yield chunk
 
 
+def decoding_settings(model: str, data_dir: str, max_seq_length: int) -> base.Settings:
+    """A task's settings for answering lines: those a `finetune.py` run recorded (its SQuAD
+    windows and n-best decoding, so that answers are decoded as its prediction files were),
+    else windows of half a row over long contexts (at most 128 pieces apart)."""
+    kind, path = convert.model_kind(model)
+    result = f"{path}/result.json"  # beside a fine-tuned run's best checkpoint
+    recorded = {}
+    if kind == "bert_jax" and files.exists(result):
+        recorded = json.loads(files.read_bytes(result)).get("settings", {})
+    fields = ("doc_stride", "max_query_length", "n_best_size", "max_answer_length")
+    chosen = {"doc_stride": min(128, max_seq_length // 2)}
+    chosen.update({k: recorded[k] for k in fields if k in recorded})
+    return base.Settings(data_dir, max_seq_length, **chosen)
+
+
+def resolve_task(name: str, model: str, settings: base.Settings) -> base.Task:
+    """The task `name` stands for (`task`: the one `model` was fine-tuned on), with the label
+    names `model` records, or those of the task's data when it records none."""
+    kind, path = convert.model_kind(model)
+    if name == "task":
+        run = convert.read_run(path) if kind == "bert_jax" else {}
+        if not run.get("task"):
+            raise ValueError(
+                f"{model} records no fine-tuning task (it is not a finetune.py run): name one, "
+                f"e.g. sst2, squad_v2, conll2003, swag, classify:<folder>, or classify/qa/ner"
+            )
+        name = run["task"]
+    task = ALIASES[name]() if name in ALIASES else registry.get_task(name)
+    num_labels, labels = head_labels(model)
+    if labels is None and name in ("classify", "ner"):
+        labels = [f"LABEL_{i}" for i in range(num_labels)]
+    if labels:
+        task.restore_labels(labels)
+    else:
+        task.prepare(settings)  # a user's folder: its labels.txt
+    return task
+
+
 class Predictor:
-    """A model loaded once, answering batches of lines for one task."""
+    """A model loaded once, answering batches of lines: a pretraining head (`fill-mask`,
+    `next-sentence`) or any fine-tuning task, through the task's own features and decoding."""
 
     def __init__(
         self,
@@ -111,14 +156,17 @@ class Predictor:
         mesh=None,
         rules: sharding.Rules = sharding.MeshConfig.rules,
         quantization="",
+        data_dir="",
     ):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-        self.task, self.top_k, self.rules = task, top_k, rules
+        self.top_k, self.rules = top_k, rules
         self.mesh = mesh or sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
-        architecture = _ARCHITECTURES[task]
-        num_labels, labels = head_labels(model) if task in ("classify", "ner") else (2, None)
-        self.labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+        self.settings = decoding_settings(model, data_dir, max_seq_length)
+        self.head = task if task in PRETRAINING_HEADS else None
+        self.task = None if self.head else resolve_task(task, model, self.settings)
+        if self.head:
+            architecture, num_labels = PRETRAINING_HEADS[task], 2
+        else:
+            architecture, num_labels = self.task.architecture, self.task.num_labels
         self.pretrained = convert.load_pretrained(
             model,
             architecture,
@@ -134,17 +182,20 @@ class Predictor:
             )
         self.config, self.tokenizer = self.pretrained.config, self.pretrained.tokenizer
         self.max_seq_length = min(max_seq_length, self.config.max_position_embeddings)
+        self.settings = dataclasses.replace(self.settings, max_seq_length=self.max_seq_length)
         cls = convert.model_class(architecture, num_labels)
         graphdef, _ = models.split_params(models.abstract_model(self.config, cls))
         self.data_size = sharding.data_parallel_size(self.mesh, rules)
-        objective = {
-            "classify": objectives.classification(num_labels),
-            "qa": objectives.QUESTION_ANSWERING,
-            "ner": objectives.token_classification(num_labels),
-        }.get(task)
+        self.step = jax.jit(self._step(graphdef))
 
-        def head(params, batch):
-            return objective.predict(models.merge_params(graphdef, params), batch)
+    def _step(self, graphdef):
+        """The jitted function of (params, batch): the task's prediction, or probabilities
+        of a pretraining head."""
+        if self.task is not None:
+            objective = self.task.objective(None)
+            return lambda params, batch: objective.predict(
+                models.merge_params(graphdef, params), batch
+            )
 
         def fill(params, batch):
             model = models.merge_params(graphdef, params)
@@ -161,24 +212,20 @@ class Predictor:
             )
             return jax.nn.softmax(out.nsp_logits.astype(jnp.float32), axis=-1)
 
-        self.step = jax.jit({"fill-mask": fill, "next-sentence": nsp}.get(task, head))
+        return fill if self.head == "fill-mask" else nsp
 
     def encode(self, line: str) -> tuple[list[int], list[int]]:
-        """(ids with [CLS]/[SEP], segment ids), cut to max_seq_length."""
+        """A pretraining head's input: (ids with [CLS]/[SEP], segment ids) within
+        max_seq_length."""
         tok = self.tokenizer
-        if self.task == "fill-mask":
+        if self.head == "fill-mask":
             ids = [tok.cls_id, *encode_masked(line, tok)][: self.max_seq_length - 1]
             return ids + [tok.sep_id], [0] * (len(ids) + 1)
-        if "|||" not in line:
-            raise ValueError(f"next-sentence takes 'A ||| B' lines, not {line!r}")
-        a, b = (tok.encode(t.strip()) for t in line.split("|||", 1))
-        while len(a) + len(b) > self.max_seq_length - 3:
-            (a if len(a) > len(b) else b).pop()
-        ids = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
-        return ids, [0] * (len(a) + 2) + [1] * (len(b) + 1)
+        a, b = base.split_line(line, 2, "next-sentence", "`A ||| B`")
+        return encoding.pair_tokens(tok.encode(a), tok.encode(b), tok, self.max_seq_length)
 
     def _outputs(self, features: dict[str, np.ndarray]):
-        """The jitted head over rows of features, padded to the devices, cut back."""
+        """The jitted step over rows of features, padded to the devices, cut back."""
         n = len(features["input_ids"])
         rows = -(-n // self.data_size) * self.data_size
         batch = {
@@ -192,123 +239,81 @@ class Predictor:
             )
             return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
 
-    def _classify(self, chunk) -> list[dict]:
-        tok, out = self.tokenizer, []
-        rows = np.zeros((len(chunk), self.max_seq_length), np.int32)
-        mask, segments = np.zeros_like(rows), np.zeros_like(rows)
-        for i, (_, line) in enumerate(chunk):
-            a, _, b = line.partition("|||")
-            ids_a = tok.encode(a.strip())
-            ids_b = tok.encode(b.strip()) if b else None
-            room = self.max_seq_length - (3 if ids_b is not None else 2)
-            while len(ids_a) + len(ids_b or []) > room:
-                (ids_a if ids_b is None or len(ids_a) > len(ids_b) else ids_b).pop()
-            ids = [tok.cls_id, *ids_a, tok.sep_id]
-            seg = [0] * len(ids)
-            if ids_b is not None:
-                ids += [*ids_b, tok.sep_id]
-                seg += [1] * (len(ids_b) + 1)
-            rows[i, : len(ids)], mask[i, : len(ids)], segments[i, : len(ids)] = ids, 1, seg
-        logits = self._outputs({"input_ids": rows, "input_mask": mask, "segment_ids": segments})
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        for (index, line), p in zip(chunk, probs, strict=True):
-            scores = {name: float(x) for name, x in zip(self.labels, p, strict=True)}
-            best = self.labels[int(p.argmax())]
-            out.append({"line_index": index, "text": line, "label": best, "scores": scores})
-        return out
-
-    def _qa(self, chunk) -> list[dict]:
-        examples = []
-        for index, line in chunk:
-            question, sep, context = line.partition("|||")
-            if not sep:
-                raise ValueError(f"qa takes 'question ||| context' lines, not {line!r}")
-            examples.append(squad.Example(str(index), question.strip(), context.strip(), ()))
-        windows = squad.WindowConfig(self.max_seq_length, min(128, self.max_seq_length // 2))
-        features = squad.make_features(examples, self.tokenizer, windows)
-        start, end = self._outputs(features.inputs())
-        v2 = squad.DecodeConfig(version_2_with_negative=True)
-        decoded = squad.decode(examples, features, start, end, v2)
-        out = []
-        for (index, line), example in zip(chunk, examples, strict=True):
-            p = decoded[example.qas_id]
-            probability = dict(p.nbest).get(p.best_span, 0.0)
-            answer = {"answer": p.best_span, "probability": probability, "null_odds": p.null_odds}
-            out.append({"line_index": index, "text": line, **answer})
-        return out
-
-    def _ner(self, chunk) -> list[dict]:
-        sentences = [
-            conll.Sentence(tuple(line.split()), ("O",) * len(line.split())) for _, line in chunk
-        ]
-        features = conll.make_features(sentences, self.tokenizer, self.labels, self.max_seq_length)
-        tags = conll.decode(sentences, features, self._outputs(features.inputs()), self.labels)
-        out = []
-        for (index, line), sentence, t in zip(chunk, sentences, tags, strict=True):
-            entities = [
-                {"type": kind, "text": " ".join(sentence.words[a : b + 1]), "start": a, "end": b}
-                for kind, a, b in conll.entities(t)
-            ]
-            out.append({"line_index": index, "text": line, "tags": t, "entities": entities})
-        return out
-
     def answer(self, chunk: Sequence[tuple[int, str]]) -> list[dict]:
-        handler = {"classify": self._classify, "qa": self._qa, "ner": self._ner}.get(self.task)
-        if handler is not None:
-            return handler(chunk)
+        """The answers to a batch of (line index, line)."""
+        if self.task is None:
+            return self._pretraining_answers(chunk)
+        split = self.task.from_lines([line for _, line in chunk], self.tokenizer, self.settings)
+        answers = self.task.answers(split, self._outputs(split.features))
+        return [
+            {"line_index": index, "text": line, **a}
+            for (index, line), a in zip(chunk, answers, strict=True)
+        ]
+
+    def _pretraining_answers(self, chunk) -> list[dict]:
         encoded = [self.encode(line) for _, line in chunk]
-        rows = -(-len(chunk) // self.data_size) * self.data_size
         length = _bucket(max(len(ids) for ids, _ in encoded), self.max_seq_length)
-        batch = {k: np.zeros((rows, length), np.int32) for k in ("input_ids", "input_mask")}
-        batch["segment_ids"] = np.zeros((rows, length), np.int32)
+        batch = {k: np.zeros((len(chunk), length), np.int32) for k in _INPUTS}
         for i, (ids, segments) in enumerate(encoded):
             batch["input_ids"][i, : len(ids)] = ids
             batch["input_mask"][i, : len(ids)] = 1
             batch["segment_ids"][i, : len(ids)] = segments
+        if self.head == "next-sentence":
+            pairs = self._outputs(batch)
+            return [
+                {"line_index": index, "text": line, "is_next": float(pairs[i, 0])}
+                for i, (index, line) in enumerate(chunk)
+            ]
+        top_p, top_i = self._top_k(batch)
+        rows = [batch["input_ids"][i, : len(ids)] for i, (ids, _) in enumerate(encoded)]
+        return [
+            self._filled(index, line, rows[i], top_p[i], top_i[i])
+            for i, (index, line) in enumerate(chunk)
+        ]
+
+    def _top_k(self, batch):
+        """The best k pieces at every position: [rows, L, k] leave the devices, not
+        [rows, L, V]."""
+        n = len(batch["input_ids"])
+        rows = -(-n // self.data_size) * self.data_size
+        padded = {k: np.pad(v, ((0, rows - n), (0, 0))) for k, v in batch.items()}
         with jax.set_mesh(self.mesh):
             probs = self.step(
-                self.pretrained.params, sharding.global_batch(batch, self.mesh, self.rules)
+                self.pretrained.params, sharding.global_batch(padded, self.mesh, self.rules)
             )
-            if self.task == "fill-mask":
-                masked = batch["input_ids"] == self.tokenizer.mask_id
-                # The best k at every position leave the devices, not [rows, L, V].
-                top_p, top_i = jax.device_get(jax.lax.top_k(probs, self.top_k))
-            else:
-                pairs = np.asarray(jax.device_get(probs))
-        out = []
-        for i, (index, line) in enumerate(chunk):
-            if self.task == "next-sentence":
-                out.append({"line_index": index, "text": line, "is_next": float(pairs[i, 0])})
-                continue
-            ids = list(batch["input_ids"][i, : len(encoded[i][0])])
-            masks = []
-            for pos in np.flatnonzero(masked[i]):
-                candidates = [
-                    {
-                        "token": self.tokenizer.id_to_token(int(t)),
-                        "id": int(t),
-                        "score": float(p),
-                    }
-                    for t, p in zip(top_i[i, pos], top_p[i, pos], strict=True)
-                ]
-                masks.append({"position": int(pos), "candidates": candidates})
-                ids[pos] = candidates[0]["id"]
-            if not masks:
-                raise ValueError(f"line {index + 1} has no {MASK}: {line!r}")
-            filled = self.tokenizer.decode(ids[1:-1])
-            out.append({"line_index": index, "text": line, "masks": masks, "filled": filled})
-        return out
+            top_p, top_i = jax.device_get(jax.lax.top_k(probs, self.top_k))
+        return np.asarray(top_p)[:n], np.asarray(top_i)[:n]
+
+    def _filled(self, index, line, ids, top_p, top_i) -> dict:
+        ids, masks = list(ids), []
+        for pos in np.flatnonzero(np.asarray(ids) == self.tokenizer.mask_id):
+            candidates = [
+                {"token": self.tokenizer.id_to_token(int(t)), "id": int(t), "score": float(p)}
+                for t, p in zip(top_i[pos], top_p[pos], strict=True)
+            ]
+            masks.append({"position": int(pos), "candidates": candidates})
+            ids[pos] = candidates[0]["id"]
+        if not masks:
+            raise ValueError(f"line {index + 1} has no {MASK}: {line!r}")
+        filled = self.tokenizer.decode(ids[1:-1])
+        return {"line_index": index, "text": line, "masks": masks, "filled": filled}
 
     def run(self, lines: Iterator[str], batch_size: int = 32) -> Iterator[dict]:
         for chunk in _rows(lines, batch_size):
             yield from self.answer(chunk)
 
 
+_INPUTS = ("input_ids", "input_mask", "segment_ids")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.predict", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument(
+        "task",
+        help="fill-mask, next-sentence, task (a finetune.py run's own), a task's name (sst2, "
+        "squad_v2, conll2003, swag, classify:<folder>, tag:<folder>, ...), classify, qa or ner",
+    )
     parser.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="one line to answer")
@@ -317,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=5)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--data_dir", default="", help="where a classify:/tag: folder's labels.txt is read from"
+    )
     parser.add_argument(
         "--quantization",
         default="",
@@ -335,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         mesh=mesh,
         quantization=args.quantization,
+        data_dir=args.data_dir,
     )
     if args.text is not None:
         lines: Iterator[str] = iter([args.text])
