@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, files, models, sharding
+from bert_jax import axes, cli, convert, files, models, sharding, tools
 from bert_jax.data import encoding
 from bert_jax.models import BertConfig, Params
 from bert_jax.tasks import glue
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("attention-stats", "heatmap", "head-importance", "prune"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")
+        tools.add_model_flags(p, quantization=False)
         p.add_argument("--output", required=True)
         if name in ("attention-stats", "head-importance"):
             p.add_argument("--input", required=name == "attention-stats", default="")

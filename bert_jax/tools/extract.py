@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from bert_jax import axes, cli, convert, files, models, sharding
+from bert_jax import axes, cli, convert, files, models, sharding, tools
 from bert_jax.data.tokenization import Tokenizer, vocabulary
 
 POOLINGS = ("first", "mean", "sum")
@@ -433,20 +433,13 @@ def _batch(chunk, tokenizer, max_seq_length, batch_size) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.extract", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")
+    tools.add_model_flags(parser)
     parser.add_argument("--input", required=True, help="text file: a sentence or A ||| B a line")
     parser.add_argument("--output", required=True, help=".jsonl or .array_record")
     parser.add_argument("--layers", default="-1,-2,-3,-4")
     parser.add_argument("--pooling", default="first", choices=POOLINGS)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument(
-        "--quantization",
-        default="",
-        choices=("", *models.layers.QUANTIZATION),
-        help="int8 or int8-dynamic: quantize the model's weights as it loads (models.quantize); "
-        "none: float weights; default: as the model holds them",
-    )
     args = parser.parse_args(argv)
     result = extract(
         args.model,

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_jax import cli, convert, files, models, sharding
+from bert_jax import cli, convert, files, models, sharding, tools
 from bert_jax.data import encoding
 from bert_jax.tasks import base, own, registry, squad
 
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         help="fill-mask, next-sentence, task (a finetune.py run's own), a task's name (sst2, "
         "squad_v2, conll2003, swag, classify:<folder>, tag:<folder>, ...), classify, qa or ner",
     )
-    parser.add_argument("--model", required=True, help="hf:DIR, tf:DIR or a bert_jax workdir")
+    tools.add_model_flags(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", help="one line to answer")
     source.add_argument("--input", help="a file of lines (default: stdin)")
@@ -324,13 +324,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument(
         "--data_dir", default="", help="where a classify:/tag: folder's labels.txt is read from"
-    )
-    parser.add_argument(
-        "--quantization",
-        default="",
-        choices=("", *models.layers.QUANTIZATION),
-        help="int8 or int8-dynamic: quantize the model's weights as it loads (models.quantize); "
-        "none: float weights; default: as the model holds them",
     )
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
