@@ -191,6 +191,16 @@ def load_teacher(run: loop_lib.RunConfig, mesh, student: convert.Pretrained | No
     return objective, teacher.params
 
 
+def recorded_vocabulary(data: DataConfig, workdir: str) -> DataConfig:
+    """A resumed run's learned vocabulary is the copy its workdir recorded, not one learned
+    again: on another machine (an empty cache after a preemption) learning picks other pieces
+    where counts tie, and the run could not go on."""
+    if data.vocab_file:
+        return data
+    path = files.join(workdir, "spm.model" if data.tokenizer == "sentencepiece" else "vocab.txt")
+    return dataclasses.replace(data, vocab_file=path) if files.exists(path) else data
+
+
 def load_data(config: input_pipeline.DataConfig) -> input_pipeline.PretrainingData:
     """Process 0 prepares the shards; the others wait, then read what it wrote."""
     if jax.process_index() == 0:
@@ -428,6 +438,7 @@ def train(run: loop_lib.RunConfig, workdir: str, config_json: dict, heartbeat=No
     latest = ckpt.latest_meta()
     if latest is not None:  # refuse another run's workdir before hours of preprocessing
         check_compatible(latest[1], ckpt.step_dir(latest[0]), run, config_json, workdir)
+        run = dataclasses.replace(run, data=recorded_vocabulary(run.data, workdir))
     run, pretrained = load_init(run, mesh, workdir)
     _refuse(model_problems(run, mesh))
     objective, teacher = load_teacher(run, mesh, pretrained)
