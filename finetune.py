@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
@@ -36,7 +35,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bert_jax import (
-    checkpoint,
     cli,
     convert,
     files,
@@ -47,10 +45,10 @@ from bert_jax import (
     training,
 )
 from bert_jax.compile import aot, planner
-from bert_jax.data import encoding
 from bert_jax.data.tokenization import vocabulary
 from bert_jax.optim import OptimConfig
 from bert_jax.tasks import base, registry
+from bert_jax.training import finetuning
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -220,33 +218,10 @@ def check_data(cfg: FinetuneConfig) -> None:
         )
 
 
-def run_length(cfg: FinetuneConfig, task: base.Task, n: int) -> tuple[int, int]:
-    """(steps per epoch, total steps) for `n` training examples; each epoch drops the last
-    partial batch, as the original does."""
-    steps_per_epoch = n // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{task.name}: {n} training examples are fewer than one batch of "
-            f"{cfg.batch_size}; lower --config.batch_size"
-        )
-    if not cfg.num_epochs:  # evaluation only
-        return steps_per_epoch, 0
-    return steps_per_epoch, max(1, int(round(cfg.num_epochs * steps_per_epoch)))
-
-
-RESULT = "result.json"  # a finished run's results; a rerun skips the run
-SETTINGS = "finetune_settings.json"  # what every run of the workdir was trained with
 # The sweep itself (tasks, learning rates, seeds) may grow between reruns; logging and how
 # often a run saves do not change its results.
 _SWEEP_FIELDS = ("tasks", "learning_rates", "seeds", "log_every", "checkpoint_every_steps",
                  "checkpoint_minutes")  # fmt: skip
-
-
-class Preempted(Exception):
-    """SIGTERM (a TPU maintenance event, a spot preemption): the run saved and stops."""
-
-
-STOP = run_files.StopFlag()
 
 
 def run_settings(cfg: FinetuneConfig) -> dict:
@@ -257,270 +232,6 @@ def run_settings(cfg: FinetuneConfig) -> dict:
     return {k: v for k, v in settings.items() if k not in _SWEEP_FIELDS}
 
 
-def finished_run(directory: str) -> dict | None:
-    """The results of a run that finished in an earlier invocation, or None."""
-    path = os.path.join(directory, RESULT)
-    return json.loads(files.read_bytes(path)) if files.exists(path) else None
-
-
-class Run:
-    """One fine-tuning run (task, learning rate, seed): train, evaluate, keep the best."""
-
-    def __init__(self, cfg, task, data, trainer, pretrained, lr, seed, directory):
-        self.cfg, self.task, self.data, self.trainer = cfg, task, data, trainer
-        self.pretrained, self.lr, self.seed, self.directory = pretrained, lr, seed, directory
-        self.data_parallel = trainer.data_parallel
-        self.main_dev = task.dev_names[0]
-        self.pack = cfg.pack and task.packable
-        self.writer = run_files.SummaryWriter(os.path.join(directory, "tensorboard"))
-        meta = convert.describe_run(
-            directory,
-            pretrained.config,
-            task.architecture,
-            task.num_labels,
-            pretrained.tokenizer,
-            extra={
-                "task": task.name,
-                "labels": list(task.label_names),
-                **({"distilled_from": dict(cfg.distill)} if cfg.distill else {}),
-            },
-        )
-        self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
-        self.packed_splits: dict[int, tuple] = {}
-        self.eval_rows = 0  # rows per packed prediction batch, the same for every split
-        # checkpoints/: the best weights (the run as a model); resume/: the whole state of the
-        # newest save, which a rerun of the same command continues from.
-        self.ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), max_to_keep=1)
-        self.resume = checkpoint.Checkpointer(os.path.join(directory, "resume"), max_to_keep=1)
-        self.last_save = time.time()
-
-    def start(self) -> tuple[int, training.TrainState, dict]:
-        """(step, train state, loop state) to go on from: the newest save of an earlier
-        attempt at this run (its weights, optimizer, step, dropout key and best so far), or
-        the imported weights at step 0."""
-        fresh = dict(best=None, best_step=0, evals_since_best=0, history=[])
-        restored = self.resume.restore_latest(self.trainer.abstract_state, start_over=True)
-        if restored is None:
-            state = self.trainer.init(self.seed)
-            # Copies: the step donates the state, and the imported weights serve every seed.
-            imported = jax.tree.map(lambda x: x.copy(), self.pretrained.params)
-            return 0, state.replace(params=convert.overlay(state.params, imported)), fresh
-        step, state, loop, _ = restored
-        # A best checkpoint newer than the save was made after it: it is made again.
-        for saved in self.ckpt.manager.all_steps():
-            if saved != loop["best_step"]:
-                self.ckpt.manager.delete(saved)
-        tqdm.tqdm.write(f"{self.directory}: resumed from step {step}")
-        return step, state, loop
-
-    def save_due(self, step: int) -> bool:
-        every, minutes = self.cfg.checkpoint_every_steps, self.cfg.checkpoint_minutes
-        return (
-            STOP.requested
-            or (every > 0 and step % every == 0)
-            or (minutes > 0 and time.time() - self.last_save > 60 * minutes)
-        )
-
-    def save(self, step: int, state, loop: dict) -> None:
-        """Saves everything the run needs to go on from `step`; on SIGTERM waits for it to be
-        written and stops (`Preempted`)."""
-        self.resume.save(step, state, loop, self.meta)
-        self.last_save = time.time()
-        if STOP.requested:
-            self.resume.wait()
-            self.ckpt.wait()
-            self.writer.close()
-            raise Preempted(
-                f"stopped by SIGTERM at step {step} of {self.directory}, saved: run the same "
-                f"command again to resume"
-            )
-
-    def finish(self, result: dict) -> None:
-        """Records the finished run (a rerun skips it) and drops its resume state."""
-        result = {**result, "settings": run_settings(self.cfg)}
-        files.atomic_write(
-            os.path.join(self.directory, RESULT), json.dumps(result, indent=2).encode()
-        )
-        self.resume.close()
-        files.rmtree(os.path.join(self.directory, "resume"))
-
-    def train_batches(self, n: int, total: int) -> tuple[list[np.ndarray], list[int | None]]:
-        """The examples of each of the run's `total` steps (a new shuffle each epoch, the
-        last partial batch dropped, as the original does), and for packed batches the row
-        count of each: every batch's need is known before the first step, so that the run
-        compiles one or two shapes (`encoding.row_counts`) that fit every batch."""
-        rng, order, batches = np.random.default_rng(self.seed), np.empty(0, np.int64), []
-        size = self.cfg.batch_size
-        while len(batches) < total:
-            if len(order) < size:
-                order = rng.permutation(n)
-            batches.append(order[:size])
-            order = order[size:]
-        if not self.pack:
-            return batches, [None] * total
-        features = self.data.train
-        lengths = features["input_mask"].sum(axis=1)
-        width = features["input_ids"].shape[1]
-        needs = [
-            len(encoding.pack_rows(lengths[b], width, self.cfg.pack_max_examples)) for b in batches
-        ]
-        counts = encoding.row_counts(needs, self.data_parallel)
-        return batches, [min(c for c in counts if c >= need) for need in needs]
-
-    def packed_split(self, features: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, int]:
-        """A prediction split packed whole (rows filled across what would be batches), as
-        (packed arrays, their slots' sources, rows per prediction batch): one shape for the
-        run (the first split sets it: about `eval_batch_size` examples a batch). Kept for the
-        run's evaluations."""
-        key = id(features)
-        if key not in self.packed_splits:
-            n, width = features["input_ids"].shape
-            lengths = features["input_mask"].sum(axis=1)
-            needed = len(encoding.pack_rows(lengths, width, self.cfg.pack_max_examples))
-            if not self.eval_rows:
-                per = -(-needed * self.cfg.eval_batch_size // n)
-                self.eval_rows = -(-per // self.data_parallel) * self.data_parallel
-            per = self.eval_rows
-            packed = encoding.pack(
-                features,
-                self.cfg.pack_max_examples,
-                self.data_parallel,
-                rows=-(-needed // per) * per,
-            )
-            source = packed.pop("source")
-            self.packed_splits[key] = (features, packed, source, per)
-        _, packed, source, per = self.packed_splits[key]
-        return packed, source, per
-
-    def predict(self, params, features):
-        """The model's outputs (an array, or a tuple of arrays: QA's start and end scores)
-        for every row of `features`, in order."""
-        n = len(features["input_ids"])
-        if self.pack:
-            packed, source, per = self.packed_split(features)
-            outputs = [
-                jax.device_get(
-                    self.trainer.predict_step(
-                        params,
-                        self.trainer.global_batch({k: v[i : i + per] for k, v in packed.items()}),
-                    )
-                )
-                for i in range(0, len(source), per)
-            ]
-            return encoding.unpack(np.concatenate(outputs), source, n)
-        outputs, b = [], self.cfg.eval_batch_size
-        for start in range(0, n, b):
-            real = min(b, n - start)
-            host = {k: _pad(v[start : start + real], b) for k, v in features.items()}
-            out = jax.device_get(self.trainer.predict_step(params, self.trainer.global_batch(host)))
-            outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
-    def evaluate(self, params, step: int) -> dict[str, dict[str, float]]:
-        results = {}
-        for name, split in self.data.dev.items():
-            metrics = self.task.evaluate(name, split, self.predict(params, split.features))
-            results[name] = metrics
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"{name}/{key}", value, step)
-        return results
-
-    def train(self) -> dict:
-        cfg, train = self.cfg, self.data.train
-        n = len(train["input_ids"])
-        steps_per_epoch, total = run_length(cfg, self.task, n)
-        if total == 0:  # num_epochs=0: the model as it was loaded, evaluated and kept
-            results = self.evaluate(self.pretrained.params, 0)
-            self.ckpt.save(0, {"params": self.pretrained.params}, {}, self.meta)
-            self.ckpt.wait()
-            return {"best_step": 0, "dev": results, "history": [{"step": 0, **results}], "steps": 0}
-        batches, row_counts = self.train_batches(n, total)
-        step, state, loop = self.start()
-        best, best_step = loop["best"], loop["best_step"]
-        evals_since_best, history = loop["evals_since_best"], loop["history"]
-        bar = tqdm.tqdm(
-            total=total,
-            initial=step,
-            desc=f"{self.task.name} lr={self.lr:g} seed={self.seed}",
-            unit="step",
-            dynamic_ncols=True,
-        )
-        previous = None
-        while step < total:
-            host = {k: v[batches[step]] for k, v in train.items()}
-            if self.pack:
-                host = encoding.pack(
-                    host, cfg.pack_max_examples, self.data_parallel, rows=row_counts[step]
-                )
-                del host["source"]
-            state, metrics = self.trainer.train_step(state, self.trainer.global_batch(host))
-            step += 1
-            # One step in flight: the bar counts the steps that have run (it raced ahead of a
-            # queue of dispatched steps and then stalled at each log), and the next batch is
-            # prepared while this step runs.
-            if previous is not None:
-                jax.block_until_ready(previous)
-                bar.update(1)
-            previous = metrics["loss_sum"]
-            if step % cfg.log_every == 0:
-                metrics = jax.device_get(metrics)
-                summary = self.trainer.objective.summarize(metrics)
-                for key, value in summary.items():
-                    self.writer.add_scalar(f"train/{key}", value, step)
-                self.writer.add_scalar("train/learning_rate", float(metrics["learning_rate"]), step)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}")
-            due = step % steps_per_epoch == 0 or step == total
-            if cfg.eval_every_steps:
-                due = due or step % cfg.eval_every_steps == 0
-            if not due:
-                if self.save_due(step):
-                    loop = dict(best=best, best_step=best_step, history=history)
-                    self.save(step, state, {**loop, "evals_since_best": evals_since_best})
-                continue
-            jax.block_until_ready(previous)  # the bar shows this step done before evaluating
-            bar.update(1)
-            previous = None
-            results = self.evaluate(state.params, step)
-            score = results[self.main_dev]["score"]
-            history.append({"step": step, **results})
-            bar.set_postfix(dev=f"{score:.4f}")
-            stop = False
-            if best is None or score > best[self.main_dev]["score"]:
-                best, best_step, evals_since_best = results, step, 0
-                self.ckpt.save(step, {"params": state.params}, {}, self.meta)
-            else:
-                evals_since_best += 1
-                if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
-                    tqdm.tqdm.write(
-                        f"early stop at step {step}: no gain in {evals_since_best} evaluations"
-                    )
-                    stop = True
-            if not stop and step < total and self.save_due(step):
-                loop = dict(best=best, best_step=best_step, history=history)
-                self.save(step, state, {**loop, "evals_since_best": evals_since_best})
-            if stop:
-                break
-        if previous is not None:
-            jax.block_until_ready(previous)
-            bar.update(1)
-        bar.close()
-        self.ckpt.wait()
-        return {"best_step": best_step, "dev": best, "history": history, "steps": step}
-
-    def predict_tests(self, best_step: int) -> dict[str, str]:
-        """Restores the best checkpoint; writes the task's predictions beside it."""
-        abstract = {"params": self.trainer.abstract_state.params}
-        restored, _, _ = self.ckpt.restore(best_step, abstract)
-        params = restored["params"]
-        written = {}
-        for name, split in self.data.predict.items():
-            outputs = self.predict(params, split.features)
-            written[name] = self.task.write_predictions(self.directory, name, split, outputs)
-        self.ckpt.close()
-        self.writer.close()
-        return written
-
-
 def run_directory(workdir: str, task_name: str, lr: float, seed: int) -> str:
     return os.path.join(workdir, task_name, f"lr{lr:g}_seed{seed}")
 
@@ -528,7 +239,7 @@ def run_directory(workdir: str, task_name: str, lr: float, seed: int) -> str:
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     task = registry.get_task(name)
     done = {
-        (lr, seed): finished_run(run_directory(workdir, task.name, lr, seed))
+        (lr, seed): finetuning.finished_run(run_directory(workdir, task.name, lr, seed))
         for lr in cfg.learning_rates
         for seed in cfg.seeds
     }
@@ -583,7 +294,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         )
     data = task.load(cfg.settings(), pretrained.tokenizer)
     runs = []
-    _, steps = run_length(cfg, task, len(data.train["input_ids"]))
+    _, steps = finetuning.run_length(cfg, task, len(data.train["input_ids"]))
     for lr in cfg.learning_rates:
         if all(done[(lr, seed)] for seed in cfg.seeds):
             runs += [
@@ -609,7 +320,9 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
                 runs.append(_finished(workdir, task.name, lr, seed, done[(lr, seed)]))
                 continue
             directory = run_directory(workdir, task.name, lr, seed)
-            run = Run(cfg, task, data, trainer, pretrained, lr, seed, directory)
+            run = finetuning.Run(
+                cfg, task, data, trainer, pretrained, lr, seed, directory, run_settings(cfg)
+            )
             with jax.set_mesh(mesh):
                 result = run.train()
                 result["predictions"] = run.predict_tests(result["best_step"])
@@ -733,11 +446,11 @@ def main(argv):
     convert.model_kind(cfg.init_from)
     mesh = sharding.make_mesh(cfg.mesh)
     with run_files.WorkdirLock(workdir, " ".join(sys.argv)):
-        run_files.check_settings(workdir, SETTINGS, run_settings(cfg))
-        STOP.install()
+        run_files.check_settings(workdir, finetuning.SETTINGS, run_settings(cfg))
+        finetuning.STOP.install()
         try:
             finetune_all(cfg, mesh, workdir)
-        except Preempted as e:
+        except finetuning.Preempted as e:
             print(e)
 
 
@@ -809,12 +522,6 @@ def finetune_all(cfg: FinetuneConfig, mesh, workdir: str) -> None:
     files.atomic_write(os.path.join(workdir, "results.json"), results_json.encode("utf-8"))
     files.atomic_write(os.path.join(workdir, "results.md"), table.encode("utf-8"))
     print(table)
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
 
 
 if __name__ == "__main__":

@@ -36,19 +36,12 @@ from bert_jax.convert.sources import export_hf, read_hf_dir, read_json, read_tf_
 from bert_jax.convert.stablehlo import export_stablehlo
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bert_jax.convert", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (
-        ("import-hf", "Hugging Face model directory -> bert_jax workdir"),
-        ("import-tf", "original TF checkpoint directory -> bert_jax workdir"),
-        ("export-hf", "bert_jax workdir -> Hugging Face model directory"),
-        ("export-stablehlo", "a model -> jax.export (StableHLO) artifact and a loader"),
-        ("export-onnx", "a model -> ONNX file (through the transformers PyTorch model)"),
-        ("quantize", "a model -> bert_jax workdir with int8 (or float) weights"),
-    ):
+    for name, (help_, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("source")
         p.add_argument("output")
@@ -73,93 +66,101 @@ def main(argv: list[str] | None = None) -> None:
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
-    args = parser.parse_args(argv)
-    mesh_config = sharding.MeshConfig(data=1)
-    mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
-    if args.command in ("export-stablehlo", "export-onnx", "quantize"):
-        kind, path = model_kind(args.source)
-        run = read_run(path) if kind == "bert_jax" else {}
-        architecture = args.architecture or run.get("architecture", "BertModel")
-        num_labels = args.num_labels or run.get("num_labels", 2)
-        if args.command == "quantize" and files.exists(os.path.join(args.output, "checkpoints")):
-            raise FileExistsError(
-                f"{args.output} already holds checkpoints; choose a new output directory"
-            )
-        mode = {"quantization": args.mode} if args.command == "quantize" else {}
-        loaded = load_pretrained(
-            args.source, architecture, mesh=mesh, num_labels=num_labels, **mode
+    return parser
+
+
+def _load_model(args, mesh, **mode):
+    """(the model a source holds with its head, the source's run record or {}, architecture,
+    num_labels) for the exports and quantize."""
+    kind, path = model_kind(args.source)
+    run = read_run(path) if kind == "bert_jax" else {}
+    architecture = args.architecture or run.get("architecture", "BertModel")
+    num_labels = args.num_labels or run.get("num_labels", 2)
+    loaded = load_pretrained(args.source, architecture, mesh=mesh, num_labels=num_labels, **mode)
+    if loaded.report.missing:
+        raise ValueError(
+            f"{args.source} has no weights for {architecture}'s {loaded.report.missing[:4]}: "
+            f"export the architecture it holds (--architecture; a run records its own)"
         )
-        if loaded.report.missing:
-            raise ValueError(
-                f"{args.source} has no weights for {architecture}'s {loaded.report.missing[:4]}: "
-                f"export the architecture it holds (--architecture; a run records its own)"
-            )
-        if args.command == "quantize":
-            params = jax.device_get(loaded.params)
-            # A fine-tuned run's task and label names go with it (tools.predict reads them).
-            extra = read_json(os.path.join(path, "config.json")) if run else {}
-            extra["quantized_from"] = args.source
-            write_run(
-                args.output,
-                loaded.config,
-                architecture,
-                num_labels,
-                params,
-                loaded.tokenizer,
-                extra=extra,
-            )
-            print(
-                f"wrote {architecture} of {loaded.description} to {args.output}: weights "
-                f"{models.param_bytes(params) / 2**20:.1f} MiB ({args.mode})"
-            )
-            return
-        onnx = args.command == "export-onnx"
-        export = functools.partial(export_onnx, int8=args.int8) if onnx else export_stablehlo
-        meta = export(
-            jax.device_get(loaded.params),
-            loaded.config,
-            architecture,
-            num_labels,
-            loaded.tokenizer,
-            args.output,
+    return loaded, path if run else None, architecture, num_labels
+
+
+def quantize(args, mesh, mesh_config) -> None:
+    del mesh_config
+    if files.exists(os.path.join(args.output, "checkpoints")):
+        raise FileExistsError(
+            f"{args.output} already holds checkpoints; choose a new output directory"
         )
-        how = (
-            f"{args.output}/model.onnx in any ONNX runtime (checked with onnxruntime: at most "
-            f"{meta['max_abs_error']:.1e} from bert_jax)"
-            if onnx
-            else f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
+    loaded, run_path, architecture, num_labels = _load_model(args, mesh, quantization=args.mode)
+    params = jax.device_get(loaded.params)
+    # A fine-tuned run's task and label names go with it (tools.predict reads them).
+    extra = read_json(os.path.join(run_path, "config.json")) if run_path else {}
+    extra["quantized_from"] = args.source
+    write_run(
+        args.output, loaded.config, architecture, num_labels, params, loaded.tokenizer, extra=extra
+    )
+    print(
+        f"wrote {architecture} of {loaded.description} to {args.output}: weights "
+        f"{models.param_bytes(params) / 2**20:.1f} MiB ({args.mode})"
+    )
+
+
+def export_program(args, mesh, mesh_config) -> None:
+    """export-stablehlo and export-onnx."""
+    del mesh_config
+    loaded, _, architecture, num_labels = _load_model(args, mesh)
+    onnx = args.command == "export-onnx"
+    export = functools.partial(export_onnx, int8=args.int8) if onnx else export_stablehlo
+    meta = export(
+        jax.device_get(loaded.params),
+        loaded.config,
+        architecture,
+        num_labels,
+        loaded.tokenizer,
+        args.output,
+    )
+    how = (
+        f"{args.output}/model.onnx in any ONNX runtime (checked with onnxruntime: at most "
+        f"{meta['max_abs_error']:.1e} from bert_jax)"
+        if onnx
+        else f"{args.output}/run_exported.py (jax, numpy and flatbuffers only)"
+    )
+    if "int8_file" in meta:
+        how += (
+            f"; int8: {args.output}/model.int8.onnx (at most "
+            f"{meta['int8_max_abs_error']:.1e} from bert_jax's float outputs)"
         )
-        if "int8_file" in meta:
-            how += (
-                f"; int8: {args.output}/model.int8.onnx (at most "
-                f"{meta['int8_max_abs_error']:.1e} from bert_jax's float outputs)"
-            )
-        print(
-            f"wrote {meta['architecture']} of {loaded.description} to {args.output} as "
-            f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with {how}"
-        )
-        return
-    if args.command == "export-hf":
-        run = read_run(args.source, args.step)
-        loaded = load_run(
-            args.source,
-            run["architecture"],
-            run["num_labels"],
-            mesh,
-            mesh_config.rules,
-            {},
-            args.step,
-        )
-        architecture = export_hf(
-            jax.device_get(loaded.params),
-            loaded.config,
-            loaded.tokenizer,
-            args.output,
-            run["num_labels"],
-            run["architecture"],
-        )
-        print(f"wrote {architecture} of {loaded.description} to {args.output}")
-        return
+    print(
+        f"wrote {meta['architecture']} of {loaded.description} to {args.output} as "
+        f"[{meta['input_shape']}] -> {', '.join(meta['outputs'])}; run it with {how}"
+    )
+
+
+def export_hugging_face(args, mesh, mesh_config) -> None:
+    run = read_run(args.source, args.step)
+    loaded = load_run(
+        args.source,
+        run["architecture"],
+        run["num_labels"],
+        mesh,
+        mesh_config.rules,
+        {},
+        args.step,
+    )
+    architecture = export_hf(
+        jax.device_get(loaded.params),
+        loaded.config,
+        loaded.tokenizer,
+        args.output,
+        run["num_labels"],
+        run["architecture"],
+    )
+    print(f"wrote {architecture} of {loaded.description} to {args.output}")
+
+
+def import_released(args, mesh, mesh_config) -> None:
+    """import-hf and import-tf: released weights as a bert_jax workdir."""
+    del mesh_config
     prefix = "hf" if args.command == "import-hf" else "tf"
     source = (
         read_hf_dir(args.source, args.output) if prefix == "hf" else read_tf_checkpoint(args.source)
@@ -188,6 +189,30 @@ def main(argv: list[str] | None = None) -> None:
         loaded.tokenizer,
     )
     print(f"wrote {source.architecture} from {source.description} to {args.output}")
+
+
+# Subcommand -> (help, the function that does it).
+COMMANDS = {
+    "import-hf": ("Hugging Face model directory -> bert_jax workdir", import_released),
+    "import-tf": ("original TF checkpoint directory -> bert_jax workdir", import_released),
+    "export-hf": ("bert_jax workdir -> Hugging Face model directory", export_hugging_face),
+    "export-stablehlo": (
+        "a model -> jax.export (StableHLO) artifact and a loader",
+        export_program,
+    ),
+    "export-onnx": (
+        "a model -> ONNX file (through the transformers PyTorch model)",
+        export_program,
+    ),
+    "quantize": ("a model -> bert_jax workdir with int8 (or float) weights", quantize),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    mesh_config = sharding.MeshConfig(data=1)
+    mesh = sharding.make_mesh(mesh_config, jax.devices()[:1])
+    COMMANDS[args.command][1](args, mesh, mesh_config)
 
 
 if __name__ == "__main__":
