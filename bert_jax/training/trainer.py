@@ -70,6 +70,80 @@ def create_trainer(
     A distillation objective takes `teacher_params`: placed once by the same rules as the
     student's and given to every train step (which never changes them).
     """
+    _check(model_config, objective, teacher_params, mesh, rules)
+    tx = make_optimizer(optim_config)
+    abstract = models.abstract_model(model_config, objective.model_cls)
+    graphdef, abstract_params = models.split_params(abstract)
+    own_params = None if objective.distill is None else objective.distill.own_params
+    init_fn = _make_init(model_config, objective, tx, own_params)
+    repl = sharding.replicated(mesh)
+    param_shardings = sharding.tree_shardings(
+        models.param_logical_axes(abstract), abstract_params, mesh, rules
+    )
+    if own_params is not None:  # small (a projection): whole on every device
+        own = jax.tree.map(lambda _: repl, jax.eval_shape(own_params, jax.random.key(0)))
+        param_shardings = {**param_shardings, OWN_PARAMS: own}
+    abstract_state = jax.eval_shape(lambda: init_fn(0))
+    state_shardings = _state_shardings(tx, abstract_state, param_shardings, repl)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    eval_step, predict_step = _evaluation_steps(
+        graphdef, rules, objective, (param_shardings, batch_sharding), repl
+    )
+    step_fn = make_train_step(
+        graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
+    )
+    if models.layers.holds_int8(model_config.quantization):  # evaluation and prediction only
+        step_fn = functools.partial(_refuse_training, model_config.quantization)
+    train_step = _jit_train_step(
+        step_fn, objective.distill, teacher_params, (state_shardings, batch_sharding), mesh, rules
+    )
+    return Trainer(
+        graphdef=graphdef,
+        tx=tx,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_state,
+            state_shardings,
+        ),
+        batch_sharding=batch_sharding,
+        train_step=train_step,
+        eval_step=eval_step,
+        predict_step=predict_step,
+        init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
+        rules=rules,
+        objective=objective,
+    )
+
+
+def _state_shardings(tx, abstract_state, param_shardings, repl) -> TrainState:
+    """The state's shardings: the parameters' by the rules, the optimizer's moments like
+    their parameters, everything else whole on every device."""
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    return TrainState(step=repl, params=param_shardings, opt_state=opt, rng=repl)
+
+
+def _evaluation_steps(graphdef, rules, objective, shardings, repl):
+    """The jitted eval step, and the predict step where the objective predicts (else None)."""
+    eval_step = jax.jit(
+        make_eval_step(graphdef, rules, objective), in_shardings=shardings, out_shardings=repl
+    )
+    if objective.predict is None:
+        return eval_step, None
+    return eval_step, jax.jit(make_predict_step(graphdef, rules, objective), in_shardings=shardings)
+
+
+def _check(model_config, objective, teacher_params, mesh, rules) -> None:
+    """Refuses a teacher without a distillation objective (or the reverse) and sizes the
+    mesh's axes do not divide."""
     if (teacher_params is None) != (objective.distill is None):
         raise ValueError(
             "teacher_params go with a distillation objective (objectives.task_distillation), "
@@ -84,17 +158,45 @@ def create_trainer(
         mesh,
         rules,
     )
-    tx = make_optimizer(optim_config)
-    abstract = models.abstract_model(model_config, objective.model_cls)
-    graphdef, abstract_params = models.split_params(abstract)
-    param_shardings = sharding.tree_shardings(
-        models.param_logical_axes(abstract), abstract_params, mesh, rules
-    )
+
+
+def _jit_train_step(step_fn, distill, teacher_params, shardings, mesh, rules):
+    """The jitted train step (the state donated). With a distillation, `step_fn(state, batch,
+    teacher_params)` bound to the teacher's parameters, placed once by the student's rules
+    (checked against the teacher's config and head)."""
+    state_shardings, batch_sharding = shardings
     repl = sharding.replicated(mesh)
-    own_params = None if objective.distill is None else objective.distill.own_params
-    if own_params is not None:  # small (a projection): whole on every device
-        own_shapes = jax.eval_shape(own_params, jax.random.key(0))
-        param_shardings = {**param_shardings, OWN_PARAMS: jax.tree.map(lambda _: repl, own_shapes)}
+    if distill is None:
+        return jax.jit(
+            step_fn, in_shardings=shardings, out_shardings=(state_shardings, repl), donate_argnums=0
+        )
+    teacher_abstract = models.abstract_model(distill.teacher_config, distill.teacher_cls)
+    expected = models.split_params(teacher_abstract)[1]
+    teacher_shardings = sharding.tree_shardings(
+        models.param_logical_axes(teacher_abstract), expected, mesh, rules
+    )
+    shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
+    try:
+        given = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), teacher_params)
+    except (TypeError, ValueError):
+        given = None
+    if given != shapes:
+        raise ValueError(
+            "the teacher's parameters do not match its config and head (shapes, dtypes "
+            "or names differ): load the teacher with the config it was trained with"
+        )
+    step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+        out_shardings=(state_shardings, repl),
+        donate_argnums=0,
+    )
+    return _WithTeacher(step, jax.device_put(teacher_params, teacher_shardings))
+
+
+def _make_init(model_config, objective, tx, own_params):
+    """`init(seed) -> TrainState`: the model's weights, an objective's own, the optimizer
+    state and the dropout key, all from the seed."""
 
     def init_fn(seed: int) -> TrainState:
         _, params = models.split_params(
@@ -109,83 +211,7 @@ def create_trainer(
             rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
         )
 
-    abstract_state = jax.eval_shape(lambda: init_fn(0))
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_state.opt_state,
-        param_shardings,
-        transform_non_params=lambda _: repl,
-        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
-    )
-    state_shardings = TrainState(
-        step=repl, params=param_shardings, opt_state=opt_shardings, rng=repl
-    )
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    step_fn = make_train_step(
-        graphdef, tx, optim_config, rules, objective, replicas=_data_replicas(mesh, rules)
-    )
-    if models.layers.holds_int8(model_config.quantization):  # evaluation and prediction only
-        step_fn = functools.partial(_refuse_training, model_config.quantization)
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, repl),
-        donate_argnums=0,
-    )
-    if objective.distill is not None:
-        d = objective.distill
-        teacher_abstract = models.abstract_model(d.teacher_config, d.teacher_cls)
-        expected = models.split_params(teacher_abstract)[1]
-        teacher_shardings = sharding.tree_shardings(
-            models.param_logical_axes(teacher_abstract), expected, mesh, rules
-        )
-        shapes = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), expected)
-        try:
-            given = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), teacher_params)
-        except (TypeError, ValueError):
-            given = None
-        if given != shapes:
-            raise ValueError(
-                "the teacher's parameters do not match its config and head (shapes, dtypes "
-                "or names differ): load the teacher with the config it was trained with"
-            )
-        train_step = _WithTeacher(
-            jax.jit(
-                step_fn,
-                in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-                out_shardings=(state_shardings, repl),
-                donate_argnums=0,
-            ),
-            jax.device_put(teacher_params, teacher_shardings),
-        )
-    return Trainer(
-        graphdef=graphdef,
-        tx=tx,
-        mesh=mesh,
-        state_shardings=state_shardings,
-        abstract_state=jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_state,
-            state_shardings,
-        ),
-        batch_sharding=batch_sharding,
-        train_step=train_step,
-        eval_step=jax.jit(
-            make_eval_step(graphdef, rules, objective),
-            in_shardings=(param_shardings, batch_sharding),
-            out_shardings=repl,
-        ),
-        predict_step=None
-        if objective.predict is None
-        else jax.jit(
-            make_predict_step(graphdef, rules, objective),
-            in_shardings=(param_shardings, batch_sharding),
-        ),
-        init=jax.jit(init_fn, out_shardings=state_shardings, static_argnums=0),
-        rules=rules,
-        objective=objective,
-    )
+    return init_fn
 
 
 TRAINING_QUANTIZED = (
