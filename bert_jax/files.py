@@ -27,6 +27,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -453,7 +454,7 @@ def remote_problem(error: BaseException, path: str, doing: str) -> str:
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, StorageError):
         return str(error.strerror or error)
-    if "credentials" in text.lower() or "RefreshError" in text or "401" in text:
+    if "credentials" in text.lower() or "RefreshError" in text or _http_status(error, 401):
         return (
             f"cannot {doing} {path}: no usable Google Cloud credentials ({_first(text)}); on a "
             f"Cloud VM the VM's service account is used, elsewhere run `gcloud auth "
@@ -464,12 +465,20 @@ def remote_problem(error: BaseException, path: str, doing: str) -> str:
             f"cannot {doing} {path}: the bucket {root} does not exist (create it with `gcloud "
             f"storage buckets create {root}`, or fix the path)"
         )
-    if "403" in text or "Forbidden" in text or isinstance(error, PermissionError):
+    if _http_status(error, 403) or "Forbidden" in text or isinstance(error, PermissionError):
         return (
             f"cannot {doing} {path}: permission refused ({_first(text)}); grant the account in "
             f"use a role such as roles/storage.objectAdmin on {root}"
         )
     return f"cannot {doing} {path} ({_first(text)})"
+
+
+def _http_status(error: BaseException, status: int) -> bool:
+    """Whether `error` reports HTTP `status`: by its code, or by the number standing alone in
+    its text (a URL's port such as :40123 in a FileNotFoundError is not a status)."""
+    if getattr(error, "code", None) == status or getattr(error, "status", None) == status:
+        return True
+    return re.search(rf"(?<![\w:./-]){status}(?![\w.:/-])", str(error)) is not None
 
 
 def _first(text: str) -> str:

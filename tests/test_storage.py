@@ -304,3 +304,15 @@ def test_refused_permission_and_absent_credentials_are_one_line_naming_the_fix(g
     assert "gcloud auth application-default login" in line and "\n" not in line
     missing = files.writable_problem("gs://no-such-bucket/run", "the run's files")
     assert "the bucket gs://no-such-bucket does not exist" in missing
+    # A status is read from the error's code or a number standing alone, never from a URL's
+    # port: CI's emulator once listened on :40xxx and a missing bucket read as "no credentials".
+    from gcsfs.retry import HttpError
+
+    for port in (40123, 34010, 40301):
+        url = f"http://127.0.0.1:{port}/upload/storage/v1/b/no-such-bucket/o?name=run/x"
+        line = files.remote_problem(FileNotFoundError(url), "gs://no-such-bucket/run", "write to")
+        assert "the bucket gs://no-such-bucket does not exist" in line, line
+    expired = HttpError({"code": 401, "message": "Invalid Credentials"})
+    assert "no usable Google Cloud credentials" in files.remote_problem(expired, bucket, "read")
+    refused = HttpError({"code": 403, "message": "caller does not have storage.objects.get"})
+    assert "permission refused" in files.remote_problem(refused, bucket, "read")
