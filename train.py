@@ -455,7 +455,7 @@ def train(run: loop_lib.RunConfig, workdir: str, config_json: dict, heartbeat=No
     # the memory printed is the compiler's.
     train_step, compiled = compile_run.compile_train_step(trainer, run)
     if teacher is not None:  # the compiled step takes the teacher's params at every call
-        train_step = training.bind_teacher(train_step, trainer.train_step.teacher_params)
+        train_step = training.bind_frozen(train_step, trainer.train_step.frozen)
     trainer = dataclasses.replace(trainer, train_step=train_step)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:

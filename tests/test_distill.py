@@ -109,7 +109,7 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
     objective = objectives.task_distillation(objectives.classification(2), _tiny(2), alpha=0.7)
     trainer, state, metrics = _train(objective, _tiny(1), data, 4, teacher)
     assert np.isfinite(float(metrics["distill_loss_sum"])) and float(metrics["finite"])
-    placed = jax.device_get(trainer.train_step.teacher_params)
+    placed = jax.device_get(trainer.train_step.frozen)
     for leaf, a, b in zip(
         jax.tree.leaves(before), jax.tree.leaves(teacher), jax.tree.leaves(placed), strict=True
     ):
@@ -120,17 +120,10 @@ def test_teacher_stays_bitwise_frozen_and_gets_no_gradient():
     )[0]
     batch = {k: jnp.asarray(v[:8]) for k, v in data.items()}
 
+    gradients = training.step._Gradients(graphdef, objective, axes.DEFAULT_RULES)
+
     def loss_of_teacher(t):
-        return training.step._forward(
-            graphdef,
-            state.params,
-            batch,
-            axes.DEFAULT_RULES,
-            objective,
-            rng=jax.random.key(0),
-            deterministic=False,
-            teacher=(objectives.teacher_graphdef(objective), t),
-        )[0]
+        return gradients(state.params, t, batch, jax.random.key(0))[0]
 
     grads = jax.grad(loss_of_teacher)(jax.tree.map(jnp.asarray, teacher))
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))

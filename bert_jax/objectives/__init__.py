@@ -5,7 +5,6 @@ from bert_jax.objectives.base import OWN_PARAMS, Batch, Distillation, Objective
 from bert_jax.objectives.distillation import (
     pretraining_distillation,
     task_distillation,
-    teacher_graphdef,
 )
 from bert_jax.objectives.heads import (
     QUESTION_ANSWERING,
@@ -26,6 +25,5 @@ __all__ = [
     "multiple_choice",
     "pretraining_distillation",
     "task_distillation",
-    "teacher_graphdef",
     "token_classification",
 ]

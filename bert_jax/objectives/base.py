@@ -34,6 +34,17 @@ class Objective:
     # evaluation and prediction stay the student's own (`loss`, `predict`).
     distill: "Distillation | None" = None
 
+    def train_loss(self, model, own, batch, rng, frozen=None):
+        """The loss the train step differentiates, with dropout: `loss`, or a distillation's
+        given `frozen`, the teacher's parameters (no gradient reaches them), and `own`, the
+        objective's own trained weights (`OWN_PARAMS`; None without)."""
+        if (frozen is None) != (self.distill is None):
+            raise ValueError("a distillation objective's train step takes the teacher's params")
+        if self.distill is None:
+            return self.loss(model, batch, rng, False)
+        teacher = models.merge_params(self.distill.graphdef(), jax.lax.stop_gradient(frozen))
+        return self.distill.loss(model, teacher, batch, rng, False, own)
+
 
 # The key under which a distillation objective keeps weights of its own (TinyBERT's
 # projection into the teacher's width) in the train state's params, beside the model's.
@@ -53,3 +64,7 @@ class Distillation:
     teacher_config: BertConfig
     loss: Callable[..., tuple[jax.Array, dict]]
     own_params: Callable[[jax.Array], models.Params] | None = None
+
+    def graphdef(self) -> nnx.GraphDef:
+        """The teacher's static graph, its parameters merged into it by `train_loss`."""
+        return models.split_params(models.abstract_model(self.teacher_config, self.teacher_cls))[0]

@@ -6,7 +6,6 @@ step, never trained."""
 import dataclasses
 
 import jax.numpy as jnp
-from flax import nnx
 
 from bert_jax import losses, models
 from bert_jax.models import BertConfig
@@ -202,10 +201,3 @@ def pretraining_distillation(
         distill=Distillation(models.BertForPreTraining, teacher_config, loss, own_params),
         summarize=summarize,
     )
-
-
-def teacher_graphdef(objective: Objective) -> nnx.GraphDef | None:
-    if objective.distill is None:
-        return None
-    d = objective.distill
-    return models.split_params(models.abstract_model(d.teacher_config, d.teacher_cls))[0]

@@ -4,7 +4,7 @@
 from bert_jax.training.memory import activation_bytes_estimate, memory_estimate
 from bert_jax.training.step import (
     TrainState,
-    bind_teacher,
+    bind_frozen,
     make_eval_step,
     make_predict_step,
     make_train_step,
@@ -17,7 +17,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "activation_bytes_estimate",
-    "bind_teacher",
+    "bind_frozen",
     "create_trainer",
     "make_eval_step",
     "make_predict_step",

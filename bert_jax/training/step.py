@@ -1,7 +1,7 @@
 """The pure train, evaluation and predict steps of any `Objective`, and the state they map:
 gradient accumulation over micro-batches, per-replica accumulation, the non-finite guard."""
 
-import functools
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +11,7 @@ import optax
 from flax import nnx, struct
 
 from bert_jax import axes, models, sharding
-from bert_jax.objectives import OWN_PARAMS, PRETRAINING, Batch, Objective, teacher_graphdef
+from bert_jax.objectives import OWN_PARAMS, PRETRAINING, Batch, Objective
 from bert_jax.optim import OptimConfig, make_schedule
 
 
@@ -31,45 +31,136 @@ def model_params(params: models.Params) -> models.Params:
     return {k: v for k, v in params.items() if k != OWN_PARAMS}
 
 
-def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic, teacher=None):
-    """The objective's loss; with `teacher` (graphdef, params), the distillation loss."""
+def _forward(graphdef, params, batch, rules, objective, *, rng, deterministic):
+    """The objective's own loss and metric sums (evaluation's; training's is `train_loss`)."""
     model = models.merge_params(graphdef, model_params(params))
     with axes.axis_rules(rules):  # active while tracing: activations get their shardings
-        if teacher is None:
-            return objective.loss(model, batch, rng, deterministic)
-        teacher_graphdef, teacher_params = teacher
-        frozen = models.merge_params(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-        own = params.get(OWN_PARAMS)
-        return objective.distill.loss(model, frozen, batch, rng, deterministic, own)
+        return objective.loss(model, batch, rng, deterministic)
 
 
-def bind_teacher(step, teacher_params):
-    """`step(state, batch, teacher_params)` (jitted or compiled) as `step(state, batch)`."""
-    return _WithTeacher(step, teacher_params)
+def bind_frozen(step, frozen):
+    """`step(state, batch, frozen)` (jitted or compiled) as `step(state, batch)`."""
+    return _WithFrozen(step, frozen)
 
 
-class _WithTeacher:
-    """A jitted `step(state, batch, teacher_params)` called as `step(state, batch)`: the
-    teacher's parameters (placed once, never donated) go in as an input of every call, not
-    as constants of the program."""
+class _WithFrozen:
+    """A jitted `step(state, batch, frozen)` called as `step(state, batch)`: the objective's
+    frozen input (a teacher's parameters), placed once and never donated, goes in as an input
+    of every call, not as constants of the program."""
 
-    def __init__(self, step, teacher_params):
-        self.step, self.teacher_params = step, teacher_params
+    def __init__(self, step, frozen):
+        self.step, self.frozen = step, frozen
 
     def __call__(self, state, batch):
-        return self.step(state, batch, self.teacher_params)
+        return self.step(state, batch, self.frozen)
 
-    def _abstract_teacher(self):
+    def _abstract_frozen(self):
         return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            self.teacher_params,
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.frozen
         )
 
     def trace(self, state, batch):
-        return self.step.trace(state, batch, self._abstract_teacher())
+        return self.step.trace(state, batch, self._abstract_frozen())
 
     def lower(self, state, batch):
-        return self.step.lower(state, batch, self._abstract_teacher())
+        return self.step.lower(state, batch, self._abstract_frozen())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gradients:
+    """`(params, frozen, batch, rng) -> (loss, metric sums, gradients)` of the objective's
+    train loss on one (micro-)batch, with dropout."""
+
+    graphdef: nnx.GraphDef
+    objective: Objective
+    rules: sharding.Rules
+
+    def __call__(self, params, frozen, batch, rng):
+        def loss_fn(p):
+            model = models.merge_params(self.graphdef, model_params(p))
+            with axes.axis_rules(self.rules):
+                return self.objective.train_loss(model, p.get(OWN_PARAMS), batch, rng, frozen)
+
+        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, sums, grads
+
+    def per_replica(self, replicas: int):
+        """The same over a batch split between `replicas` along the `data` axis: each
+        replica's (loss, sums, grads) [R, ...] of its own rows, within which the batch is
+        split over the other batch axes (fsdp) only."""
+        rules = tuple(
+            (name, tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "data"))
+            if name == axes.BATCH
+            else (name, t)
+            for name, t in self.rules
+        )
+        inner = dataclasses.replace(self, rules=rules)
+
+        def grads(params, frozen, batch, rng):
+            split = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
+            return jax.vmap(inner, in_axes=(None, None, 0, 0), spmd_axis_name="data")(
+                params, frozen, split, jax.random.split(rng, replicas)
+            )
+
+        return grads
+
+
+def _accumulate(gradients: _Gradients, params, frozen, batch, key, k: int, replicas: int):
+    """(loss, sums, grads) of the whole batch as the mean of `k` micro-batches' by a scan.
+
+    Over `replicas` > 1 (the `data` mesh axis) each replica accumulates the gradient of its
+    own rows, summed across replicas once after the scan: without that, the partitioner sums
+    every micro-batch's gradient across the replicas, k all-reduces of the whole gradient per
+    step instead of one."""
+    if k == 1:
+        return gradients(params, frozen, batch, key)
+    # Micro-batch j takes rows j, j + k, j + 2k, ...: every device's rows of the batch (a
+    # contiguous block of them) split evenly between the micro-batches, so that forming them
+    # moves no data between devices.
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+    # Per replica when every replica has rows of each micro-batch to itself.
+    per_replica = replicas > 1 and (batch["input_ids"].shape[0] // k) % replicas == 0
+    fn = gradients.per_replica(replicas) if per_replica else gradients
+
+    def body(carry, xs):
+        index, mb = xs
+        out = fn(params, frozen, mb, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, params, frozen, first, key))
+    (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    n = k * (replicas if per_replica else 1)
+    if per_replica:  # the one sum across replicas
+        loss, sums, grads = jax.tree.map(lambda x: x.sum(0), (loss, sums, grads))
+    return loss / n, sums, jax.tree.map(lambda g: g / n, grads)
+
+
+def _guarded_update(tx, state: TrainState, loss, grads):
+    """(params, opt_state, finite, grad_norm) after one optimizer update, or the state's own
+    when anything is non-finite.
+
+    A non-finite loss or gradient, or a non-finite state coming in (a NaN restored into the
+    Adam moments shows nowhere else, and would reach the parameters through the update),
+    leaves parameters and optimizer state as they were; the step counter still moves so that
+    the next step draws new dropout masks. The state a step produces is checked by the next
+    one, before anything uses it. A `cond`, not a select per array: the update is one pass
+    over the parameters and writes them in place (the state is donated)."""
+    grad_norm = optax.tree.norm(grads)
+    finite = (
+        jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((state.params, state.opt_state))
+    )
+
+    def update(params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(
+        finite, update, lambda p, o: (p, o), state.params, state.opt_state
+    )
+    return params, opt_state, finite, grad_norm
 
 
 def make_train_step(
@@ -80,114 +171,26 @@ def make_train_step(
     objective: Objective = PRETRAINING,
     replicas: int = 1,
 ):
-    """`train_step(state, batch) -> (state, metrics)`, a pure function to jit.
+    """`train_step(state, batch, frozen=None) -> (state, metrics)`, a pure function to jit.
 
-    With `grad_accum_steps = k` the batch [B, ...] is split into k micro-batches of B / k
-    whose gradients are averaged by a scan before one optimizer update, so that memory holds
-    one micro-batch of activations. Over `replicas` > 1 (the `data` mesh axis) each replica
-    accumulates the gradient of its own rows, summed across replicas once after the scan:
-    without that, the partitioner sums every micro-batch's gradient across the replicas, k
-    all-reduces of the whole gradient per step instead of one.
+    `frozen` is the objective's frozen input (a distillation's teacher parameters; None for
+    every other objective), which the step hands to `objective.train_loss` untouched. With
+    `grad_accum_steps = k` the batch [B, ...] is split into k micro-batches of B / k whose
+    gradients are averaged by a scan before one optimizer update, so that memory holds one
+    micro-batch of activations; over `replicas` > 1 per replica (see `_accumulate`).
     """
     k = config.grad_accum_steps
     schedule = make_schedule(config)
-    # Inside a replica the batch is split over the other batch axes (fsdp) only.
-    replica_rules = tuple(
-        (name, tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "data"))
-        if name == axes.BATCH
-        else (name, t)
-        for name, t in rules
-    )
+    gradients = _Gradients(graphdef, objective, rules)
 
-    frozen_graphdef = teacher_graphdef(objective)
-
-    def micro_grads(params, micro, rng, rules=rules, teacher=None):
-        def loss_fn(p):
-            return _forward(
-                graphdef,
-                p,
-                micro,
-                rules,
-                objective,
-                rng=rng,
-                deterministic=False,
-                teacher=None if teacher is None else (frozen_graphdef, teacher),
-            )
-
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, sums, grads
-
-    def replica_grads(params, micro, rng, teacher=None):
-        """micro [k-th micro-batch, B / k] -> (loss, sums, grads) per replica [R, ...]."""
-        split = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), micro)
-        return jax.vmap(
-            functools.partial(micro_grads, rules=replica_rules, teacher=teacher),
-            in_axes=(None, 0, 0),
-            spmd_axis_name="data",
-        )(params, split, jax.random.split(rng, replicas))
-
-    def train_step(
-        state: TrainState, batch: Batch, teacher: models.Params | None = None
-    ) -> tuple[TrainState, dict]:
-        if (teacher is None) != (objective.distill is None):
-            raise ValueError("a distillation objective's step takes the teacher's params")
+    def train_step(state: TrainState, batch: Batch, frozen=None) -> tuple[TrainState, dict]:
         if batch["input_ids"].shape[0] % k:
             raise ValueError(
                 f"batch size {batch['input_ids'].shape[0]} is not divisible by grad_accum_steps={k}"
             )
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if k == 1:
-            loss, sums, grads = micro_grads(state.params, batch, step_key, teacher=teacher)
-        else:
-            # Micro-batch j takes rows j, j + k, j + 2k, ...: every device's rows of the
-            # batch (a contiguous block of them) split evenly between the micro-batches, so
-            # that forming them moves no data between devices.
-            micro = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
-            )
-
-            # Per replica when every replica has rows of each micro-batch to itself.
-            per_replica = replicas > 1 and (batch["input_ids"].shape[0] // k) % replicas == 0
-            accumulate = functools.partial(
-                replica_grads if per_replica else micro_grads, teacher=teacher
-            )
-
-            def body(carry, xs):
-                index, mb = xs
-                out = accumulate(state.params, mb, jax.random.fold_in(step_key, index))
-                return jax.tree.map(jnp.add, carry, out), None
-
-            first = jax.tree.map(lambda x: x[0], micro)
-            zeros = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(accumulate, state.params, first, step_key)
-            )
-            (loss, sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-            n = k * (replicas if per_replica else 1)
-            if per_replica:  # the one sum across replicas
-                loss, sums, grads = jax.tree.map(lambda x: x.sum(0), (loss, sums, grads))
-            loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
-        grad_norm = optax.tree.norm(grads)
-        # A non-finite loss or gradient, or a non-finite state coming in (a NaN restored into
-        # the Adam moments shows nowhere else, and would reach the parameters through the
-        # update), leaves parameters and optimizer state as they were; the step counter still
-        # moves so that the next step draws new dropout masks. The state a step produces is
-        # checked by the next one, before anything uses it. A `cond`, not a select per array:
-        # the update is one pass over the parameters and writes them in place (the state is
-        # donated).
-        finite = (
-            jnp.isfinite(loss)
-            & jnp.isfinite(grad_norm)
-            & _all_finite((state.params, state.opt_state))
-        )
-
-        def update(params, opt_state):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda p, o: (p, o), state.params, state.opt_state
-        )
-
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, sums, grads = _accumulate(gradients, state.params, frozen, batch, key, k, replicas)
+        params, opt_state, finite, grad_norm = _guarded_update(tx, state, loss, grads)
         metrics = {
             **sums,
             "loss": loss,
@@ -195,12 +198,7 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "finite": finite,
         }
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-        )
-        return new_state, metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 

@@ -18,7 +18,7 @@ from bert_jax.objectives import OWN_PARAMS, PRETRAINING, Batch, Objective
 from bert_jax.optim import OptimConfig, make_optimizer
 from bert_jax.training.step import (
     TrainState,
-    _WithTeacher,
+    _WithFrozen,
     make_eval_step,
     make_predict_step,
     make_train_step,
@@ -191,7 +191,7 @@ def _jit_train_step(step_fn, distill, teacher_params, shardings, mesh, rules):
         out_shardings=(state_shardings, repl),
         donate_argnums=0,
     )
-    return _WithTeacher(step, jax.device_put(teacher_params, teacher_shardings))
+    return _WithFrozen(step, jax.device_put(teacher_params, teacher_shardings))
 
 
 def _make_init(model_config, objective, tx, own_params):
