@@ -94,6 +94,8 @@ class NoUsableCheckpoint(RuntimeError):
     """A directory whose checkpoints are all damaged: there is nothing to resume from."""
 
 
+# Over 200 lines: one directory's save, verify, set-aside and restore protocol, whose state
+# (the pending save, its failure, the newest verified step) every method shares.
 class Checkpointer:
     """Saves and restores (train state, data iterator state, metadata) under one directory.
 

@@ -4,6 +4,7 @@ whole state saved on a cadence and on SIGTERM so that the same command resumes i
 `finetune.py` builds the sweep of runs; the task (`tasks.base.Task`) reads, decodes and scores.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -58,8 +59,7 @@ class Run:
             },
         )
         self.meta = {**meta, "task": task.name, "learning_rate": lr, "seed": seed}
-        self.packed_splits: dict[int, tuple] = {}
-        self.eval_rows = 0  # rows per packed prediction batch, the same for every split
+        self.predictor = SplitPredictor(trainer, cfg, self.pack)
         # checkpoints/: the best weights (the run as a model); resume/: the whole state of the
         # newest save, which a rerun of the same command continues from.
         self.ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"), max_to_keep=1)
@@ -70,7 +70,7 @@ class Run:
         """(step, train state, loop state) to go on from: the newest save of an earlier
         attempt at this run (its weights, optimizer, step, dropout key and best so far), or
         the imported weights at step 0."""
-        fresh = dict(best=None, best_step=0, evals_since_best=0, history=[])
+        fresh = _Best().loop_state()
         restored = self.resume.restore_latest(self.trainer.abstract_state, start_over=True)
         if restored is None:
             state = self.trainer.init(self.seed)
@@ -116,82 +116,10 @@ class Run:
         self.resume.close()
         files.rmtree(os.path.join(self.directory, "resume"))
 
-    def train_batches(self, n: int, total: int) -> tuple[list[np.ndarray], list[int | None]]:
-        """The examples of each of the run's `total` steps (a new shuffle each epoch, the
-        last partial batch dropped, as the original does), and for packed batches the row
-        count of each: every batch's need is known before the first step, so that the run
-        compiles one or two shapes (`encoding.row_counts`) that fit every batch."""
-        rng, order, batches = np.random.default_rng(self.seed), np.empty(0, np.int64), []
-        size = self.cfg.batch_size
-        while len(batches) < total:
-            if len(order) < size:
-                order = rng.permutation(n)
-            batches.append(order[:size])
-            order = order[size:]
-        if not self.pack:
-            return batches, [None] * total
-        features = self.data.train
-        lengths = features["input_mask"].sum(axis=1)
-        width = features["input_ids"].shape[1]
-        needs = [
-            len(encoding.pack_rows(lengths[b], width, self.cfg.pack_max_examples)) for b in batches
-        ]
-        counts = encoding.row_counts(needs, self.data_parallel)
-        return batches, [min(c for c in counts if c >= need) for need in needs]
-
-    def packed_split(self, features: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, int]:
-        """A prediction split packed whole (rows filled across what would be batches), as
-        (packed arrays, their slots' sources, rows per prediction batch): one shape for the
-        run (the first split sets it: about `eval_batch_size` examples a batch). Kept for the
-        run's evaluations."""
-        key = id(features)
-        if key not in self.packed_splits:
-            n, width = features["input_ids"].shape
-            lengths = features["input_mask"].sum(axis=1)
-            needed = len(encoding.pack_rows(lengths, width, self.cfg.pack_max_examples))
-            if not self.eval_rows:
-                per = -(-needed * self.cfg.eval_batch_size // n)
-                self.eval_rows = -(-per // self.data_parallel) * self.data_parallel
-            per = self.eval_rows
-            packed = encoding.pack(
-                features,
-                self.cfg.pack_max_examples,
-                self.data_parallel,
-                rows=-(-needed // per) * per,
-            )
-            source = packed.pop("source")
-            self.packed_splits[key] = (features, packed, source, per)
-        _, packed, source, per = self.packed_splits[key]
-        return packed, source, per
-
-    def predict(self, params, features):
-        """The model's outputs (an array, or a tuple of arrays: QA's start and end scores)
-        for every row of `features`, in order."""
-        n = len(features["input_ids"])
-        if self.pack:
-            packed, source, per = self.packed_split(features)
-            outputs = [
-                jax.device_get(
-                    self.trainer.predict_step(
-                        params,
-                        self.trainer.global_batch({k: v[i : i + per] for k, v in packed.items()}),
-                    )
-                )
-                for i in range(0, len(source), per)
-            ]
-            return encoding.unpack(np.concatenate(outputs), source, n)
-        outputs, b = [], self.cfg.eval_batch_size
-        for start in range(0, n, b):
-            real = min(b, n - start)
-            host = {k: pad_rows(v[start : start + real], b) for k, v in features.items()}
-            out = jax.device_get(self.trainer.predict_step(params, self.trainer.global_batch(host)))
-            outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
-        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-
     def evaluate(self, params, step: int) -> dict[str, dict[str, float]]:
         results = {}
         for name, split in self.data.dev.items():
-            metrics = self.task.evaluate(name, split, self.predict(params, split.features))
+            metrics = self.task.evaluate(name, split, self.predictor(params, split.features))
             results[name] = metrics
             for key, value in metrics.items():
                 self.writer.add_scalar(f"{name}/{key}", value, step)
@@ -206,10 +134,11 @@ class Run:
             self.ckpt.save(0, {"params": self.pretrained.params}, {}, self.meta)
             self.ckpt.wait()
             return {"best_step": 0, "dev": results, "history": [{"step": 0, **results}], "steps": 0}
-        batches, row_counts = self.train_batches(n, total)
+        batches, row_counts = train_batches(
+            cfg, train, self.seed, total, self.pack, self.data_parallel
+        )
         step, state, loop = self.start()
-        best, best_step = loop["best"], loop["best_step"]
-        evals_since_best, history = loop["evals_since_best"], loop["history"]
+        best = _Best(**loop)
         bar = tqdm.tqdm(
             total=total,
             initial=step,
@@ -217,7 +146,7 @@ class Run:
             unit="step",
             dynamic_ncols=True,
         )
-        previous = None
+        in_flight = _InFlight(bar)
         while step < total:
             host = {k: v[batches[step]] for k, v in train.items()}
             if self.pack:
@@ -227,57 +156,54 @@ class Run:
                 del host["source"]
             state, metrics = self.trainer.train_step(state, self.trainer.global_batch(host))
             step += 1
-            # One step in flight: the bar counts the steps that have run (it raced ahead of a
-            # queue of dispatched steps and then stalled at each log), and the next batch is
-            # prepared while this step runs.
-            if previous is not None:
-                jax.block_until_ready(previous)
-                bar.update(1)
-            previous = metrics["loss_sum"]
+            in_flight.dispatched(metrics["loss_sum"])
             if step % cfg.log_every == 0:
-                metrics = jax.device_get(metrics)
-                summary = self.trainer.objective.summarize(metrics)
-                for key, value in summary.items():
-                    self.writer.add_scalar(f"train/{key}", value, step)
-                self.writer.add_scalar("train/learning_rate", float(metrics["learning_rate"]), step)
-                bar.set_postfix(loss=f"{summary['loss']:.4f}")
+                self._log(jax.device_get(metrics), step, bar)
             due = step % steps_per_epoch == 0 or step == total
             if cfg.eval_every_steps:
                 due = due or step % cfg.eval_every_steps == 0
-            if not due:
-                if self.save_due(step):
-                    loop = dict(best=best, best_step=best_step, history=history)
-                    self.save(step, state, {**loop, "evals_since_best": evals_since_best})
-                continue
-            jax.block_until_ready(previous)  # the bar shows this step done before evaluating
-            bar.update(1)
-            previous = None
-            results = self.evaluate(state.params, step)
-            score = results[self.main_dev]["score"]
-            history.append({"step": step, **results})
-            bar.set_postfix(dev=f"{score:.4f}")
-            stop = False
-            if best is None or score > best[self.main_dev]["score"]:
-                best, best_step, evals_since_best = results, step, 0
-                self.ckpt.save(step, {"params": state.params}, {}, self.meta)
-            else:
-                evals_since_best += 1
-                if cfg.early_stopping_patience and evals_since_best >= cfg.early_stopping_patience:
-                    tqdm.tqdm.write(
-                        f"early stop at step {step}: no gain in {evals_since_best} evaluations"
-                    )
-                    stop = True
+            stop = due and self._evaluate_and_keep(state, step, best, in_flight)
             if not stop and step < total and self.save_due(step):
-                loop = dict(best=best, best_step=best_step, history=history)
-                self.save(step, state, {**loop, "evals_since_best": evals_since_best})
+                self.save(step, state, best.loop_state())
             if stop:
                 break
-        if previous is not None:
-            jax.block_until_ready(previous)
-            bar.update(1)
+        in_flight.settle()
         bar.close()
         self.ckpt.wait()
-        return {"best_step": best_step, "dev": best, "history": history, "steps": step}
+        return {
+            "best_step": best.best_step,
+            "dev": best.best,
+            "history": best.history,
+            "steps": step,
+        }
+
+    def _log(self, metrics: dict, step: int, bar) -> None:
+        summary = self.trainer.objective.summarize(metrics)
+        for key, value in summary.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.writer.add_scalar("train/learning_rate", float(metrics["learning_rate"]), step)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}")
+
+    def _evaluate_and_keep(self, state, step: int, best: "_Best", in_flight: "_InFlight") -> bool:
+        """Evaluates at `step`, keeps the weights when they are the best so far; whether
+        early stopping ends the run."""
+        in_flight.settle()  # the bar shows this step done before evaluating
+        results = self.evaluate(state.params, step)
+        score = results[self.main_dev]["score"]
+        best.history.append({"step": step, **results})
+        in_flight.bar.set_postfix(dev=f"{score:.4f}")
+        if best.best is None or score > best.best[self.main_dev]["score"]:
+            best.best, best.best_step, best.evals_since_best = results, step, 0
+            self.ckpt.save(step, {"params": state.params}, {}, self.meta)
+            return False
+        best.evals_since_best += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and best.evals_since_best >= patience:
+            tqdm.tqdm.write(
+                f"early stop at step {step}: no gain in {best.evals_since_best} evaluations"
+            )
+            return True
+        return False
 
     def predict_tests(self, best_step: int) -> dict[str, str]:
         """Restores the best checkpoint; writes the task's predictions beside it."""
@@ -286,11 +212,117 @@ class Run:
         params = restored["params"]
         written = {}
         for name, split in self.data.predict.items():
-            outputs = self.predict(params, split.features)
+            outputs = self.predictor(params, split.features)
             written[name] = self.task.write_predictions(self.directory, name, split, outputs)
         self.ckpt.close()
         self.writer.close()
         return written
+
+
+@dataclasses.dataclass
+class _Best:
+    """The best evaluation so far (`results` per dev set, at `step`), how many evaluations
+    have passed without a gain, and every evaluation's results: the loop state a save keeps
+    (under the names of its JSON)."""
+
+    best: dict | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
+    history: list = dataclasses.field(default_factory=list)
+
+    def loop_state(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _InFlight:
+    """One step in flight: the bar counts the steps that have run (it raced ahead of a queue
+    of dispatched steps and then stalled at each log), and the next batch is prepared while
+    a step runs."""
+
+    def __init__(self, bar):
+        self.bar, self.previous = bar, None
+
+    def dispatched(self, output) -> None:
+        self.settle()
+        self.previous = output
+
+    def settle(self) -> None:
+        if self.previous is not None:
+            jax.block_until_ready(self.previous)
+            self.bar.update(1)
+            self.previous = None
+
+
+class SplitPredictor:
+    """A run's predictions for whole splits, in order: padded batches of `eval_batch_size`,
+    or packed rows (`encoding.pack`) with one shape for the run, each split packed once."""
+
+    def __init__(self, trainer, cfg, pack: bool):
+        self.trainer, self.cfg, self.pack = trainer, cfg, pack
+        self.packed_splits: dict[int, tuple] = {}
+        self.rows = 0  # rows per packed prediction batch, the same for every split
+
+    def __call__(self, params, features):
+        """The model's outputs (an array, or a tuple of arrays: QA's start and end scores)
+        for every row of `features`, in order."""
+        n = len(features["input_ids"])
+        step, batch = self.trainer.predict_step, self.trainer.global_batch
+        if self.pack:
+            packed, source, per = self.packed_split(features)
+            outputs = [
+                jax.device_get(step(params, batch({k: v[i : i + per] for k, v in packed.items()})))
+                for i in range(0, len(source), per)
+            ]
+            return encoding.unpack(np.concatenate(outputs), source, n)
+        outputs, b = [], self.cfg.eval_batch_size
+        for start in range(0, n, b):
+            real = min(b, n - start)
+            host = {k: pad_rows(v[start : start + real], b) for k, v in features.items()}
+            out = jax.device_get(step(params, batch(host)))
+            outputs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], out))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+    def packed_split(self, features: dict[str, np.ndarray]) -> tuple[dict, np.ndarray, int]:
+        """A prediction split packed whole (rows filled across what would be batches), as
+        (packed arrays, their slots' sources, rows per prediction batch): one shape for the
+        run (the first split sets it: about `eval_batch_size` examples a batch). Kept for the
+        run's evaluations."""
+        key, parallel = id(features), self.trainer.data_parallel
+        if key not in self.packed_splits:
+            n, width = features["input_ids"].shape
+            lengths = features["input_mask"].sum(axis=1)
+            needed = len(encoding.pack_rows(lengths, width, self.cfg.pack_max_examples))
+            if not self.rows:
+                per = -(-needed * self.cfg.eval_batch_size // n)
+                self.rows = -(-per // parallel) * parallel
+            per = self.rows
+            rows = -(-needed // per) * per
+            packed = encoding.pack(features, self.cfg.pack_max_examples, parallel, rows=rows)
+            source = packed.pop("source")
+            self.packed_splits[key] = (features, packed, source, per)
+        _, packed, source, per = self.packed_splits[key]
+        return packed, source, per
+
+
+def train_batches(cfg, features, seed, total, pack, data_parallel):
+    """The examples of each of a run's `total` steps (a new shuffle each epoch, the last
+    partial batch dropped, as the original does), and for packed batches the row count of
+    each: every batch's need is known before the first step, so that the run compiles one or
+    two shapes (`encoding.row_counts`) that fit every batch."""
+    n, size = len(features["input_ids"]), cfg.batch_size
+    rng, order, batches = np.random.default_rng(seed), np.empty(0, np.int64), []
+    while len(batches) < total:
+        if len(order) < size:
+            order = rng.permutation(n)
+        batches.append(order[:size])
+        order = order[size:]
+    if not pack:
+        return batches, [None] * total
+    lengths = features["input_mask"].sum(axis=1)
+    width = features["input_ids"].shape[1]
+    needs = [len(encoding.pack_rows(lengths[b], width, cfg.pack_max_examples)) for b in batches]
+    counts = encoding.row_counts(needs, data_parallel)
+    return batches, [min(c for c in counts if c >= need) for need in needs]
 
 
 def run_length(cfg, task, n: int) -> tuple[int, int]:

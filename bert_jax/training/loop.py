@@ -61,15 +61,10 @@ class Loop:
         self.writer: LogWriter | None = None  # opened once the run is known to go ahead
         hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.iterator = data.train_iterator(run.train.batch_size, seed=run.train.seed, **hosts)
-        # Held-out batches of one micro-batch each: a step that accumulates because the
-        # whole batch does not fit would not fit its evaluation either.
-        k = run.optim.grad_accum_steps
-        self.eval_batches = data.eval_batches(
-            run.train.batch_size // k, run.train.eval_batches * k, **hosts
-        )
+        self.held_out = HeldOut(run, data, trainer, hosts)
         self.tokens_per_step = run.train.batch_size * run.data.masking.max_seq_length
         self.history: list[list[float]] = []
-        self.bad_streak, self.rolled_back, self.skipped = 0, False, 0
+        self.guard = NonFiniteGuard(run.train.max_bad_steps)
         self.last_save = time.time()
         self.sigterm = False
         cli.take_over_sigterm(self._on_sigterm)
@@ -99,14 +94,6 @@ class Loop:
         say(f"resumed from step {step} in {self.ckpt.directory}")
         return state
 
-    def evaluate(self, params) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for batch in self.eval_batches:
-            batch = self.trainer.global_batch(batch)
-            for key, value in jax.device_get(self.trainer.eval_step(params, batch)).items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-        return self.trainer.objective.summarize(totals)
-
     def save(self, state, step: int, data_state: dict) -> None:
         """Saves `state` (after `step` steps) with the iterator position `data_state`."""
         self.ckpt.save(step, state, data_state, self.meta)
@@ -128,30 +115,11 @@ class Loop:
         anyone = multihost_utils.process_allgather(np.array(self.sigterm)).any()
         return bool(anyone) or multihost_utils.reached_preemption_sync_point(step)
 
-    def guard(self, metrics, step: int):
-        """Counts non-finite steps; returns True when the run must roll back."""
-        if bool(metrics["finite"]):
-            self.bad_streak = 0
-            return False
-        self.skipped += 1
-        self.bad_streak += 1
-        say(f"warning: step {step} had a non-finite loss, gradient or state and was not applied")
-        self.writer.add_scalar("train/skipped_steps", self.skipped, step)
-        if self.bad_streak < self.cfg.max_bad_steps:
-            return False
-        if self.rolled_back or self.ckpt.latest_step() is None:
-            raise RuntimeError(
-                f"{self.bad_streak} consecutive non-finite steps up to step {step}"
-                + (" again after rolling back" if self.rolled_back else "")
-                + "; the run diverges: lower optim.learning_rate or check the data"
-            )
-        return True
-
     def rollback(self):
         self.ckpt.wait()
         step, state, data_state, _ = self.ckpt.restore_latest(self.trainer.abstract_state)
         self.iterator.set_state(data_state)
-        self.rolled_back, self.bad_streak = True, 0
+        self.guard.rolled_back()
         say(f"rolled back to the checkpoint of step {step} after non-finite steps")
         return state
 
@@ -188,7 +156,8 @@ class Loop:
         """
         cfg, start = self.cfg, time.time()
         step = first_step = int(state.step)  # the one read of the device's counter
-        initial_eval = {} if first_step else self.evaluate(state.params)
+        initial_eval = {} if first_step else self.held_out(state.params)
+        self.held_out.last = {}  # the summary's "eval" is of the trained model
         if initial_eval:
             log_eval(self.writer, 0, initial_eval)
         bar = tqdm.tqdm(
@@ -199,13 +168,11 @@ class Loop:
             dynamic_ncols=True,
             disable=jax.process_index() != 0,
         )
-        self.window, self.waited = (time.time(), step), 0.0
-        eval_metrics, pending, preempted = {}, None, False
-        evaluating = 0.0
+        self.window, self.waited, pending, preempted = (time.time(), step), 0.0, None, False
         profile = Profile(cfg, first_step, self.writer.logdir)
         incoming = self.next_batch() if step < cfg.num_steps else None
         try:
-            while step < cfg.num_steps:
+            while step < cfg.num_steps and not preempted:
                 batch, data_state = incoming
                 profile.before_dispatch(step)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -223,34 +190,37 @@ class Loop:
                 if pending is not None:
                     profile.after_settle(pending[0])
                 pending = (step, metrics)
-                if step % cfg.eval_every == 0 or step == cfg.num_steps:
-                    began = time.perf_counter()
-                    eval_metrics = self.evaluate(state.params)
-                    evaluating += time.perf_counter() - began
-                    log_eval(self.writer, step, eval_metrics)
-                bar.update(1)
-                if self.preempted(step):
-                    self.save(state, step, data_state)
-                    preempted = True
-                    say(f"preempted: saved step {step}; run the same command again to resume")
-                    break
-                if self.checkpoint_due(step):
-                    self.save(state, step, data_state)
+                preempted = self._after_step(state, step, data_state, bar)
             if pending is not None:  # the last step: nothing left to roll back for
                 self.settle(pending, bar)
                 profile.after_settle(pending[0])
         finally:  # an error's message then starts on a line of its own
             profile.close()
             bar.close()
-        if not eval_metrics:  # Nothing left to train: report the restored model.
-            eval_metrics = self.evaluate(state.params)
-        elapsed, steps_run = time.time() - start, step - first_step
-        training = max(elapsed - evaluating, 1e-9)
+        if not self.held_out.last:  # Nothing left to train: report the restored model.
+            self.held_out(state.params)
+        return self._summary(step - first_step, step, time.time() - start, preempted, initial_eval)
+
+    def _after_step(self, state, step: int, data_state: dict, bar) -> bool:
+        """Evaluates and saves when due; on preemption saves and returns True."""
+        if step % self.cfg.eval_every == 0 or step == self.cfg.num_steps:
+            log_eval(self.writer, step, self.held_out(state.params))
+        bar.update(1)
+        if self.preempted(step):
+            self.save(state, step, data_state)
+            say(f"preempted: saved step {step}; run the same command again to resume")
+            return True
+        if self.checkpoint_due(step):
+            self.save(state, step, data_state)
+        return False
+
+    def _summary(self, steps_run, step, elapsed, preempted, initial_eval) -> dict:
+        training = max(elapsed - self.held_out.seconds, 1e-9)
         return {
             "steps": step,
             "steps_this_run": steps_run,
             "preempted": preempted,
-            "skipped_steps": self.skipped,
+            "skipped_steps": self.guard.skipped,
             "seconds": elapsed,
             "tokens_per_second": steps_run * self.tokens_per_step / max(elapsed, 1e-9),
             # Of the training time (evaluations aside), the share the host spent not waiting
@@ -259,7 +229,7 @@ class Loop:
             "seconds_per_step": training / max(steps_run, 1),
             "train_loss": self.history,
             "initial_eval": initial_eval,
-            "eval": eval_metrics,
+            "eval": self.held_out.last,
         }
 
     def settle(self, pending: tuple[int, dict], bar) -> bool:
@@ -270,7 +240,7 @@ class Loop:
         with jax.profiler.TraceAnnotation("read_metrics"):
             metrics = jax.device_get(metrics)  # waits for that step; the next one is queued
         self.waited += time.perf_counter() - waited
-        if self.guard(metrics, step):
+        if self.guard(metrics, step, self.writer, self.ckpt.latest_step() is not None):
             return True
         if step % self.cfg.log_every == 0 or step == self.cfg.num_steps:
             now, (since, since_step) = time.time(), self.window
@@ -278,6 +248,61 @@ class Loop:
             self.log(metrics, step, rate, bar)
             self.window = (now, step)
         return False
+
+
+class HeldOut:
+    """The run's held-out batches, evaluated without dropout: `held_out(params)` -> named
+    metrics, kept as `last`; `seconds` spent evaluating (what the rate figures leave out)."""
+
+    def __init__(self, run, data, trainer, hosts: dict):
+        # Batches of one micro-batch each: a step that accumulates because the whole batch
+        # does not fit would not fit its evaluation either.
+        k = run.optim.grad_accum_steps
+        self.batches = data.eval_batches(
+            run.train.batch_size // k, run.train.eval_batches * k, **hosts
+        )
+        self.trainer, self.last, self.seconds = trainer, {}, 0.0
+
+    def __call__(self, params) -> dict[str, float]:
+        began, totals = time.perf_counter(), {}
+        for batch in self.batches:
+            batch = self.trainer.global_batch(batch)
+            for key, value in jax.device_get(self.trainer.eval_step(params, batch)).items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        self.last = self.trainer.objective.summarize(totals)
+        self.seconds += time.perf_counter() - began
+        return self.last
+
+
+class NonFiniteGuard:
+    """Counts the steps the train step did not apply (a non-finite loss, gradient or state);
+    `max_bad` of them in a row ask for a rollback to the last checkpoint, once: a run that
+    diverges again, or has no checkpoint, stops with an error."""
+
+    def __init__(self, max_bad: int):
+        self.max_bad, self.bad_streak, self.rolled_back_once, self.skipped = max_bad, 0, False, 0
+
+    def __call__(self, metrics, step: int, writer, can_roll_back: bool) -> bool:
+        """Whether the run must roll back after `step`, whose metrics say if it was applied."""
+        if bool(metrics["finite"]):
+            self.bad_streak = 0
+            return False
+        self.skipped += 1
+        self.bad_streak += 1
+        say(f"warning: step {step} had a non-finite loss, gradient or state and was not applied")
+        writer.add_scalar("train/skipped_steps", self.skipped, step)
+        if self.bad_streak < self.max_bad:
+            return False
+        if self.rolled_back_once or not can_roll_back:
+            raise RuntimeError(
+                f"{self.bad_streak} consecutive non-finite steps up to step {step}"
+                + (" again after rolling back" if self.rolled_back_once else "")
+                + "; the run diverges: lower optim.learning_rate or check the data"
+            )
+        return True
+
+    def rolled_back(self) -> None:
+        self.rolled_back_once, self.bad_streak = True, 0
 
 
 def log_eval(writer, step: int, metrics: dict[str, float]) -> None:
