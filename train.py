@@ -441,22 +441,7 @@ def train(run: loop_lib.RunConfig, workdir: str, config_json: dict, heartbeat=No
         run = dataclasses.replace(run, data=recorded_vocabulary(run.data, workdir))
     run, pretrained = load_init(run, mesh, workdir)
     _refuse(model_problems(run, mesh))
-    objective, teacher = load_teacher(run, mesh, pretrained)
-    trainer = training.create_trainer(
-        run.model, run.optim, mesh, run.mesh.rules, objective, teacher_params=teacher
-    )
-    existing = len(ckpt.manager.all_steps())
-    checkpoint.preflight(
-        directory,
-        checkpoint.tree_bytes(trainer.abstract_state),
-        saves=max(1, run.train.keep_checkpoints + 1 - existing),
-    )
-    # Compiled before hours of preprocessing: a step that does not fit is refused now, and
-    # the memory printed is the compiler's.
-    train_step, compiled = compile_run.compile_train_step(trainer, run)
-    if teacher is not None:  # the compiled step takes the teacher's params at every call
-        train_step = training.bind_frozen(train_step, trainer.train_step.frozen)
-    trainer = dataclasses.replace(trainer, train_step=train_step)
+    trainer, compiled = compiled_trainer(run, mesh, pretrained, ckpt)
     data = load_data(run.data)
     if data.tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(_vocab_problem(data.tokenizer.vocab_size, run.model.vocab_size))
@@ -482,6 +467,26 @@ def train(run: loop_lib.RunConfig, workdir: str, config_json: dict, heartbeat=No
     ckpt.close()
     loop.writer.close()
     return summary
+
+
+def compiled_trainer(run: loop_lib.RunConfig, mesh, pretrained, ckpt):
+    """(the run's trainer with its train step compiled, the compiled step), after checking
+    that the checkpoint directory has room for the state it saves. Compiled before hours of
+    preprocessing: a step that does not fit is refused now, and the memory printed is the
+    compiler's."""
+    objective, teacher = load_teacher(run, mesh, pretrained)
+    trainer = training.create_trainer(
+        run.model, run.optim, mesh, run.mesh.rules, objective, teacher_params=teacher
+    )
+    checkpoint.preflight(
+        ckpt.directory,
+        checkpoint.tree_bytes(trainer.abstract_state),
+        saves=max(1, run.train.keep_checkpoints + 1 - len(ckpt.manager.all_steps())),
+    )
+    train_step, compiled = compile_run.compile_train_step(trainer, run)
+    if teacher is not None:  # the compiled step takes the teacher's params at every call
+        train_step = training.bind_frozen(train_step, trainer.train_step.frozen)
+    return dataclasses.replace(trainer, train_step=train_step), compiled
 
 
 def record_run(

@@ -263,37 +263,9 @@ class Checkpointer:
           NoUsableCheckpoint: every checkpoint is damaged (and `start_over` is False).
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
-            path = self.step_dir(step)
-            try:
-                meta = self.read_meta(step)
-            except Exception as e:
-                self._set_aside(path, f"its metadata cannot be read ({_brief(e)})")
-                continue
-            if meta.get("format", 1) != FORMAT:
-                workdir = os.path.dirname(self.directory)
-                raise IncompatibleCheckpoint(
-                    f"checkpoint {path} has format {meta.get('format', 1)} (an older bert_jax); "
-                    f"this version reads format {FORMAT}: use a new --workdir, or start a new "
-                    f"run from its weights with --config.init_from={workdir}"
-                )
-            if check_meta is not None:
-                check_meta(meta, path)
-            damage = self._structure_damage(step, abstract_state, path) or _agreed(
-                self._verify(step)
-            )
-            if damage:
-                self._set_aside(path, damage)
-                continue
-            try:
-                state, data, meta = self.restore(step, abstract_state)
-            except Exception as e:
-                self._set_aside(path, f"its arrays cannot be read ({_brief(e)})")
-                continue
-            bad = non_finite(state)
-            if bad:
-                self._set_aside(path, f"it holds non-finite values in {', '.join(bad[:5])}")
-                continue
-            return step, state, data, meta
+            found = self._usable(step, abstract_state, check_meta)
+            if found is not None:
+                return step, *found
         damaged = self.damaged()
         if damaged and not start_over:
             raise NoUsableCheckpoint(
@@ -301,6 +273,35 @@ class Checkpointer:
                 f"there is nothing to resume from"
             )
         return None
+
+    def _usable(self, step: int, abstract_state: Any, check_meta) -> tuple | None:
+        """(state, data iterator state, metadata) of `step` when it is whole, verified and
+        finite; otherwise None, the checkpoint set aside. Raises IncompatibleCheckpoint."""
+        path = self.step_dir(step)
+        try:
+            meta = self.read_meta(step)
+        except Exception as e:
+            return self._set_aside(path, f"its metadata cannot be read ({_brief(e)})")
+        if meta.get("format", 1) != FORMAT:
+            workdir = os.path.dirname(self.directory)
+            raise IncompatibleCheckpoint(
+                f"checkpoint {path} has format {meta.get('format', 1)} (an older bert_jax); "
+                f"this version reads format {FORMAT}: use a new --workdir, or start a new "
+                f"run from its weights with --config.init_from={workdir}"
+            )
+        if check_meta is not None:
+            check_meta(meta, path)
+        damage = self._structure_damage(step, abstract_state, path) or _agreed(self._verify(step))
+        if damage:
+            return self._set_aside(path, damage)
+        try:
+            state, data, meta = self.restore(step, abstract_state)
+        except Exception as e:
+            return self._set_aside(path, f"its arrays cannot be read ({_brief(e)})")
+        bad = non_finite(state)
+        if bad:
+            return self._set_aside(path, f"it holds non-finite values in {', '.join(bad[:5])}")
+        return state, data, meta
 
     def _structure_damage(self, step: int, abstract_state: Any, path: str) -> str | None:
         """Raises IncompatibleCheckpoint when the saved tree is not the one this run holds;
@@ -341,11 +342,11 @@ class Checkpointer:
 
     def _set_aside(self, path: str, reason: str) -> None:
         """Warns, and renames a damaged checkpoint out of the way (kept for inspection, no
-        longer a step, so the run can save that step again)."""
+        longer a step, so the run can save that step again). Returns None."""
         aside = f"{path}.damaged-{int(time.time())}"
         warnings.warn(
             f"checkpoint {path} is damaged: {reason}; moved to {aside}, trying the one before",
-            stacklevel=3,
+            stacklevel=4,
         )
         if jax.process_index() == 0:
             files.rename(path, aside)

@@ -109,28 +109,9 @@ def plan(
       (the winning trial or None when nothing fits, every trial in the order compiled).
     """
     trials: list[Trial] = []
-
-    def attempt(shape, remat, micro) -> tuple[Trial | None, aot.ProgramReport]:
-        data, fsdp, tensor = shape
-        replicas = data * fsdp
-        candidate = Candidate(data, fsdp, tensor, remat, micro, global_batch // replicas // micro)
-        report = compile_candidate(candidate)
-        if report.fits and report.headroom is not None and report.headroom < headroom:
-            report = dataclasses.replace(
-                report,
-                error=f"fits with {report.headroom:.0%} free, under the {headroom:.0%} asked",
-            )
-        trial = Trial(candidate, report, global_batch * seq_len / chips)
-        ok = report.fits and (report.headroom is None or report.headroom >= headroom)
-        log(
-            f"  {'fits ' if ok else 'no   '} {candidate.describe()}: "
-            f"{report.required / aot.GIB:.2f} GiB of "
-            f"{(report.capacity or 0) / aot.GIB:.2f}, collectives "
-            f"{trial.collective_bytes_per_token:,.0f} B/token, {report.compile_seconds:.0f} s"
-        )
-        trials.append(trial)
-        return trial if ok else None, report
-
+    attempt = functools.partial(
+        _attempt, compile_candidate, trials, global_batch, seq_len, chips, headroom, log
+    )
     best: Trial | None = None
     for shape in meshes:
         replicas = shape[0] * shape[1]
@@ -148,6 +129,32 @@ def plan(
                 # More recomputation only pays with a larger micro-batch than this one.
                 sizes = [m for m in sizes if m > found.candidate.micro_batch]
     return best, trials
+
+
+def _attempt(
+    compile_candidate, trials, global_batch, seq_len, chips, headroom, log, shape, remat, micro
+) -> tuple[Trial | None, aot.ProgramReport]:
+    """Compiles one candidate and records it in `trials`: (the trial when it fits with
+    `headroom` free, else None; its report)."""
+    data, fsdp, tensor = shape
+    replicas = data * fsdp
+    candidate = Candidate(data, fsdp, tensor, remat, micro, global_batch // replicas // micro)
+    report = compile_candidate(candidate)
+    if report.fits and report.headroom is not None and report.headroom < headroom:
+        report = dataclasses.replace(
+            report,
+            error=f"fits with {report.headroom:.0%} free, under the {headroom:.0%} asked",
+        )
+    trial = Trial(candidate, report, global_batch * seq_len / chips)
+    ok = report.fits and (report.headroom is None or report.headroom >= headroom)
+    log(
+        f"  {'fits ' if ok else 'no   '} {candidate.describe()}: "
+        f"{report.required / aot.GIB:.2f} GiB of "
+        f"{(report.capacity or 0) / aot.GIB:.2f}, collectives "
+        f"{trial.collective_bytes_per_token:,.0f} B/token, {report.compile_seconds:.0f} s"
+    )
+    trials.append(trial)
+    return trial if ok else None, report
 
 
 def _powers_of_two(n: int) -> list[int]:
@@ -327,45 +334,9 @@ def compile_target(
     }
     if search:
         log(f"planning: {len(devices)} x {devices[0].device_kind}, batch {setup.batch_size}")
-        best, trials = find_plan(
-            setup,
-            devices,
-            capacity,
-            families=families,
-            remats=remats,
-            headroom=headroom,
-            log=log,
+        setup, report["plan"], programs = _planned(
+            setup, devices, capacity, families, remats, headroom, log
         )
-        report["plan"] = {
-            "headroom": headroom,
-            "trials": [
-                {
-                    **dataclasses.asdict(t.candidate),
-                    "fits": t.report.fits,
-                    "required_bytes": t.report.required,
-                    "collective_bytes_per_token": t.collective_bytes_per_token,
-                    "compile_seconds": t.report.compile_seconds,
-                    "note": t.report.error,
-                }
-                for t in trials
-            ],
-        }
-        if best is None:
-            raise ValueError(
-                f"no plan fits {len(devices)} x {devices[0].device_kind} with {headroom:.0%} "
-                f"free at a global batch of {setup.batch_size} (tried {len(trials)} "
-                f"candidates, smallest micro-batch 1 per replica): use a larger slice, a "
-                f"smaller model or shorter sequences"
-            )
-        setup = setup.with_candidate(best.candidate)
-        report["plan"]["chosen"] = dataclasses.asdict(best.candidate)
-        report["plan"]["flags"] = setup.flags()
-        # The winner's train step is compiled already; the other programs are not.
-        others = [p for p in setup.programs if p != "train_step"]
-        compiled = {"train_step": best.report}
-        if others:
-            compiled.update((p.name, p) for p in setup.compile(devices, capacity, others))
-        programs = [compiled[p] for p in setup.programs]
     else:
         programs = setup.compile(devices, capacity)
     report["setup"] = {
@@ -384,3 +355,40 @@ def compile_target(
     report["programs"] = [p.to_json() for p in programs]
     report["table"] = aot.format_table([(p.name, p) for p in programs], tokens_per_chip)
     return report, setup
+
+
+def _planned(setup: Setup, devices, capacity, families, remats, headroom, log):
+    """(the winning setup, the plan's report, its compiled programs) of `find_plan`."""
+    best, trials = find_plan(
+        setup, devices, capacity, families=families, remats=remats, headroom=headroom, log=log
+    )
+    plan_report = {
+        "headroom": headroom,
+        "trials": [
+            {
+                **dataclasses.asdict(t.candidate),
+                "fits": t.report.fits,
+                "required_bytes": t.report.required,
+                "collective_bytes_per_token": t.collective_bytes_per_token,
+                "compile_seconds": t.report.compile_seconds,
+                "note": t.report.error,
+            }
+            for t in trials
+        ],
+    }
+    if best is None:
+        raise ValueError(
+            f"no plan fits {len(devices)} x {devices[0].device_kind} with {headroom:.0%} "
+            f"free at a global batch of {setup.batch_size} (tried {len(trials)} "
+            f"candidates, smallest micro-batch 1 per replica): use a larger slice, a "
+            f"smaller model or shorter sequences"
+        )
+    setup = setup.with_candidate(best.candidate)
+    plan_report["chosen"] = dataclasses.asdict(best.candidate)
+    plan_report["flags"] = setup.flags()
+    # The winner's train step is compiled already; the other programs are not.
+    others = [p for p in setup.programs if p != "train_step"]
+    compiled = {"train_step": best.report}
+    if others:
+        compiled.update((p.name, p) for p in setup.compile(devices, capacity, others))
+    return setup, plan_report, [compiled[p] for p in setup.programs]

@@ -126,17 +126,7 @@ def pack(
     n, width = ids.shape
     lengths = features["input_mask"].sum(axis=1).astype(np.int64)
     placed = pack_rows(lengths, width, max_per_row)
-    if rows is None:
-        cap = -(-n // row_multiple) * row_multiple
-        step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
-        count = min(cap, -(-len(placed) // step) * step)
-    elif rows < len(placed) or rows % row_multiple:
-        raise ValueError(
-            f"rows={rows}: the examples need {len(placed)} rows, and the count must be a "
-            f"multiple of {row_multiple}"
-        )
-    else:
-        count = rows
+    count = _packed_rows(n, len(placed), row_multiple, rows)
     label = features["label"]
     out = {
         name: np.zeros((count, width), np.int32)
@@ -161,6 +151,20 @@ def pack(
             out["source"][r, slot] = i
             start = end
     return out
+
+
+def _packed_rows(n: int, needed: int, row_multiple: int, rows: int | None) -> int:
+    """`pack`'s row count for `n` examples that need `needed` rows."""
+    if rows is None:
+        cap = -(-n // row_multiple) * row_multiple
+        step = row_multiple * max(1, -(-cap // (8 * row_multiple)))
+        return min(cap, -(-needed // step) * step)
+    if rows < needed or rows % row_multiple:
+        raise ValueError(
+            f"rows={rows}: the examples need {needed} rows, and the count must be a "
+            f"multiple of {row_multiple}"
+        )
+    return rows
 
 
 def unpack(outputs: np.ndarray, source: np.ndarray, n: int) -> np.ndarray:

@@ -160,9 +160,9 @@ class BertEncoder(nnx.Module):
         output_attentions: bool = False,
         head_mask: jax.Array | None = None,
         query_positions: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array]:
         """x: [B, L, E], head_mask: [N, H] or None -> (last [B, L, D], every layer's
-        [N, B, L, D], probs [N, B, H, L, L]); also returns the input as projected to D.
+        [N, B, L, D], probs [N, B, H, L, L], the input as projected to D).
 
         With `query_positions` [B, Q] the last layer computes only those positions (its keys
         and values still come from all), and `last` is [B, Q, D].
@@ -174,20 +174,32 @@ class BertEncoder(nnx.Module):
             )
         if self.embedding_projection is not None:
             x = self.embedding_projection(x)
-        if self.kept_heads is not None:
-            return (
-                *self._unrolled(
-                    x,
-                    mask,
-                    rng,
-                    deterministic,
-                    head_mask,
-                    output_attentions,
-                    output_hidden_states,
-                    query_positions,
-                ),
-                x,
-            )
+        run = self._scanned if self.kept_heads is None else self._unrolled
+        out = run(
+            x,
+            mask,
+            rng,
+            deterministic,
+            head_mask,
+            output_attentions,
+            output_hidden_states,
+            query_positions,
+        )
+        return (*out, x)
+
+    def _scanned(
+        self,
+        x,
+        mask,
+        rng,
+        deterministic,
+        head_mask,
+        output_attentions,
+        output_hidden_states,
+        query_positions,
+    ):
+        """The layers by one `scan` over their weight sets (ALBERT's shared set read from
+        the closure): (last, hidden states, probs) as `__call__` returns them."""
         graphdef, stacked = nnx.split(self.layer)
         weights = nnx.to_pure_dict(stacked)
         steps = len(self.schedule)
@@ -227,11 +239,11 @@ class BertEncoder(nnx.Module):
         xs = (scanned, keys, index, head_mask)
         if query_positions is None:
             out, (hidden, probs) = jax.lax.scan(body, x, xs, length=steps)
-            return out, hidden, probs, x
+            return out, hidden, probs
         # All layers but the last over every position; the last at the asked positions only.
         h, _ = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], xs), length=steps - 1)
         out, _ = apply(h, jax.tree.map(lambda a: a[-1], xs), query_positions)
-        return out, None, None, x
+        return out, None, None
 
     def _stacked_layers(self, make_layer, keys) -> layers.TransformerLayer:
         """One layer module whose weights carry a leading axis of the weight sets."""

@@ -332,44 +332,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -
     for the TPU there; elsewhere the same kernel runs in Pallas's interpreter (for tests).
     Under a mesh it runs per shard (`shard_map`) over the batch and head axes of the rules.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
     length, head_dim = q.shape[1], q.shape[-1]
     if length % 128:
         raise ValueError(
             f"the splash attention kernel needs a sequence length divisible by 128, got {length}; "
             f"pad the inputs or use attention_kernel='xla'"
         )
-    # Compiled by Mosaic for the platform the program is built for (the mesh's devices: a CPU
-    # host compiling for a TPU topology emits the TPU kernel); interpreted elsewhere.
-    interpret = target_platform() != "tpu"
-    block = min(512, length)
-
-    def run(q, k, v, ids):
-        heads = q.shape[2]
-        kernel = sk.make_splash_mha(
-            sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(heads)]),
-            head_shards=1,
-            q_seq_shards=1,
-            block_sizes=sk.BlockSizes(
-                block_q=block,
-                block_kv=block,
-                block_kv_compute=block,
-                block_q_dkv=block,
-                block_kv_dkv=block,
-                block_kv_dkv_compute=block,
-                block_q_dq=block,
-                block_kv_dq=block,
-            ),
-            interpret=interpret,
-        )
-        q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
-            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), ids
-        )
-        return jnp.swapaxes(out, 1, 2)
-
+    run = functools.partial(_splash_local, length=length, head_dim=head_dim)
     mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
     if mesh.empty or rules is None:
         return run(q, k, v, ids)
@@ -388,6 +357,37 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -
         out_specs=spec,
         check_vma=False,
     )(q, k, v, ids)
+
+
+def _splash_local(q, k, v, ids, *, length: int, head_dim: int):
+    """`splash_attention` on one shard's batch and heads, [B, L, H, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    block = min(512, length)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(q.shape[2])]),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sk.BlockSizes(
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
+        # Compiled by Mosaic for the platform the program is built for (the mesh's devices: a
+        # CPU host compiling for a TPU topology emits the TPU kernel); interpreted elsewhere.
+        interpret=target_platform() != "tpu",
+    )
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+        *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), ids
+    )
+    return jnp.swapaxes(out, 1, 2)
 
 
 class SelfAttention(nnx.Module):

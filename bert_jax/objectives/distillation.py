@@ -40,12 +40,7 @@ def task_distillation(
         )
     if not prediction and not layerwise:
         raise ValueError("distillation with prediction=False needs a layerwise weight > 0")
-    own_params, outputs = None, {}
-    if layerwise:
-        if student_config is None:
-            raise ValueError("layer-wise distillation needs the student's config")
-        own_params, mapping = _layer_map(student_config, teacher_config)
-        outputs = dict(output_hidden_states=True, output_attentions=True)
+    own_params, mapping, outputs = _layerwise_setup(layerwise, student_config, teacher_config)
 
     def loss(student, teacher, batch, rng, deterministic, own=None):
         *s_heads, s_enc = _run(student, batch, rng, deterministic, **outputs)
@@ -79,6 +74,17 @@ def task_distillation(
         distill=Distillation(objective.model_cls, teacher_config, loss, own_params),
         summarize=summarize,
     )
+
+
+def _layerwise_setup(layerwise: float, student_config, teacher_config):
+    """(the projection's initialiser or None, the layer map, the model outputs to ask for)
+    of a distillation with `layerwise` weight (None, None, {} without)."""
+    if not layerwise:
+        return None, None, {}
+    if student_config is None:
+        raise ValueError("layer-wise distillation needs the student's config")
+    own_params, mapping = _layer_map(student_config, teacher_config)
+    return own_params, mapping, dict(output_hidden_states=True, output_attentions=True)
 
 
 def _add_layerwise(total, sums, weight, mapping, s_enc, t_enc, batch, own):
@@ -158,12 +164,7 @@ def pretraining_distillation(
             f"(alpha_ce={alpha_ce}, alpha_mlm={alpha_mlm}, alpha_cos={alpha_cos}, "
             f"layerwise={layerwise}) >= 0"
         )
-    own_params, mapping, outputs = None, None, {}
-    if layerwise:
-        if student_config is None:
-            raise ValueError("layer-wise distillation needs the student's config")
-        own_params, mapping = _layer_map(student_config, teacher_config)
-        outputs = dict(output_hidden_states=True, output_attentions=True)
+    own_params, mapping, outputs = _layerwise_setup(layerwise, student_config, teacher_config)
     # The hidden-state losses read every token's states, not only the predicted positions'.
     only_predicted = alpha_cos == 0 and not layerwise
 
