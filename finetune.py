@@ -24,6 +24,7 @@ predictions from it. Writes to --workdir:
 """
 
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -124,38 +125,11 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
             "checkpoint directory> or a bert_jax pretraining workdir"
         )
     names = tuple(registry.task_names(cfg.tasks))
-    if cfg.source not in ("tsv", "tfds"):
-        raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
-    if need_data and cfg.source == "tsv" and not files.isdir(cfg.data_dir or ""):
-        raise FileNotFoundError(
-            f"data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
-            f"with CoLA/, SST-2/, MNLI/, ... (the GLUE download), SQuAD/, CoNLL-2003/, SWAG/>, "
-            f"or for GLUE, SQuAD and CoNLL-2003 --config.source=tfds with the data prepared "
-            f"by `tfds build <glue/task, squad/v1.1, conll2003> --file_format=array_record`"
-        )
-    for name in ("batch_size", "eval_batch_size", "max_seq_length", "pack_max_examples"):
-        if cfg[name] < 1:
-            raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
-    if cfg.num_epochs < 0:
-        raise ValueError(f"--config.num_epochs={cfg.num_epochs}; use 0 to evaluate only")
-    if models.layers.holds_int8(cfg.model.get("quantization", "")) and cfg.num_epochs:
-        raise ValueError(f"--config.model.quantization: {training.TRAINING_QUANTIZED}")
+    _check_values(cfg, need_data)
     qa = {k: cfg.get(k, d) for k, d in _QA_DEFAULTS.items()}
     distill = dict(cfg.get("distill") or {})
-    if distill.get("teacher") and not cfg.num_epochs:
-        raise ValueError("--config.distill.teacher trains; it needs --config.num_epochs > 0")
     if distill.get("teacher"):
-        convert.model_kind(distill["teacher"])  # names what is wrong with the path now
-        if not distill.get("prediction", True) and not distill.get("layerwise", 0.0):
-            raise ValueError(
-                "--config.distill.prediction=False leaves only the layer-wise loss: set "
-                "--config.distill.layerwise > 0 (TinyBERT's first task stage: 1.0)"
-            )
-        if distill.get("temperature", 2.0) <= 0 or not 0 <= distill.get("alpha", 0.5) <= 1:
-            raise ValueError(
-                f"--config.distill.temperature={distill.get('temperature')} must be > 0 and "
-                f"--config.distill.alpha={distill.get('alpha')} in [0, 1]"
-            )
+        _check_distill(cfg, distill)
     # Evaluating only (num_epochs 0), every learning rate and seed is the same model: one run.
     runs = None if cfg.num_epochs else 1
     return FinetuneConfig(
@@ -187,6 +161,59 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         checkpoint_minutes=cfg.get("checkpoint_minutes", 10.0),
         **qa,
     )
+
+
+def _check_values(cfg, need_data: bool) -> None:
+    """Refuses a bad data source or folder and out-of-range sizes, naming the flag."""
+    if cfg.source not in ("tsv", "tfds"):
+        raise ValueError(f"--config.source={cfg.source!r}; use 'tsv' or 'tfds'")
+    if need_data and cfg.source == "tsv" and not files.isdir(cfg.data_dir or ""):
+        raise FileNotFoundError(
+            f"data folder {cfg.data_dir!r} does not exist: pass --config.data_dir=<folder "
+            f"with CoLA/, SST-2/, MNLI/, ... (the GLUE download), SQuAD/, CoNLL-2003/, SWAG/>, "
+            f"or for GLUE, SQuAD and CoNLL-2003 --config.source=tfds with the data prepared "
+            f"by `tfds build <glue/task, squad/v1.1, conll2003> --file_format=array_record`"
+        )
+    for name in ("batch_size", "eval_batch_size", "max_seq_length", "pack_max_examples"):
+        if cfg[name] < 1:
+            raise ValueError(f"--config.{name} must be positive, got {cfg[name]}")
+    if cfg.num_epochs < 0:
+        raise ValueError(f"--config.num_epochs={cfg.num_epochs}; use 0 to evaluate only")
+    if models.layers.holds_int8(cfg.model.get("quantization", "")) and cfg.num_epochs:
+        raise ValueError(f"--config.model.quantization: {training.TRAINING_QUANTIZED}")
+
+
+# The options of --config.distill besides the teacher, with their defaults: those of
+# objectives.task_distillation, the one place they are written.
+_DISTILL_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(objectives.task_distillation).parameters.items()
+    if name in ("temperature", "alpha", "layerwise", "prediction")
+}
+
+
+def distill_options(distill: dict) -> dict:
+    """`objectives.task_distillation`'s options from a --config.distill dict (as given: the
+    recorded settings keep only what the user set)."""
+    return {k: distill.get(k, default) for k, default in _DISTILL_OPTIONS.items()}
+
+
+def _check_distill(cfg, distill: dict) -> None:
+    """Refuses a teacher without training, a path that cannot be a model and bad options."""
+    if not cfg.num_epochs:
+        raise ValueError("--config.distill.teacher trains; it needs --config.num_epochs > 0")
+    convert.model_kind(distill["teacher"])  # names what is wrong with the path now
+    options = distill_options(distill)
+    if not options["prediction"] and not options["layerwise"]:
+        raise ValueError(
+            "--config.distill.prediction=False leaves only the layer-wise loss: set "
+            "--config.distill.layerwise > 0 (TinyBERT's first task stage: 1.0)"
+        )
+    if options["temperature"] <= 0 or not 0 <= options["alpha"] <= 1:
+        raise ValueError(
+            f"--config.distill.temperature={options['temperature']} must be > 0 and "
+            f"--config.distill.alpha={options['alpha']} in [0, 1]"
+        )
 
 
 def _layer_list(text) -> tuple[int, ...]:
@@ -237,6 +264,8 @@ def run_directory(workdir: str, task_name: str, lr: float, seed: int) -> str:
 
 
 def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
+    """Every run (learning rate x seed) of task `name` that has not finished before, and the
+    task's summary over them."""
     task = registry.get_task(name)
     done = {
         (lr, seed): finetuning.finished_run(run_directory(workdir, task.name, lr, seed))
@@ -248,7 +277,55 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
         runs = [_finished(workdir, task.name, lr, seed, r) for (lr, seed), r in done.items()]
         return {**summarize_task(task, runs), "test_predicted": sorted(runs[0]["predictions"])}
     task.prepare(cfg.settings())
+    pretrained = _student(cfg, task, mesh, workdir)
+    teacher = _teacher(cfg, task, pretrained, mesh) if cfg.distill else None
     dropout = None if cfg.classifier_dropout < 0 else cfg.classifier_dropout
+    objective = task.objective(dropout)
+    if teacher is not None:  # its settings checked against both models before the data
+        objective = objectives.task_distillation(
+            objective,
+            teacher.config,
+            **distill_options(cfg.distill),
+            student_config=pretrained.config,
+        )
+    data = task.load(cfg.settings(), pretrained.tokenizer)
+    runs = []
+    _, steps = finetuning.run_length(cfg, task, len(data.train["input_ids"]))
+    for lr in cfg.learning_rates:
+        if all(done[(lr, seed)] for seed in cfg.seeds):
+            runs += [
+                _finished(workdir, task.name, lr, seed, done[(lr, seed)]) for seed in cfg.seeds
+            ]
+            continue
+        optim = OptimConfig(
+            learning_rate=lr,
+            warmup_steps=int(cfg.warmup_fraction * steps),
+            total_steps=max(steps, 1),
+            weight_decay=cfg.weight_decay,
+        )
+        teacher_params = None if teacher is None else teacher.params
+        trainer = training.create_trainer(
+            pretrained.config, optim, mesh, cfg.mesh.rules, objective, teacher_params
+        )
+        for seed in cfg.seeds:
+            if done[(lr, seed)]:
+                runs.append(_finished(workdir, task.name, lr, seed, done[(lr, seed)]))
+                continue
+            directory = run_directory(workdir, task.name, lr, seed)
+            run = finetuning.Run(
+                cfg, task, data, trainer, pretrained, lr, seed, directory, run_settings(cfg)
+            )
+            with jax.set_mesh(mesh):
+                result = run.train()
+                result["predictions"] = run.predict_tests(result["best_step"])
+            run.finish(result)
+            runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
+    return {**summarize_task(task, runs), "test_predicted": sorted(data.predict)}
+
+
+def _student(cfg: FinetuneConfig, task: base.Task, mesh, workdir: str) -> convert.Pretrained:
+    """The model to fine-tune (`init_from`, with `student_layers` only), checked against the
+    run: weights for evaluation-only runs, no int8 training, positions for the length."""
     pretrained = convert.load_pretrained(
         cfg.init_from,
         task.architecture,
@@ -280,55 +357,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
             f"max_seq_length={cfg.max_seq_length} exceeds the model's max_position_embeddings="
             f"{pretrained.config.max_position_embeddings}"
         )
-    teacher = _teacher(cfg, task, pretrained, mesh) if cfg.distill else None
-    objective = task.objective(dropout)
-    if teacher is not None:  # its settings checked against both models before the data
-        objective = objectives.task_distillation(
-            objective,
-            teacher.config,
-            temperature=cfg.distill.get("temperature", 2.0),
-            alpha=cfg.distill.get("alpha", 0.5),
-            layerwise=cfg.distill.get("layerwise", 0.0),
-            prediction=cfg.distill.get("prediction", True),
-            student_config=pretrained.config,
-        )
-    data = task.load(cfg.settings(), pretrained.tokenizer)
-    runs = []
-    _, steps = finetuning.run_length(cfg, task, len(data.train["input_ids"]))
-    for lr in cfg.learning_rates:
-        if all(done[(lr, seed)] for seed in cfg.seeds):
-            runs += [
-                _finished(workdir, task.name, lr, seed, done[(lr, seed)]) for seed in cfg.seeds
-            ]
-            continue
-        optim = OptimConfig(
-            learning_rate=lr,
-            warmup_steps=int(cfg.warmup_fraction * steps),
-            total_steps=max(steps, 1),
-            weight_decay=cfg.weight_decay,
-        )
-        trainer = training.create_trainer(
-            pretrained.config,
-            optim,
-            mesh,
-            cfg.mesh.rules,
-            objective,
-            teacher_params=None if teacher is None else teacher.params,
-        )
-        for seed in cfg.seeds:
-            if done[(lr, seed)]:
-                runs.append(_finished(workdir, task.name, lr, seed, done[(lr, seed)]))
-                continue
-            directory = run_directory(workdir, task.name, lr, seed)
-            run = finetuning.Run(
-                cfg, task, data, trainer, pretrained, lr, seed, directory, run_settings(cfg)
-            )
-            with jax.set_mesh(mesh):
-                result = run.train()
-                result["predictions"] = run.predict_tests(result["best_step"])
-            run.finish(result)
-            runs.append({"learning_rate": lr, "seed": seed, "directory": directory, **result})
-    return {**summarize_task(task, runs), "test_predicted": sorted(data.predict)}
+    return pretrained
 
 
 def _finished(workdir: str, task_name: str, lr: float, seed: int, result: dict) -> dict:

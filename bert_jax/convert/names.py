@@ -261,37 +261,45 @@ def params_from_hf(
         if not all(n in names for n in hf_names):
             report.missing.append(ours)
             continue
-        values = [
-            transform.to_jax(np.asarray(state_dict[names[n]], np.float32), config) for n in hf_names
-        ]
-        value = np.stack(values) if _stacked(hf_name) else values[0]
+        tensors = [state_dict[names[n]] for n in hf_names]
+        value = _converted(tensors, _stacked(hf_name), transform, config)
         if value.shape != tuple(want.shape):
             raise ValueError(
-                f"tensor {names[hf_names[0]]} has shape {np.shape(state_dict[names[hf_names[0]]])}"
-                f", which gives {value.shape} for {ours}, but the config needs {tuple(want.shape)};"
-                f" the weights were made for another config (check config.json)"
+                f"tensor {names[hf_names[0]]} has shape {np.shape(tensors[0])}, which gives "
+                f"{value.shape} for {ours}, but the config needs {tuple(want.shape)}; the "
+                f"weights were made for another config (check config.json)"
             )
         set_path(params, ours, value)
         used.update(hf_names)
     report.unexpected = sorted(
         names[n] for n in names if n not in used and not _ALIASES.fullmatch(n)
     )
+    _check_encoder_complete(report, source)
+    return params, report
+
+
+def _converted(tensors, stacked: bool, transform, config) -> np.ndarray:
+    """One bert_jax array from its Hugging Face tensors (one per layer when `stacked`)."""
+    values = [transform.to_jax(np.asarray(t, np.float32), config) for t in tensors]
+    return np.stack(values) if stacked else values[0]
+
+
+def _check_encoder_complete(report: Report, source: str) -> None:
+    """Refuses an encoder tensor the config needs that the weights lack, or the reverse."""
     missing_encoder = [p for p in report.missing if is_encoder_path(p)]
     unused_encoder = [n for n in report.unexpected if _ENCODER_NAME.search(n)]
-    if missing_encoder or unused_encoder:
-        parts = []
-        if missing_encoder:
-            parts.append(f"the config needs {', '.join(missing_encoder[:6])}, not in {source}")
-        if unused_encoder:
-            parts.append(
-                f"{source} holds {', '.join(unused_encoder[:6])}, which it has no place for"
-            )
-        raise ValueError(
-            f"the config and the weights of {source} disagree: {'; '.join(parts)}; an encoder "
-            f"weight would be left at its random initialisation or dropped. The config belongs "
-            f"to another model: fix config.json or use the model's own"
-        )
-    return params, report
+    if not (missing_encoder or unused_encoder):
+        return
+    parts = []
+    if missing_encoder:
+        parts.append(f"the config needs {', '.join(missing_encoder[:6])}, not in {source}")
+    if unused_encoder:
+        parts.append(f"{source} holds {', '.join(unused_encoder[:6])}, which it has no place for")
+    raise ValueError(
+        f"the config and the weights of {source} disagree: {'; '.join(parts)}; an encoder "
+        f"weight would be left at its random initialisation or dropped. The config belongs "
+        f"to another model: fix config.json or use the model's own"
+    )
 
 
 _ENCODER_NAME = re.compile(r"(^|\.)(embeddings|encoder)\.")

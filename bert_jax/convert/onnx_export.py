@@ -137,6 +137,41 @@ def _check(session, params, config, architecture, num_labels, head, shapes, tole
     return worst
 
 
+def _traced(torch, module, traced, dims, head, opset, vocab_size) -> io.BytesIO:
+    """The ONNX program of `module` traced at shape `traced`, every axis in `dims` dynamic."""
+    buffer, dynamic = io.BytesIO(), dict(enumerate(dims))
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(torch.from_numpy(x) for x in _inputs(traced, vocab_size, 0)),
+            buffer,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS[head]),
+            dynamic_axes={name: dynamic for name in (*INPUTS, *OUTPUTS[head])},
+            opset_version=opset,
+            dynamo=False,
+        )
+    return buffer
+
+
+def _write_int8(onnxruntime, model: bytes, check: tuple, output: str) -> float:
+    """Writes `model.int8.onnx`, `model` through ONNX Runtime's dynamic quantization, once
+    its outputs are within INT8_TOLERANCE; returns its largest difference."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ONNX Runtime reads and writes local files: quantized in a scratch folder, then
+    # published whole to the output (a folder or a bucket).
+    with tempfile.TemporaryDirectory() as scratch:
+        source, part = os.path.join(scratch, "model.onnx"), os.path.join(scratch, "int8.onnx")
+        with open(source, "wb") as f:
+            f.write(model)
+        quantize_dynamic(source, part, per_channel=True, weight_type=QuantType.QInt8)
+        quantized = onnxruntime.InferenceSession(part, providers=["CPUExecutionProvider"])
+        error = _check(quantized, *check, INT8_TOLERANCE, "model.int8.onnx was not written")
+        files.copy(part, os.path.join(output, "model.int8.onnx"))
+    return error
+
+
 def export_onnx(
     params: models.Params,
     config: models.BertConfig,
@@ -163,19 +198,7 @@ def export_onnx(
     choices = head == "ForMultipleChoice"
     dims = ("batch", "choices", "length") if choices else ("batch", "length")
     traced = (2, 2, 8) if choices else (2, 8)
-    dynamic = dict(enumerate(dims))
-    buffer = io.BytesIO()
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            tuple(torch.from_numpy(x) for x in _inputs(traced, config.vocab_size, 0)),
-            buffer,
-            input_names=list(INPUTS),
-            output_names=list(OUTPUTS[head]),
-            dynamic_axes={name: dynamic for name in (*INPUTS, *OUTPUTS[head])},
-            opset_version=opset,
-            dynamo=False,
-        )
+    buffer = _traced(torch, module, traced, dims, head, opset, config.vocab_size)
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     limit = config.max_position_embeddings
     shapes = [(1, 3, limit) if choices else (3, limit), traced[:-1] + (5,)]
@@ -183,20 +206,7 @@ def export_onnx(
     worst = _check(session, *check, TOLERANCE, "nothing was written")
     files.atomic_write(os.path.join(output, "model.onnx"), buffer.getvalue())
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # ONNX Runtime reads and writes local files: quantized in a scratch folder, then
-        # published whole to the output (a folder or a bucket).
-        with tempfile.TemporaryDirectory() as scratch:
-            source, part = os.path.join(scratch, "model.onnx"), os.path.join(scratch, "int8.onnx")
-            with open(source, "wb") as f:
-                f.write(buffer.getvalue())
-            quantize_dynamic(source, part, per_channel=True, weight_type=QuantType.QInt8)
-            quantized = onnxruntime.InferenceSession(part, providers=["CPUExecutionProvider"])
-            int8_error = _check(
-                quantized, *check, INT8_TOLERANCE, "model.int8.onnx was not written"
-            )
-            files.copy(part, os.path.join(output, "model.int8.onnx"))
+        int8_error = _write_int8(onnxruntime, buffer.getvalue(), check, output)
     vocab = os.path.basename(tokenizer.vocab_file)
     files.copy(tokenizer.vocab_file, os.path.join(output, vocab))
     meta = {

@@ -311,63 +311,75 @@ def decode(
         by_example[int(index)].append(row)
     predictions = {}
     for index, example in enumerate(examples):
-        candidates = []  # (score, start logit + end logit, text)
+        candidates = []  # (start logit + end logit, text)
         null_score = math.inf
         for row in by_example[index]:
-            s_logits, e_logits = start_logits[row], end_logits[row]
-            offsets, is_max = features.offsets[row], features.max_context[row]
             if config.version_2_with_negative:
-                null_score = min(null_score, float(s_logits[0] + e_logits[0]))
-            # The n best among the context's pieces (run_squad.py takes the n best of all
-            # positions and drops the others after: question and padding could crowd out
-            # every context piece there).
-            context = offsets[:, 0] >= 0
-            starts = np.argsort(-np.where(context, s_logits, -np.inf), kind="stable")
-            ends = np.argsort(-np.where(context, e_logits, -np.inf), kind="stable")
-            starts = starts[: min(config.n_best_size, int(context.sum()))]
-            ends = ends[: min(config.n_best_size, int(context.sum()))]
-            for s in starts:
-                if offsets[s, 0] < 0 or not is_max[s]:
-                    continue
-                for e in ends:
-                    if offsets[e, 0] < 0 or e < s or e - s + 1 > config.max_answer_length:
-                        continue
-                    text = example.context[offsets[s, 0] : offsets[e, 1]]
-                    candidates.append((float(s_logits[s] + e_logits[e]), text))
+                null_score = min(null_score, float(start_logits[row][0] + end_logits[row][0]))
+            candidates += _spans(example, features, row, start_logits[row], end_logits[row], config)
         if config.version_2_with_negative:
             candidates.append((null_score, ""))
-        candidates.sort(key=lambda c: -c[0])
-        nbest, seen = [], set()
-        for score, text in candidates:
-            if len(nbest) >= config.n_best_size:
-                break
-            if text in seen:
-                continue
-            seen.add(text)
-            nbest.append((text, score))
-        if config.version_2_with_negative and "" not in seen:  # the null answer always
-            nbest.append(("", null_score))
-        spans = [(t, s) for t, s in nbest if t]
-        if not spans:  # nothing decodable: run_squad.py's "empty" answer
-            spans = [("", 0.0)]
-            if not nbest:
-                nbest = [("", 0.0)]
-        scores = np.array([s for _, s in nbest])
-        probs = np.exp(scores - scores.max())
-        probs /= probs.sum()
-        best_text, best_score = spans[0]
-        if config.version_2_with_negative:
-            odds = null_score - best_score
-            text = "" if odds > config.null_score_diff_threshold else best_text
-        else:
-            odds, text = 0.0, nbest[0][0]
-        predictions[example.qas_id] = Prediction(
-            text,
-            best_text,
-            odds,
-            tuple((t, float(p)) for (t, _), p in zip(nbest, probs, strict=True)),
-        )
+        predictions[example.qas_id] = _prediction(candidates, null_score, config)
     return predictions
+
+
+def _spans(example, features, row, s_logits, e_logits, config) -> list[tuple[float, str]]:
+    """(start logit + end logit, text) of every valid span of window `row` among the n best
+    starts and ends."""
+    offsets, is_max = features.offsets[row], features.max_context[row]
+    # The n best among the context's pieces (run_squad.py takes the n best of all positions
+    # and drops the others after: question and padding could crowd out every context piece).
+    context = offsets[:, 0] >= 0
+    starts = np.argsort(-np.where(context, s_logits, -np.inf), kind="stable")
+    ends = np.argsort(-np.where(context, e_logits, -np.inf), kind="stable")
+    starts = starts[: min(config.n_best_size, int(context.sum()))]
+    ends = ends[: min(config.n_best_size, int(context.sum()))]
+    spans = []
+    for s in starts:
+        if offsets[s, 0] < 0 or not is_max[s]:
+            continue
+        for e in ends:
+            if offsets[e, 0] < 0 or e < s or e - s + 1 > config.max_answer_length:
+                continue
+            text = example.context[offsets[s, 0] : offsets[e, 1]]
+            spans.append((float(s_logits[s] + e_logits[e]), text))
+    return spans
+
+
+def _prediction(candidates, null_score: float, config: DecodeConfig) -> Prediction:
+    """The answer among an example's (score, text) candidates: the n best distinct texts
+    with their probabilities, and for v2.0 the null answer against the threshold."""
+    candidates = sorted(candidates, key=lambda c: -c[0])
+    nbest, seen = [], set()
+    for score, text in candidates:
+        if len(nbest) >= config.n_best_size:
+            break
+        if text in seen:
+            continue
+        seen.add(text)
+        nbest.append((text, score))
+    if config.version_2_with_negative and "" not in seen:  # the null answer always
+        nbest.append(("", null_score))
+    spans = [(t, s) for t, s in nbest if t]
+    if not spans:  # nothing decodable: run_squad.py's "empty" answer
+        spans = [("", 0.0)]
+        if not nbest:
+            nbest = [("", 0.0)]
+    scores = np.array([s for _, s in nbest])
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    best_text, best_score = spans[0]
+    if config.version_2_with_negative:
+        odds = null_score - best_score
+        text = "" if odds > config.null_score_diff_threshold else best_text
+    else:
+        odds, text = 0.0, nbest[0][0]
+    return Prediction(
+        text,
+        best_text,
+        odds,
+        tuple((t, float(p)) for (t, _), p in zip(nbest, probs, strict=True)),
+    )
 
 
 # The official evaluation.

@@ -25,6 +25,7 @@ up to `max_seq_length`):
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -314,10 +315,42 @@ def extract(
         raise ValueError(
             f"batch_size={batch_size} must be a multiple of the data axes ({data_size})"
         )
+    pretrained = _load(model, mesh, rules, quantization, max_seq_length, layers)
+    config, tokenizer = pretrained.config, pretrained.tokenizer
+    graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
+    step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling, rules))
+    writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
+        output_path, layers, vocabulary(tokenizer)
+    )
+    with files.open(input_path, "rb") as f:
+        bar = tqdm.tqdm(total=sum(1 for _ in f), unit="line", desc="extract", disable=not progress)
+    # The objects made so far (jax, the model) leave the garbage collector's passes (after one
+    # collection of tracing's garbage), which each batch's many small objects would trigger.
+    gc.collect()
+    gc.freeze()
+    try:
+        with jax.set_mesh(mesh):
+            run = functools.partial(step, pretrained.params)
+            batched = batches(read_lines(input_path), tokenizer, max_seq_length, batch_size)
+            lines, truncated = _run_and_write(run, batched, mesh, rules, writer, bar)
+    except BaseException:
+        writer.abort()
+        raise
+    else:
+        writer.close()
+    finally:
+        gc.unfreeze()
+        bar.close()
+    return {"lines": lines, "truncated": truncated, "output": output_path}
+
+
+def _load(model, mesh, rules, quantization, max_seq_length, layers) -> convert.Pretrained:
+    """The encoder of `model`, refused when it is shorter than `max_seq_length` or lacks
+    one of `layers`."""
     pretrained = convert.load_pretrained(
         model, "BertModel", mesh=mesh, rules=rules, quantization=quantization
     )
-    config, tokenizer = pretrained.config, pretrained.tokenizer
+    config = pretrained.config
     if max_seq_length > config.max_position_embeddings:
         raise ValueError(
             f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
@@ -330,48 +363,28 @@ def extract(
             f"layers {bad} do not exist: the model has hidden states 0 (embeddings) to "
             f"{n_states - 1} (-1 is the last layer)"
         )
-    graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
-    step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling, rules))
-    writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
-        output_path, layers, vocabulary(tokenizer)
-    )
-    with files.open(input_path, "rb") as f:
-        total = sum(1 for _ in f)
-    lines, truncated = 0, 0
-    bar = tqdm.tqdm(total=total, unit="line", desc="extract", disable=not progress)
-    # The objects made so far (jax, the model) leave the garbage collector's passes (after one
-    # collection of the garbage of tracing), which
-    # the many small objects of each batch would otherwise trigger over and over.
-    gc.collect()
-    gc.freeze()
-    # One step in flight: its lines are written, and the next batch laid out, while it runs
-    # (a thread making the batches was slower, through the GIL, and its peak memory grew with
-    # the input).
-    pending = None
-    try:
-        with jax.set_mesh(mesh):
-            lines_in = read_lines(input_path)
-            for batch in batches(lines_in, tokenizer, max_seq_length, batch_size):
-                examples = batch.pop("examples")
-                out = step(pretrained.params, sharding.global_batch(batch, mesh, rules))
-                if pending is not None:
-                    truncated += _write(writer, *pending)
-                    lines += len(pending[1])
-                    bar.update(len(pending[1]))
-                pending = (out, examples)
-            if pending is not None:
-                truncated += _write(writer, *pending)
-                lines += len(pending[1])
-                bar.update(len(pending[1]))
-    except BaseException:
-        writer.abort()
-        raise
-    else:
-        writer.close()
-    finally:
-        gc.unfreeze()
-        bar.close()
-    return {"lines": lines, "truncated": truncated, "output": output_path}
+    return pretrained
+
+
+def _run_and_write(run, batched, mesh, rules, writer, bar) -> tuple[int, int]:
+    """Runs `run` on every batch and writes its lines: (lines, lines cut). One step in
+    flight: its lines are written, and the next batch laid out, while it runs (a thread
+    making the batches was slower, through the GIL, and its peak memory grew with the
+    input)."""
+    lines, truncated, pending = 0, 0, None
+    for batch in batched:
+        examples = batch.pop("examples")
+        out = run(sharding.global_batch(batch, mesh, rules))
+        if pending is not None:
+            truncated += _write(writer, *pending)
+            lines += len(pending[1])
+            bar.update(len(pending[1]))
+        pending = (out, examples)
+    if pending is not None:
+        truncated += _write(writer, *pending)
+        lines += len(pending[1])
+        bar.update(len(pending[1]))
+    return lines, truncated
 
 
 def _write(writer, out, examples) -> int:
