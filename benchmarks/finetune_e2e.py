@@ -7,7 +7,8 @@ torch, ...), on the same files: an SST-2 folder (`train.tsv` of `--train` movie-
 sentences, `dev.tsv` 872, `test.tsv` 1,821: SST-2's sizes) and a released-model directory of
 a 6-layer x 384 BERT (MiniLM-L6-H384's shape, 30,522 pieces; random weights written by
 `transformers`, since nothing can be downloaded here). Each side trains one epoch at batch 32
-(AdamW 2e-5, weight decay 0.01, 10% warmup then linear decay, dropout 0.1, length 128),
+(AdamW at `--lr`, 1e-4 by default, weight decay 0.01, 10% warmup then linear decay, dropout
+0.1, length 128),
 evaluates dev accuracy, keeps the model, and writes test predictions.
 
 - `bert_jax`: `finetune.py --config.tasks=sst2` (packing on, its default), one learning rate
@@ -16,10 +17,16 @@ evaluates dev accuracy, keeps the model, and writes test predictions.
 - `torch`: the loop a user writes with `transformers` (`BertTokenizerFast`, dynamic padding to
   the batch's longest row as `DataCollatorWithPadding` does, `torch.optim.AdamW`,
   `get_linear_schedule_with_warmup`, `save_pretrained`), fp32, SDPA attention.
+- `torch_grouped`: the same loop with length-grouped batches, as `transformers`' Trainer
+  makes them with `group_by_length` (mega-batches of 50 batches sorted by length), so that
+  padding wastes little: the fair peer of bert_jax's packed rows.
 
 The sentences are generated (a review grammar of real words, lengths like SST-2's sentences:
 about 19 words, 4-50), since no dataset can be fetched; their labels follow the words'
-polarity. Reports wall and CPU seconds per run (medians) and the ratio torch / bert_jax.
+polarity, so that a model learns them in one epoch from random weights (at 1e-4; 2e-5, a
+released model's rate, leaves random weights at chance): every side's dev accuracy is
+reported, and must be far above chance and equal within noise for the times to compare.
+Reports wall and CPU seconds per run (medians) and each peer's ratio to bert_jax.
 """
 
 import argparse
@@ -122,7 +129,8 @@ def write_model(path: str) -> None:
 
 TORCH_LOOP = r"""
 import csv, os, sys, torch, transformers
-data, model_dir, out = sys.argv[1:4]
+data, model_dir, out, lr, grouped = sys.argv[1:6]
+lr, grouped = float(lr), grouped == "1"
 torch.manual_seed(0)
 
 def read(split):
@@ -134,6 +142,15 @@ model = transformers.BertForSequenceClassification.from_pretrained(
     model_dir, attn_implementation="sdpa")
 collate = transformers.DataCollatorWithPadding(tok)
 
+def grouped_batches(lengths, batch, generator):
+    # transformers' LengthGroupedSampler (Trainer's group_by_length): a random order cut into
+    # mega-batches of 50 batches, each sorted by length, longest first, then cut into batches.
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = [order[i:i + 50 * batch] for i in range(0, len(order), 50 * batch)]
+    mega = [sorted(m, key=lambda i: -lengths[i]) for m in mega]
+    batches = [m[i:i + batch] for m in mega for i in range(0, len(m), batch)]
+    return [b for b in batches if len(b) == batch]  # drop_last, as the plain loop does
+
 def loader(rows, batch, shuffle, labels=True):
     enc = tok([r["sentence"] for r in rows], truncation=True, max_length=128)
     items = [{"input_ids": i, "token_type_ids": t, "attention_mask": m}
@@ -141,6 +158,10 @@ def loader(rows, batch, shuffle, labels=True):
     if labels:
         for item, r in zip(items, rows):
             item["labels"] = int(r["label"])
+    if shuffle and grouped:
+        lengths = [len(i) for i in enc["input_ids"]]
+        sampler = grouped_batches(lengths, batch, torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate)
     return torch.utils.data.DataLoader(items, batch_size=batch, shuffle=shuffle,
                                        collate_fn=collate, drop_last=shuffle)
 
@@ -153,7 +174,7 @@ groups = [
     {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
      "weight_decay": 0.0},
 ]
-opt = torch.optim.AdamW(groups, lr=2e-5)
+opt = torch.optim.AdamW(groups, lr=lr)
 sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
 model.train()
 for batch in train:
@@ -191,7 +212,7 @@ def timed(args: list[str], env: dict) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "output": (proc.stdout + proc.stderr)[-2000:]}
 
 
-def jax_run(tmp: str, run: int, warm: bool) -> dict:
+def jax_run(tmp: str, run: int, warm: bool, lr: float) -> dict:
     workdir = os.path.join(tmp, f"jax_{run}")
     cache = os.path.join(tmp, "cache")
     if not warm:
@@ -206,22 +227,44 @@ def jax_run(tmp: str, run: int, warm: bool) -> dict:
         f"--config.data_dir={os.path.join(tmp, 'data')}",
         "--config.num_epochs=1",
         "--config.seeds=0",
-        "--config.learning_rates=2e-5",
+        f"--config.learning_rates={lr:g}",
         f"--workdir={workdir}",
     ]
     result = timed(args, env)
     with open(os.path.join(workdir, "results.json")) as f:
-        runs = json.load(f)
-    result["dev"] = runs
+        result["dev_accuracy"] = _find(json.load(f), "accuracy")
     return result
 
 
-def torch_run(tmp: str, run: int) -> dict:
-    out = os.path.join(tmp, f"torch_{run}")
+def _find(tree, key: str):
+    """The first value under `key` in a JSON tree (the best run's dev accuracy)."""
+    if isinstance(tree, dict):
+        if key in tree and isinstance(tree[key], int | float):
+            return float(tree[key])
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            found = _find(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def torch_run(tmp: str, run: int, lr: float, grouped: bool) -> dict:
+    out = os.path.join(tmp, f"torch_{run}_{int(grouped)}")
     os.makedirs(out, exist_ok=True)
     script = os.path.join(tmp, "torch_loop.py")
-    args = [sys.executable, script, os.path.join(tmp, "data"), os.path.join(tmp, "model"), out]
-    return timed(args, dict(os.environ))
+    data, model = os.path.join(tmp, "data"), os.path.join(tmp, "model")
+    args = [sys.executable, script, data, model, out, f"{lr:g}", str(int(grouped))]
+    result = timed(args, dict(os.environ))
+    result["dev_accuracy"] = float(result["output"].split("dev accuracy ")[-1].split()[0])
+    return result
+
+
+def run_side(side: str, tmp: str, i: int, args) -> dict:
+    if side == "jax":
+        return jax_run(tmp, i, args.warm_cache, args.lr)
+    return torch_run(tmp, i, args.lr, grouped=side == "torch_grouped")
 
 
 def main() -> None:
@@ -229,7 +272,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--train", type=int, default=SIZES["train"])
     parser.add_argument("--warm_cache", action="store_true", help="keep compiled programs")
-    parser.add_argument("--only", default="jax,torch")
+    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of every side")
+    parser.add_argument("--only", default="jax,torch,torch_grouped")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/finetune_e2e"))
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="finetune_e2e_")
@@ -241,14 +285,19 @@ def main() -> None:
     runs = {side: [] for side in sides}
     for i in range(args.pairs):
         for side in sides:
-            r = jax_run(tmp, i, args.warm_cache) if side == "jax" else torch_run(tmp, i)
+            r = run_side(side, tmp, i, args)
             runs[side].append(r)
-            print(f"{side} run {i}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU", flush=True)
+            print(
+                f"{side} run {i}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, dev "
+                f"accuracy {r['dev_accuracy']:.4f}",
+                flush=True,
+            )
     summary = {
         side: {
             "wall_s": statistics.median(r["wall_s"] for r in rs),
             "cpu_s": statistics.median(r["cpu_s"] for r in rs),
             "wall_all": [round(r["wall_s"], 2) for r in rs],
+            "dev_accuracy": [r["dev_accuracy"] for r in rs],
         }
         for side, rs in runs.items()
     }
@@ -258,10 +307,12 @@ def main() -> None:
         "summary": summary,
         "last_output": {side: rs[-1]["output"] for side, rs in runs.items()},
     }
-    if "jax" in summary and "torch" in summary:
-        for key in ("wall_s", "cpu_s"):
-            result[f"speed-up ({key})"] = summary["torch"][key] / summary["jax"][key]
-            print(f"torch / bert_jax {key}: {result[f'speed-up ({key})']:.2f}x")
+    for peer in ("torch", "torch_grouped"):
+        if "jax" in summary and peer in summary:
+            for key in ("wall_s", "cpu_s"):
+                ratio = summary[peer][key] / summary["jax"][key]
+                result[f"{peer} / bert_jax ({key})"] = ratio
+                print(f"{peer} / bert_jax {key}: {ratio:.2f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
@@ -274,23 +325,32 @@ def markdown(result: dict) -> str:
     args, summary = result["args"], result["summary"]
     lines = [
         f"Hardware: {result['machine']}. SST-2 layout, {args['train']:,} training sentences "
-        f"(one epoch, batch 32), dev {SIZES['dev']:,} and test {SIZES['test']:,} predicted; "
-        f"6-layer x 384 BERT; whole processes, {args['pairs']} pairs alternating; "
-        f"compilation cache {'kept' if args['warm_cache'] else 'emptied before each run'}.",
+        f"(one epoch, batch 32, learning rate {args['lr']:g}), dev {SIZES['dev']:,} and test "
+        f"{SIZES['test']:,} predicted; 6-layer x 384 BERT; whole processes, {args['pairs']} "
+        f"rounds alternating; compilation cache "
+        f"{'kept' if args['warm_cache'] else 'emptied before each run'}.",
         "",
-        "| side | wall (median) | CPU (median) | every run's wall |",
-        "|---|---|---|---|",
+        "| side | wall (median) | CPU (median) | every run's wall | dev accuracy |",
+        "|---|---|---|---|---|",
     ]
-    names = {"jax": "bert_jax `finetune.py`", "torch": "PyTorch `transformers` loop"}
+    names = {
+        "jax": "bert_jax `finetune.py` (packed rows)",
+        "torch": "PyTorch loop, batches padded to their longest",
+        "torch_grouped": "PyTorch loop, length-grouped batches (`group_by_length`)",
+    }
     for side, s in summary.items():
         runs = ", ".join(f"{w:.1f}" for w in s["wall_all"])
-        lines.append(f"| {names[side]} | {s['wall_s']:.1f} s | {s['cpu_s']:.1f} s | {runs} |")
-    if "speed-up (wall_s)" in result:
-        lines += [
-            "",
-            f"bert_jax is **{result['speed-up (wall_s)']:.2f}x** faster in wall time "
-            f"({result['speed-up (cpu_s)']:.2f}x in CPU seconds).",
-        ]
+        acc = ", ".join(f"{a:.3f}" for a in s["dev_accuracy"])
+        lines.append(
+            f"| {names[side]} | {s['wall_s']:.1f} s | {s['cpu_s']:.1f} s | {runs} | {acc} |"
+        )
+    lines.append("")
+    for peer in ("torch", "torch_grouped"):
+        if f"{peer} / bert_jax (wall_s)" in result:
+            lines.append(
+                f"- {names[peer]} / bert_jax: **{result[f'{peer} / bert_jax (wall_s)']:.2f}x** "
+                f"in wall time, {result[f'{peer} / bert_jax (cpu_s)']:.2f}x in CPU seconds."
+            )
     return "\n".join(lines) + "\n"
 
 

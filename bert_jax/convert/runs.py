@@ -205,13 +205,11 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
 
 def read_run(path: str, step: int | None = None) -> dict:
     """A bert_jax workdir's model config, architecture, tokenizer and checkpoint step."""
-    config_file = os.path.join(path, "config.json")
-    if not files.isfile(config_file):
-        raise FileNotFoundError(
-            f"{path} is not a bert_jax workdir (no config.json); for released weights pass "
-            f"hf:<directory> or tf:<directory>"
-        )
-    saved = read_json(config_file)
+    saved = read_json(
+        os.path.join(path, "config.json"),
+        missing=f"{path} is not a bert_jax workdir (no config.json); for released weights pass "
+        f"hf:<directory> or tf:<directory>",
+    )
     config = models.BertConfig(**saved["model"])
     data = saved.get("data", {})
     kind = data.get("tokenizer", "wordpiece")

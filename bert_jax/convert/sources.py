@@ -51,12 +51,11 @@ def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> 
       overrides: BertConfig fields that replace the directory's (e.g. dtype).
     """
     config_file = os.path.join(path, "config.json")
-    if not files.isfile(config_file):
-        raise FileNotFoundError(
-            f"{path} has no config.json; a Hugging Face model directory holds config.json and "
-            f"model.safetensors (what save_pretrained writes)"
-        )
-    hf = read_json(config_file)
+    hf = read_json(
+        config_file,
+        missing=f"{path} has no config.json; a Hugging Face model directory holds config.json "
+        f"and model.safetensors (what save_pretrained writes)",
+    )
     config = config_from_hf(hf, config_file, **overrides)
     tensors = _hf_tensors(path)
     architecture = (hf.get("architectures") or [None])[0] or infer_architecture(tensors)
@@ -195,12 +194,11 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
         if files.isfile(os.path.join(path, name)):
             return os.path.join(path, name), lower, keep_accents
     tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not files.isfile(tokenizer_file):
-        raise FileNotFoundError(
-            f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there too "
-            f"(tokenizer.save_pretrained)"
-        )
-    spec = read_json(tokenizer_file)
+    spec = read_json(
+        tokenizer_file,
+        missing=f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there "
+        f"too (tokenizer.save_pretrained)",
+    )
     if spec.get("model", {}).get("type") != "WordPiece":
         raise ValueError(f"{tokenizer_file} is not a WordPiece tokenizer (BERT's)")
     normalizer = spec.get("normalizer") or {}
@@ -285,7 +283,11 @@ def check_vocab(tokenizer: Tokenizer, config: BertConfig, source: str) -> None:
         )
 
 
-def read_json(path: str) -> dict:
+def read_json(path: str, missing: str = "") -> dict:
+    """The JSON object of `path`; with `missing`, a FileNotFoundError saying it when the file
+    does not exist."""
+    if missing and not files.isfile(path):
+        raise FileNotFoundError(missing)
     try:
         with files.open(path, encoding="utf-8") as f:
             return json.load(f)

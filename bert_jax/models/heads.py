@@ -164,38 +164,38 @@ class _DenseHead(nnx.Module):
         return self.classifier(hidden).astype(jnp.float32), enc
 
 
-class BertForSequenceClassification(_DenseHead):
+class _LabelHead(_DenseHead):
+    """A `_DenseHead` of `num_labels` scores, on the pooled output when the class says
+    `pooled`, else on every token's output."""
+
+    pooled: bool
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int = 2,
+        *,
+        rngs: nnx.Rngs,
+        classifier_dropout: float | None = None,
+    ):
+        self.num_labels = num_labels
+        self._init_head(config, num_labels, rngs, classifier_dropout, pooled=self.pooled)
+
+
+class BertForSequenceClassification(_LabelHead):
     """BERT with dropout and a dense layer on the pooled output: `num_labels` classes, or a
     regression score when `num_labels` is 1 (STS-B). Called as `_DenseHead`: logits
     [B, num_labels], or [B, K, num_labels] for a packed batch."""
 
-    def __init__(
-        self,
-        config: BertConfig,
-        num_labels: int = 2,
-        *,
-        rngs: nnx.Rngs,
-        classifier_dropout: float | None = None,
-    ):
-        self.num_labels = num_labels
-        self._init_head(config, num_labels, rngs, classifier_dropout, pooled=True)
+    pooled = True
 
 
-class BertForTokenClassification(_DenseHead):
+class BertForTokenClassification(_LabelHead):
     """BERT with dropout and a dense layer on every token's output: `num_labels` scores per
     token (named entities; `transformers`' BertForTokenClassification; no pooler). Called as
     `_DenseHead`: logits [B, L, num_labels]."""
 
-    def __init__(
-        self,
-        config: BertConfig,
-        num_labels: int = 2,
-        *,
-        rngs: nnx.Rngs,
-        classifier_dropout: float | None = None,
-    ):
-        self.num_labels = num_labels
-        self._init_head(config, num_labels, rngs, classifier_dropout, pooled=False)
+    pooled = False
 
 
 class BertForMultipleChoice(_DenseHead):
