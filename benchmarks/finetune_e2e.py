@@ -6,7 +6,7 @@ Both sides are whole processes, timed from launch to exit, alternating (jax, tor
 torch, ...), on the same files: an SST-2 folder (`train.tsv` of `--train` movie-review
 sentences, `dev.tsv` 872, `test.tsv` 1,821: SST-2's sizes) and a released-model directory of
 a 6-layer x 384 BERT (MiniLM-L6-H384's shape, 30,522 pieces; random weights written by
-`transformers`, since nothing can be downloaded here). Each side trains one epoch at batch 32
+`transformers`, since nothing can be downloaded here). Each side trains `--epochs` (2) at batch 32
 (AdamW at `--lr`, 1e-4 by default, weight decay 0.01, 10% warmup then linear decay, dropout
 0.1, length 128),
 evaluates dev accuracy, keeps the model, and writes test predictions.
@@ -23,8 +23,8 @@ evaluates dev accuracy, keeps the model, and writes test predictions.
 
 The sentences are generated (a review grammar of real words, lengths like SST-2's sentences:
 about 19 words, 4-50), since no dataset can be fetched; their labels follow the words'
-polarity, so that a model learns them in one epoch from random weights (at 1e-4; 2e-5, a
-released model's rate, leaves random weights at chance): every side's dev accuracy is
+polarity, so that a model learns them from random weights (at 1e-4 in two epochs; 2e-5, a
+released model's rate, leaves random weights at chance in one): every side's dev accuracy is
 reported, and must be far above chance and equal within noise for the times to compare.
 Reports wall and CPU seconds per run (medians) and each peer's ratio to bert_jax.
 """
@@ -129,8 +129,8 @@ def write_model(path: str) -> None:
 
 TORCH_LOOP = r"""
 import csv, os, sys, torch, transformers
-data, model_dir, out, lr, grouped = sys.argv[1:6]
-lr, grouped = float(lr), grouped == "1"
+data, model_dir, out, lr, grouped, epochs = sys.argv[1:7]
+lr, grouped, epochs = float(lr), grouped == "1", int(epochs)
 torch.manual_seed(0)
 
 def read(split):
@@ -151,7 +151,7 @@ def grouped_batches(lengths, batch, generator):
     batches = [m[i:i + batch] for m in mega for i in range(0, len(m), batch)]
     return [b for b in batches if len(b) == batch]  # drop_last, as the plain loop does
 
-def loader(rows, batch, shuffle, labels=True):
+def loader(rows, batch, shuffle, labels=True, seed=0):
     enc = tok([r["sentence"] for r in rows], truncation=True, max_length=128)
     items = [{"input_ids": i, "token_type_ids": t, "attention_mask": m}
              for i, t, m in zip(enc["input_ids"], enc["token_type_ids"], enc["attention_mask"])]
@@ -160,13 +160,13 @@ def loader(rows, batch, shuffle, labels=True):
             item["labels"] = int(r["label"])
     if shuffle and grouped:
         lengths = [len(i) for i in enc["input_ids"]]
-        sampler = grouped_batches(lengths, batch, torch.Generator().manual_seed(0))
+        sampler = grouped_batches(lengths, batch, torch.Generator().manual_seed(seed))
         return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate)
     return torch.utils.data.DataLoader(items, batch_size=batch, shuffle=shuffle,
                                        collate_fn=collate, drop_last=shuffle)
 
 train = loader(read("train"), 32, True)
-steps = len(train)
+steps = epochs * len(train)
 no_decay = ("bias", "LayerNorm.weight")
 groups = [
     {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
@@ -177,11 +177,14 @@ groups = [
 opt = torch.optim.AdamW(groups, lr=lr)
 sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
 model.train()
-for batch in train:
-    loss = model(**batch).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+for epoch in range(epochs):
+    if grouped:  # a new grouping each epoch, as the sampler reshuffles
+        train = loader(read("train"), 32, True, seed=epoch)
+    for batch in train:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
 
 @torch.no_grad()
 def predict(rows, labels):
@@ -212,7 +215,7 @@ def timed(args: list[str], env: dict) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "output": (proc.stdout + proc.stderr)[-2000:]}
 
 
-def jax_run(tmp: str, run: int, warm: bool, lr: float) -> dict:
+def jax_run(tmp: str, run: int, warm: bool, lr: float, epochs: int) -> dict:
     workdir = os.path.join(tmp, f"jax_{run}")
     cache = os.path.join(tmp, "cache")
     if not warm:
@@ -225,7 +228,7 @@ def jax_run(tmp: str, run: int, warm: bool, lr: float) -> dict:
         "--config.tasks=sst2",
         f"--config.init_from=hf:{os.path.join(tmp, 'model')}",
         f"--config.data_dir={os.path.join(tmp, 'data')}",
-        "--config.num_epochs=1",
+        f"--config.num_epochs={epochs}",
         "--config.seeds=0",
         f"--config.learning_rates={lr:g}",
         f"--workdir={workdir}",
@@ -250,12 +253,12 @@ def _find(tree, key: str):
     return None
 
 
-def torch_run(tmp: str, run: int, lr: float, grouped: bool) -> dict:
+def torch_run(tmp: str, run: int, lr: float, grouped: bool, epochs: int) -> dict:
     out = os.path.join(tmp, f"torch_{run}_{int(grouped)}")
     os.makedirs(out, exist_ok=True)
     script = os.path.join(tmp, "torch_loop.py")
     data, model = os.path.join(tmp, "data"), os.path.join(tmp, "model")
-    args = [sys.executable, script, data, model, out, f"{lr:g}", str(int(grouped))]
+    args = [sys.executable, script, data, model, out, f"{lr:g}", str(int(grouped)), str(epochs)]
     result = timed(args, dict(os.environ))
     result["dev_accuracy"] = float(result["output"].split("dev accuracy ")[-1].split()[0])
     return result
@@ -263,8 +266,8 @@ def torch_run(tmp: str, run: int, lr: float, grouped: bool) -> dict:
 
 def run_side(side: str, tmp: str, i: int, args) -> dict:
     if side == "jax":
-        return jax_run(tmp, i, args.warm_cache, args.lr)
-    return torch_run(tmp, i, args.lr, grouped=side == "torch_grouped")
+        return jax_run(tmp, i, args.warm_cache, args.lr, args.epochs)
+    return torch_run(tmp, i, args.lr, side == "torch_grouped", args.epochs)
 
 
 def main() -> None:
@@ -273,6 +276,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=SIZES["train"])
     parser.add_argument("--warm_cache", action="store_true", help="keep compiled programs")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate of every side")
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--only", default="jax,torch,torch_grouped")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/finetune_e2e"))
     args = parser.parse_args()
@@ -325,8 +329,8 @@ def markdown(result: dict) -> str:
     args, summary = result["args"], result["summary"]
     lines = [
         f"Hardware: {result['machine']}. SST-2 layout, {args['train']:,} training sentences "
-        f"(one epoch, batch 32, learning rate {args['lr']:g}), dev {SIZES['dev']:,} and test "
-        f"{SIZES['test']:,} predicted; 6-layer x 384 BERT; whole processes, {args['pairs']} "
+        f"({args['epochs']} epochs, batch 32, learning rate {args['lr']:g}), dev "
+        f"{SIZES['dev']:,} and test {SIZES['test']:,} predicted; 6-layer x 384 BERT; whole processes, {args['pairs']} "
         f"rounds alternating; compilation cache "
         f"{'kept' if args['warm_cache'] else 'emptied before each run'}.",
         "",

@@ -8,7 +8,6 @@
 """
 
 from bert_jax.convert.names import (
-    ARCHITECTURES,
     Report,
     config_from_hf,
     config_to_hf,
@@ -27,6 +26,7 @@ from bert_jax.convert.runs import (
     write_run,
 )
 from bert_jax.convert.sources import export_hf, read_hf_dir, read_tf_checkpoint
+from bert_jax.models.registry import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",

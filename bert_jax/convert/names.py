@@ -6,17 +6,16 @@ Original TF checkpoint variables come in through their Hugging Face names (`tf_t
 """
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from bert_jax import models
 from bert_jax.models import RUN_FIELDS, BertConfig, Params
+from bert_jax.models.registry import model_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,29 +156,6 @@ _ALBERT_RENAMES: tuple[tuple[str, str, _Transform], ...] = (
 _ALIASES = re.compile(
     r"(bert\.|albert\.)?embeddings\.position_ids|(cls\.)?predictions\.decoder\.(weight|bias)"
 )
-
-_HEADS = (
-    "Model",
-    "ForPreTraining",
-    "ForMaskedLM",
-    "ForSequenceClassification",
-    "ForTokenClassification",
-    "ForMultipleChoice",
-    "ForQuestionAnswering",
-)
-ARCHITECTURES = tuple(f"{family}{head}" for family in ("Bert", "Albert") for head in _HEADS)
-
-
-def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:
-    """The bert_jax model for a Hugging Face architecture name (BERT's or ALBERT's)."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}"
-        )
-    head = architecture.removeprefix("Albert").removeprefix("Bert")
-    if head in ("ForSequenceClassification", "ForTokenClassification"):
-        return functools.partial(getattr(models, "Bert" + head), num_labels=num_labels)
-    return getattr(models, "Bert" + head)
 
 
 def family(config: BertConfig) -> str:

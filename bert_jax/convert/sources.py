@@ -13,7 +13,6 @@ import numpy as np
 
 from bert_jax import files
 from bert_jax.convert.names import (
-    ARCHITECTURES,
     architecture_of,
     config_from_hf,
     config_to_hf,
@@ -25,6 +24,7 @@ from bert_jax.convert.names import (
 from bert_jax.convert.tf_checkpoint import TFCheckpoint
 from bert_jax.data.tokenization import Tokenizer, WordPieceTokenizer
 from bert_jax.models import BertConfig, Params
+from bert_jax.models.registry import ARCHITECTURES
 
 
 @dataclasses.dataclass
