@@ -330,8 +330,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Hardware: {result['machine']}. SST-2 layout, {args['train']:,} training sentences "
         f"({args['epochs']} epochs, batch 32, learning rate {args['lr']:g}), dev "
-        f"{SIZES['dev']:,} and test {SIZES['test']:,} predicted; 6-layer x 384 BERT; whole processes, {args['pairs']} "
-        f"rounds alternating; compilation cache "
+        f"{SIZES['dev']:,} and test {SIZES['test']:,} predicted; 6-layer x 384 BERT; whole "
+        f"processes, {args['pairs']} rounds alternating; compilation cache "
         f"{'kept' if args['warm_cache'] else 'emptied before each run'}.",
         "",
         "| side | wall (median) | CPU (median) | every run's wall | dev accuracy |",
