@@ -352,11 +352,8 @@ def _student(cfg: FinetuneConfig, task: base.Task, mesh, workdir: str) -> conver
     unexpected_missing = [p for p in pretrained.report.missing if p.startswith("bert")]
     if pretrained.report.unexpected or unexpected_missing:
         tqdm.tqdm.write("note: " + pretrained.report.describe(pretrained.description))
-    if cfg.max_seq_length > pretrained.config.max_position_embeddings:
-        raise ValueError(
-            f"max_seq_length={cfg.max_seq_length} exceeds the model's max_position_embeddings="
-            f"{pretrained.config.max_position_embeddings}"
-        )
+    if pretrained.config.length_problem(cfg.max_seq_length):
+        raise ValueError(pretrained.config.length_problem(cfg.max_seq_length))
     return pretrained
 
 
@@ -391,11 +388,8 @@ def _teacher(cfg: FinetuneConfig, task: base.Task, student, mesh) -> convert.Pre
             f"the teacher {source} and the student {cfg.init_from} have different vocabularies;"
             f" the teacher reads the student's token ids: use models of one vocabulary"
         )
-    if cfg.max_seq_length > teacher.config.max_position_embeddings:
-        raise ValueError(
-            f"max_seq_length={cfg.max_seq_length} exceeds the teacher's "
-            f"max_position_embeddings={teacher.config.max_position_embeddings}"
-        )
+    if teacher.config.length_problem(cfg.max_seq_length):
+        raise ValueError("teacher: " + teacher.config.length_problem(cfg.max_seq_length))
     tqdm.tqdm.write(f"distilling from {teacher.description}")
     return teacher
 

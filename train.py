@@ -42,7 +42,10 @@ from bert_jax import (  # noqa: E402
 )
 from bert_jax.compile import aot, planner  # noqa: E402
 from bert_jax.compile import pretraining as compile_run  # noqa: E402
-from bert_jax.data import input_pipeline  # noqa: E402
+from bert_jax.data import (
+    input_pipeline,  # noqa: E402
+    tokenization,  # noqa: E402
+)
 from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
 from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
 from bert_jax.data.tokenization import WordPieceTokenizer, vocabulary  # noqa: E402
@@ -197,7 +200,7 @@ def recorded_vocabulary(data: DataConfig, workdir: str) -> DataConfig:
     where counts tie, and the run could not go on."""
     if data.vocab_file:
         return data
-    path = files.join(workdir, "spm.model" if data.tokenizer == "sentencepiece" else "vocab.txt")
+    path = files.join(workdir, tokenization.FILE_NAMES[data.tokenizer])
     return dataclasses.replace(data, vocab_file=path) if files.exists(path) else data
 
 
@@ -387,12 +390,9 @@ def model_problems(run: loop_lib.RunConfig, mesh, model_known: bool = True) -> l
     problems = []
     if models.layers.holds_int8(run.model.quantization):
         problems.append(training.TRAINING_QUANTIZED)
-    if model_known and run.data.masking.max_seq_length > run.model.max_position_embeddings:
-        problems.append(
-            f"data.max_seq_length={run.data.masking.max_seq_length} exceeds "
-            f"model.max_position_embeddings={run.model.max_position_embeddings}; lower one or "
-            f"raise the other"
-        )
+    if model_known and run.model.length_problem(run.data.masking.max_seq_length):
+        length = run.data.masking.max_seq_length
+        problems.append(f"data.{run.model.length_problem(length)}; lower one or raise the other")
     replicas = sharding.data_parallel_size(mesh, run.mesh.rules) * run.optim.grad_accum_steps
     if run.train.batch_size % replicas:
         problems.append(

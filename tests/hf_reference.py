@@ -7,34 +7,43 @@ import numpy as np
 import torch
 
 from bert_jax import convert, models
+from bert_jax.models import registry
 
 
-def padded_batch(vocab_size: int):
-    """Three rows of 10, 6 and 3 real tokens, two segments each, three masked positions."""
+def padded_batch(vocab_size: int, pad_id: int = 0, types: int = 2):
+    """Three rows of 10, 6 and 3 real tokens (then `pad_id`), two segments each (one where
+    the model has `types` = 1), three masked positions."""
     lengths = np.array([10, 6, 3])
     ids = np.random.default_rng(0).integers(5, vocab_size, size=(3, 10))
     mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
     segments = ((np.arange(10)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
     positions = np.array([[1, 4, 9], [1, 2, 5], [1, 2, 0]], np.int32)
-    return (ids * mask).astype(np.int32), mask, segments, positions
+    ids = np.where(mask, ids, pad_id).astype(np.int32)
+    return ids, mask, segments * (types > 1), positions
 
 
 def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.ndarray]:
     """Hidden states of every layer, pooled output (when there is a pooler) and head logits
     (MLM logits at the masked positions for pretraining, everywhere for masked LM)."""
-    ids, mask, segments, positions = padded_batch(vocab_size)
+    config = model.config
+    ids, mask, segments, positions = padded_batch(
+        vocab_size, config.pad_token_id or 0, config.type_vocab_size
+    )
     inputs = dict(
         input_ids=torch.tensor(ids, dtype=torch.long),
         attention_mask=torch.tensor(mask),
         token_type_ids=torch.tensor(segments, dtype=torch.long),
     )
-    head_name = architecture.removeprefix("Albert").removeprefix("Bert")
+    head_name = registry.head_of(architecture)
     with torch.no_grad():
         base = model if head_name == "Model" else model.base_model
         enc = base(**inputs, output_hidden_states=True)
         out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
         if enc.pooler_output is not None:  # the masked-LM models have no pooler
             out["pooled"] = enc.pooler_output.numpy()
+        elif architecture.endswith("RobertaForSequenceClassification"):  # its head's first half
+            first = enc.last_hidden_state[:, 0]
+            out["pooled"] = torch.tanh(model.classifier.dense(first)).numpy()
         if head_name == "ForPreTraining":
             head = model(**inputs)
             out["mlm"] = np.take_along_axis(
@@ -56,11 +65,13 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
 
 def jax_outputs(config, architecture: str, params, num_labels: int = 3) -> dict:
     """The same outputs from bert_jax params for `architecture`."""
-    ids, mask, segments, positions = padded_batch(config.vocab_size)
+    ids, mask, segments, positions = padded_batch(
+        config.vocab_size, max(config.position_offset - 1, 0), config.type_vocab_size
+    )
     cls = convert.model_class(architecture, num_labels)
     graphdef, _ = models.split_params(models.abstract_model(config, cls))
     model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))
-    head_name = architecture.removeprefix("Albert").removeprefix("Bert")
+    head_name = registry.head_of(architecture)
     kw = dict(output_hidden_states=True)
     if head_name == "Model":
         enc, out = model(ids, mask, segments, **kw), {}

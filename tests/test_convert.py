@@ -291,8 +291,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
     hf_dir, _ = _hf_dir(tmp_path, "BertModel")
     config_file = os.path.join(hf_dir, "config.json")
     original_config = json.load(open(config_file))
-    json.dump({**original_config, "model_type": "roberta"}, open(config_file, "w"))
-    with pytest.raises(ValueError, match=r"config.json describes a 'roberta' model"):
+    json.dump({**original_config, "model_type": "deberta-v2"}, open(config_file, "w"))
+    with pytest.raises(ValueError, match=r"config.json describes a 'deberta-v2' model"):
         convert.load_pretrained(f"hf:{hf_dir}", "BertModel", mesh=mesh)
     json.dump({**original_config, "intermediate_size": 48}, open(config_file, "w"))
     with pytest.raises(ValueError, match=r"tensor .*intermediate.dense.weight has shape"):

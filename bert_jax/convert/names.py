@@ -15,7 +15,7 @@ import numpy as np
 
 from bert_jax import models
 from bert_jax.models import RUN_FIELDS, BertConfig, Params
-from bert_jax.models.registry import model_class
+from bert_jax.models.registry import FAMILIES, model_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,27 +152,72 @@ _ALBERT_RENAMES: tuple[tuple[str, str, _Transform], ...] = (
     ("qa_outputs/kernel", "qa_outputs.weight", _LINEAR),
     ("qa_outputs/bias", "qa_outputs.bias", _SAME),
 )
+
+
+def _roberta_name(hf_name: str) -> str:
+    """BERT's tensor name -> RoBERTa's (XLM-R's too: both keep their encoder under
+    `roberta.`); the masked-LM head is `lm_head`."""
+    for bert, roberta in (
+        ("bert.", "roberta."),
+        ("cls.predictions.transform.dense.", "lm_head.dense."),
+        ("cls.predictions.transform.LayerNorm.", "lm_head.layer_norm."),
+        ("cls.predictions.bias", "lm_head.bias"),
+    ):
+        hf_name = hf_name.replace(bert, roberta, 1) if hf_name.startswith(bert) else hf_name
+    return hf_name
+
+
+_ROBERTA_RENAMES = tuple(
+    (path, _roberta_name(hf_name), t)
+    for path, hf_name, t in _RENAMES
+    if not path.startswith("seq_relationship/")  # no next-sentence head
+)
+# RoBERTa's sequence classifier is a head of two layers (dense + tanh, then out_proj) on the
+# [CLS] state of an encoder without a pooler: the same computation as BERT's pooler and
+# classifier, which hold it here (its dropout comes after the tanh only, as BERT's).
+_ROBERTA_CLASSIFIER = {
+    "classifier.dense.weight": "roberta.pooler.dense.weight",
+    "classifier.dense.bias": "roberta.pooler.dense.bias",
+    "classifier.out_proj.weight": "classifier.weight",
+    "classifier.out_proj.bias": "classifier.bias",
+}
 # Tensors a Hugging Face checkpoint may hold that are copies of others or buffers.
 _ALIASES = re.compile(
-    r"(bert\.|albert\.)?embeddings\.position_ids|(cls\.)?predictions\.decoder\.(weight|bias)"
+    r"(bert\.|albert\.|roberta\.)?embeddings\.position_ids"
+    r"|(cls\.)?predictions\.decoder\.(weight|bias)|lm_head\.decoder\.(weight|bias)"
 )
 
 
 def family(config: BertConfig) -> str:
-    """Which Hugging Face layout holds a config: "albert" when all layers share weights."""
-    if config.share_layers == "all":
-        return "albert"
-    if config.share_layers != "none" or config.embedding_size not in (0, config.hidden_size):
-        raise ValueError(
-            f"share_layers={config.share_layers!r} with embedding_size={config.embedding_size} "
-            f"has no Hugging Face layout (BERT: no sharing, no factorized embeddings; ALBERT: "
-            f"share_layers='all')"
-        )
-    return "bert"
+    """Which Hugging Face layout holds a config: its `model_type` ("albert" when all layers
+    share weights), checked against its sharing."""
+    albert = config.share_layers == "all"
+    unshared = config.share_layers == "none" and config.embedding_size in (0, config.hidden_size)
+    if (config.model_type == "albert" and albert) or (config.model_type != "albert" and unshared):
+        return config.model_type
+    raise ValueError(
+        f"model_type={config.model_type!r} with share_layers={config.share_layers!r} and "
+        f"embedding_size={config.embedding_size} has no Hugging Face layout (ALBERT: "
+        f"share_layers='all'; the others: no sharing, no factorized embeddings)"
+    )
 
 
 def _table(config: BertConfig) -> tuple[tuple[tuple[str, str, _Transform], ...], str]:
-    return (_ALBERT_RENAMES, "albert.") if family(config) == "albert" else (_RENAMES, "bert.")
+    kind = family(config)
+    if kind == "albert":
+        return _ALBERT_RENAMES, "albert."
+    if kind in ("roberta", "xlm-roberta"):
+        return _ROBERTA_RENAMES, "roberta."
+    return _RENAMES, "bert."
+
+
+def _head_names(config: BertConfig, architecture: str) -> dict[str, str]:
+    """A head's own Hugging Face names -> the table's names, where they differ."""
+    if family(config) in ("roberta", "xlm-roberta") and architecture.endswith(
+        "ForSequenceClassification"
+    ):
+        return _ROBERTA_CLASSIFIER
+    return {}
 
 
 @dataclasses.dataclass
@@ -221,8 +266,8 @@ def params_from_hf(
       config says another depth or grouping than the weights hold, or when an encoder tensor
       is missing or left over.
     """
-    table, prefix = _table(config)
-    names = {_normalize_hf_name(k, prefix): k for k in state_dict}
+    (table, prefix), heads = _table(config), _head_names(config, architecture)
+    names = {heads.get(k, _normalize_hf_name(k, prefix)): k for k in state_dict}
     _check_depth(names, config, source)
     expected = abstract_params(config, architecture, num_labels)
     bare = "bert" not in expected  # BertModel's own params have no `bert/` level
@@ -279,7 +324,7 @@ def _check_encoder_complete(report: Report, source: str) -> None:
 
 
 _ENCODER_NAME = re.compile(r"(^|\.)(embeddings|encoder)\.")
-_BERT_LAYER = re.compile(r"^bert\.encoder\.layer\.(\d+)\.")
+_BERT_LAYER = re.compile(r"^(?:bert|roberta)\.encoder\.layer\.(\d+)\.")
 _ALBERT_LAYER = re.compile(r"^albert\.encoder\.albert_layer_groups\.(\d+)\.albert_layers\.(\d+)\.")
 
 
@@ -291,7 +336,7 @@ def is_encoder_path(path: str) -> bool:
 
 def _check_depth(names: Mapping[str, str], config: BertConfig, source: str) -> None:
     """The depth (BERT) or the layer groups (ALBERT) the weights hold against the config's."""
-    if family(config) == "bert":
+    if family(config) != "albert":
         layers = {int(m.group(1)) for n in names if (m := _BERT_LAYER.match(n))}
         if layers and len(layers) != config.num_hidden_layers:
             raise ValueError(
@@ -313,14 +358,19 @@ def _check_depth(names: Mapping[str, str], config: BertConfig, source: str) -> N
         )
 
 
-def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:
+def params_to_hf(
+    params: Params, config: BertConfig, architecture: str | None = None
+) -> dict[str, np.ndarray]:
     """bert_jax params (any architecture) -> Hugging Face state dict of float32 numpy arrays.
 
     A bare encoder (`BertModel`) gets names without the `bert.` prefix, as `save_pretrained`
-    writes them.
+    writes them. `architecture` (default: what the params show) names a head whose tensors
+    its family names apart (RoBERTa's sequence classifier).
     """
     _check_float(config)
     table, prefix = _table(config)
+    architecture = architecture or architecture_of(params, config)
+    heads = {v: k for k, v in _head_names(config, architecture).items()}
     bare = "bert" not in params
     out = {}
     for path, hf_name, transform in table:
@@ -331,7 +381,7 @@ def params_to_hf(params: Params, config: BertConfig) -> dict[str, np.ndarray]:
         hf_names = _expand(hf_name, config)
         parts = list(value) if _stacked(hf_name) else [value]
         for name, part in zip(hf_names, parts, strict=True):
-            key = name.removeprefix(prefix) if bare else name
+            key = name.removeprefix(prefix) if bare else heads.get(name, name)
             out[key] = np.ascontiguousarray(transform.to_hf(part, config))
     return out
 
@@ -343,13 +393,15 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
       ValueError naming `source` for another model type or an unsupported BERT variant.
     """
     model_type = hf.get("model_type", "bert")
-    if model_type not in ("bert", "albert"):
+    if model_type not in FAMILIES:
         raise ValueError(
-            f"{source} describes a {model_type!r} model, not BERT or ALBERT (model_type "
-            f"'bert' or 'albert'); bert_jax imports those checkpoints"
+            f"{source} describes a {model_type!r} model; bert_jax imports the model types "
+            f"{sorted(FAMILIES)}"
         )
     if model_type == "albert":
         overrides = {"share_layers": "all", **overrides}
+    if model_type in ("roberta", "xlm-roberta"):  # positions counted after the padding index
+        overrides = {"position_offset": int(hf.get("pad_token_id", 1)) + 1, **overrides}
     if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
         raise ValueError(
             f"{source}: only the original BERT encoder (absolute positions, not a decoder) is "
@@ -368,6 +420,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
         "share_layers",
         "pruned_heads",
         "quantization",
+        "position_offset",
     }
     values = {k: hf[k] for k in fields if k in hf}
     try:
@@ -389,26 +442,29 @@ def _check_float(config: BertConfig) -> None:
 def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> dict:
     """The `config.json` that `transformers` reads for `architecture`."""
     _check_float(config)
-    albert = family(config) == "albert"
+    kind = family(config)
+    albert = kind == "albert"
     if config.pruned_heads:
         raise ValueError(
             "a model with pruned heads has layers of different sizes, which the Hugging Face "
             "export does not write; export the model before pruning, or use it as a bert_jax "
             "workdir (init_from, finetune.py, bert_jax.tools.extract)"
         )
-    skip = (*RUN_FIELDS, "share_layers", "pruned_heads", "quantization")
+    skip = (*RUN_FIELDS, "share_layers", "pruned_heads", "quantization", "position_offset")
     if not albert:
         skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
     hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     if albert:
         hf["embedding_size"] = config.embed_dim
     hf.update(
-        model_type="albert" if albert else "bert",
+        model_type=kind,
         architectures=[architecture],
         position_embedding_type="absolute",
-        pad_token_id=0,
+        pad_token_id=max(config.position_offset - 1, 0),
         tie_word_embeddings=True,
     )
+    if config.position_offset:  # fairseq's dictionary: <s> 0, <pad> 1, </s> 2
+        hf.update(bos_token_id=0, eos_token_id=2)
     if architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
@@ -417,17 +473,25 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
     return hf
 
 
-def infer_architecture(tensors: Mapping[str, Any]) -> str:
-    """The architecture whose heads a checkpoint's tensor names show."""
+def infer_architecture(tensors: Mapping[str, Any], model_type: str = "") -> str:
+    """The architecture whose heads a checkpoint's tensor names show, in the family of
+    `model_type` (default: the one the names show; RoBERTa's names are XLM-R's too)."""
     names = set(tensors)
-    albert = any(n.startswith(("albert.", "predictions.", "sop_classifier.")) for n in names)
-    prefix = "Albert" if albert else "Bert"
+    if not model_type:
+        albert = any(n.startswith(("albert.", "predictions.", "sop_classifier.")) for n in names)
+        roberta = any(n.startswith(("roberta.", "lm_head.")) for n in names)
+        model_type = "albert" if albert else "roberta" if roberta else "bert"
+    prefix = FAMILIES[model_type]
     if {"cls.seq_relationship.weight", "sop_classifier.classifier.weight"} & names:
         return prefix + "ForPreTraining"
-    if {"cls.predictions.bias", "predictions.bias"} & names:
+    if {"cls.predictions.bias", "predictions.bias", "lm_head.bias"} & names:
         return prefix + "ForMaskedLM"
+    if "classifier.out_proj.weight" in names:
+        return prefix + "ForSequenceClassification"
     if "classifier.weight" in names:  # a token classifier has no pooler
         pooled = {"bert.pooler.dense.weight", "albert.pooler.weight"} & names
+        if "roberta.pooler.dense.weight" in names:  # RoBERTa pools for multiple choice only
+            return prefix + "ForMultipleChoice"
         return prefix + ("ForSequenceClassification" if pooled else "ForTokenClassification")
     if "qa_outputs.weight" in names:
         return prefix + "ForQuestionAnswering"
@@ -455,7 +519,7 @@ def tf_to_hf_name(name: str) -> str | None:
 
 
 def architecture_of(params: Params, config: BertConfig) -> str:
-    prefix = "Albert" if family(config) == "albert" else "Bert"
+    prefix = FAMILIES[family(config)]
     if "bert" not in params:
         return prefix + "Model"
     if "classifier" in params:

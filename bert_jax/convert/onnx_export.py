@@ -30,6 +30,7 @@ import numpy as np
 from bert_jax import files, models
 from bert_jax.convert.names import config_to_hf, family, model_class, params_to_hf
 from bert_jax.convert.stablehlo import INPUTS, OUTPUTS, _head, _outputs, fresh_output
+from bert_jax.models import registry
 
 # The export-time check: ONNX Runtime against bert_jax in fp32 (the test asks 1e-5), and the
 # int8 file against bert_jax's float outputs: a bound that rounding passes and a broken
@@ -56,7 +57,7 @@ def _torch_model(torch, transformers, params, config, architecture, num_labels, 
     hf_config = config_to_hf(config, architecture, num_labels)
     hf_config = transformers.AutoConfig.for_model(**hf_config)
     model = getattr(transformers, architecture)(hf_config)
-    state = {k: torch.from_numpy(v) for k, v in params_to_hf(params, config).items()}
+    state = {k: torch.from_numpy(v) for k, v in params_to_hf(params, config, architecture).items()}
     if head == "Model":  # a bare encoder's names have no prefix; the pooler may be absent
         pooled = "pooler.dense.weight" in state or "pooler.weight" in state
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -84,6 +85,8 @@ def _torch_model(torch, transformers, params, config, architecture, num_labels, 
             self.model = model
 
         def forward(self, input_ids, input_mask, segment_ids):
+            if config.type_vocab_size == 1:  # RoBERTa's one token type, as bert_jax reads it
+                segment_ids = torch.zeros_like(segment_ids)
             out = self.model(
                 input_ids=input_ids, attention_mask=input_mask, token_type_ids=segment_ids
             )
@@ -190,7 +193,7 @@ def export_onnx(
     VNNI/AVX-512 int8 kernels), its difference from bert_jax's float outputs under
     "int8_max_abs_error" (refused over INT8_TOLERANCE of the outputs' largest magnitude)."""
     head = _head(architecture)
-    architecture = ("Albert" if family(config) == "albert" else "Bert") + head
+    architecture = registry.architecture(family(config), head)
     fresh_output(output)
     torch, transformers, onnxruntime = _imports()
     params = jax.device_get(params)
@@ -200,7 +203,7 @@ def export_onnx(
     traced = (2, 2, 8) if choices else (2, 8)
     buffer = _traced(torch, module, traced, dims, head, opset, config.vocab_size)
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    limit = config.max_position_embeddings
+    limit = config.max_length
     shapes = [(1, 3, limit) if choices else (3, limit), traced[:-1] + (5,)]
     check = (params, config, architecture, num_labels, head, shapes)
     worst = _check(session, *check, TOLERANCE, "nothing was written")

@@ -21,8 +21,8 @@ from bert_jax.convert.names import (
     set_path,
 )
 from bert_jax.convert.sources import check_vocab, read_hf_dir, read_json, read_tf_checkpoint
-from bert_jax.data import input_pipeline
-from bert_jax.data.tokenization import Tokenizer, WordPieceTokenizer
+from bert_jax.data import input_pipeline, tokenization
+from bert_jax.data.tokenization import Tokenizer
 from bert_jax.models import BertConfig, Params
 
 
@@ -91,9 +91,11 @@ def _load(spec, architecture, mesh, rules, num_labels, scratch_dir, overrides) -
     params, report = params_from_hf(
         source.tensors, source.config, architecture, num_labels, source.description
     )
-    kind = "sentencepiece" if source.vocab_file.endswith(".model") else "wordpiece"
-    tokenizer = input_pipeline.load_tokenizer(
-        kind, source.vocab_file, source.do_lower_case, source.keep_accents
+    tokenizer = tokenization.load(
+        tokenization.kind_of_file(source.vocab_file),
+        source.vocab_file,
+        source.do_lower_case,
+        source.keep_accents,
     )
     check_vocab(tokenizer, source.config, source.description)
     shardings = _param_shardings(source.config, architecture, num_labels, mesh, rules)
@@ -213,7 +215,7 @@ def read_run(path: str, step: int | None = None) -> dict:
     config = models.BertConfig(**saved["model"])
     data = saved.get("data", {})
     kind = data.get("tokenizer", "wordpiece")
-    vocab_name = "spm.model" if kind == "sentencepiece" else "vocab.txt"
+    vocab_name = tokenization.FILE_NAMES[kind]
     vocab_file = os.path.join(path, vocab_name)
     if not files.isfile(vocab_file):
         raise FileNotFoundError(f"{path} has no {vocab_name}: the run's tokenizer is missing")
@@ -236,7 +238,7 @@ def read_run(path: str, step: int | None = None) -> dict:
         num_labels=saved.get("num_labels", 2),
         labels=saved.get("labels"),  # a fine-tuned head's label names, where recorded
         task=saved.get("task"),
-        tokenizer=input_pipeline.load_tokenizer(
+        tokenizer=tokenization.load(
             kind, vocab_file, data.get("do_lower_case", True), data.get("keep_accents", False)
         ),
         checkpoints=directory,
@@ -313,13 +315,14 @@ def describe_run(
       write: False to only build the metadata (the processes of a run other than the first).
     """
     extra = dict(extra or {})
-    vocab_name = "vocab.txt" if isinstance(tokenizer, WordPieceTokenizer) else "spm.model"
+    kind = tokenization.kind_of(tokenizer)
+    vocab_name = tokenization.FILE_NAMES[kind]
     config_json = {
         **extra,
         "model": dataclasses.asdict(config),
         "data": {
             **extra.get("data", {}),
-            "tokenizer": "wordpiece" if vocab_name == "vocab.txt" else "sentencepiece",
+            "tokenizer": kind,
             "do_lower_case": tokenizer.do_lower_case,
             "keep_accents": getattr(tokenizer, "keep_accents", False),
         },

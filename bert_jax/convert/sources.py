@@ -22,8 +22,9 @@ from bert_jax.convert.names import (
     tf_to_hf_name,
 )
 from bert_jax.convert.tf_checkpoint import TFCheckpoint
-from bert_jax.data.tokenization import Tokenizer, WordPieceTokenizer
-from bert_jax.models import BertConfig, Params
+from bert_jax.data import tokenization
+from bert_jax.data.tokenization import Tokenizer
+from bert_jax.models import BertConfig, Params, registry
 from bert_jax.models.registry import ARCHITECTURES
 
 
@@ -58,9 +59,9 @@ def read_hf_dir(path: str, scratch_dir: str | None = None, **overrides: Any) -> 
     )
     config = config_from_hf(hf, config_file, **overrides)
     tensors = _hf_tensors(path)
-    architecture = (hf.get("architectures") or [None])[0] or infer_architecture(tensors)
+    architecture = (hf.get("architectures") or [None])[0]
     if architecture not in ARCHITECTURES:
-        architecture = infer_architecture(tensors)
+        architecture = infer_architecture(tensors, config.model_type)
     num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
     vocab_file, lower, keep_accents = _hf_vocab(path, scratch_dir)
     return Source(path, config, architecture, num_labels, tensors, vocab_file, lower, keep_accents)
@@ -184,8 +185,9 @@ def _torch_tensors(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
-    """(vocab.txt or spiece.model path, do_lower_case, keep_accents) of a Hugging Face
-    directory."""
+    """(vocab.txt, spiece.model or tokenizer.json path, do_lower_case, keep_accents) of a
+    Hugging Face directory: a WordPiece tokenizer.json becomes the vocab.txt BERT's rules read,
+    any other is read as it is (`tokenization.HFTokenizer`)."""
     settings_file = os.path.join(path, "tokenizer_config.json")
     settings = read_json(settings_file) if files.isfile(settings_file) else {}
     lower = bool(settings.get("do_lower_case", True))
@@ -199,8 +201,8 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
         missing=f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there "
         f"too (tokenizer.save_pretrained)",
     )
-    if spec.get("model", {}).get("type") != "WordPiece":
-        raise ValueError(f"{tokenizer_file} is not a WordPiece tokenizer (BERT's)")
+    if spec.get("model", {}).get("type") != "WordPiece":  # RoBERTa's, XLM-R's, ModernBERT's
+        return tokenizer_file, False, False
     normalizer = spec.get("normalizer") or {}
     lower = bool(normalizer.get("lowercase", lower))
     vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
@@ -237,32 +239,18 @@ def export_hf(
     if architecture is None:
         architecture = architecture_of(params, config)
     else:  # the family follows the config: a run records BERT names for ALBERT encoders too
-        head = architecture.removeprefix("Albert").removeprefix("Bert")
-        architecture = ("Albert" if family(config) == "albert" else "Bert") + head
+        architecture = registry.architecture(family(config), architecture)
     tmp = files.make_temp_dir(out, ".export-")
     try:
         save_file(
-            params_to_hf(params, config),
+            params_to_hf(params, config, architecture),
             os.path.join(tmp, "model.safetensors"),
             metadata={"format": "pt"},
         )
         hf_config = config_to_hf(config, architecture, num_labels)
         with files.open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        wordpiece = isinstance(tokenizer, WordPieceTokenizer)
-        vocab_name = "vocab.txt" if wordpiece else "spiece.model"
-        files.copy(tokenizer.vocab_file, os.path.join(tmp, vocab_name))
-        with files.open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-            json.dump(
-                {
-                    "tokenizer_class": "BertTokenizer" if wordpiece else "AlbertTokenizer",
-                    "do_lower_case": tokenizer.do_lower_case,
-                    **({} if wordpiece else {"keep_accents": tokenizer.keep_accents}),
-                    "model_max_length": config.max_position_embeddings,
-                },
-                f,
-                indent=2,
-            )
+        _write_tokenizer(tokenizer, tmp, config.max_length)
         if files.is_url(out):  # a bucket has no rename: each object appears whole
             files.upload_tree(tmp, out)
         else:
@@ -272,6 +260,29 @@ def export_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return architecture
+
+
+_SPECIALS = ("cls", "sep", "pad", "mask", "unk")
+
+
+def _write_tokenizer(tokenizer: Tokenizer, out: str, max_length: int) -> None:
+    """The tokenizer's file and the `tokenizer_config.json` that `transformers` reads."""
+    kind = tokenization.kind_of(tokenizer)
+    name = {"wordpiece": "vocab.txt", "sentencepiece": "spiece.model"}.get(kind, "tokenizer.json")
+    files.copy(tokenizer.vocab_file, os.path.join(out, name))
+    settings = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.do_lower_case}
+    if kind == "sentencepiece":
+        settings.update(tokenizer_class="AlbertTokenizer", keep_accents=tokenizer.keep_accents)
+    if kind == "huggingface":
+        specials = ("cls", "sep", "pad", "mask", "unk")
+        settings = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{
+                f"{k}_token": tokenizer.id_to_token(getattr(tokenizer, f"{k}_id")) for k in specials
+            },
+        }
+    with files.open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({**settings, "model_max_length": max_length}, f, indent=2)
 
 
 def check_vocab(tokenizer: Tokenizer, config: BertConfig, source: str) -> None:

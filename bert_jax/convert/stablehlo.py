@@ -19,6 +19,7 @@ from jax import export
 
 from bert_jax import files, models
 from bert_jax.convert.names import model_class
+from bert_jax.models import registry
 
 INPUTS = ("input_ids", "input_mask", "segment_ids")
 # Each head's outputs, by name, from the model's return value.
@@ -33,10 +34,11 @@ OUTPUTS = {
 
 
 def _head(architecture: str) -> str:
-    head = architecture.removeprefix("Albert").removeprefix("Bert")
+    head = registry.head_of(architecture)
     if head not in OUTPUTS:
         raise ValueError(
-            f"export-stablehlo exports {sorted('Bert' + h for h in OUTPUTS)} (and ALBERT's); "
+            f"export-stablehlo exports {sorted('Bert' + h for h in OUTPUTS)} (and the other "
+            f"families'); "
             f"not {architecture}: export the encoder (BertModel) or the masked-LM head instead"
         )
     return head
@@ -80,7 +82,7 @@ def export_stablehlo(
         model = models.merge_params(graphdef, params)
         return _outputs(head, model(input_ids, input_mask, segment_ids))
 
-    limit = f"length <= {config.max_position_embeddings}"
+    limit = f"length <= {config.max_length}"
     dims = "batch, choices, length" if head == "ForMultipleChoice" else "batch, length"
     shape = export.symbolic_shape(dims, constraints=(limit,))
     ids = jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -101,7 +103,7 @@ def export_stablehlo(
         "num_labels": num_labels,
         "inputs": list(INPUTS),
         "input_shape": dims,
-        "max_length": config.max_position_embeddings,
+        "max_length": config.max_length,
         "outputs": list(OUTPUTS[head]),
         "tokenizer": {"vocab_file": vocab, "do_lower_case": tokenizer.do_lower_case},
         "jax_version": jax.__version__,

@@ -19,16 +19,18 @@ def truncate_pair(a: list[int], b: list[int], room: int) -> None:
 def pair_tokens(
     ids_a: Sequence[int], ids_b: Sequence[int] | None, tokenizer: Tokenizer, max_seq_length: int
 ) -> tuple[list[int], list[int]]:
-    """`[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` ids and their segment ids, within
-    `max_seq_length` (a single text is cut at its end; a pair by `truncate_pair`)."""
-    cls, sep = tokenizer.cls_id, tokenizer.sep_id
+    """`[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` ids (RoBERTa's `<s> A </s></s> B </s>`: the
+    tokenizer's `pair_middle`) and their segment ids, within `max_seq_length` (a single text
+    is cut at its end; a pair by `truncate_pair`)."""
+    cls, sep, middle = tokenizer.cls_id, tokenizer.sep_id, list(tokenizer.pair_middle)
     a = list(ids_a)
     if ids_b is None:
         a = a[: max_seq_length - 2]
         return [cls, *a, sep], [0] * (len(a) + 2)
     b = list(ids_b)
-    truncate_pair(a, b, max_seq_length - 3)
-    return [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1)
+    truncate_pair(a, b, max_seq_length - 2 - len(middle))
+    first = len(a) + 2
+    return [cls, *a, *middle, *b, sep], [0] * first + [1] * (len(b) + len(middle))
 
 
 def encode(examples, tokenizer: Tokenizer, max_seq_length: int) -> dict[str, np.ndarray]:
@@ -40,7 +42,7 @@ def encode(examples, tokenizer: Tokenizer, max_seq_length: int) -> dict[str, np.
       input_ids, input_mask, segment_ids: [N, L] int32; label: [N] (int32 or float32; zeros
       when unlabelled).
     """
-    if max_seq_length < 3:
+    if max_seq_length < 2 + len(tokenizer.pair_middle):
         raise ValueError(f"max_seq_length={max_seq_length} leaves no room for [CLS] and [SEP]")
     ids_a = tokenizer.encode_batch(examples.text_a)
     texts_b = examples.text_b

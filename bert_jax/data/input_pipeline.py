@@ -41,9 +41,11 @@ class DataConfig:
       the default corpus (the Python standard library's docstrings).
     tfds_name / tfds_split / tfds_data_dir / tfds_text_key: a TFDS text corpus prepared as
       ArrayRecord, read without tensorflow.
-    tokenizer: "wordpiece" (BERT) or "sentencepiece" (ALBERT).
+    tokenizer: "wordpiece" (BERT), "sentencepiece" (ALBERT) or "huggingface" (a released
+      `tokenizer.json`: RoBERTa's, XLM-R's, ModernBERT's; given as vocab_file).
     keep_accents: SentencePiece only: keep accents (ALBERT strips them by default).
-    vocab_file: a `vocab.txt` or SentencePiece `.model`; empty to learn one of `vocab_size`.
+    vocab_file: a `vocab.txt`, SentencePiece `.model` or `tokenizer.json`; empty to learn one
+      of `vocab_size`.
     eval_fraction: share of documents held out for evaluation (never trained on).
     cache_dir: corpora, vocabularies and shards; empty for $BERT_JAX_CACHE or ~/.cache/bert_jax.
     preprocessed_dir: write/read the shards here instead of a cache folder named by a hash.
@@ -72,8 +74,15 @@ class DataConfig:
     loader_workers: int = 0
 
     def __post_init__(self):
-        if self.tokenizer not in ("wordpiece", "sentencepiece"):
-            raise ValueError(f"data.tokenizer={self.tokenizer!r}; use wordpiece or sentencepiece")
+        if self.tokenizer not in tokenization.FILE_NAMES:
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r}; use one of {sorted(tokenization.FILE_NAMES)}"
+            )
+        if self.tokenizer == "huggingface" and not self.vocab_file:
+            raise ValueError(
+                "data.tokenizer='huggingface' reads a tokenizer.json: set data.vocab_file to it "
+                "(bert_jax learns WordPiece and SentencePiece vocabularies only)"
+            )
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
         if self.num_shards < 1:
@@ -113,18 +122,8 @@ def iter_documents(config: DataConfig, stats: corpus.CorpusStats) -> Iterator[li
     return corpus.iter_text_documents(corpus_files(config), stats)
 
 
-def load_tokenizer(
-    kind: str, path: str, do_lower_case: bool, keep_accents: bool = False
-) -> tokenization.Tokenizer:
-    if kind == "sentencepiece":
-        return tokenization.SentencePieceTokenizer(
-            path, do_lower_case=do_lower_case, keep_accents=keep_accents
-        )
-    return tokenization.WordPieceTokenizer(path, do_lower_case=do_lower_case)
-
-
 def config_tokenizer(config: DataConfig, path: str) -> tokenization.Tokenizer:
-    return load_tokenizer(config.tokenizer, path, config.do_lower_case, config.keep_accents)
+    return tokenization.load(config.tokenizer, path, config.do_lower_case, config.keep_accents)
 
 
 def make_tokenizer(config: DataConfig) -> tokenization.Tokenizer:

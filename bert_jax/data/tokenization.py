@@ -1,4 +1,5 @@
-"""Tokenizers behind one small protocol: WordPiece (BERT) and SentencePiece (ALBERT).
+"""Tokenizers behind one small protocol: WordPiece (BERT), SentencePiece (ALBERT) and any
+Hugging Face `tokenizer.json` (RoBERTa's byte-level BPE, XLM-R's, ModernBERT's).
 
 `WordPieceTokenizer` reads a released `vocab.txt` and applies the original BERT tokenization
 (text cleaning, CJK characters split, optional lower-casing with accent stripping, punctuation
@@ -19,6 +20,7 @@ import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, trainers
 
 from bert_jax import files
+from bert_jax.data.hf_tokenizer import HFTokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -32,6 +34,9 @@ class Tokenizer(Protocol):
     cls_id: int
     sep_id: int
     mask_id: int
+    # The special ids between the two texts of a pair: ([SEP],) for BERT, (</s>, </s>) for
+    # RoBERTa; [CLS] starts and [SEP] ends every input.
+    pair_middle: tuple[int, ...]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -46,6 +51,37 @@ class Tokenizer(Protocol):
     def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]: ...
 
     def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]: ...
+
+
+# A tokenizer's kind (`data.tokenizer`) -> the name a workdir keeps its file under.
+FILE_NAMES = {
+    "wordpiece": "vocab.txt",
+    "sentencepiece": "spm.model",
+    "huggingface": "tokenizer.json",
+}
+
+
+def kind_of_file(path: str) -> str:
+    """The kind of tokenizer a file holds, by its name: `.model` SentencePiece, `.json` a
+    Hugging Face tokenizer, anything else a WordPiece vocabulary."""
+    if path.endswith(".model"):
+        return "sentencepiece"
+    return "huggingface" if path.endswith(".json") else "wordpiece"
+
+
+def kind_of(tokenizer: Tokenizer) -> str:
+    return kind_of_file(tokenizer.vocab_file)
+
+
+def load(kind: str, path: str, do_lower_case: bool = True, keep_accents: bool = False) -> Tokenizer:
+    """The tokenizer of `kind` (FILE_NAMES) in `path`."""
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path, do_lower_case=do_lower_case, keep_accents=keep_accents)
+    if kind == "huggingface":
+        return HFTokenizer(path)
+    if kind != "wordpiece":
+        raise ValueError(f"tokenizer kind {kind!r}; use one of {sorted(FILE_NAMES)}")
+    return WordPieceTokenizer(path, do_lower_case=do_lower_case)
 
 
 def vocabulary(tokenizer: Tokenizer) -> list[str]:
@@ -92,6 +128,7 @@ class WordPieceTokenizer:
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             vocab[t] for t in SPECIAL_TOKENS
         )
+        self.pair_middle = (self.sep_id,)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without [CLS]/[SEP]."""
@@ -263,6 +300,7 @@ class SentencePieceTokenizer:
         self.pad_id = special("[PAD]", self._sp.pad_id())
         self.cls_id, self.sep_id, self.mask_id = (special(t) for t in SPECIAL_TOKENS[2:])
         self.vocab_size = pieces + len(self._added)
+        self.pair_middle = (self.sep_id,)
         self._digit_comma = {
             i: None for i in range(pieces) if _ends_in_digit_comma(self._sp.id_to_piece(i))
         }

@@ -12,6 +12,10 @@ from bert_jax.models import layers
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
 _SHARING = ("none", "all", "attention", "ffn")
 _DTYPES = ("float32", "bfloat16", "float16")
+# The Hugging Face layouts a config's weights follow. ALBERT is BERT with its layers shared;
+# RoBERTa and XLM-RoBERTa are BERT's layers with positions counted after the padding index
+# (`position_offset`), one token type and their own tensor names and tokenizers.
+MODEL_TYPES = ("bert", "albert", "roberta", "xlm-roberta")
 # What the backward pass recomputes instead of keeping: nothing; the attention scores,
 # probabilities and every elementwise result (the matmul outputs are kept: Korthikanti et
 # al.'s selective recomputation); or the whole layer from its input.
@@ -26,6 +30,44 @@ REMAT_POLICIES = {
 }
 
 Params = dict[str, Any]
+
+
+def _check_model_type(config: "BertConfig") -> None:
+    if not config.model_type:
+        shared = config.share_layers == "all"
+        object.__setattr__(config, "model_type", "albert" if shared else "bert")
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"BertConfig.model_type={config.model_type!r}; use one of {MODEL_TYPES}")
+    if not isinstance(config.position_offset, int) or config.position_offset < 0:
+        raise ValueError(f"BertConfig.position_offset must be >= 0, got {config.position_offset!r}")
+    if config.position_offset >= config.max_position_embeddings:
+        raise ValueError(
+            f"BertConfig.position_offset={config.position_offset} leaves no position of "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+
+
+def _check_pruned_heads(config: "BertConfig") -> None:
+    pruned = tuple(tuple(sorted(set(int(h) for h in p))) for p in config.pruned_heads or ())
+    object.__setattr__(config, "pruned_heads", pruned if any(pruned) else ())
+    if not config.pruned_heads:
+        return
+    if len(pruned) != config.num_hidden_layers:
+        raise ValueError(
+            f"BertConfig.pruned_heads has {len(pruned)} entries; it needs one per layer "
+            f"({config.num_hidden_layers}), empty for a layer that keeps its heads"
+        )
+    h = config.num_attention_heads
+    for i, p in enumerate(pruned):
+        if p and (p[0] < 0 or p[-1] >= h):
+            raise ValueError(f"BertConfig.pruned_heads[{i}]={p}: heads are 0..{h - 1}")
+        if len(p) == h:
+            raise ValueError(
+                f"BertConfig.pruned_heads[{i}] removes all {h} heads of layer {i}; keep at "
+                f"least one (a head mask of zeros silences a whole layer's attention)"
+            )
+    if config.share_layers != "none":
+        raise ValueError("pruned heads need unshared layers (share_layers='none')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +111,13 @@ class BertConfig:
     # "int8-dynamic" (see layers.QUANTIZATION; made from a float model by `models.quantize`,
     # for inference: int8 weights are not trained).
     quantization: str = "none"
+    # Which released family the weights follow (MODEL_TYPES); "" (configs and workdirs of
+    # earlier code): "albert" when every layer is shared, else "bert".
+    model_type: str = ""
+    # RoBERTa, XLM-R: a token's position embedding is row position_offset + its position
+    # (fairseq counts positions after the padding index: pad_token_id + 1 = 2), so inputs hold
+    # at most max_position_embeddings - position_offset tokens; padding takes row offset - 1.
+    position_offset: int = 0
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # configs and config.json files of earlier runs
@@ -115,29 +164,23 @@ class BertConfig:
                 f"BertConfig.quantization={self.quantization!r}; use one of {layers.QUANTIZATION}"
             )
         self._check_albert()
-        self._check_pruned_heads()
+        _check_pruned_heads(self)
+        _check_model_type(self)
 
-    def _check_pruned_heads(self) -> None:
-        pruned = tuple(tuple(sorted(set(int(h) for h in p))) for p in self.pruned_heads or ())
-        object.__setattr__(self, "pruned_heads", pruned if any(pruned) else ())
-        if not self.pruned_heads:
-            return
-        if len(pruned) != self.num_hidden_layers:
-            raise ValueError(
-                f"BertConfig.pruned_heads has {len(pruned)} entries; it needs one per layer "
-                f"({self.num_hidden_layers}), empty for a layer that keeps its heads"
-            )
-        h = self.num_attention_heads
-        for i, p in enumerate(pruned):
-            if p and (p[0] < 0 or p[-1] >= h):
-                raise ValueError(f"BertConfig.pruned_heads[{i}]={p}: heads are 0..{h - 1}")
-            if len(p) == h:
-                raise ValueError(
-                    f"BertConfig.pruned_heads[{i}] removes all {h} heads of layer {i}; keep at "
-                    f"least one (a head mask of zeros silences a whole layer's attention)"
-                )
-        if self.share_layers != "none":
-            raise ValueError("pruned heads need unshared layers (share_layers='none')")
+    @property
+    def max_length(self) -> int:
+        """The longest input the position table allows."""
+        return self.max_position_embeddings - self.position_offset
+
+    def length_problem(self, length: int, what: str = "max_seq_length") -> str:
+        """Why inputs of `length` do not fit the position table ("" when they do)."""
+        if length <= self.max_length:
+            return ""
+        offset = f" less model.position_offset={self.position_offset}" * bool(self.position_offset)
+        return (
+            f"{what}={length} exceeds model.max_position_embeddings="
+            f"{self.max_position_embeddings}{offset}"
+        )
 
     def kept_heads(self, layer: int) -> tuple[int, ...]:
         """The original indices of the heads layer `layer` keeps."""
@@ -194,7 +237,8 @@ class BertConfig:
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> "BertConfig":
-        """A released size: `bert_base`, `bert_large`, or the small-BERT grid `L-4_H-256`.
+        """A released size: `bert_base`, `bert_large`, `albert_*`, `roberta_base`/`_large`,
+        `xlm_roberta_base`/`_large`, or the small-BERT grid `L-4_H-256`.
 
         The small BERTs (Turc et al., 2019) have heads = H / 64 and intermediate size 4 H.
         """
@@ -246,3 +290,14 @@ for _name, (_layers, _hidden) in {
     )
 _SMALL_LAYERS = (2, 4, 6, 8, 10, 12)
 _SMALL_HIDDEN = (128, 256, 512, 768)
+_ROBERTA = dict(
+    max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, position_offset=2
+)
+for _name, _type, _vocab in (
+    ("roberta", "roberta", 50265),
+    ("xlm_roberta", "xlm-roberta", 250002),
+):
+    _NAMED[f"{_name}_base"] = BertConfig(vocab_size=_vocab, model_type=_type, **_ROBERTA)
+    _NAMED[f"{_name}_large"] = dataclasses.replace(
+        _NAMED["bert_large"], vocab_size=_vocab, model_type=_type, **_ROBERTA
+    )

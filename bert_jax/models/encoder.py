@@ -1,6 +1,7 @@
 """The BERT encoder: embeddings, the Transformer layers (stacked and scanned, shared across
 layers as ALBERT, or unrolled where heads are pruned) and the pooler."""
 
+import functools
 from typing import Any
 
 import jax
@@ -81,16 +82,32 @@ class BertEmbeddings(nnx.Module):
             d, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
         )
         self.dropout_rate = config.hidden_dropout_prob
+        self.position_offset = config.position_offset
+        self.one_type = config.type_vocab_size == 1
 
     def __call__(
-        self, input_ids, segment_ids, position_ids=None, *, rng=None, deterministic=True
+        self,
+        input_ids,
+        segment_ids,
+        position_ids=None,
+        *,
+        input_mask=None,
+        rng=None,
+        deterministic=True,
     ) -> jax.Array:
-        positions = (
-            jnp.arange(input_ids.shape[1])[None, :] if position_ids is None else position_ids
-        )
+        """position_ids: each token's position within its example (packed rows); None: its
+        index in the row, or (with a position offset, as RoBERTa) its index among the row's
+        real tokens, padding at row offset - 1 as fairseq places it."""
+        if position_ids is None and self.position_offset and input_mask is not None:
+            real = input_mask.astype(jnp.int32)
+            position_ids = (jnp.cumsum(real, axis=1) - 1) * real - (1 - real)
+        if position_ids is None:
+            position_ids = jnp.arange(input_ids.shape[1])[None, :]
+        if self.one_type:  # RoBERTa's single token type: segment ids carry no embedding
+            segment_ids = jnp.zeros_like(segment_ids)
         x = (
             self.word_embeddings(input_ids)
-            + self.position_embeddings(positions)
+            + self.position_embeddings(position_ids + self.position_offset)
             + self.token_type_embeddings(segment_ids)
         )
         x = layers.dropout(self.layer_norm(x), self.dropout_rate, rng, deterministic)
@@ -347,9 +364,8 @@ class BertModel(nnx.Module):
         check_input_shapes(self.config, input_ids, input_mask, segment_ids)
         emb_key, enc_key = (None, None) if rng is None else jax.random.split(rng)
         positions = None if packing is None else packing.position_ids
-        x = self.embeddings(
-            input_ids, segment_ids, positions, rng=emb_key, deterministic=deterministic
-        )
+        embed = functools.partial(self.embeddings, rng=emb_key, deterministic=deterministic)
+        x = embed(input_ids, segment_ids, positions, input_mask=input_mask)
         seq, hidden, probs, x = self.encoder(
             x,
             layers.AttentionMask(input_mask.astype(jnp.int32))
@@ -395,10 +411,11 @@ def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -
                 f"{name} has shape {arr.shape} but input_ids has {input_ids.shape}; every "
                 f"[batch, length] feature must have the same shape"
             )
-    if input_ids.shape[1] > config.max_position_embeddings:
+    if input_ids.shape[1] > config.max_length:
+        offset = f" less position_offset={config.position_offset}" * bool(config.position_offset)
         raise ValueError(
             f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
-            f"{config.max_position_embeddings}; shorten the inputs or enlarge the config"
+            f"{config.max_position_embeddings}{offset}; shorten the inputs or enlarge the config"
         )
 
 

@@ -1,5 +1,6 @@
-"""The one table of the family's architectures: a Hugging Face architecture name (BERT's or
-ALBERT's: `Bert` or `Albert` + a head) to the bert_jax model class that runs it. Every part
+"""The one table of the family's architectures: a Hugging Face architecture name (a family's
+prefix, `Bert`, `Albert`, `Roberta` or `XLMRoberta`, + a head) to the bert_jax model class
+that runs it. Every part
 that turns a name into a model (loading weights, tasks, tools, exports) asks `model_class`;
 a new head or encoder is a class plus a line here."""
 
@@ -28,8 +29,17 @@ HEADS: dict[str, tuple[type[nnx.Module], bool]] = {
     "ForMultipleChoice": (BertForMultipleChoice, False),
     "ForQuestionAnswering": (BertForQuestionAnswering, False),
 }
-FAMILIES = ("Bert", "Albert")  # one model class each: ALBERT is BERT with sharing
-ARCHITECTURES = tuple(f"{family}{head}" for family in FAMILIES for head in HEADS)
+# `BertConfig.model_type` -> the prefix of its architecture names. One model class each:
+# ALBERT is BERT with sharing; RoBERTa and XLM-R are BERT with offset positions.
+FAMILIES = {"bert": "Bert", "albert": "Albert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
+# Heads a family's Hugging Face release does not have (RoBERTa pretrains without NSP).
+_ABSENT = {"Roberta": ("ForPreTraining",), "XLMRoberta": ("ForPreTraining",)}
+ARCHITECTURES = tuple(
+    f"{prefix}{head}"
+    for prefix in FAMILIES.values()
+    for head in HEADS
+    if head not in _ABSENT.get(prefix, ())
+)
 
 
 def head_of(architecture: str) -> str:
@@ -38,7 +48,25 @@ def head_of(architecture: str) -> str:
         raise ValueError(
             f"architecture {architecture!r} is not supported; use one of {ARCHITECTURES}"
         )
-    return architecture.removeprefix("Albert").removeprefix("Bert")
+    return next(
+        architecture.removeprefix(prefix)
+        for prefix in FAMILIES.values()
+        if architecture.removeprefix(prefix) in HEADS
+    )
+
+
+def architecture(model_type: str, head: str) -> str:
+    """The architecture name of `head` ("ForMaskedLM", or any architecture name, whose head
+    is taken) in the family of `model_type`."""
+    if head not in HEADS:
+        head = head_of(head)
+    name = FAMILIES[model_type] + head
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"{model_type} models have no {head} head in their Hugging Face release; use one of "
+            f"{[a for a in ARCHITECTURES if a.startswith(FAMILIES[model_type])]}"
+        )
+    return name
 
 
 def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:

@@ -231,7 +231,7 @@ def make_features(examples: Sequence[Example], tokenizer, config: WindowConfig) 
         zip(examples, questions, contexts, strict=True)
     ):
         question = question[: config.max_query_length]
-        room = length - len(question) - 3
+        room = length - len(question) - 2 - len(tokenizer.pair_middle)
         if room < 1:
             raise ValueError(
                 f"max_seq_length {length} leaves no room for the context after a question of "
@@ -240,7 +240,7 @@ def make_features(examples: Sequence[Example], tokenizer, config: WindowConfig) 
         target = _answer_pieces(example, offsets)
         spans = windows(len(ids), room, config.doc_stride)
         for span_index, (start, size) in enumerate(spans):
-            tokens = [tokenizer.cls_id, *question, tokenizer.sep_id]
+            tokens = [tokenizer.cls_id, *question, *tokenizer.pair_middle]
             first = len(tokens)
             tokens += ids[start : start + size] + [tokenizer.sep_id]
             pad = length - len(tokens)

@@ -128,7 +128,7 @@ def plot_attention(
                 f"heads 0..{config.num_attention_heads - 1}"
             )
     a, sep, b = text.partition(" ||| ")
-    ex = extract.encode(0, a, b if sep else None, tok, config.max_position_embeddings)
+    ex = extract.encode(0, a, b if sep else None, tok, config.max_length)
     n = int(ex.input_mask.sum())
     graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
     model_ = models.merge_params(graphdef, jax.device_get(loaded.params))
@@ -391,11 +391,8 @@ def _load(model: str, mesh, max_seq_length, architecture: str = "BertModel", num
         raise ValueError(
             f"{model} lacks weights this analysis needs: {', '.join(loaded.report.missing)}"
         )
-    if max_seq_length and max_seq_length > loaded.config.max_position_embeddings:
-        raise ValueError(
-            f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
-            f"{loaded.config.max_position_embeddings}"
-        )
+    if max_seq_length and loaded.config.length_problem(max_seq_length):
+        raise ValueError(loaded.config.length_problem(max_seq_length))
     return loaded, mesh
 
 

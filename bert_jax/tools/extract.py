@@ -77,7 +77,9 @@ def _layout(tokenizer, encoded, max_seq_length) -> tuple[list[int], list[int], i
     segment's (ids, word index) pair (B's words counted after A's); cut like the original
     run_classifier/extract_features: one segment at its end, a pair from the longer
     segment's end."""
-    budget = max_seq_length - 1 - len(encoded)
+    budget = (
+        max_seq_length - 1 - len(encoded) - (len(tokenizer.pair_middle) - 1) * (len(encoded) - 1)
+    )
     lengths = [len(ids) for ids, _ in encoded]
     truncated = sum(lengths) > budget
     if len(lengths) == 1:
@@ -86,11 +88,12 @@ def _layout(tokenizer, encoded, max_seq_length) -> tuple[list[int], list[int], i
         while lengths[0] + lengths[1] > budget:
             lengths[0 if lengths[0] > lengths[1] else 1] -= 1
     ids, words, second = [tokenizer.cls_id], [-1], 0
-    for (seg_ids, seg_words), n in zip(encoded, lengths, strict=True):
+    for k, ((seg_ids, seg_words), n) in enumerate(zip(encoded, lengths, strict=True)):
         ids += seg_ids[:n]
         words += seg_words[:n]
-        ids.append(tokenizer.sep_id)
-        words.append(-1)
+        closing = [tokenizer.sep_id] if k == len(encoded) - 1 else list(tokenizer.pair_middle)
+        ids += closing
+        words += [-1] * len(closing)
         second = second or len(ids)
     return ids, words, second, truncated
 
@@ -351,11 +354,8 @@ def _load(model, mesh, rules, quantization, max_seq_length, layers) -> convert.P
         model, "BertModel", mesh=mesh, rules=rules, quantization=quantization
     )
     config = pretrained.config
-    if max_seq_length > config.max_position_embeddings:
-        raise ValueError(
-            f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}"
-        )
+    if config.length_problem(max_seq_length):
+        raise ValueError(config.length_problem(max_seq_length))
     n_states = config.num_hidden_layers + 1
     bad = [i for i in layers if not -n_states <= i < n_states]
     if bad:

@@ -181,7 +181,7 @@ class Predictor:
                 f"lacks ({', '.join(self.pretrained.report.missing)})"
             )
         self.config, self.tokenizer = self.pretrained.config, self.pretrained.tokenizer
-        self.max_seq_length = min(max_seq_length, self.config.max_position_embeddings)
+        self.max_seq_length = min(max_seq_length, self.config.max_length)
         self.settings = dataclasses.replace(self.settings, max_seq_length=self.max_seq_length)
         cls = convert.model_class(architecture, num_labels)
         graphdef, _ = models.split_params(models.abstract_model(self.config, cls))

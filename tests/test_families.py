@@ -1,0 +1,302 @@
+"""RoBERTa and XLM-RoBERTa: every head against `transformers` built from a config, import and
+export; their tokenizers (byte-level BPE, XLM-R's SentencePiece) against `transformers`' and
+`sentencepiece`'s own, on multilingual text."""
+
+import io
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+from safetensors.numpy import load_file
+from tokenizers import ByteLevelBPETokenizer
+
+from bert_jax import convert, sharding
+from bert_jax.data import encoding, tokenization
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hf_reference  # noqa: E402
+
+TEXTS = [
+    "The cat sat on the mat, didn't it?",
+    "Der Hund läuft schnell über die Straße.",
+    "Le café est très chaud ce matin.",
+    "Кошка спит на диване весь день.",
+    "我喜欢在公园里散步。",
+    "القطة تنام على الأريكة",
+    "Naïve résumé: 42 emoji 🙂 and ñ in São Paulo",
+    "  leading   spaces and\ttabs  ",
+]
+CORPUS = TEXTS * 20 + ["hello world " * 3, "running runs ran the quick brown fox"] * 10
+SIZES = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+HEADS = (
+    "Model",
+    "ForMaskedLM",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForMultipleChoice",
+    "ForQuestionAnswering",
+)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE learned by `tokenizers`, saved as `transformers`' RobertaTokenizer
+    saves a released one (tokenizer.json), with the vocab.json + merges.txt it came from."""
+    root = tmp_path_factory.mktemp("bpe")
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=specials)
+    bpe.save_model(str(root))
+    transformers.RobertaTokenizer.from_pretrained(str(root)).save_pretrained(root / "hf")
+    return root
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    """A SentencePiece model as XLM-R's (`sentencepiece.bpe.model`), and `transformers`'
+    XLMRobertaTokenizer of it saved (tokenizer.json, fairseq's ids)."""
+    root = tmp_path_factory.mktemp("spm")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=150,
+        model_type="unigram",
+        character_coverage=1.0,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    (root / "sentencepiece.bpe.model").write_bytes(model.getvalue())
+    transformers.XLMRobertaTokenizer.from_pretrained(str(root)).save_pretrained(root / "hf")
+    return root
+
+
+def _reference_tokenizer(kind, bpe_dir, spm_dir, **kw):
+    if kind == "roberta":
+        return transformers.RobertaTokenizer.from_pretrained(str(bpe_dir), **kw)
+    return transformers.XLMRobertaTokenizer.from_pretrained(str(spm_dir), **kw)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta"])
+def test_tokenizers_match_transformers_on_multilingual_text(kind, bpe_dir, spm_dir):
+    ref = _reference_tokenizer(kind, bpe_dir, spm_dir)
+    ours = tokenization.HFTokenizer(
+        str((bpe_dir if kind == "roberta" else spm_dir) / "hf/tokenizer.json")
+    )
+    assert (ours.cls_id, ours.sep_id, ours.pad_id, ours.mask_id, ours.unk_id) == tuple(
+        ref.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<mask>", "<unk>")
+    )
+    assert ours.vocab_size == len(ref)
+    for text in TEXTS:
+        assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
+    # Pairs: the ids and layout transformers gives (<s> A </s></s> B </s>), through the one
+    # function every task uses.
+    for a, b in zip(TEXTS, TEXTS[1:], strict=False):
+        ids, segments = encoding.pair_tokens(ours.encode(a), ours.encode(b), ours, 128)
+        assert ids == ref(a, b)["input_ids"], (a, b)
+        single, _ = encoding.pair_tokens(ours.encode(a), None, ours, 128)
+        assert single == ref(a)["input_ids"]
+    # Offsets (SQuAD's answer spans) as transformers reports them.
+    for (ids, offsets), text in zip(ours.encode_offsets(TEXTS), TEXTS, strict=True):
+        want = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == want["input_ids"] and offsets == [tuple(o) for o in want["offset_mapping"]]
+    # Words given apart (NER): transformers with add_prefix_space=True, is_split_into_words.
+    words_ref = _reference_tokenizer(kind, bpe_dir, spm_dir, add_prefix_space=True)
+    for (ids, word_ids), text in zip(ours.encode_word_ids(TEXTS), TEXTS, strict=True):
+        want = words_ref(text.split(), is_split_into_words=True, add_special_tokens=False)
+        assert ids == want["input_ids"] and word_ids == want.word_ids(), text
+
+
+def test_xlm_r_ids_are_sentencepiece_pieces_after_fairseq_specials(spm_dir):
+    """XLM-R's rule, from sentencepiece itself: <s> 0, <pad> 1, </s> 2, <unk> 3, then each
+    piece at its SentencePiece id + 1 (SentencePiece's own <unk> becomes 3)."""
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "sentencepiece.bpe.model"))
+    ours = tokenization.HFTokenizer(str(spm_dir / "hf/tokenizer.json"))
+    for text in TEXTS:
+        want = [3 if i == sp.unk_id() else i + 1 for i in sp.encode(text)]
+        assert ours.encode(text) == want, text
+    continuation = ours.is_continuation()
+    for i in range(3, sp.get_piece_size()):
+        assert continuation[i + 1] == (not sp.id_to_piece(i).startswith("\u2581"))
+
+
+def _hf_dir(tmp_path, kind, head, tokenizer_dir, vocab_size):
+    torch.manual_seed(0)
+    cls = transformers.RobertaConfig if kind == "roberta" else transformers.XLMRobertaConfig
+    config = cls(
+        vocab_size=vocab_size,
+        max_position_embeddings=24,
+        num_labels=2 if head == "ForQuestionAnswering" else 3,
+        attn_implementation="eager",
+        **SIZES,
+    )
+    architecture = ("Roberta" if kind == "roberta" else "XLMRoberta") + head
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a swapped tensor shows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    out = tmp_path / "hf"
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tokenizer_dir / "hf" / name).read_bytes())
+    return str(out), model, architecture
+
+
+@pytest.mark.parametrize(
+    "kind, head",
+    [("roberta", h) for h in HEADS] + [("xlm-roberta", "Model"), ("xlm-roberta", "ForMaskedLM")],
+)
+def test_import_and_export_match_transformers(tmp_path, kind, head, bpe_dir, spm_dir):
+    tokenizer_dir = bpe_dir if kind == "roberta" else spm_dir
+    vocab_size = len(_reference_tokenizer(kind, bpe_dir, spm_dir))
+    hf_dir, hf_model, architecture = _hf_dir(tmp_path, kind, head, tokenizer_dir, vocab_size)
+    reference = hf_reference.torch_outputs(hf_model, architecture, vocab_size)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    loaded = convert.load_pretrained(f"hf:{hf_dir}", architecture, mesh=mesh, num_labels=3)
+    assert loaded.report.missing == [] and loaded.report.unexpected == []
+    assert loaded.config.model_type == kind and loaded.config.position_offset == 2
+    assert isinstance(loaded.tokenizer, tokenization.HFTokenizer)
+    hf_reference.assert_same(
+        hf_reference.jax_outputs(loaded.config, architecture, loaded.params), reference
+    )
+
+    exported = tmp_path / "exported"
+    named = architecture if head == "ForMultipleChoice" else None
+    written = convert.export_hf(
+        jax.device_get(loaded.params), loaded.config, loaded.tokenizer, str(exported), 3, named
+    )
+    assert written == architecture
+    assert json.loads((exported / "config.json").read_text())["model_type"] == kind
+    reloaded = getattr(transformers, architecture).from_pretrained(
+        exported, attn_implementation="eager"
+    )
+    hf_reference.assert_same(
+        hf_reference.torch_outputs(reloaded.eval(), architecture, vocab_size), reference
+    )
+    original = load_file(os.path.join(hf_dir, "model.safetensors"))
+    for name, value in load_file(str(exported / "model.safetensors")).items():
+        np.testing.assert_array_equal(value, original[name], err_msg=name)
+    # The exported tokenizer is the one transformers reads, with the same ids.
+    tok = transformers.AutoTokenizer.from_pretrained(exported)
+    ref = _reference_tokenizer(kind, bpe_dir, spm_dir)
+    assert tok(TEXTS[1], TEXTS[3])["input_ids"] == ref(TEXTS[1], TEXTS[3])["input_ids"]
+    assert tok.mask_token_id == ref.mask_token_id and tok.pad_token_id == ref.pad_token_id
+
+
+def test_a_roberta_fine_tunes_on_pairs_and_its_run_exports_to_transformers(tmp_path):
+    """finetune.py from a released-layout RoBERTa (random weights, byte-level BPE): a pair
+    task the text decides is learned, and the fine-tuned run exports to a directory whose
+    `transformers` model gives the same dev logits."""
+    import glue_data
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import finetune
+
+    rng = np.random.default_rng(1)
+    rows = [
+        [
+            str(i),
+            "a",
+            "b",
+            glue_data.sentence(rng),
+            glue_data.sentence(rng, "good" if i % 2 else "bad"),
+        ]
+        for i in range(480)
+    ]
+    rows = [[str(int(r[0]) % 2), *r[1:]] for r in rows]
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    glue_data.write_tsv(tmp_path / "glue/MRPC/train.tsv", header, rows[:400])
+    glue_data.write_tsv(tmp_path / "glue/MRPC/dev.tsv", header, rows[400:])
+    glue_data.write_tsv(
+        tmp_path / "glue/MRPC/test.tsv", ["index", *header[1:]], [["0", "a", "b", "w1", "good w2"]]
+    )
+    bpe = ByteLevelBPETokenizer()
+    texts = [t for r in rows for t in r[3:]]
+    bpe.train_from_iterator(
+        texts, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
+    bpe.save_model(str(tmp_path))
+    tokenizer = transformers.RobertaTokenizer.from_pretrained(str(tmp_path))
+    config = transformers.RobertaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=66,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+    )
+    torch.manual_seed(0)
+    transformers.RobertaModel(config).save_pretrained(tmp_path / "roberta")
+    tokenizer.save_pretrained(tmp_path / "roberta")
+
+    cfg = glue_data.finetune_config(
+        init_from=f"hf:{tmp_path / 'roberta'}",
+        tasks=("mrpc",),
+        data_dir=str(tmp_path / "glue"),
+        max_seq_length=32,
+        num_epochs=8.0,  # byte-level pieces: about twice BERT's per word, learned later
+        batch_size=16,
+        learning_rates=(5e-4,),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    (run,) = finetune.finetune_task(cfg, "mrpc", mesh, str(tmp_path / "work"))["runs"]
+    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
+
+    from bert_jax.convert import __main__ as convert_cli
+
+    convert_cli.main(["export-hf", run["directory"], str(tmp_path / "exported")])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    assert type(model).__name__ == "RobertaForSequenceClassification"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    dev = rows[400:]
+    batch = hf_tok([r[3] for r in dev], [r[4] for r in dev], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
+    accuracy = float(np.mean(predicted == np.array([int(r[0]) for r in dev])))
+    assert accuracy == pytest.approx(run["dev"]["dev"]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        (  # roberta-base's released config.json (RobertaConfig's defaults are BERT's)
+            "roberta_base",
+            lambda: transformers.RobertaModel(
+                transformers.RobertaConfig(
+                    vocab_size=50265, max_position_embeddings=514, type_vocab_size=1
+                )
+            ),
+        ),
+        (
+            "xlm_roberta_large",
+            lambda: transformers.XLMRobertaModel(
+                transformers.XLMRobertaConfig(
+                    vocab_size=250002,
+                    max_position_embeddings=514,
+                    type_vocab_size=1,
+                    hidden_size=1024,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    intermediate_size=4096,
+                )
+            ),
+        ),
+    ],
+)
+def test_released_sizes_have_the_reference_parameter_counts(name, reference):
+    from bert_jax import models
+
+    with torch.device("meta"):
+        model = reference()
+    config = models.BertConfig.named(name)
+    assert models.count_params(config) == sum(p.numel() for p in model.parameters())
+    # RoBERTa-base's 125M and XLM-R large's 560M (Conneau et al., 2020), as published.
+    published = {"roberta_base": 125e6, "xlm_roberta_large": 560e6}[name]
+    assert abs(models.count_params(config) - published) / published < 0.005
