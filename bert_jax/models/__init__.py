@@ -17,7 +17,7 @@ import numpy as np
 import qwix
 from flax import nnx
 
-from bert_jax.models import layers
+from bert_jax.models import attention, layers
 from bert_jax.models.config import RUN_FIELDS, BertConfig, Params
 from bert_jax.models.encoder import (
     BertEmbeddings,
@@ -57,6 +57,7 @@ __all__ = [
     "check_input_shapes",
     "count_params",
     "create_model",
+    "attention",
     "layers",
     "merge_params",
     "param_bytes",

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from bert_jax.models import layers
+from bert_jax.models import attention, layers
 
 _ACTIVATIONS = ("gelu", "gelu_new", "relu")
 _SHARING = ("none", "all", "attention", "ffn")
@@ -124,10 +124,10 @@ class BertConfig:
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"BertConfig.remat={self.remat!r}; use one of {tuple(REMAT_POLICIES)}")
-        if self.attention_kernel not in layers.ATTENTION_KERNELS:
+        if self.attention_kernel not in attention.ATTENTION_KERNELS:
             raise ValueError(
                 f"BertConfig.attention_kernel={self.attention_kernel!r}; use one of "
-                f"{layers.ATTENTION_KERNELS}"
+                f"{attention.ATTENTION_KERNELS}"
             )
         for name in (
             "vocab_size",

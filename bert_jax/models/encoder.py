@@ -1,5 +1,5 @@
-"""The BERT encoder: embeddings, the Transformer layers (stacked and scanned, shared across
-layers as ALBERT, or unrolled where heads are pruned) and the pooler."""
+"""The BERT encoder: embeddings, the post-LN Transformer layer, its stack (scanned, shared
+across layers as ALBERT, or unrolled where heads are pruned) and the pooler."""
 
 import functools
 from typing import Any
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from bert_jax import axes
-from bert_jax.models import layers
+from bert_jax.models import attention, layers
 from bert_jax.models.config import REMAT_POLICIES, BertConfig
 
 # The TransformerLayer attributes each partial sharing mode shares across layers.
@@ -61,6 +61,81 @@ def _layer_kwargs(config: BertConfig) -> dict[str, Any]:
 def _weight_kwargs(config: BertConfig) -> dict[str, Any]:
     """For the layers that hold matmul weights or tables (Dense, Embed, TransformerLayer)."""
     return dict(quantization=config.quantization, **_layer_kwargs(config))
+
+
+class TransformerLayer(nnx.Module):
+    """One post-LN Transformer layer: attention, add & norm, GELU feed-forward, add & norm."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        *,
+        hidden_act: str,
+        hidden_dropout: float,
+        attention_dropout: float,
+        layer_norm_eps: float,
+        init_std: float,
+        rngs: nnx.Rngs,
+        head_dim: int | None = None,
+        attention_kernel: str = "auto",
+        dtype: layers.Dtype = jnp.float32,
+        param_dtype: layers.Dtype = jnp.float32,
+        quantization: str = "none",
+    ):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        dense = dict(init_std=init_std, quantization=quantization, **kw)
+        self.attention = attention.SelfAttention(
+            hidden_size, num_heads, head_dim=head_dim, kernel=attention_kernel, **dense
+        )
+        self.attention_layer_norm = layers.LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
+        self.intermediate = layers.Dense(
+            hidden_size, intermediate_size, kernel_axes=(axes.EMBED, axes.MLP), **dense
+        )
+        self.output = layers.Dense(
+            intermediate_size, hidden_size, kernel_axes=(axes.MLP, axes.EMBED), **dense
+        )
+        self.output_layer_norm = layers.LayerNorm(hidden_size, epsilon=layer_norm_eps, **kw)
+        self.hidden_act = hidden_act
+        self.hidden_dropout = hidden_dropout
+        self.attention_dropout = attention_dropout
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: attention.AttentionMask,
+        *,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        return_probs: bool = False,
+        head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x: [B, L, D], mask: `attention.AttentionMask`, head_mask: [H] or None -> ([B, L, D],
+        probabilities [B, H, L, L] or None). With `query_positions` [B, Q] the layer's output
+        is computed at those positions only: [B, Q, D] (the keys still see every position)."""
+        keys = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+        attended, probs = self.attention(
+            x,
+            mask,
+            probs_dropout=self.attention_dropout,
+            rng=keys[0],
+            deterministic=deterministic,
+            return_probs=return_probs,
+            head_mask=head_mask,
+            query_positions=query_positions,
+        )
+        if query_positions is not None:
+            x = attention.gather(x, query_positions)
+        x = self.attention_layer_norm(
+            x + layers.dropout(attended, self.hidden_dropout, keys[1], deterministic)
+        )
+        h = axes.constrain(self.intermediate(x), (axes.BATCH, axes.LENGTH, axes.MLP))
+        h = self.output(layers.activation(self.hidden_act, h))
+        h = layers.dropout(h, self.hidden_dropout, keys[2], deterministic)
+        x = self.output_layer_norm(x + h)
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, None)), probs
 
 
 class BertEmbeddings(nnx.Module):
@@ -125,7 +200,7 @@ class BertEncoder(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         def make_layer(key: jax.Array, heads: int = config.num_attention_heads):
-            return layers.TransformerLayer(
+            return TransformerLayer(
                 config.hidden_size,
                 heads,
                 config.intermediate_size,
@@ -169,7 +244,7 @@ class BertEncoder(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: layers.AttentionMask,
+        mask: attention.AttentionMask,
         *,
         rng: jax.Array | None = None,
         deterministic: bool = True,
@@ -262,7 +337,7 @@ class BertEncoder(nnx.Module):
         out, _ = apply(h, jax.tree.map(lambda a: a[-1], xs), query_positions)
         return out, None, None
 
-    def _stacked_layers(self, make_layer, keys) -> layers.TransformerLayer:
+    def _stacked_layers(self, make_layer, keys) -> TransformerLayer:
         """One layer module whose weights carry a leading axis of the weight sets."""
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
         stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
@@ -368,9 +443,9 @@ class BertModel(nnx.Module):
         x = embed(input_ids, segment_ids, positions, input_mask=input_mask)
         seq, hidden, probs, x = self.encoder(
             x,
-            layers.AttentionMask(input_mask.astype(jnp.int32))
+            attention.AttentionMask(input_mask.astype(jnp.int32))
             if packing is None
-            else layers.AttentionMask(packing.example_ids, packed=True),
+            else attention.AttentionMask(packing.example_ids, packed=True),
             rng=enc_key,
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
@@ -381,7 +456,7 @@ class BertModel(nnx.Module):
         if packing is None:
             cls = seq[:, 0]
         else:  # [B, K, D]: each packed example's [CLS]
-            cls = layers.gather(seq, packing.cls_positions)
+            cls = attention.gather(seq, packing.cls_positions)
         pooled = None if self.pooler is None else jnp.tanh(self.pooler(cls))
         if output_hidden_states:
             hidden = jnp.concatenate([x[None], hidden], axis=0)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from bert_jax import axes
-from bert_jax.models import layers
+from bert_jax.models import attention, layers
 from bert_jax.models.config import BertConfig
 from bert_jax.models.encoder import BertModel, EncoderOutput, _layer_kwargs, _weight_kwargs
 
@@ -46,7 +46,7 @@ class _MaskedLMModel(nnx.Module):
         h = sequence_output
         if positions is not None:
             # Only the P masked positions go through the head: never [B, L, V] logits.
-            h = layers.gather(h, positions)
+            h = attention.gather(h, positions)
         h = self.transform_layer_norm(layers.activation(self.hidden_act, self.transform(h)))
         logits = self.bert.embeddings.word_embeddings.attend(h).astype(jnp.float32)
         return logits + self.output_bias[...].astype(jnp.float32)

@@ -1,0 +1,224 @@
+"""Self-attention: which keys each query sees (`AttentionMask`), the kernels that compute it
+(XLA's fused attention, the Pallas splash kernel, the explicit path that returns or drops out
+the probabilities) and the multi-head layer with split-head projections."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.sharding import PartitionSpec
+
+from bert_jax import axes
+from bert_jax.models.layers import Dense, Dtype, dropout
+
+ATTENTION_KERNELS = ("auto", "xla", "splash")
+
+
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query attends to, from one id per token.
+
+    ids: [B, L] int32: 0 for padding; 1 for every real token of a row that holds one example
+      (the original `input_mask`), or 1, 2, ... per example of a packed row.
+    packed: static; False: every query attends to every real key (BERT's key padding mask);
+      True: a token attends to the tokens of its own example only.
+    """
+
+    ids: jax.Array
+    packed: bool = struct.field(pytree_node=False, default=False)
+
+    def dense(self, query_positions: jax.Array | None = None) -> jax.Array:
+        """[B, 1, 1, L] or, packed, [B, 1, Q, L] bool over (batch, heads, query, key), for
+        the queries at `query_positions` [B, Q] (default: every position)."""
+        ids = self.ids
+        if not self.packed:
+            return (ids > 0)[:, None, None, :]
+        query_ids = ids if query_positions is None else gather(ids, query_positions)
+        return ((query_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
+
+
+def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, L, ...] at positions [B, Q] -> [B, Q, ...]."""
+    index = positions.reshape(*positions.shape, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def target_platform() -> str:
+    """The platform the traced program is for: that of the active mesh's devices (under
+    `jax.set_mesh`; a CPU host may build a program for TPU devices), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def uses_splash(kernel: str, length: int) -> bool:
+    """Whether attention without dropout on its probabilities runs the splash kernel:
+    always with "splash"; with "auto" on TPU when the length is a multiple of 128."""
+    return kernel == "splash" or (
+        kernel == "auto" and target_platform() == "tpu" and length % 128 == 0
+    )
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+    """Attention through the Pallas splash kernel (blockwise, the [L, L] scores never in HBM).
+
+    q, k, v: [B, L, H, D]; ids: [B, L] int32 segment ids (a query attends to the keys of its
+    own id, so padding, id 0, attends only to padding, whose outputs nothing reads). Compiled
+    for the TPU there; elsewhere the same kernel runs in Pallas's interpreter (for tests).
+    Under a mesh it runs per shard (`shard_map`) over the batch and head axes of the rules.
+    """
+    length, head_dim = q.shape[1], q.shape[-1]
+    if length % 128:
+        raise ValueError(
+            f"the splash attention kernel needs a sequence length divisible by 128, got {length}; "
+            f"pad the inputs or use attention_kernel='xla'"
+        )
+    run = functools.partial(_splash_local, length=length, head_dim=head_dim)
+    mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
+    if mesh.empty or rules is None:
+        return run(q, k, v, ids)
+    spec = axes.partition_spec(
+        (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV), q.shape, dict(mesh.shape), rules
+    )
+    if spec[1] is not None or spec[3] is not None:
+        raise ValueError(
+            f"splash attention shards the batch and the heads only; the rules split the "
+            f"sequence or the head size ({spec}); use attention_kernel='xla'"
+        )
+    return jax.shard_map(
+        run,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, ids)
+
+
+def _splash_local(q, k, v, ids, *, length: int, head_dim: int):
+    """`splash_attention` on one shard's batch and heads, [B, L, H, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    block = min(512, length)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(q.shape[2])]),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sk.BlockSizes(
+            block_q=block,
+            block_kv=block,
+            block_kv_compute=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
+        # Compiled by Mosaic for the platform the program is built for (the mesh's devices: a
+        # CPU host compiling for a TPU topology emits the TPU kernel); interpreted elsewhere.
+        interpret=target_platform() != "tpu",
+    )
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+        *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), ids
+    )
+    return jnp.swapaxes(out, 1, 2)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention under a key padding mask, split-head projections."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        *,
+        init_std: float,
+        rngs: nnx.Rngs,
+        head_dim: int | None = None,
+        kernel: str = "auto",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        quantization: str = "none",
+    ):
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}; use one of {ATTENTION_KERNELS}")
+        # A pruned layer keeps the head size of the model and fewer heads.
+        head_dim = head_dim or hidden_size // num_heads
+        kw = dict(
+            init_std=init_std,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            quantization=quantization,
+        )
+        qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
+        self.query = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.key = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.value = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        self.output = Dense(
+            (num_heads, head_dim), hidden_size, kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), **kw
+        )
+        self.dtype = dtype
+        self.kernel = kernel
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: AttentionMask,
+        *,
+        probs_dropout: float = 0.0,
+        rng: jax.Array | None = None,
+        deterministic: bool = True,
+        return_probs: bool = False,
+        head_mask: jax.Array | None = None,
+        query_positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Attends every position (or those at `query_positions`) to the unmasked ones.
+
+        Args:
+          x: [B, L, D] hidden states.
+          mask: which keys each query sees (`AttentionMask`).
+          probs_dropout: dropout rate on the attention probabilities (training only).
+          rng: key for that dropout.
+          deterministic: no dropout when True.
+          return_probs: also return the attention probabilities [B, H, L, L] float32.
+          head_mask: [H] or [B, H] float, each head's output multiplied by it (0 silences a
+            head; the gradient with respect to it scores the head, Michel et al., 2019).
+          query_positions: [B, Q] int32: only these positions ask (keys and values come from
+            every position); None: all.
+
+        Returns:
+          ([B, L or Q, D] output, probabilities or None).
+        """
+        qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
+        queries = x if query_positions is None else gather(x, query_positions)
+        q = axes.constrain(self.query(queries), qkv_axes)
+        k, v = (axes.constrain(p(x), qkv_axes) for p in (self.key, self.value))
+        dense_mask = mask.dense(query_positions)
+        use_dropout = not deterministic and probs_dropout > 0.0
+        if return_probs or use_dropout:
+            # The explicit path: needed to return or drop out the probabilities. The fused
+            # kernels below cannot do either.
+            scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+            logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(dense_mask, logits * scale, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1)
+            dropped = dropout(probs, probs_dropout, rng, deterministic)
+            ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
+        elif query_positions is None and uses_splash(self.kernel, q.shape[1]):
+            probs = None
+            ctx = splash_attention(q, k, v, mask.ids)
+        else:
+            probs = None
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=dense_mask)
+        if head_mask is not None:  # [H] or [B, H]
+            per_example = head_mask.ndim == 2
+            m = head_mask.astype(ctx.dtype)
+            ctx = ctx * (m[:, None, :, None] if per_example else m[:, None])
+            if probs is not None:
+                probs = probs * (
+                    head_mask[..., None, None] if per_example else head_mask[:, None, None]
+                )
+        return self.output(ctx), (probs if return_probs else None)
