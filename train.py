@@ -36,6 +36,7 @@ from bert_jax import (  # noqa: E402
     files,
     models,
     objectives,
+    optim,
     run_files,
     sharding,
     training,
@@ -48,7 +49,8 @@ from bert_jax.data import (
 )
 from bert_jax.data.input_pipeline import DataConfig  # noqa: E402
 from bert_jax.data.pretraining_data import MaskingConfig  # noqa: E402
-from bert_jax.data.tokenization import WordPieceTokenizer, vocabulary  # noqa: E402
+from bert_jax.data.tokenization import vocabulary  # noqa: E402
+from bert_jax.models import registry  # noqa: E402
 from bert_jax.optim import OptimConfig  # noqa: E402
 from bert_jax.training import loop as loop_lib  # noqa: E402
 
@@ -107,13 +109,13 @@ def parse_config(cfg) -> loop_lib.RunConfig:
     """The ConfigDict as typed, validated dataclasses (the library never sees ml_collections)."""
     data = dict(cfg.data)
     masking = {f.name: data.pop(f.name) for f in dataclasses.fields(MaskingConfig)}
-    optim = dict(cfg.optim)
-    if optim["total_steps"] == -1:
-        optim["total_steps"] = cfg.train.num_steps
+    optim_fields = dict(cfg.optim)
+    if optim_fields["total_steps"] == -1:
+        optim_fields["total_steps"] = cfg.train.num_steps
     return loop_lib.RunConfig(
         model=models.BertConfig(**cfg.model),
         data=DataConfig(masking=MaskingConfig(**masking), **data),
-        optim=OptimConfig(**optim),
+        optim=OptimConfig(**optim_fields),
         mesh=sharding.MeshConfig(**cfg.mesh),
         train=loop_lib.LoopConfig(**cfg.train),
         init_from=cfg.init_from,
@@ -121,6 +123,7 @@ def parse_config(cfg) -> loop_lib.RunConfig:
         init_step=cfg.get("init_step", False),
         student_layers=tuple(int(x) for x in str(cfg.get("student_layers", "")).split(",") if x),
         distill=dict(cfg.distill) if cfg.get("distill") and cfg.distill.teacher else {},
+        model_changes=tuple(x for x in str(cfg.get("model_changes", "")).split(",") if x),
     )
 
 
@@ -128,10 +131,11 @@ def load_init(
     run: loop_lib.RunConfig, mesh, workdir: str
 ) -> tuple[loop_lib.RunConfig, convert.Pretrained | None]:
     """With `init_from`, the imported weights, and the run with their model config (this run
-    keeps its numerics, `models.RUN_FIELDS`) and their vocabulary."""
+    keeps its numerics, `models.RUN_FIELDS`, and its `model_changes`) and their vocabulary."""
     if not run.init_from:
         return run, None
-    numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
+    kept = (*models.RUN_FIELDS, *run.model_changes)
+    numerics = {k: getattr(run.model, k) for k in kept}
     pretrained = convert.load_pretrained(
         run.init_from,
         "BertForPreTraining",
@@ -143,7 +147,7 @@ def load_init(
     tok = pretrained.tokenizer
     data = dataclasses.replace(
         run.data,
-        tokenizer="wordpiece" if isinstance(tok, WordPieceTokenizer) else "sentencepiece",
+        tokenizer=tokenization.kind_of(tok),
         vocab_file=tok.vocab_file,
         do_lower_case=tok.do_lower_case,
     )
@@ -163,7 +167,7 @@ def load_teacher(run: loop_lib.RunConfig, mesh, student: convert.Pretrained | No
     """The objective and the frozen teacher's params of `--config.distill.teacher`, checked
     against the student (its vocabulary, its width for the hidden-state loss)."""
     if not run.distill:
-        return objectives.PRETRAINING, None
+        return objectives.pretraining_objective(run.model), None
     numerics = {k: getattr(run.model, k) for k in models.RUN_FIELDS}
     source = run.distill["teacher"]
     teacher = convert.load_pretrained(
@@ -323,9 +327,11 @@ def continue_state(state, run: loop_lib.RunConfig, abstract):
             f"this run's (optim.name={run.optim.name}; phase 2 must use phase 1's optimizer "
             f"and model): {e}"
         ) from None
-    state = state.replace(opt_state=opt_state)
-    if run.init_step:
+    if run.init_step:  # one schedule over both phases, read at the continued step
         state = state.replace(step=jax.device_put(np.int32(step), abstract.step.sharding))
+    else:  # this phase's own schedule, from its start
+        opt_state = optim.restart_schedule(opt_state)
+    state = state.replace(opt_state=opt_state)
     _print(
         f"continuing the optimizer state{' and step' if run.init_step else ''} of "
         f"{directory}/{step}"
@@ -393,6 +399,16 @@ def model_problems(run: loop_lib.RunConfig, mesh, model_known: bool = True) -> l
     if model_known and run.model.length_problem(run.data.masking.max_seq_length):
         length = run.data.masking.max_seq_length
         problems.append(f"data.{run.model.length_problem(length)}; lower one or raise the other")
+    mlm_only = run.model.model_type in objectives.MLM_ONLY
+    if model_known and mlm_only != (run.data.masking.next_sentence == "none"):
+        problems.append(
+            f"a {run.model.model_type} model pretrains "
+            + (
+                "with masked LM alone: set --config.data.next_sentence=none"
+                if mlm_only
+                else "with a sentence-pair head: set --config.data.next_sentence=nsp (or sop)"
+            )
+        )
     replicas = sharding.data_parallel_size(mesh, run.mesh.rules) * run.optim.grad_accum_steps
     if run.train.batch_size % replicas:
         problems.append(
@@ -496,8 +512,9 @@ def record_run(
     model config actually used) and a copy of the vocabulary, which make the workdir a model
     that `convert` exports and `init_from` reads."""
     extra = {**config_json, "data": {**config_json["data"], "vocab_file": tokenizer.vocab_file}}
+    architecture = registry.pretraining_architecture(run.model.model_type)
     return convert.describe_run(
-        workdir, run.model, "BertForPreTraining", 2, tokenizer, extra=extra, write=write
+        workdir, run.model, architecture, 2, tokenizer, extra=extra, write=write
     )
 
 

@@ -53,16 +53,27 @@ def pretraining_loss(mlm_logits, nsp_logits, batch) -> tuple[jax.Array, dict[str
     return loss, metrics
 
 
+def masked_lm_loss(mlm_logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The masked-LM loss alone (RoBERTa's and ModernBERT's pretraining): `pretraining_loss`
+    without the sentence-pair term; `next_sentence_labels`, if the batch has them, are unused."""
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_sum, mlm_correct, mlm_count = weighted_cross_entropy(
+        mlm_logits, batch["masked_lm_ids"], weights
+    )
+    metrics = {"mlm_loss_sum": mlm_sum, "mlm_correct_sum": mlm_correct, "mlm_count": mlm_count}
+    return mlm_sum / (mlm_count + 1e-5), metrics
+
+
 def summarize(sums: dict[str, float]) -> dict[str, float]:
-    """Metric sums (possibly added over batches) -> losses and accuracies."""
-    mlm_n = max(float(sums["mlm_count"]), 1e-5)
-    nsp_n = max(float(sums["nsp_count"]), 1e-5)
-    return {
-        "mlm_loss": float(sums["mlm_loss_sum"]) / mlm_n,
-        "mlm_accuracy": float(sums["mlm_correct_sum"]) / mlm_n,
-        "nsp_loss": float(sums["nsp_loss_sum"]) / nsp_n,
-        "nsp_accuracy": float(sums["nsp_correct_sum"]) / nsp_n,
-    }
+    """Metric sums (possibly added over batches) -> losses and accuracies (the sentence-pair
+    head's where the objective has one)."""
+    out = {}
+    for name in ("mlm", "nsp"):
+        if f"{name}_count" in sums:
+            n = max(float(sums[f"{name}_count"]), 1e-5)
+            out[f"{name}_loss"] = float(sums[f"{name}_loss_sum"]) / n
+            out[f"{name}_accuracy"] = float(sums[f"{name}_correct_sum"]) / n
+    return out
 
 
 def summarize_task(sums: dict[str, float]) -> dict[str, float]:

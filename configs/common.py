@@ -23,6 +23,9 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     # learning-rate schedule goes on where it stopped, the BERT paper's single schedule).
     config.init_optimizer = False
     config.init_step = False
+    # Comma-separated model fields whose values here replace init_from's, e.g.
+    # "global_rope_theta" for ModernBERT's context extension.
+    config.model_changes = ""
     # Comma-separated layers of init_from that make the model, e.g. "0,2,4,6,8,10": a 6-layer
     # student from every other layer of BERT-Base (DistilBERT's initialisation).
     config.student_layers = ""
@@ -60,7 +63,9 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.data.dupe_factor = 10
     config.data.whole_word_mask = False
     config.data.ngram_max = 1  # 3: ALBERT's n-gram masking.
-    config.data.next_sentence = "nsp"  # Or "sop" (sentence-order prediction).
+    # Or "sop" (sentence-order prediction), or "none": masked LM alone on contiguous text
+    # (RoBERTa, XLM-R, ModernBERT).
+    config.data.next_sentence = "nsp"
     config.data.dynamic_masking = True  # False: masks fixed at preprocessing, as the original.
     config.data.eval_fraction = 0.05
     config.data.cache_dir = ""  # Empty: $BERT_JAX_CACHE or ~/.cache/bert_jax.
@@ -82,6 +87,10 @@ def get_config(size: str = "bert_base") -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.01
     config.optim.clip_norm = 1.0
     config.optim.grad_accum_steps = 1
+    # "linear" (BERT: warmup, then down to 0 at total_steps) or warmup-stable-decay
+    # ("wsd-linear", "wsd-1-sqrt": the peak rate until the last decay_steps; ModernBERT's).
+    config.optim.schedule = "linear"
+    config.optim.decay_steps = 0
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices the other axes leave.

@@ -26,21 +26,20 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
     """Hidden states of every layer, pooled output (when there is a pooler) and head logits
     (MLM logits at the masked positions for pretraining, everywhere for masked LM)."""
     config = model.config
-    ids, mask, segments, positions = padded_batch(
-        vocab_size, config.pad_token_id or 0, config.type_vocab_size
-    )
-    inputs = dict(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        attention_mask=torch.tensor(mask),
-        token_type_ids=torch.tensor(segments, dtype=torch.long),
-    )
+    types = getattr(config, "type_vocab_size", 0)  # ModernBERT takes no token types
+    ids, mask, segments, positions = padded_batch(vocab_size, config.pad_token_id or 0, types)
+    inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
+    if types:
+        inputs["token_type_ids"] = torch.tensor(segments, dtype=torch.long)
     head_name = registry.head_of(architecture)
     with torch.no_grad():
         base = model if head_name == "Model" else model.base_model
         enc = base(**inputs, output_hidden_states=True)
         out = {"hidden": np.stack([h.numpy() for h in enc.hidden_states])}
-        if enc.pooler_output is not None:  # the masked-LM models have no pooler
+        if getattr(enc, "pooler_output", None) is not None:  # the masked-LM models have none
             out["pooled"] = enc.pooler_output.numpy()
+        elif architecture.startswith("ModernBert") and head_name in _POOLED:
+            out["pooled"] = _modernbert_pooled(model, enc.last_hidden_state, inputs).numpy()
         elif architecture.endswith("RobertaForSequenceClassification"):  # its head's first half
             first = enc.last_hidden_state[:, 0]
             out["pooled"] = torch.tanh(model.classifier.dense(first)).numpy()
@@ -63,11 +62,24 @@ def torch_outputs(model, architecture: str, vocab_size: int) -> dict[str, np.nda
     return out
 
 
-def jax_outputs(config, architecture: str, params, num_labels: int = 3) -> dict:
-    """The same outputs from bert_jax params for `architecture`."""
-    ids, mask, segments, positions = padded_batch(
-        config.vocab_size, max(config.position_offset - 1, 0), config.type_vocab_size
-    )
+_POOLED = ("ForSequenceClassification", "ForMultipleChoice")
+
+
+def _modernbert_pooled(model, last, inputs):
+    """ModernBERT's classifiers pool ([CLS] or the mean of the real tokens), then its head."""
+    if model.config.classifier_pooling == "cls":
+        return model.head(last[:, 0])
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    return model.head((last * mask).sum(1) / mask.sum(1))
+
+
+def jax_outputs(
+    config, architecture: str, params, num_labels: int = 3, pad_id: int | None = None
+) -> dict:
+    """The same outputs from bert_jax params for `architecture` (padding with `pad_id`,
+    default: the family's)."""
+    pad_id = max(config.position_offset - 1, 0) if pad_id is None else pad_id
+    ids, mask, segments, positions = padded_batch(config.vocab_size, pad_id, config.type_vocab_size)
     cls = convert.model_class(architecture, num_labels)
     graphdef, _ = models.split_params(models.abstract_model(config, cls))
     model = models.merge_params(graphdef, jax.tree.map(jnp.asarray, jax.device_get(params)))

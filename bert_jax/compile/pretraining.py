@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import jax
 
-from bert_jax import sharding, training
+from bert_jax import objectives, sharding, training
 from bert_jax.compile import aot, planner
 from bert_jax.data import pretraining_data
 from bert_jax.training.loop import RunConfig
@@ -107,4 +107,5 @@ def make_setup(run: RunConfig) -> planner.Setup:
         batch_size=run.train.batch_size,
         seq_len=run.data.masking.max_seq_length,
         specs=pretraining_data.feature_specs(run.data.masking),
+        objective=objectives.pretraining_objective(run.model),
     )

@@ -38,6 +38,8 @@ def _table(config: BertConfig) -> tuple[layouts.Table, str]:
         return layouts.ALBERT, "albert."
     if kind in ("roberta", "xlm-roberta"):
         return layouts.ROBERTA, "roberta."
+    if kind == "modernbert":
+        return layouts.MODERNBERT, "model."
     return layouts.BERT, "bert."
 
 
@@ -47,6 +49,8 @@ def _head_names(config: BertConfig, architecture: str) -> dict[str, str]:
         "ForSequenceClassification"
     ):
         return layouts.ROBERTA_CLASSIFIER
+    if family(config) == "modernbert":
+        return layouts.modernbert_heads(architecture)
     return {}
 
 
@@ -113,7 +117,7 @@ def params_from_hf(
             report.missing.append(ours)
             continue
         tensors = [state_dict[names[n]] for n in hf_names]
-        value = _converted(tensors, _stacked(hf_name), transform, config)
+        value = _converted(tensors, hf_name, transform, config, ours)
         if value.shape != tuple(want.shape):
             raise ValueError(
                 f"tensor {names[hf_names[0]]} has shape {np.shape(tensors[0])}, which gives "
@@ -129,10 +133,14 @@ def params_from_hf(
     return params, report
 
 
-def _converted(tensors, stacked: bool, transform, config) -> np.ndarray:
-    """One bert_jax array from its Hugging Face tensors (one per layer when `stacked`)."""
+def _converted(tensors, hf_name: str, transform, config, path: str) -> np.ndarray:
+    """One bert_jax array from its Hugging Face tensors (one per layer when stacked; the first
+    layer's identity norm prepended where the first layer has none)."""
     values = [transform.to_jax(np.asarray(t, np.float32), config) for t in tensors]
-    return np.stack(values) if stacked else values[0]
+    if "{j}" in hf_name:
+        identity = np.ones_like if path.endswith("/scale") else np.zeros_like
+        values.insert(0, identity(values[0]))
+    return np.stack(values) if _stacked(hf_name) else values[0]
 
 
 def _check_encoder_complete(report: Report, source: str) -> None:
@@ -153,8 +161,10 @@ def _check_encoder_complete(report: Report, source: str) -> None:
     )
 
 
-_ENCODER_NAME = re.compile(r"(^|\.)(embeddings|encoder)\.")
-_BERT_LAYER = re.compile(r"^(?:bert|roberta)\.encoder\.layer\.(\d+)\.")
+_ENCODER_NAME = re.compile(r"(^|\.)(embeddings|encoder|layers|final_norm)\.")
+_BERT_LAYER = re.compile(
+    r"^(?:bert\.encoder\.layer|roberta\.encoder\.layer|model\.layers)\.(\d+)\."
+)
 _ALBERT_LAYER = re.compile(r"^albert\.encoder\.albert_layer_groups\.(\d+)\.albert_layers\.(\d+)\.")
 
 
@@ -209,7 +219,7 @@ def params_to_hf(
             continue
         value = np.asarray(jax.device_get(value), np.float32)
         hf_names = _expand(hf_name, config)
-        parts = list(value) if _stacked(hf_name) else [value]
+        parts = list(value)[("{j}" in hf_name) :] if _stacked(hf_name) else [value]
         for name, part in zip(hf_names, parts, strict=True):
             key = name.removeprefix(prefix) if bare else heads.get(name, name)
             out[key] = np.ascontiguousarray(transform.to_hf(part, config))
@@ -228,6 +238,11 @@ def config_from_hf(hf: Mapping[str, Any], source: str, **overrides: Any) -> Bert
             f"{source} describes a {model_type!r} model; bert_jax imports the model types "
             f"{sorted(FAMILIES)}"
         )
+    if model_type == "modernbert":
+        try:
+            return BertConfig(**{**layouts.modernbert_fields(dict(hf)), **overrides})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from e
     if model_type == "albert":
         overrides = {"share_layers": "all", **overrides}
     if model_type in ("roberta", "xlm-roberta"):  # positions counted after the padding index
@@ -273,26 +288,16 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
     """The `config.json` that `transformers` reads for `architecture`."""
     _check_float(config)
     kind = family(config)
-    albert = kind == "albert"
     if config.pruned_heads:
         raise ValueError(
             "a model with pruned heads has layers of different sizes, which the Hugging Face "
             "export does not write; export the model before pruning, or use it as a bert_jax "
             "workdir (init_from, finetune.py, bert_jax.tools.extract)"
         )
-    skip = (*RUN_FIELDS, "share_layers", "pruned_heads", "quantization", "position_offset")
-    if not albert:
-        skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
-    hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
-    if albert:
-        hf["embedding_size"] = config.embed_dim
-    hf.update(
-        model_type=kind,
-        architectures=[architecture],
-        position_embedding_type="absolute",
-        pad_token_id=max(config.position_offset - 1, 0),
-        tie_word_embeddings=True,
-    )
+    if kind == "modernbert":
+        hf = layouts.modernbert_config(config) | {"architectures": [architecture]}
+    else:
+        hf = _bert_config(config, kind) | {"architectures": [architecture]}
     if config.position_offset:  # fairseq's dictionary: <s> 0, <pad> 1, </s> 2
         hf.update(bos_token_id=0, eos_token_id=2)
     if architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
@@ -303,6 +308,34 @@ def config_to_hf(config: BertConfig, architecture: str, num_labels: int = 2) -> 
     return hf
 
 
+_MODERNBERT_FIELDS = (
+    "global_rope_theta",
+    "local_rope_theta",
+    "local_attention",
+    "global_attn_every_n_layers",
+    "use_bias",
+    "classifier_pooling",
+)
+
+
+def _bert_config(config: BertConfig, kind: str) -> dict:
+    """The `config.json` fields of BERT, ALBERT, RoBERTa and XLM-R."""
+    skip = (*RUN_FIELDS, *_MODERNBERT_FIELDS, "share_layers", "pruned_heads", "quantization")
+    skip += ("position_offset",)
+    if kind != "albert":
+        skip += ("embedding_size", "num_hidden_groups", "inner_group_num")
+    hf = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    if kind == "albert":
+        hf["embedding_size"] = config.embed_dim
+    hf.update(
+        model_type=kind,
+        position_embedding_type="absolute",
+        pad_token_id=max(config.position_offset - 1, 0),
+        tie_word_embeddings=True,
+    )
+    return hf
+
+
 def infer_architecture(tensors: Mapping[str, Any], model_type: str = "") -> str:
     """The architecture whose heads a checkpoint's tensor names show, in the family of
     `model_type` (default: the one the names show; RoBERTa's names are XLM-R's too)."""
@@ -310,8 +343,14 @@ def infer_architecture(tensors: Mapping[str, Any], model_type: str = "") -> str:
     if not model_type:
         albert = any(n.startswith(("albert.", "predictions.", "sop_classifier.")) for n in names)
         roberta = any(n.startswith(("roberta.", "lm_head.")) for n in names)
+        modern = any(n.startswith(("model.layers.", "layers.")) for n in names)
         model_type = "albert" if albert else "roberta" if roberta else "bert"
+        model_type = "modernbert" if modern else model_type
     prefix = FAMILIES[model_type]
+    if model_type == "modernbert":  # its classifiers' names are alike: config.json tells
+        if "decoder.bias" in names:
+            return prefix + "ForMaskedLM"
+        return prefix + ("ForSequenceClassification" if "classifier.weight" in names else "Model")
     if {"cls.seq_relationship.weight", "sop_classifier.classifier.weight"} & names:
         return prefix + "ForPreTraining"
     if {"cls.predictions.bias", "predictions.bias", "lm_head.bias"} & names:
@@ -371,21 +410,23 @@ def abstract_params(config: BertConfig, architecture: str, num_labels: int) -> P
 def _normalize_hf_name(name: str, prefix: str = "bert.") -> str:
     name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
     name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
-    if name.startswith(("embeddings.", "encoder.", "pooler.")):
+    if name.startswith(("embeddings.", "encoder.", "pooler.", "layers.", "final_norm.")):
         name = prefix + name
     return name
 
 
 def _stacked(hf_name: str) -> bool:
-    return "{i}" in hf_name or "{g}" in hf_name
+    return any(mark in hf_name for mark in ("{i}", "{g}", "{j}"))
 
 
 def _expand(hf_name: str, config: BertConfig) -> list[str]:
     """The Hugging Face names of one bert_jax tensor: one per weight set when stacked."""
     if not _stacked(hf_name):
         return [hf_name]
-    k = config.inner_group_num
-    return [hf_name.format(i=s, g=s // k, k=s % k) for s in range(config.num_weight_sets)]
+    k, first = config.inner_group_num, int("{j}" in hf_name)
+    return [
+        hf_name.format(i=s, j=s, g=s // k, k=s % k) for s in range(first, config.num_weight_sets)
+    ]
 
 
 def get_path(tree: Params, path: str):

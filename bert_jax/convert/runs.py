@@ -23,7 +23,7 @@ from bert_jax.convert.names import (
 from bert_jax.convert.sources import check_vocab, read_hf_dir, read_json, read_tf_checkpoint
 from bert_jax.data import input_pipeline, tokenization
 from bert_jax.data.tokenization import Tokenizer
-from bert_jax.models import BertConfig, Params
+from bert_jax.models import BertConfig, Params, registry
 
 
 @dataclasses.dataclass
@@ -88,6 +88,7 @@ def _load(spec, architecture, mesh, rules, num_labels, scratch_dir, overrides) -
         if kind == "hf"
         else read_tf_checkpoint(path, **overrides)
     )
+    architecture = registry.in_family(source.config.model_type, architecture)
     params, report = params_from_hf(
         source.tensors, source.config, architecture, num_labels, source.description
     )
@@ -169,6 +170,7 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
     pretraining run can fill a classifier's encoder (and a missing pooler is reported)."""
     run = read_run(path, step)
     config = dataclasses.replace(run["config"], **overrides)
+    architecture = registry.in_family(config.model_type, architecture)
     shardings = _param_shardings(config, architecture, num_labels, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

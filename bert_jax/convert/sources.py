@@ -248,6 +248,15 @@ def export_hf(
             metadata={"format": "pt"},
         )
         hf_config = config_to_hf(config, architecture, num_labels)
+        if config.model_type == "modernbert":  # its config names the tokenizer's special ids
+            cls, sep = tokenizer.cls_id, tokenizer.sep_id
+            hf_config.update(
+                pad_token_id=tokenizer.pad_id,
+                cls_token_id=cls,
+                sep_token_id=sep,
+                bos_token_id=cls,
+                eos_token_id=sep,
+            )
         with files.open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         _write_tokenizer(tokenizer, tmp, config.max_length)

@@ -36,13 +36,17 @@ FEATURES = (
 )
 
 
+NEXT_SENTENCE = ("nsp", "sop", "none")
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskingConfig:
     """How pairs are cut and masked (the flags of the original create_pretraining_data).
 
     dupe_factor: passes over the corpus when cutting pairs (each pass cuts differently; with
       static masking each copy also gets its own masks, as the original).
-    next_sentence: "nsp" (BERT, B random half the time) or "sop" (ALBERT, A and B swapped).
+    next_sentence: "nsp" (BERT, B random half the time), "sop" (ALBERT, A and B swapped) or
+      "none" (RoBERTa, ModernBERT: masked LM alone, contiguous text of one document).
     ngram_max: 1 masks single words (tokens); 3 is ALBERT's n-gram masking.
     dynamic_masking: draw masks per epoch when batches are made; False fixes them per pair,
       with `dupe_factor` differently masked copies, as the original.
@@ -67,8 +71,8 @@ class MaskingConfig:
             raise ValueError(f"masked_lm_prob={self.masked_lm_prob} must be in (0, 1)")
         if self.max_predictions_per_seq < 1 or self.dupe_factor < 1 or self.ngram_max < 1:
             raise ValueError("max_predictions_per_seq, dupe_factor and ngram_max must be >= 1")
-        if self.next_sentence not in ("nsp", "sop"):
-            raise ValueError(f"next_sentence={self.next_sentence!r}; use 'nsp' or 'sop'")
+        if self.next_sentence not in NEXT_SENTENCE:
+            raise ValueError(f"next_sentence={self.next_sentence!r}; use one of {NEXT_SENTENCE}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,10 @@ def create_pairs(
       ValueError when no document has two sentences (no pair could be a true continuation).
     """
     documents = [d for d in documents if any(len(s) for s in d)]
+    if config.next_sentence == "none":
+        return [
+            p for _ in range(passes) for d in documents for p in _document_windows(d, config, rng)
+        ]
     if not any(len(d) >= 2 for d in documents):
         raise ValueError(
             "no document has two or more sentences: the corpus format is one sentence per line "
@@ -141,6 +149,22 @@ def _document_pairs(documents, index, config, rng) -> list[Pair]:
     return pairs
 
 
+def _document_windows(document, config: "MaskingConfig", rng) -> list[Pair]:
+    """A document's tokens cut into contiguous windows that fill [CLS] x [SEP] (all but
+    `short_seq_prob` of them, which take a random shorter length): the masked-LM-only
+    instances of RoBERTa's DOC-SENTENCES and ModernBERT, no second segment."""
+    tokens = np.concatenate([np.asarray(s, np.int32) for s in document])
+    max_tokens = config.max_seq_length - 2
+    windows, start = [], 0
+    while start < len(tokens):
+        size = max_tokens
+        if rng.random() < config.short_seq_prob:
+            size = int(rng.integers(2, max_tokens + 1))
+        windows.append((tokens[start : start + size], np.zeros(0, np.int32), 0))
+        start += size
+    return windows
+
+
 def _random_continuation(documents, index, target_length, rng) -> list[int]:
     # The original tries ten times to draw a document other than the current one.
     other = index
@@ -187,10 +211,11 @@ def make_instance(
 ) -> dict[str, np.ndarray]:
     """One masked, padded instance: the `FEATURES` of one example (no batch dimension)."""
     tokens_a, tokens_b, label = pair
-    n = len(tokens_a) + len(tokens_b) + 3
+    second = [tokens_b, [ids.sep_id]] if len(tokens_b) else []  # none for masked LM alone
+    tokens = np.concatenate([[ids.cls_id], tokens_a, [ids.sep_id], *second])
+    n = len(tokens)
     if n > config.max_seq_length:
         raise ValueError(f"pair of {n} tokens exceeds max_seq_length={config.max_seq_length}")
-    tokens = np.concatenate([[ids.cls_id], tokens_a, [ids.sep_id], tokens_b, [ids.sep_id]])
     positions, labels, corrupted = mask_tokens(tokens.astype(np.int32), config, ids, rng)
     length, preds = config.max_seq_length, config.max_predictions_per_seq
     out = {

@@ -1,7 +1,10 @@
-"""The model family: BERT and ALBERT encoders and their heads, used functionally.
+"""The model family: BERT, ALBERT, RoBERTa, XLM-R and ModernBERT encoders and their heads,
+used functionally.
 
-`config.py` (BertConfig and the released sizes), `layers.py` (the NNX blocks), `encoder.py`
-(embeddings, the stacked, shared or unrolled Transformer layers, the pooler) and `heads.py`
+`config.py` (BertConfig and the released sizes), `layers.py` (the NNX blocks),
+`attention.py` (masks, kernels, rotary positions, the attention layer), `encoder.py`
+(embeddings, the stacked, shared or unrolled Transformer layers, the pooler), `modern.py`
+(ModernBERT's encoder, `make_encoder` picking a config's) and `heads.py`
 (pretraining, masked LM, sequence and token classification, multiple choice, question
 answering); this module re-exports them and holds the functional helpers: `split_params`
 once, then `merge_params` inside pure jitted functions (see `bert_jax.training`).
@@ -36,6 +39,7 @@ from bert_jax.models.heads import (
     BertForTokenClassification,
     PretrainingOutput,
 )
+from bert_jax.models.modern import ModernBertModel, make_encoder
 
 __all__ = [
     "BertConfig",
@@ -49,6 +53,7 @@ __all__ = [
     "BertForTokenClassification",
     "BertModel",
     "EncoderOutput",
+    "ModernBertModel",
     "Packing",
     "Params",
     "PretrainingOutput",
@@ -59,6 +64,7 @@ __all__ = [
     "create_model",
     "attention",
     "layers",
+    "make_encoder",
     "merge_params",
     "param_bytes",
     "param_logical_axes",
@@ -104,7 +110,7 @@ def param_logical_axes(model: nnx.Module) -> Params:
     return out
 
 
-def count_params(config: BertConfig, model_cls=BertModel) -> int:
+def count_params(config: BertConfig, model_cls=make_encoder) -> int:
     """Number of parameters, from shapes only (nothing is allocated)."""
     _, params = split_params(abstract_model(config, model_cls))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -38,6 +38,32 @@ class AttentionMask:
         query_ids = ids if query_positions is None else gather(ids, query_positions)
         return ((query_ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] > 0))[:, None]
 
+    def near(self, window: int, query_positions: jax.Array | None = None) -> jax.Array:
+        """[1 or B, 1, Q, L] bool: keys at most window // 2 positions from the query (the
+        local layers of ModernBERT; both sides, its own token included)."""
+        keys = jnp.arange(self.ids.shape[1])
+        queries = keys[None] if query_positions is None else query_positions
+        return (jnp.abs(queries[:, :, None] - keys[None, None, :]) <= window // 2)[:, None]
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, ...]:
+    """(cos, sin) [B or 1, L, K] float32 of rotary position embeddings (Su et al., 2021) at
+    `positions` [B or 1, L], the frequencies theta^(-2i/K) repeated over the two halves of a
+    head (the rotate-half layout of GPT-NeoX and ModernBERT)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """x [B, L, H, K] rotated by its positions' angles, in float32, back to x's dtype."""
+    cos, sin = (t[:, :, None, :] for t in tables)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
 
 def gather(x: jax.Array, positions: jax.Array) -> jax.Array:
     """x [B, L, ...] at positions [B, Q] -> [B, Q, ...]."""
@@ -60,11 +86,14 @@ def uses_splash(kernel: str, length: int) -> bool:
     )
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array, window: int = 0
+) -> jax.Array:
     """Attention through the Pallas splash kernel (blockwise, the [L, L] scores never in HBM).
 
     q, k, v: [B, L, H, D]; ids: [B, L] int32 segment ids (a query attends to the keys of its
-    own id, so padding, id 0, attends only to padding, whose outputs nothing reads). Compiled
+    own id, so padding, id 0, attends only to padding, whose outputs nothing reads); window:
+    0, or a local window (`AttentionMask.near`), whose blocks out of reach are skipped. Compiled
     for the TPU there; elsewhere the same kernel runs in Pallas's interpreter (for tests).
     Under a mesh it runs per shard (`shard_map`) over the batch and head axes of the rules.
     """
@@ -74,7 +103,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -
             f"the splash attention kernel needs a sequence length divisible by 128, got {length}; "
             f"pad the inputs or use attention_kernel='xla'"
         )
-    run = functools.partial(_splash_local, length=length, head_dim=head_dim)
+    run = functools.partial(_splash_local, length=length, head_dim=head_dim, window=window)
     mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
     if mesh.empty or rules is None:
         return run(q, k, v, ids)
@@ -95,14 +124,21 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array) -
     )(q, k, v, ids)
 
 
-def _splash_local(q, k, v, ids, *, length: int, head_dim: int):
+def _splash_local(q, k, v, ids, *, length: int, head_dim: int, window: int):
     """`splash_attention` on one shard's batch and heads, [B, L, H, D]."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     block = min(512, length)
     kernel = sk.make_splash_mha(
-        sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(q.shape[2])]),
+        sm.MultiHeadMask(
+            [
+                sm.LocalMask((length, length), (window // 2, window // 2), offset=0)
+                if window
+                else sm.FullMask((length, length))
+                for _ in range(q.shape[2])
+            ]
+        ),
         head_shards=1,
         q_seq_shards=1,
         block_sizes=sk.BlockSizes(
@@ -126,8 +162,48 @@ def _splash_local(q, k, v, ids, *, length: int, head_dim: int):
     return jnp.swapaxes(out, 1, 2)
 
 
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: AttentionMask,
+    *,
+    kernel: str = "auto",
+    query_positions: jax.Array | None = None,
+    window: int = 0,
+    is_local: jax.Array | bool = False,
+    probs_dropout: float = 0.0,
+    rng: jax.Array | None = None,
+    deterministic: bool = True,
+    return_probs: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """q [B, Q, H, K], k, v [B, L, H, K] -> (context [B, Q, H, K], probabilities [B, H, Q, L]
+    float32 or None), by the explicit path (to return or drop out the probabilities), the
+    splash kernel or XLA's fused attention; arguments as `SelfAttention`'s."""
+    dense_mask = mask.dense(query_positions)
+    if window:
+        far = jnp.logical_not(mask.near(window, query_positions))
+        dense_mask = dense_mask & jnp.logical_not(far & jnp.asarray(is_local))
+    use_dropout = not deterministic and probs_dropout > 0.0
+    if return_probs or use_dropout:
+        # The explicit path: needed to return or drop out the probabilities. The fused
+        # kernels below cannot do either.
+        scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(dense_mask, logits * scale, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        dropped = dropout(probs, probs_dropout, rng, deterministic)
+        ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(v.dtype), v)
+    elif query_positions is None and uses_splash(kernel, q.shape[1]):
+        ctx = _splash_layer(q, k, v, mask.ids, window, is_local)
+    else:
+        ctx = jax.nn.dot_product_attention(q, k, v, mask=dense_mask)
+    return ctx, probs if return_probs or use_dropout else None
+
+
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention under a key padding mask, split-head projections."""
+    """Multi-head self-attention under an `AttentionMask`, split-head projections ([D, H, K]
+    query, key and value kernels, or one fused [D, 3, H, K] kernel as ModernBERT's `Wqkv`)."""
 
     def __init__(
         self,
@@ -138,6 +214,9 @@ class SelfAttention(nnx.Module):
         rngs: nnx.Rngs,
         head_dim: int | None = None,
         kernel: str = "auto",
+        fused_qkv: bool = False,
+        use_bias: bool = True,
+        out_init_std: float | None = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         quantization: str = "none",
@@ -147,21 +226,43 @@ class SelfAttention(nnx.Module):
         # A pruned layer keeps the head size of the model and fewer heads.
         head_dim = head_dim or hidden_size // num_heads
         kw = dict(
-            init_std=init_std,
             rngs=rngs,
+            use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
             quantization=quantization,
         )
-        qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
-        self.query = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
-        self.key = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
-        self.value = Dense(hidden_size, (num_heads, head_dim), kernel_axes=qkv_axes, **kw)
+        heads = (num_heads, head_dim)
+        if fused_qkv:
+            self.qkv = Dense(
+                hidden_size,
+                (3, *heads),
+                kernel_axes=(axes.EMBED, None, axes.HEADS, axes.KV),
+                init_std=init_std,
+                **kw,
+            )
+        else:
+            qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
+            self.query, self.key, self.value = (
+                Dense(hidden_size, heads, kernel_axes=qkv_axes, init_std=init_std, **kw)
+                for _ in range(3)
+            )
         self.output = Dense(
-            (num_heads, head_dim), hidden_size, kernel_axes=(axes.HEADS, axes.KV, axes.EMBED), **kw
+            heads,
+            hidden_size,
+            kernel_axes=(axes.HEADS, axes.KV, axes.EMBED),
+            init_std=out_init_std or init_std,
+            **kw,
         )
-        self.dtype = dtype
+        self.fused_qkv = fused_qkv
         self.kernel = kernel
+
+    def _project(self, x: jax.Array, queries: jax.Array) -> tuple[jax.Array, ...]:
+        if not self.fused_qkv:
+            return self.query(queries), self.key(x), self.value(x)
+        qkv = self.qkv(x)  # [B, L, 3, H, K]
+        q = qkv[:, :, 0] if queries is x else self.qkv(queries)[:, :, 0]
+        return q, qkv[:, :, 1], qkv[:, :, 2]
 
     def __call__(
         self,
@@ -174,6 +275,9 @@ class SelfAttention(nnx.Module):
         return_probs: bool = False,
         head_mask: jax.Array | None = None,
         query_positions: jax.Array | None = None,
+        rotary: tuple[jax.Array, jax.Array] | None = None,
+        window: int = 0,
+        is_local: jax.Array | bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Attends every position (or those at `query_positions`) to the unmasked ones.
 
@@ -188,31 +292,35 @@ class SelfAttention(nnx.Module):
             head; the gradient with respect to it scores the head, Michel et al., 2019).
           query_positions: [B, Q] int32: only these positions ask (keys and values come from
             every position); None: all.
+          rotary: (cos, sin) [B or 1, L, K] (`rotary_tables`) rotating queries and keys.
+          window, is_local: with `is_local` (a bool, or traced per layer of a scanned stack)
+            keys further than window // 2 from the query are masked (`AttentionMask.near`).
 
         Returns:
           ([B, L or Q, D] output, probabilities or None).
         """
         qkv_axes = (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV)
         queries = x if query_positions is None else gather(x, query_positions)
-        q = axes.constrain(self.query(queries), qkv_axes)
-        k, v = (axes.constrain(p(x), qkv_axes) for p in (self.key, self.value))
-        dense_mask = mask.dense(query_positions)
-        use_dropout = not deterministic and probs_dropout > 0.0
-        if return_probs or use_dropout:
-            # The explicit path: needed to return or drop out the probabilities. The fused
-            # kernels below cannot do either.
-            scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-            logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-            logits = jnp.where(dense_mask, logits * scale, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1)
-            dropped = dropout(probs, probs_dropout, rng, deterministic)
-            ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(self.dtype), v)
-        elif query_positions is None and uses_splash(self.kernel, q.shape[1]):
-            probs = None
-            ctx = splash_attention(q, k, v, mask.ids)
-        else:
-            probs = None
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=dense_mask)
+        q, k, v = (axes.constrain(p, qkv_axes) for p in self._project(x, queries))
+        if rotary is not None:
+            q_tables = (
+                rotary if query_positions is None else [gather(t, query_positions) for t in rotary]
+            )
+            q, k = rotate(q, q_tables), rotate(k, rotary)
+        ctx, probs = attend(
+            q,
+            k,
+            v,
+            mask,
+            kernel=self.kernel,
+            query_positions=query_positions,
+            window=window,
+            is_local=is_local,
+            probs_dropout=probs_dropout,
+            rng=rng,
+            deterministic=deterministic,
+            return_probs=return_probs,
+        )
         if head_mask is not None:  # [H] or [B, H]
             per_example = head_mask.ndim == 2
             m = head_mask.astype(ctx.dtype)
@@ -222,3 +330,17 @@ class SelfAttention(nnx.Module):
                     head_mask[..., None, None] if per_example else head_mask[:, None, None]
                 )
         return self.output(ctx), (probs if return_probs else None)
+
+
+def _splash_layer(q, k, v, ids, window: int, is_local) -> jax.Array:
+    """Splash attention, local where `is_local` says (static, or traced per layer of a scan:
+    both kernels are in the program and the layer's flag picks one)."""
+    if not window or is_local is False:
+        return splash_attention(q, k, v, ids)
+    if is_local is True:
+        return splash_attention(q, k, v, ids, window)
+    return jax.lax.cond(
+        is_local,
+        lambda: splash_attention(q, k, v, ids, window),
+        lambda: splash_attention(q, k, v, ids),
+    )

@@ -15,7 +15,10 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # The Hugging Face layouts a config's weights follow. ALBERT is BERT with its layers shared;
 # RoBERTa and XLM-RoBERTa are BERT's layers with positions counted after the padding index
 # (`position_offset`), one token type and their own tensor names and tokenizers.
-MODEL_TYPES = ("bert", "albert", "roberta", "xlm-roberta")
+# ModernBERT (Warner et al., 2024) is the family's pre-norm encoder: rotary positions, local
+# and global attention layers, a gated GELU feed-forward (see `modern.py`).
+MODEL_TYPES = ("bert", "albert", "roberta", "xlm-roberta", "modernbert")
+_POOLING = ("cls", "mean")
 # What the backward pass recomputes instead of keeping: nothing; the attention scores,
 # probabilities and every elementwise result (the matmul outputs are kept: Korthikanti et
 # al.'s selective recomputation); or the whole layer from its input.
@@ -44,6 +47,52 @@ def _check_model_type(config: "BertConfig") -> None:
         raise ValueError(
             f"BertConfig.position_offset={config.position_offset} leaves no position of "
             f"max_position_embeddings={config.max_position_embeddings}"
+        )
+
+
+def _check_albert(config: "BertConfig") -> None:
+    if not isinstance(config.embedding_size, int) or config.embedding_size < 0:
+        raise ValueError(f"BertConfig.embedding_size must be >= 0, got {config.embedding_size!r}")
+    if config.embedding_size > config.hidden_size:
+        raise ValueError(
+            f"BertConfig.embedding_size={config.embedding_size} is larger than hidden_size="
+            f"{config.hidden_size}: factorized embeddings are meant to be smaller (ALBERT uses "
+            f"128); use embedding_size <= hidden_size, or 0 for BERT's unfactorized table"
+        )
+    if config.share_layers not in _SHARING:
+        raise ValueError(f"BertConfig.share_layers={config.share_layers!r}; use one of {_SHARING}")
+    groups, inner = config.num_hidden_groups, config.inner_group_num
+    if groups < 1 or inner < 1 or config.num_hidden_layers % groups:
+        raise ValueError(
+            f"BertConfig.num_hidden_groups={groups} must be positive and divide "
+            f"num_hidden_layers={config.num_hidden_layers} (inner_group_num={inner} >= 1)"
+        )
+    if (groups > 1 or inner > 1) and config.share_layers != "all":
+        raise ValueError(
+            "layer groups (num_hidden_groups or inner_group_num > 1) are ALBERT's sharing "
+            "scheme: set share_layers='all'"
+        )
+
+
+def _check_modernbert(config: "BertConfig") -> None:
+    if config.share_layers != "none" or config.embedding_size not in (0, config.hidden_size):
+        raise ValueError("ModernBERT has neither shared layers nor factorized embeddings")
+    if config.pruned_heads or config.position_offset:
+        raise ValueError("ModernBERT takes neither pruned heads nor a position offset")
+    if config.head_dim % 2:
+        raise ValueError(f"rotary positions need an even head size, got {config.head_dim}")
+    if config.local_attention < 2 or config.local_attention % 2:
+        raise ValueError(
+            f"BertConfig.local_attention={config.local_attention}: the local window is an even "
+            f"number of tokens (ModernBERT: 128), half of it on each side of a token"
+        )
+    if config.global_attn_every_n_layers < 1:
+        raise ValueError("BertConfig.global_attn_every_n_layers must be >= 1")
+    if min(config.global_rope_theta, config.local_rope_theta) <= 0:
+        raise ValueError("BertConfig.global_rope_theta and local_rope_theta must be positive")
+    if config.classifier_pooling not in _POOLING:
+        raise ValueError(
+            f"BertConfig.classifier_pooling={config.classifier_pooling!r}; use one of {_POOLING}"
         )
 
 
@@ -118,6 +167,18 @@ class BertConfig:
     # (fairseq counts positions after the padding index: pad_token_id + 1 = 2), so inputs hold
     # at most max_position_embeddings - position_offset tokens; padding takes row offset - 1.
     position_offset: int = 0
+    # ModernBERT only: no position table (max_position_embeddings bounds the length) but
+    # rotary positions of base `global_rope_theta` in the global layers (every
+    # `global_attn_every_n_layers`-th, from the first) and `local_rope_theta` in the others,
+    # which attend within `local_attention` tokens (a key at most half of it away);
+    # `use_bias` False leaves biases out of the layers, norms and the heads' dense layer (not
+    # the classifier or the decoder); the sequence classifier pools "cls" or "mean".
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float = 10000.0
+    local_attention: int = 128
+    global_attn_every_n_layers: int = 3
+    use_bias: bool = True
+    classifier_pooling: str = "cls"
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # configs and config.json files of earlier runs
@@ -163,9 +224,11 @@ class BertConfig:
             raise ValueError(
                 f"BertConfig.quantization={self.quantization!r}; use one of {layers.QUANTIZATION}"
             )
-        self._check_albert()
+        _check_albert(self)
         _check_pruned_heads(self)
         _check_model_type(self)
+        if self.model_type == "modernbert":
+            _check_modernbert(self)
 
     @property
     def max_length(self) -> int:
@@ -182,35 +245,15 @@ class BertConfig:
             f"{self.max_position_embeddings}{offset}"
         )
 
+    def global_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends globally (ModernBERT; every layer of the others)."""
+        n = self.global_attn_every_n_layers if self.model_type == "modernbert" else 1
+        return tuple(i % n == 0 for i in range(self.num_hidden_layers))
+
     def kept_heads(self, layer: int) -> tuple[int, ...]:
         """The original indices of the heads layer `layer` keeps."""
         removed = set(self.pruned_heads[layer]) if self.pruned_heads else set()
         return tuple(h for h in range(self.num_attention_heads) if h not in removed)
-
-    def _check_albert(self) -> None:
-        if not isinstance(self.embedding_size, int) or self.embedding_size < 0:
-            raise ValueError(f"BertConfig.embedding_size must be >= 0, got {self.embedding_size!r}")
-        if self.embedding_size > self.hidden_size:
-            raise ValueError(
-                f"BertConfig.embedding_size={self.embedding_size} is larger than hidden_size="
-                f"{self.hidden_size}: factorized embeddings are meant to be smaller (ALBERT uses "
-                f"128); use embedding_size <= hidden_size, or 0 for BERT's unfactorized table"
-            )
-        if self.share_layers not in _SHARING:
-            raise ValueError(
-                f"BertConfig.share_layers={self.share_layers!r}; use one of {_SHARING}"
-            )
-        groups, inner = self.num_hidden_groups, self.inner_group_num
-        if groups < 1 or inner < 1 or self.num_hidden_layers % groups:
-            raise ValueError(
-                f"BertConfig.num_hidden_groups={groups} must be positive and divide "
-                f"num_hidden_layers={self.num_hidden_layers} (inner_group_num={inner} >= 1)"
-            )
-        if (groups > 1 or inner > 1) and self.share_layers != "all":
-            raise ValueError(
-                "layer groups (num_hidden_groups or inner_group_num > 1) are ALBERT's sharing "
-                "scheme: set share_layers='all'"
-            )
 
     @property
     def embed_dim(self) -> int:
@@ -238,7 +281,7 @@ class BertConfig:
     @classmethod
     def named(cls, name: str, **overrides: Any) -> "BertConfig":
         """A released size: `bert_base`, `bert_large`, `albert_*`, `roberta_base`/`_large`,
-        `xlm_roberta_base`/`_large`, or the small-BERT grid `L-4_H-256`.
+        `xlm_roberta_base`/`_large`, `modernbert_base`/`_large`, or the small-BERT grid `L-4_H-256`.
 
         The small BERTs (Turc et al., 2019) have heads = H / 64 and intermediate size 4 H.
         """
@@ -301,3 +344,21 @@ for _name, _type, _vocab in (
     _NAMED[f"{_name}_large"] = dataclasses.replace(
         _NAMED["bert_large"], vocab_size=_vocab, model_type=_type, **_ROBERTA
     )
+_MODERNBERT = dict(
+    vocab_size=50368,
+    max_position_embeddings=8192,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    model_type="modernbert",
+    use_bias=False,
+)
+_NAMED["modernbert_base"] = BertConfig(intermediate_size=1152, num_hidden_layers=22, **_MODERNBERT)
+_NAMED["modernbert_large"] = BertConfig(
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    intermediate_size=2624,
+    **_MODERNBERT,
+)

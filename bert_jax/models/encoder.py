@@ -2,6 +2,7 @@
 across layers as ALBERT, or unrolled where heads are pruned) and the pooler."""
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -223,7 +224,7 @@ class BertEncoder(nnx.Module):
                 [make_layer(k, len(h)) for k, h in zip(keys, self.kept_heads, strict=True)]
             )
         self.shared_parts = _SHARED_PARTS.get(config.share_layers, ())
-        self.layer = None if self.kept_heads else self._stacked_layers(make_layer, keys)
+        self.layer = None if self.kept_heads else stack_layers(make_layer, keys, self.shared_parts)
         self.embedding_projection = (
             layers.Dense(
                 config.embed_dim,
@@ -337,17 +338,6 @@ class BertEncoder(nnx.Module):
         out, _ = apply(h, jax.tree.map(lambda a: a[-1], xs), query_positions)
         return out, None, None
 
-    def _stacked_layers(self, make_layer, keys) -> TransformerLayer:
-        """One layer module whose weights carry a leading axis of the weight sets."""
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
-        stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
-        for name in self.shared_parts:  # one copy of the shared sublayers, for every layer
-            for var in _variables(stacked[name]):
-                var.set_value(var.get_value()[:1])
-        for var in _variables(stacked):
-            var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
-        return nnx.merge(graphdef, stacked)
-
     def _unrolled(
         self,
         h,
@@ -450,7 +440,7 @@ class BertModel(nnx.Module):
             deterministic=deterministic,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            head_mask=self._check_head_mask(head_mask),
+            head_mask=check_head_mask(self.config, head_mask),
             query_positions=query_positions,
         )
         if packing is None:
@@ -462,18 +452,34 @@ class BertModel(nnx.Module):
             hidden = jnp.concatenate([x[None], hidden], axis=0)
         return EncoderOutput(seq, pooled, hidden, probs)
 
-    def _check_head_mask(self, head_mask):
-        """[N, H] (one mask) or [B, N, H] (one per example) -> [N, H] or [N, B, H]."""
-        if head_mask is None:
-            return None
-        want = (self.config.num_hidden_layers, self.config.num_attention_heads)
-        if tuple(head_mask.shape[-2:]) != want or head_mask.ndim not in (2, 3):
-            raise ValueError(
-                f"head_mask has shape {tuple(head_mask.shape)}; it must be [layers, heads] = "
-                f"{list(want)}, or [batch, layers, heads]"
-            )
-        head_mask = jnp.asarray(head_mask, jnp.float32)
-        return head_mask if head_mask.ndim == 2 else jnp.swapaxes(head_mask, 0, 1)
+
+def check_head_mask(config: BertConfig, head_mask: jax.Array | None) -> jax.Array | None:
+    """[N, H] (one mask) or [B, N, H] (one per example) -> [N, H] or [N, B, H]."""
+    if head_mask is None:
+        return None
+    want = (config.num_hidden_layers, config.num_attention_heads)
+    if tuple(head_mask.shape[-2:]) != want or head_mask.ndim not in (2, 3):
+        raise ValueError(
+            f"head_mask has shape {tuple(head_mask.shape)}; it must be [layers, heads] = "
+            f"{list(want)}, or [batch, layers, heads]"
+        )
+    head_mask = jnp.asarray(head_mask, jnp.float32)
+    return head_mask if head_mask.ndim == 2 else jnp.swapaxes(head_mask, 0, 1)
+
+
+def stack_layers(
+    make_layer: Callable[[jax.Array], nnx.Module], keys: jax.Array, shared_parts: tuple = ()
+) -> nnx.Module:
+    """One layer module whose weights carry a leading axis of the weight sets, one per key
+    (a single copy of the sublayers named in `shared_parts`, read by every layer)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_layer(keys[0])))
+    stacked = jax.vmap(lambda k: nnx.state(make_layer(k)))(keys)
+    for name in shared_parts:
+        for var in _variables(stacked[name]):
+            var.set_value(var.get_value()[:1])
+    for var in _variables(stacked):
+        var.set_metadata(logical_axes=(axes.LAYERS, *var.get_metadata()["logical_axes"]))
+    return nnx.merge(graphdef, stacked)
 
 
 def check_input_shapes(config: BertConfig, input_ids, input_mask, segment_ids) -> None:

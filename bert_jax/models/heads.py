@@ -1,6 +1,6 @@
-"""The heads on the encoder: pretraining (masked LM + next sentence or sentence order),
-masked LM alone, sequence classification / regression, token classification, multiple
-choice and extractive question answering."""
+"""The heads on the encoder of any family (`make_encoder`): pretraining (masked LM + next
+sentence or sentence order), masked LM alone, sequence classification / regression, token
+classification, multiple choice and extractive question answering."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,8 @@ from flax import nnx, struct
 from bert_jax import axes
 from bert_jax.models import attention, layers
 from bert_jax.models.config import BertConfig
-from bert_jax.models.encoder import BertModel, EncoderOutput, _layer_kwargs, _weight_kwargs
+from bert_jax.models.encoder import EncoderOutput, _layer_kwargs, _weight_kwargs
+from bert_jax.models.modern import PredictionHead, make_encoder
 
 
 @struct.dataclass
@@ -29,12 +30,18 @@ class _MaskedLMModel(nnx.Module):
     def _init_encoder_and_mlm(self, config: BertConfig, rngs: nnx.Rngs, add_pooling_layer: bool):
         kw = dict(init_std=config.initializer_range, rngs=rngs, **_weight_kwargs(config))
         d, e = config.hidden_size, config.embed_dim
-        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=add_pooling_layer)
+        self.bert = make_encoder(config, rngs=rngs, add_pooling_layer=add_pooling_layer)
         # ALBERT maps to the factorized size E, where the tied decoder lives.
         out_axis = axes.MLP if e == d else None
-        self.transform = layers.Dense(d, e, kernel_axes=(axes.EMBED, out_axis), **kw)
+        self.transform = layers.Dense(
+            d, e, kernel_axes=(axes.EMBED, out_axis), use_bias=config.use_bias, **kw
+        )
         self.transform_layer_norm = layers.LayerNorm(
-            e, epsilon=config.layer_norm_eps, rngs=rngs, **_layer_kwargs(config)
+            e,
+            epsilon=config.layer_norm_eps,
+            rngs=rngs,
+            use_bias=config.use_bias,
+            **_layer_kwargs(config),
         )
         self.output_bias = layers.param(
             jnp.zeros((config.vocab_size,), jnp.dtype(config.param_dtype)), (axes.VOCAB,)
@@ -129,7 +136,8 @@ class _DenseHead(nnx.Module):
     ) -> None:
         if not isinstance(outputs, int) or outputs < 1:
             raise ValueError(f"num_labels must be a positive integer, got {outputs!r}")
-        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=pooled)
+        self.bert = make_encoder(config, rngs=rngs, add_pooling_layer=pooled)
+        self.token_head = _token_head(config, rngs) if not pooled else None
         self.classifier = layers.Dense(
             config.hidden_size,
             outputs,
@@ -160,6 +168,8 @@ class _DenseHead(nnx.Module):
             input_ids, input_mask, segment_ids, rng=enc_key, deterministic=deterministic, **kwargs
         )
         hidden = enc.sequence_output if self.bert.pooler is None else enc.pooled_output
+        if self.token_head is not None:
+            hidden = self.token_head(hidden)
         hidden = layers.dropout(hidden, self.dropout_rate, drop_key, deterministic)
         return self.classifier(hidden).astype(jnp.float32), enc
 
@@ -230,7 +240,8 @@ class BertForQuestionAnswering(nnx.Module):
     (extractive QA, as `transformers`' BertForQuestionAnswering; no pooler)."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        self.bert = BertModel(config, rngs=rngs, add_pooling_layer=False)
+        self.bert = make_encoder(config, rngs=rngs, add_pooling_layer=False)
+        self.token_head = _token_head(config, rngs)
         self.qa_outputs = layers.Dense(
             config.hidden_size,
             2,
@@ -250,5 +261,14 @@ class BertForQuestionAnswering(nnx.Module):
         """(start logits [B, L], end logits [B, L], both float32, encoder output); keyword
         arguments as in `BertModel`."""
         enc = self.bert(input_ids, input_mask, segment_ids, **kwargs)
-        logits = self.qa_outputs(enc.sequence_output).astype(jnp.float32)
+        hidden = enc.sequence_output
+        if self.token_head is not None:
+            hidden = self.token_head(hidden)
+        logits = self.qa_outputs(hidden).astype(jnp.float32)
         return logits[..., 0], logits[..., 1], enc
+
+
+def _token_head(config: BertConfig, rngs: nnx.Rngs) -> PredictionHead | None:
+    """ModernBERT's per-token heads put its prediction head (dense, activation, norm) before
+    their last dense layer; BERT's read the encoder's output directly."""
+    return PredictionHead(config, rngs=rngs) if config.model_type == "modernbert" else None

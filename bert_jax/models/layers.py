@@ -261,19 +261,22 @@ class LayerNorm(nnx.Module):
         rngs: nnx.Rngs,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
     ):
         del rngs  # Deterministic initialisation; the argument keeps the layer API uniform.
         self.epsilon = epsilon
         self.dtype = dtype
         self.scale = param(jnp.ones((features,), param_dtype), (axes.EMBED,))
-        self.bias = param(jnp.zeros((features,), param_dtype), (axes.EMBED,))
+        self.bias = param(jnp.zeros((features,), param_dtype), (axes.EMBED,)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 

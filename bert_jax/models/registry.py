@@ -1,15 +1,13 @@
 """The one table of the family's architectures: a Hugging Face architecture name (a family's
-prefix, `Bert`, `Albert`, `Roberta` or `XLMRoberta`, + a head) to the bert_jax model class
-that runs it. Every part
-that turns a name into a model (loading weights, tasks, tools, exports) asks `model_class`;
-a new head or encoder is a class plus a line here."""
+prefix, `Bert`, `Albert`, `Roberta`, `XLMRoberta` or `ModernBert`, + a head) to the bert_jax
+model class that runs it. Every part that turns a name into a model (loading weights, tasks,
+tools, exports) asks `model_class`; a new head or encoder is a class plus a line here."""
 
 import functools
 from collections.abc import Callable
 
 from flax import nnx
 
-from bert_jax.models.encoder import BertModel
 from bert_jax.models.heads import (
     BertForMaskedLM,
     BertForMultipleChoice,
@@ -18,10 +16,12 @@ from bert_jax.models.heads import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
+from bert_jax.models.modern import make_encoder
 
-# Head (the name after the family) -> (class, whether it takes `num_labels`).
-HEADS: dict[str, tuple[type[nnx.Module], bool]] = {
-    "Model": (BertModel, False),
+# Head (the name after the family) -> (class, whether it takes `num_labels`); each head
+# builds the encoder of its config's family (`make_encoder`).
+HEADS: dict[str, tuple[Callable[..., nnx.Module], bool]] = {
+    "Model": (make_encoder, False),
     "ForPreTraining": (BertForPreTraining, False),
     "ForMaskedLM": (BertForMaskedLM, False),
     "ForSequenceClassification": (BertForSequenceClassification, True),
@@ -31,9 +31,16 @@ HEADS: dict[str, tuple[type[nnx.Module], bool]] = {
 }
 # `BertConfig.model_type` -> the prefix of its architecture names. One model class each:
 # ALBERT is BERT with sharing; RoBERTa and XLM-R are BERT with offset positions.
-FAMILIES = {"bert": "Bert", "albert": "Albert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
-# Heads a family's Hugging Face release does not have (RoBERTa pretrains without NSP).
-_ABSENT = {"Roberta": ("ForPreTraining",), "XLMRoberta": ("ForPreTraining",)}
+FAMILIES = {
+    "bert": "Bert",
+    "albert": "Albert",
+    "roberta": "Roberta",
+    "xlm-roberta": "XLMRoberta",
+    "modernbert": "ModernBert",
+}
+# Heads a family's Hugging Face release does not have (RoBERTa, ModernBERT pretrain without
+# a sentence-pair head).
+_ABSENT = {p: ("ForPreTraining",) for p in ("Roberta", "XLMRoberta", "ModernBert")}
 ARCHITECTURES = tuple(
     f"{prefix}{head}"
     for prefix in FAMILIES.values()
@@ -67,6 +74,22 @@ def architecture(model_type: str, head: str) -> str:
             f"{[a for a in ARCHITECTURES if a.startswith(FAMILIES[model_type])]}"
         )
     return name
+
+
+def pretraining_architecture(model_type: str) -> str:
+    """The model a family pretrains: masked LM and the sentence-pair head (BERT, ALBERT), or
+    masked LM alone where its release has no such head (RoBERTa, XLM-R, ModernBERT)."""
+    prefix = FAMILIES[model_type]
+    head = "ForMaskedLM" if "ForPreTraining" in _ABSENT.get(prefix, ()) else "ForPreTraining"
+    return prefix + head
+
+
+def in_family(model_type: str, architecture: str) -> str:
+    """`architecture`'s head in the family of `model_type`; the pretraining model
+    (`ForPreTraining`) asked of a family without one is its masked-LM model."""
+    if head_of(architecture) == "ForPreTraining":
+        return pretraining_architecture(model_type)
+    return globals()["architecture"](model_type, architecture)
 
 
 def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:

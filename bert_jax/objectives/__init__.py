@@ -12,9 +12,12 @@ from bert_jax.objectives.heads import (
     multiple_choice,
     token_classification,
 )
-from bert_jax.objectives.pretraining import PRETRAINING
+from bert_jax.objectives.pretraining import MASKED_LM, MLM_ONLY, PRETRAINING
+from bert_jax.objectives.pretraining import for_config as pretraining_objective
 
 __all__ = [
+    "MASKED_LM",
+    "MLM_ONLY",
     "OWN_PARAMS",
     "PRETRAINING",
     "QUESTION_ANSWERING",
@@ -24,6 +27,7 @@ __all__ = [
     "classification",
     "multiple_choice",
     "pretraining_distillation",
+    "pretraining_objective",
     "task_distillation",
     "token_classification",
 ]

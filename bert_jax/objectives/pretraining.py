@@ -1,4 +1,5 @@
-"""Pretraining's objective: masked LM + next-sentence (or sentence-order) prediction."""
+"""Pretraining's objectives: masked LM + next-sentence (or sentence-order) prediction, as
+BERT and ALBERT; masked LM alone, as RoBERTa, XLM-R and ModernBERT (`for_config` picks)."""
 
 from bert_jax import losses, models
 from bert_jax.objectives.base import Objective
@@ -25,3 +26,25 @@ def _pretraining_loss(model, batch, rng, deterministic):
 
 
 PRETRAINING = Objective(models.BertForPreTraining, _pretraining_loss, summarize=losses.summarize)
+
+
+def _masked_lm_loss(model, batch, rng, deterministic):
+    logits, _ = model(
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        batch["masked_lm_positions"],
+        rng=rng,
+        deterministic=deterministic,
+    )
+    return losses.masked_lm_loss(logits, batch)
+
+
+MASKED_LM = Objective(models.BertForMaskedLM, _masked_lm_loss, summarize=losses.summarize)
+# The families whose released models pretrain without a sentence-pair head.
+MLM_ONLY = ("roberta", "xlm-roberta", "modernbert")
+
+
+def for_config(config: models.BertConfig) -> Objective:
+    """The pretraining objective of a config's family."""
+    return MASKED_LM if config.model_type in MLM_ONLY else PRETRAINING

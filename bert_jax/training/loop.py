@@ -46,6 +46,14 @@ class RunConfig:
     init_step: bool = False
     student_layers: tuple[int, ...] = ()
     distill: dict = dataclasses.field(default_factory=dict)
+    # Model fields this run sets over init_from's (a context extension's global_rope_theta).
+    model_changes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        fields = {f.name for f in dataclasses.fields(models.BertConfig)}
+        unknown = sorted(set(self.model_changes) - fields)
+        if unknown:
+            raise ValueError(f"model_changes names {unknown}, which are not model fields")
 
 
 class Loop:
