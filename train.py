@@ -310,33 +310,15 @@ def _norm(value):
 
 def continue_state(state, run: loop_lib.RunConfig, abstract):
     """Phase 2 of a two-phase recipe: the optimizer state of the `init_from` workdir's newest
-    checkpoint (and with `init_step`, its step), placed in this run's shardings.
-
-    Raises:
-      ValueError when that checkpoint's optimizer state is another optimizer's or model's.
-    """
-    source = convert.read_run(convert.model_kind(run.init_from)[1])
-    directory, step = source["checkpoints"], source["step"]
-    try:
-        opt_state = checkpoint.restore_subtree(
-            directory, step, ("opt_state",), abstract.opt_state, root=()
-        )
-    except ValueError as e:
-        raise ValueError(
-            f"--config.init_optimizer: the optimizer state of {directory}/{step} does not fit "
-            f"this run's (optim.name={run.optim.name}; phase 2 must use phase 1's optimizer "
-            f"and model): {e}"
-        ) from None
+    checkpoint (and with `init_step`, its step; without, this phase's schedule from its
+    start), placed in this run's shardings."""
+    opt_state, step, where = convert.read_optimizer_state(run.init_from, abstract.opt_state)
     if run.init_step:  # one schedule over both phases, read at the continued step
         state = state.replace(step=jax.device_put(np.int32(step), abstract.step.sharding))
-    else:  # this phase's own schedule, from its start
+    else:
         opt_state = optim.restart_schedule(opt_state)
-    state = state.replace(opt_state=opt_state)
-    _print(
-        f"continuing the optimizer state{' and step' if run.init_step else ''} of "
-        f"{directory}/{step}"
-    )
-    return state
+    _print(f"continuing the optimizer state{' and step' if run.init_step else ''} of {where}")
+    return state.replace(opt_state=opt_state)
 
 
 def preflight(run: loop_lib.RunConfig, workdir: str, mesh) -> list[str]:
@@ -399,16 +381,8 @@ def model_problems(run: loop_lib.RunConfig, mesh, model_known: bool = True) -> l
     if model_known and run.model.length_problem(run.data.masking.max_seq_length):
         length = run.data.masking.max_seq_length
         problems.append(f"data.{run.model.length_problem(length)}; lower one or raise the other")
-    mlm_only = run.model.model_type in objectives.MLM_ONLY
-    if model_known and mlm_only != (run.data.masking.next_sentence == "none"):
-        problems.append(
-            f"a {run.model.model_type} model pretrains "
-            + (
-                "with masked LM alone: set --config.data.next_sentence=none"
-                if mlm_only
-                else "with a sentence-pair head: set --config.data.next_sentence=nsp (or sop)"
-            )
-        )
+    if model_known and objectives.pretraining_data_problem(run.model, run.data.masking):
+        problems.append(objectives.pretraining_data_problem(run.model, run.data.masking))
     replicas = sharding.data_parallel_size(mesh, run.mesh.rules) * run.optim.grad_accum_steps
     if run.train.batch_size % replicas:
         problems.append(

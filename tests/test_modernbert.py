@@ -36,21 +36,19 @@ HEADS = (
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A byte-level BPE learned by `tokenizers` with ModernBERT's special tokens and its
-    `[CLS] A [SEP] B [SEP]` template, saved by `transformers`' PreTrainedTokenizerFast as
+def _save_tokenizer(texts, root, vocab_size=400):
+    """A byte-level BPE learned by `tokenizers` on `texts` with ModernBERT's special tokens and
+    its `[CLS] A [SEP] B [SEP]` template, saved by `transformers`' PreTrainedTokenizerFast as
     ModernBERT's tokenizer is."""
-    root = tmp_path_factory.mktemp("modernbert_tokenizer")
     tok = Tokenizer(token_models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(texts, trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",
@@ -63,6 +61,13 @@ def tokenizer_dir(tmp_path_factory):
         model_input_names=["input_ids", "attention_mask"],
     )
     fast.save_pretrained(root)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modernbert_tokenizer")
+    _save_tokenizer(CORPUS, root)
     return root
 
 
@@ -297,3 +302,63 @@ def test_splash_kernel_with_local_masks_equals_xla_attention():
         ]
         want, got = (np.asarray(o.sequence_output) * mask[..., None] for o in outputs)
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_a_modernbert_fine_tunes_on_pairs_and_its_run_exports_to_transformers(tmp_path):
+    """finetune.py from a released-layout ModernBERT (random weights, its kind of tokenizer):
+    a pair task the text decides is learned, and the fine-tuned run exports to a directory
+    whose `transformers` ModernBertForSequenceClassification gives the same dev accuracy."""
+    import glue_data
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import finetune
+
+    rng = np.random.default_rng(1)
+    rows = [
+        [
+            str(i % 2),
+            "a",
+            "b",
+            glue_data.sentence(rng),
+            glue_data.sentence(rng, "good" if i % 2 else "bad"),
+        ]
+        for i in range(480)
+    ]
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    glue_data.write_tsv(tmp_path / "glue/MRPC/train.tsv", header, rows[:400])
+    glue_data.write_tsv(tmp_path / "glue/MRPC/dev.tsv", header, rows[400:])
+    glue_data.write_tsv(
+        tmp_path / "glue/MRPC/test.tsv", ["index", *header[1:]], [["0", "a", "b", "w1", "good w2"]]
+    )
+    model_dir = tmp_path / "modernbert"
+    tokenizer = _save_tokenizer([t for r in rows for t in r[3:]], model_dir, vocab_size=300)
+    config = _hf_config(len(tokenizer), tokenizer.pad_token_id, "ForSequenceClassification")
+    config.update(dict(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_labels=2))
+    torch.manual_seed(0)
+    transformers.ModernBertModel(config).save_pretrained(model_dir)
+
+    cfg = glue_data.finetune_config(
+        init_from=f"hf:{model_dir}",
+        tasks=("mrpc",),
+        data_dir=str(tmp_path / "glue"),
+        max_seq_length=32,
+        num_epochs=8.0,
+        batch_size=16,
+        learning_rates=(5e-4,),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    (run,) = finetune.finetune_task(cfg, "mrpc", mesh, str(tmp_path / "work"))["runs"]
+    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
+
+    from bert_jax.convert import __main__ as convert_cli
+
+    convert_cli.main(["export-hf", run["directory"], str(tmp_path / "exported")])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    assert type(model).__name__ == "ModernBertForSequenceClassification"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    dev = rows[400:]
+    batch = hf_tok([r[3] for r in dev], [r[4] for r in dev], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
+    accuracy = float(np.mean(predicted == np.array([int(r[0]) for r in dev])))
+    assert accuracy == pytest.approx(run["dev"]["dev"]["accuracy"], abs=1e-9)

@@ -22,6 +22,7 @@ from bert_jax.convert.runs import (
     load_run,
     model_kind,
     overlay,
+    read_optimizer_state,
     read_run,
     write_run,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "params_from_hf",
     "params_to_hf",
     "read_hf_dir",
+    "read_optimizer_state",
     "read_run",
     "read_tf_checkpoint",
     "write_run",

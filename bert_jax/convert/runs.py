@@ -207,6 +207,27 @@ def load_run(path, architecture, num_labels, mesh, rules, overrides, step=None) 
     return Pretrained(config, params, run["tokenizer"], report, description)
 
 
+def read_optimizer_state(spec: str, abstract_opt_state) -> tuple[Any, int, str]:
+    """(the optimizer state of a workdir's newest checkpoint, its step, where it is), for a
+    phase that continues another's (`init_optimizer`).
+
+    Raises:
+      ValueError when that state is another optimizer's or model's.
+    """
+    source = read_run(model_kind(spec)[1])
+    directory, step = source["checkpoints"], source["step"]
+    try:
+        opt_state = checkpoint.restore_subtree(
+            directory, step, ("opt_state",), abstract_opt_state, root=()
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"--config.init_optimizer: the optimizer state of {directory}/{step} does not fit "
+            f"this run's (phase 2 must use phase 1's optimizer and model): {e}"
+        ) from None
+    return opt_state, step, f"{directory}/{step}"
+
+
 def read_run(path: str, step: int | None = None) -> dict:
     """A bert_jax workdir's model config, architecture, tokenizer and checkpoint step."""
     saved = read_json(

@@ -13,6 +13,7 @@ from bert_jax.objectives.heads import (
     token_classification,
 )
 from bert_jax.objectives.pretraining import MASKED_LM, MLM_ONLY, PRETRAINING
+from bert_jax.objectives.pretraining import data_problem as pretraining_data_problem
 from bert_jax.objectives.pretraining import for_config as pretraining_objective
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "Objective",
     "classification",
     "multiple_choice",
+    "pretraining_data_problem",
     "pretraining_distillation",
     "pretraining_objective",
     "task_distillation",

@@ -48,3 +48,20 @@ MLM_ONLY = ("roberta", "xlm-roberta", "modernbert")
 def for_config(config: models.BertConfig) -> Objective:
     """The pretraining objective of a config's family."""
     return MASKED_LM if config.model_type in MLM_ONLY else PRETRAINING
+
+
+def data_problem(config: models.BertConfig, masking) -> str:
+    """Why pretraining instances made as `masking` (a `MaskingConfig`) do not suit the
+    objective of `config`'s family ("" when they do)."""
+    mlm_only = config.model_type in MLM_ONLY
+    if mlm_only == (masking.next_sentence == "none"):
+        return ""
+    if mlm_only:
+        return (
+            f"a {config.model_type} model pretrains with masked LM alone: set "
+            f"--config.data.next_sentence=none"
+        )
+    return (
+        f"a {config.model_type} model pretrains with a sentence-pair head: set "
+        f"--config.data.next_sentence=nsp (or sop)"
+    )

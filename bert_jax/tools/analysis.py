@@ -90,7 +90,7 @@ def attention_stats(
 ) -> dict:
     """Per-head statistics (each a [layers, heads] list) over every line of `input_path`."""
     loaded, mesh = _load(model, mesh, max_seq_length)
-    graphdef, _ = models.split_params(models.abstract_model(loaded.config, models.BertModel))
+    graphdef, _ = models.split_params(models.abstract_model(loaded.config, models.make_encoder))
     step = jax.jit(make_attention_stats_step(graphdef, loaded.tokenizer.sep_id, rules))
     totals = None
     for batch in _model_batches(input_path, loaded.tokenizer, max_seq_length, batch_size, progress):
@@ -130,7 +130,7 @@ def plot_attention(
     a, sep, b = text.partition(" ||| ")
     ex = extract.encode(0, a, b if sep else None, tok, config.max_length)
     n = int(ex.input_mask.sum())
-    graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
+    graphdef, _ = models.split_params(models.abstract_model(config, models.make_encoder))
     model_ = models.merge_params(graphdef, jax.device_get(loaded.params))
     probs = model_(
         ex.input_ids[None, :n],

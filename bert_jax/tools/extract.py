@@ -320,7 +320,7 @@ def extract(
         )
     pretrained = _load(model, mesh, rules, quantization, max_seq_length, layers)
     config, tokenizer = pretrained.config, pretrained.tokenizer
-    graphdef, _ = models.split_params(models.abstract_model(config, models.BertModel))
+    graphdef, _ = models.split_params(models.abstract_model(config, models.make_encoder))
     step = jax.jit(make_extract_step(graphdef, tuple(layers), pooling, rules))
     writer = (JsonlWriter if ext == ".jsonl" else ArrayRecordWriter)(
         output_path, layers, vocabulary(tokenizer)
