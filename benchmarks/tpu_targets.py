@@ -27,7 +27,20 @@ MODELS = {
     "bert_large_p2": ("BERT-Large phase 2, 512, 32k (LAMB)", "bert_large.py:phase2,lamb,bf16"),
     "albert_base": ("ALBERT-base, 512, batch 4096", "albert_base.py:bf16"),
     "albert_xxlarge": ("ALBERT-xxlarge, 512, batch 4096", "albert_xxlarge.py:bf16"),
+    "modernbert_base": ("ModernBERT-base, 1,024, batch 4,608", "modernbert.py:base,bf16"),
+    "modernbert_base_8k": ("ModernBERT-base, 8,192, 576", "modernbert.py:base,extend,bf16"),
+    "modernbert_large": ("ModernBERT-large, 1,024, batch 4,608", "modernbert.py:large,bf16"),
+    "modernbert_large_8k": ("ModernBERT-large, 8,192, 576", "modernbert.py:large,extend,bf16"),
 }  # fmt: skip
+# Compiled from the config alone: ModernBERT's tokenizer.json is not needed for the programs
+# (the vocabulary size is the model's), and the extension's optimizer state would come from
+# phase 1.
+EXTRA = {
+    name: ["--config.data.tokenizer=wordpiece"]
+    + ["--config.init_optimizer=false"] * name.endswith("_8k")
+    for name in MODELS
+    if name.startswith("modernbert")
+}
 SLICES = ("v5e-8", "v4-8", "v5p-8", "v6e-8", "v5e-256")
 
 
@@ -44,6 +57,7 @@ def run_row(name: str, target: str, extra: list[str]) -> dict:
         "--plan",
         f"--report={path}",
         *extra,
+        *EXTRA.get(name, []),
     ]
     start = time.time()
     log = os.path.join(tempfile.gettempdir(), f"tpu_targets_{name}@{target}.log")

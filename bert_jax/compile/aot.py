@@ -488,6 +488,8 @@ def attention_path(config: BertConfig, platform: str, seq_len: int, training: bo
     kernel = config.attention_kernel
     if kernel == "splash" or (kernel == "auto" and platform == "tpu" and seq_len % 128 == 0):
         compiled = "Mosaic kernel" if platform == "tpu" else "Pallas interpreter"
+        if config.model_type == "modernbert":  # every layer, the local ones with a local mask
+            return f"splash ({compiled}; local layers: a {config.local_attention}-token window)"
         return f"splash ({compiled})" + ("; the last layer's masked positions: XLA" * training)
     reason = "not a TPU" if platform != "tpu" else f"length {seq_len} not a multiple of 128"
     return f"XLA ({'attention_kernel=xla' if kernel == 'xla' else reason})"
