@@ -15,7 +15,7 @@ from cli import ROOT
 
 from bert_jax import convert, models
 from bert_jax.convert.onnx_export import export_onnx
-from bert_jax.convert.stablehlo import export_stablehlo
+from bert_jax.convert.stablehlo import INPUTS, export_stablehlo
 from bert_jax.data.tokenization import WordPieceTokenizer
 
 HEADS = {
@@ -178,7 +178,16 @@ def test_heads_without_an_export_name_the_alternatives(architecture, tmp_path):
         export_stablehlo({}, models.BertConfig(), architecture, 2, None, str(tmp_path))
 
 
-ONNX_HEADS = {**HEADS, "AlbertForSequenceClassification": 3}
+ONNX_HEADS = {
+    **HEADS,
+    "AlbertForSequenceClassification": 3,
+    "ModernBertForSequenceClassification": 3,  # through transformers' eager/SDPA attention
+}
+# ModernBERT with a local window shorter than the rows, so that both kinds of layer matter.
+MODERNBERT = dict(
+    model_type="modernbert", type_vocab_size=1, use_bias=False, local_attention=4,
+    global_attn_every_n_layers=2,
+)  # fmt: skip
 
 
 def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
@@ -186,9 +195,11 @@ def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
 
     tokenizer = WordPieceTokenizer(glue_data.write_vocab(tmp_path / "vocab.txt"))
     for i, (architecture, num_labels) in enumerate(ONNX_HEADS.items()):
-        albert = architecture.startswith("Albert")
+        albert, modern = architecture.startswith("Albert"), architecture.startswith("Modern")
         config = _config(**({"share_layers": "all", "embedding_size": 16} if albert else {}))
+        config = _config(**MODERNBERT) if modern else config
         bert_name = "Bert" + architecture.removeprefix("Albert").removeprefix("Bert")
+        bert_name = architecture if modern else bert_name
         params = models.split_params(
             models.create_model(config, i, convert.model_class(bert_name, num_labels))
         )[1]
@@ -213,7 +224,12 @@ def test_every_head_runs_in_onnxruntime_and_matches(tmp_path):
         mask = np.ones(shape, np.int64)
         mask[..., shape[-1] - 3 :] = 0
         segments = (np.arange(shape[-1]) >= shape[-1] // 2).astype(np.int64) * mask
-        feed = dict(zip(meta["inputs"], (ids * mask, mask, segments), strict=True))
+        feed = {
+            k: v
+            for k, v in zip(INPUTS, (ids * mask, mask, segments), strict=True)
+            if k in meta["inputs"]
+        }
+        assert len(feed) == (2 if modern else 3)  # ModernBERT's graph takes no segment ids
         got = session.run(None, feed)
         assert meta["outputs"] == list(expected)
         for name, value in zip(meta["outputs"], got, strict=True):
