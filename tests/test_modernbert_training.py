@@ -3,6 +3,7 @@ model pretrains with masked LM alone at 30% masking, StableAdamW and a warmup-st
 schedule, its held-out loss falling; it resumes bitwise after SIGKILL; and it extends its
 context to 8,192 from the phase-1 workdir with the global rotary base raised."""
 
+import dataclasses
 import json
 import signal
 import time
@@ -86,3 +87,41 @@ def test_pretrains_resumes_bitwise_after_sigkill_and_extends_its_context(tmp_pat
         lambda a, b: float(np.abs(a - b).max()), _params(extended, 2), _params(straight, 30)
     )
     assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize(
+    "name, arg",
+    [
+        ("modernbert", "base"),
+        ("modernbert", "large,extend"),
+        ("roberta", "base"),
+        ("roberta", "xlmr"),
+    ],
+)
+def test_mlm_only_recipes_parse_and_fit_their_objective(name, arg):
+    """configs/modernbert.py and configs/roberta.py give runs whose data (masked LM alone)
+    fits their family's objective; a BERT config asked for no sentence pairs is refused."""
+    import importlib
+    import sys
+
+    from cli import ROOT
+
+    sys.path.insert(0, ROOT)
+    import train
+    from bert_jax import objectives
+
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    config.data.vocab_file = "tokenizer.json"  # theirs, which bert_jax reads and does not learn
+    run = train.parse_config(config)
+    assert objectives.pretraining_objective(run.model) is objectives.MASKED_LM
+    assert objectives.pretraining_data_problem(run.model, run.data.masking) == ""
+    if name == "modernbert":
+        extend = "extend" in arg
+        assert run.model.global_rope_theta == (160_000.0 if extend else 10_000.0)
+        assert run.data.masking.max_seq_length == (8192 if extend else 1024)
+        assert run.optim.name == "stable_adamw" and run.data.masking.masked_lm_prob == 0.3
+    bert = train.parse_config(importlib.import_module("configs.bert_base").get_config())
+    masking = dataclasses.replace(bert.data.masking, next_sentence="none")
+    assert "set --config.data.next_sentence=nsp" in objectives.pretraining_data_problem(
+        bert.model, masking
+    )
