@@ -300,3 +300,40 @@ def test_released_sizes_have_the_reference_parameter_counts(name, reference):
     # RoBERTa-base's 125M and XLM-R large's 560M (Conneau et al., 2020), as published.
     published = {"roberta_base": 125e6, "xlm_roberta_large": 560e6}[name]
     assert abs(models.count_params(config) - published) / published < 0.005
+
+
+def test_packed_roberta_rows_equal_each_example_alone(tmp_path, bpe_dir):
+    """RoBERTa's positions in packed rows count from each example's first token after the
+    padding index: two multilingual examples a row give each one's hidden states (every
+    layer) as `transformers` gives them for the example alone."""
+    from bert_jax import models
+
+    vocab_size = len(_reference_tokenizer("roberta", bpe_dir, None))
+    hf_dir, hf_model, architecture = _hf_dir(tmp_path, "roberta", "Model", bpe_dir, vocab_size)
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    loaded = convert.load_pretrained(f"hf:{hf_dir}", architecture, mesh=mesh)
+    tok = loaded.tokenizer
+    width = loaded.config.max_length  # 22 positions: two examples of at most 11 a row
+    pieces = [encoding.pair_tokens(tok.encode(t), None, tok, 11)[0] for t in TEXTS[:4]]
+    ids = np.full((2, width), tok.pad_id, np.int32)
+    example_ids, positions = np.zeros_like(ids), np.zeros_like(ids)
+    cls = np.zeros((2, 2), np.int32)
+    starts = []
+    for i, piece in enumerate(pieces):
+        row, k = divmod(i, 2)
+        start = 0 if k == 0 else len(pieces[i - 1])
+        ids[row, start : start + len(piece)] = piece
+        example_ids[row, start : start + len(piece)] = k + 1
+        positions[row, start : start + len(piece)] = np.arange(len(piece))
+        cls[row, k] = start
+        starts.append((row, start))
+    packing = models.Packing(*(jax.numpy.asarray(a) for a in (example_ids, positions, cls)))
+    graphdef, _ = models.split_params(models.abstract_model(loaded.config, models.make_encoder))
+    model = models.merge_params(graphdef, loaded.params)
+    enc = model(ids, (example_ids > 0).astype(np.int32), np.zeros_like(ids), packing=packing,
+                output_hidden_states=True)  # fmt: skip
+    for piece, (row, start) in zip(pieces, starts, strict=True):
+        with torch.no_grad():
+            want = hf_model(torch.tensor([piece]), output_hidden_states=True).hidden_states
+        got = np.asarray(enc.hidden_states[:, row, start : start + len(piece)])
+        np.testing.assert_allclose(got, np.stack([h[0].numpy() for h in want]), atol=1e-5, rtol=0)
