@@ -337,3 +337,27 @@ def test_packed_roberta_rows_equal_each_example_alone(tmp_path, bpe_dir):
             want = hf_model(torch.tensor([piece]), output_hidden_states=True).hidden_states
         got = np.asarray(enc.hidden_states[:, row, start : start + len(piece)])
         np.testing.assert_allclose(got, np.stack([h[0].numpy() for h in want]), atol=1e-5, rtol=0)
+
+
+def test_vocab_json_and_merges_read_as_transformers_reads_them(bpe_dir, tmp_path):
+    """A byte-level BPE given as vocab.json + merges.txt only (RoBERTa's earlier releases)
+    tokenizes as `transformers`' RobertaTokenizer of the same files: ids, special tokens,
+    pairs and offsets."""
+    from bert_jax.convert import sources
+
+    assert not (bpe_dir / "tokenizer.json").exists()
+    path, _, _ = sources._hf_vocab(str(bpe_dir), str(tmp_path))
+    ours = tokenization.HFTokenizer(path)
+    ref = _reference_tokenizer("roberta", bpe_dir, None)
+    assert (ours.cls_id, ours.sep_id, ours.pad_id, ours.mask_id) == tuple(
+        ref.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>", "<mask>")
+    )
+    for a, b in zip(TEXTS, TEXTS[1:], strict=False):
+        assert ours.encode(a) == ref(a, add_special_tokens=False)["input_ids"], a
+        ids, _ = encoding.pair_tokens(ours.encode(a), ours.encode(b), ours, 128)
+        assert ids == ref(a, b)["input_ids"], (a, b)
+    for (ids, offsets), text in zip(ours.encode_offsets(TEXTS), TEXTS, strict=True):
+        want = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == want["input_ids"] and offsets == [tuple(o) for o in want["offset_mapping"]]
+    masked = "The cat <mask> on the mat"
+    assert ours.encode(masked) == ref(masked, add_special_tokens=False)["input_ids"]

@@ -196,10 +196,13 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
         if files.isfile(os.path.join(path, name)):
             return os.path.join(path, name), lower, keep_accents
     tokenizer_file = os.path.join(path, "tokenizer.json")
+    bpe_files = [os.path.join(path, n) for n in ("vocab.json", "merges.txt")]
+    if not files.isfile(tokenizer_file) and all(files.isfile(p) for p in bpe_files):
+        return _byte_level_bpe(*bpe_files, settings, scratch_dir), False, False
     spec = read_json(
         tokenizer_file,
-        missing=f"{path} has neither vocab.txt nor tokenizer.json; save the tokenizer there "
-        f"too (tokenizer.save_pretrained)",
+        missing=f"{path} has neither vocab.txt, tokenizer.json nor vocab.json + merges.txt; "
+        f"save the tokenizer there too (tokenizer.save_pretrained)",
     )
     if spec.get("model", {}).get("type") != "WordPiece":  # RoBERTa's, XLM-R's, ModernBERT's
         return tokenizer_file, False, False
@@ -217,6 +220,39 @@ def _hf_vocab(path: str, scratch_dir: str | None) -> tuple[str, bool, bool]:
     files.makedirs(scratch_dir)
     files.atomic_write(out, text)
     return out, lower, False
+
+
+def _byte_level_bpe(vocab_json: str, merges: str, settings: dict, scratch_dir) -> str:
+    """The tokenizer.json of a byte-level BPE given as vocab.json + merges.txt (RoBERTa's
+    earlier releases), as `transformers`' RobertaTokenizer builds it from them: the special
+    tokens of `tokenizer_config.json` (default fairseq's) and `<s> A </s></s> B </s>` pairs."""
+    from tokenizers import AddedToken, ByteLevelBPETokenizer, processors
+
+    local = [files.local_copy(p) for p in (vocab_json, merges)]
+    prefix = bool(settings.get("add_prefix_space", False))
+    trim = bool(settings.get("trim_offsets", True))
+    tok = ByteLevelBPETokenizer(*local, add_prefix_space=prefix, trim_offsets=trim)
+    names = {
+        k: settings.get(f"{k}_token", default)
+        for k, default in (
+            ("cls", "<s>"), ("sep", "</s>"), ("unk", "<unk>"), ("pad", "<pad>"), ("mask", "<mask>")
+        )
+    }  # fmt: skip
+    names = {k: v["content"] if isinstance(v, dict) else v for k, v in names.items()}
+    tok.add_special_tokens([AddedToken(n, normalized=False) for n in names.values()])
+    cls, sep = names["cls"], names["sep"]
+    tok.post_processor = processors.RobertaProcessing(
+        (sep, tok.token_to_id(sep)), (cls, tok.token_to_id(cls)), trim, prefix
+    )
+    text = tok.to_str().encode("utf-8")
+    if scratch_dir is None:
+        scratch_dir = os.path.join(
+            files.cache_root(), "vocab", hashlib.sha256(text).hexdigest()[:16]
+        )
+    out = os.path.join(scratch_dir, "tokenizer.json")
+    files.makedirs(scratch_dir)
+    files.atomic_write(out, text)
+    return out
 
 
 def export_hf(
