@@ -171,6 +171,36 @@ def test_tiny_config_compiles_for_a_tpu_slice_with_the_splash_kernel(tmp_path):
     assert 0.6 < train_step["flops"] / expected < 1.2, train_step["flops"] / expected
 
 
+def test_modernbert_compiles_for_a_tpu_slice_with_splash_in_every_layer(tmp_path):
+    """configs/modernbert.py:tiny for a v5e 2x2 slice: global and local layers (a traced flag
+    picks the local mask's kernel in one scanned stack) lower to Mosaic's splash kernels."""
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            f"--config={os.path.join(ROOT, 'configs/modernbert.py')}:tiny",
+            "--topology=v5e:2x2",
+            "--config.model.num_hidden_layers=3",
+            f"--report={report_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "splash (Mosaic kernel; local layers: a 32-token window)" in proc.stdout
+    train_step, eval_step = json.loads(report_path.read_text())["programs"]
+    assert {k.split("_segmented")[0] for k in train_step["kernels"]} == {
+        "splash_mha_fwd",
+        "splash_mha_dkv",
+        "splash_mha_dq",
+    }
+    assert {k.split("_segmented")[0] for k in eval_step["kernels"]} == {"splash_mha_fwd"}
+    assert train_step["fits"]
+
+
 def test_a_step_too_large_for_the_chip_is_reported_not_raised():
     """16,384 sequences per chip of the tiny model in float32: the compiler's own verdict."""
     devices = aot.topology_devices("v5e:2x2")
