@@ -157,7 +157,8 @@ def _tagged(rng, n):
     return sentences
 
 
-def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_a_tiny_tagger_learns_entities_the_text_decides(family, tokenizer, tmp_path):
     """BertForTokenClassification trained by the shared train step, rows of 16 (long
     sentences continue in the next row), labels on first pieces: >= 95% entity F1 held out;
     the predictions file is conlleval's layout."""
@@ -173,7 +174,7 @@ def test_a_tiny_tagger_learns_entities_the_text_decides(tokenizer, tmp_path):
     test = conll.make_features(held_out, tokenizer, labels, 16)
     logits = tiny_training.train_and_predict(
         objectives.token_classification(len(labels)),
-        tiny_training.config(66, 16),
+        tiny_training.config(66, 16, family),
         features.inputs(),
         test.inputs(),
         steps=1000,

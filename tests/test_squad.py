@@ -272,7 +272,8 @@ def _marked_examples(rng, n, prefix):
     return out
 
 
-def test_a_tiny_model_learns_a_marked_span(tokenizer):
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_a_tiny_model_learns_a_marked_span(family, tokenizer):
     """BertForQuestionAnswering trained by the shared train step on windows of 32 (contexts
     longer than a window included) finds held-out answers: >= 90% exact match."""
     from bert_jax import objectives
@@ -285,7 +286,7 @@ def test_a_tiny_model_learns_a_marked_span(tokenizer):
     test = squad.make_features(held_out, tokenizer, windows)
     starts, ends = tiny_training.train_and_predict(
         objectives.QUESTION_ANSWERING,
-        tiny_training.config(len(WORDS) + 5, 32),
+        tiny_training.config(len(WORDS) + 5, 32, family),
         features.inputs(),
         test.inputs(),
         steps=600,

@@ -7,9 +7,21 @@ import numpy as np
 
 from bert_jax import axes, models, objectives, optim, sharding, training
 
+# ModernBERT at the same size: a global and a local layer (a window of 8 tokens, shorter than
+# every task's rows), no biases, as released.
+MODERNBERT = dict(
+    model_type="modernbert",
+    type_vocab_size=1,
+    use_bias=False,
+    layer_norm_eps=1e-5,
+    local_attention=8,
+    global_attn_every_n_layers=2,
+)
 
-def config(vocab_size: int, max_len: int) -> models.BertConfig:
-    """Two layers of 64, no dropout: learns a synthetic task in a few hundred steps."""
+
+def config(vocab_size: int, max_len: int, family: str = "bert") -> models.BertConfig:
+    """Two layers of 64, no dropout: learns a synthetic task in a few hundred steps; `family`
+    "modernbert" for ModernBERT's layers at that size."""
     return models.BertConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -19,6 +31,7 @@ def config(vocab_size: int, max_len: int) -> models.BertConfig:
         max_position_embeddings=max_len,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        **(MODERNBERT if family == "modernbert" else {}),
     )
 
 
