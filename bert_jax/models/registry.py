@@ -84,12 +84,12 @@ def pretraining_architecture(model_type: str) -> str:
     return prefix + head
 
 
-def in_family(model_type: str, architecture: str) -> str:
-    """`architecture`'s head in the family of `model_type`; the pretraining model
+def in_family(model_type: str, name: str) -> str:
+    """The head of architecture `name` in the family of `model_type`; the pretraining model
     (`ForPreTraining`) asked of a family without one is its masked-LM model."""
-    if head_of(architecture) == "ForPreTraining":
+    if head_of(name) == "ForPreTraining":
         return pretraining_architecture(model_type)
-    return globals()["architecture"](model_type, architecture)
+    return architecture(model_type, name)
 
 
 def model_class(architecture: str, num_labels: int = 2) -> Callable[..., nnx.Module]:
