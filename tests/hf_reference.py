@@ -109,3 +109,65 @@ def assert_same(ours: dict, ref: dict, atol: float = 1e-5) -> None:
     assert sorted(ours) == sorted(ref)
     for key in ref:
         np.testing.assert_allclose(np.asarray(ours[key]), ref[key], atol=atol, rtol=0, err_msg=key)
+
+
+def write_pair_task(tmp_path) -> list[list[str]]:
+    """An MRPC-shaped task the second sentence decides ("good" or "bad" in it), 400 training
+    and 80 dev rows under tmp_path/glue/MRPC; the rows."""
+    import glue_data
+
+    rng = np.random.default_rng(1)
+    rows = [
+        [str(i % 2), "a", "b", glue_data.sentence(rng)]
+        + [glue_data.sentence(rng, "good" if i % 2 else "bad")]
+        for i in range(480)
+    ]
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    glue_data.write_tsv(tmp_path / "glue/MRPC/train.tsv", header, rows[:400])
+    glue_data.write_tsv(tmp_path / "glue/MRPC/dev.tsv", header, rows[400:])
+    glue_data.write_tsv(
+        tmp_path / "glue/MRPC/test.tsv", ["index", *header[1:]], [["0", "a", "b", "w1", "good w2"]]
+    )
+    return rows
+
+
+def fine_tune_and_compare(tmp_path, model_dir, rows, architecture: str) -> None:
+    """finetune.py on the pair task from the Hugging Face directory `model_dir`: dev accuracy
+    >= 0.95, and the run exported to `transformers` (as `architecture`) gives the same."""
+    import os
+    import sys
+
+    import glue_data
+    import pytest
+    import transformers
+
+    from bert_jax import sharding
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import finetune
+
+    cfg = glue_data.finetune_config(
+        init_from=f"hf:{model_dir}",
+        tasks=("mrpc",),
+        data_dir=str(tmp_path / "glue"),
+        max_seq_length=32,
+        num_epochs=8.0,  # byte-level pieces: about twice BERT's per word, learned later
+        batch_size=16,
+        learning_rates=(5e-4,),
+    )
+    mesh = sharding.make_mesh(cfg.mesh)
+    (run,) = finetune.finetune_task(cfg, "mrpc", mesh, str(tmp_path / "work"))["runs"]
+    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
+
+    from bert_jax.convert import __main__ as convert_cli
+
+    convert_cli.main(["export-hf", run["directory"], str(tmp_path / "exported")])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
+    assert type(model).__name__ == architecture
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    dev = rows[400:]
+    batch = hf_tok([r[3] for r in dev], [r[4] for r in dev], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
+    accuracy = float(np.mean(predicted == np.array([int(r[0]) for r in dev])))
+    assert accuracy == pytest.approx(run["dev"]["dev"]["accuracy"], abs=1e-9)

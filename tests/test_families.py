@@ -193,30 +193,8 @@ def test_import_and_export_match_transformers(tmp_path, kind, head, bpe_dir, spm
 def test_a_roberta_fine_tunes_on_pairs_and_its_run_exports_to_transformers(tmp_path):
     """finetune.py from a released-layout RoBERTa (random weights, byte-level BPE): a pair
     task the text decides is learned, and the fine-tuned run exports to a directory whose
-    `transformers` model gives the same dev logits."""
-    import glue_data
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import finetune
-
-    rng = np.random.default_rng(1)
-    rows = [
-        [
-            str(i),
-            "a",
-            "b",
-            glue_data.sentence(rng),
-            glue_data.sentence(rng, "good" if i % 2 else "bad"),
-        ]
-        for i in range(480)
-    ]
-    rows = [[str(int(r[0]) % 2), *r[1:]] for r in rows]
-    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
-    glue_data.write_tsv(tmp_path / "glue/MRPC/train.tsv", header, rows[:400])
-    glue_data.write_tsv(tmp_path / "glue/MRPC/dev.tsv", header, rows[400:])
-    glue_data.write_tsv(
-        tmp_path / "glue/MRPC/test.tsv", ["index", *header[1:]], [["0", "a", "b", "w1", "good w2"]]
-    )
+    `transformers` model gives the same dev accuracy."""
+    rows = hf_reference.write_pair_task(tmp_path)
     bpe = ByteLevelBPETokenizer()
     texts = [t for r in rows for t in r[3:]]
     bpe.train_from_iterator(
@@ -235,32 +213,9 @@ def test_a_roberta_fine_tunes_on_pairs_and_its_run_exports_to_transformers(tmp_p
     torch.manual_seed(0)
     transformers.RobertaModel(config).save_pretrained(tmp_path / "roberta")
     tokenizer.save_pretrained(tmp_path / "roberta")
-
-    cfg = glue_data.finetune_config(
-        init_from=f"hf:{tmp_path / 'roberta'}",
-        tasks=("mrpc",),
-        data_dir=str(tmp_path / "glue"),
-        max_seq_length=32,
-        num_epochs=8.0,  # byte-level pieces: about twice BERT's per word, learned later
-        batch_size=16,
-        learning_rates=(5e-4,),
+    hf_reference.fine_tune_and_compare(
+        tmp_path, tmp_path / "roberta", rows, "RobertaForSequenceClassification"
     )
-    mesh = sharding.make_mesh(cfg.mesh)
-    (run,) = finetune.finetune_task(cfg, "mrpc", mesh, str(tmp_path / "work"))["runs"]
-    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
-
-    from bert_jax.convert import __main__ as convert_cli
-
-    convert_cli.main(["export-hf", run["directory"], str(tmp_path / "exported")])
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
-    assert type(model).__name__ == "RobertaForSequenceClassification"
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
-    dev = rows[400:]
-    batch = hf_tok([r[3] for r in dev], [r[4] for r in dev], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
-    accuracy = float(np.mean(predicted == np.array([int(r[0]) for r in dev])))
-    assert accuracy == pytest.approx(run["dev"]["dev"]["accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize(

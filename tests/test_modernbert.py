@@ -308,57 +308,13 @@ def test_a_modernbert_fine_tunes_on_pairs_and_its_run_exports_to_transformers(tm
     """finetune.py from a released-layout ModernBERT (random weights, its kind of tokenizer):
     a pair task the text decides is learned, and the fine-tuned run exports to a directory
     whose `transformers` ModernBertForSequenceClassification gives the same dev accuracy."""
-    import glue_data
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import finetune
-
-    rng = np.random.default_rng(1)
-    rows = [
-        [
-            str(i % 2),
-            "a",
-            "b",
-            glue_data.sentence(rng),
-            glue_data.sentence(rng, "good" if i % 2 else "bad"),
-        ]
-        for i in range(480)
-    ]
-    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
-    glue_data.write_tsv(tmp_path / "glue/MRPC/train.tsv", header, rows[:400])
-    glue_data.write_tsv(tmp_path / "glue/MRPC/dev.tsv", header, rows[400:])
-    glue_data.write_tsv(
-        tmp_path / "glue/MRPC/test.tsv", ["index", *header[1:]], [["0", "a", "b", "w1", "good w2"]]
-    )
+    rows = hf_reference.write_pair_task(tmp_path)
     model_dir = tmp_path / "modernbert"
     tokenizer = _save_tokenizer([t for r in rows for t in r[3:]], model_dir, vocab_size=300)
     config = _hf_config(len(tokenizer), tokenizer.pad_token_id, "ForSequenceClassification")
     config.update(dict(hidden_size=64, intermediate_size=96, num_attention_heads=2, num_labels=2))
     torch.manual_seed(0)
     transformers.ModernBertModel(config).save_pretrained(model_dir)
-
-    cfg = glue_data.finetune_config(
-        init_from=f"hf:{model_dir}",
-        tasks=("mrpc",),
-        data_dir=str(tmp_path / "glue"),
-        max_seq_length=32,
-        num_epochs=8.0,
-        batch_size=16,
-        learning_rates=(5e-4,),
+    hf_reference.fine_tune_and_compare(
+        tmp_path, model_dir, rows, "ModernBertForSequenceClassification"
     )
-    mesh = sharding.make_mesh(cfg.mesh)
-    (run,) = finetune.finetune_task(cfg, "mrpc", mesh, str(tmp_path / "work"))["runs"]
-    assert run["dev"]["dev"]["accuracy"] >= 0.95, run["history"]
-
-    from bert_jax.convert import __main__ as convert_cli
-
-    convert_cli.main(["export-hf", run["directory"], str(tmp_path / "exported")])
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exported")
-    assert type(model).__name__ == "ModernBertForSequenceClassification"
-    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
-    dev = rows[400:]
-    batch = hf_tok([r[3] for r in dev], [r[4] for r in dev], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
-    accuracy = float(np.mean(predicted == np.array([int(r[0]) for r in dev])))
-    assert accuracy == pytest.approx(run["dev"]["dev"]["accuracy"], abs=1e-9)
