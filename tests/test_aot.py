@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for TPU targets from this CPU host (libtpu, no TPU), the planner,
 and the memory figures train.py prints."""
 
+import dataclasses
 import json
 import math
 import os
@@ -199,6 +200,32 @@ def test_modernbert_compiles_for_a_tpu_slice_with_splash_in_every_layer(tmp_path
     }
     assert {k.split("_segmented")[0] for k in eval_step["kernels"]} == {"splash_mha_fwd"}
     assert train_step["fits"]
+
+
+def test_modernbert_local_layers_call_a_splash_kernel_of_their_own():
+    """A ModernBERT with local layers holds two splash kernels per layer step (the global and
+    the local mask's, one per branch of the layer's choice) where the same model with every
+    layer global holds one: the local kernel is compiled into the TPU program."""
+    from bert_jax import objectives
+
+    devices = aot.topology_devices("v5e:2x2")
+    sites = {}
+    for every in (1, 2):  # every layer global; every other layer local
+        model = models.BertConfig(
+            model_type="modernbert", vocab_size=512, hidden_size=128, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=192, type_vocab_size=1,
+            attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0, local_attention=32,
+            global_attn_every_n_layers=every,
+        )  # fmt: skip
+        setup = dataclasses.replace(
+            _tiny_setup(16, programs=("eval_step",)),
+            model=model,
+            objective=objectives.MASKED_LM,
+        )
+        (report,) = setup.compile(devices, aot.hbm_bytes(devices[0]))
+        assert report.fits, report.error
+        sites[every] = sum(n for k, n in report.kernel_sites.items() if "splash_mha_fwd" in k)
+    assert sites[1] >= 1 and sites[2] == 2 * sites[1], sites
 
 
 def test_a_step_too_large_for_the_chip_is_reported_not_raised():

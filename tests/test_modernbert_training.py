@@ -3,7 +3,6 @@ model pretrains with masked LM alone at 30% masking, StableAdamW and a warmup-st
 schedule, its held-out loss falling; it resumes bitwise after SIGKILL; and it extends its
 context to 8,192 from the phase-1 workdir with the global rotary base raised."""
 
-import dataclasses
 import json
 import signal
 import time
@@ -89,39 +88,49 @@ def test_pretrains_resumes_bitwise_after_sigkill_and_extends_its_context(tmp_pat
     assert max(jax.tree.leaves(moved)) > 0
 
 
-@pytest.mark.parametrize(
-    "name, arg",
-    [
-        ("modernbert", "base"),
-        ("modernbert", "large,extend"),
-        ("roberta", "base"),
-        ("roberta", "xlmr"),
-    ],
-)
-def test_mlm_only_recipes_parse_and_fit_their_objective(name, arg):
+# Run in a process of its own: train.py defines absl flags that finetune.py (imported by
+# other tests of the session) defines too.
+_RECIPES = """
+import dataclasses, importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import train
+from bert_jax import objectives
+out = {}
+for name, arg in [("modernbert", "base"), ("modernbert", "large,extend"),
+                  ("roberta", "base"), ("roberta", "xlmr")]:
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    config.data.vocab_file = "tokenizer.json"  # theirs, which bert_jax reads, not learns
+    run = train.parse_config(config)
+    out[f"{name}:{arg}"] = dict(
+        masked_lm_only=objectives.pretraining_objective(run.model) is objectives.MASKED_LM,
+        problem=objectives.pretraining_data_problem(run.model, run.data.masking),
+        theta=run.model.global_rope_theta, length=run.data.masking.max_seq_length,
+        optimizer=run.optim.name, masking=run.data.masking.masked_lm_prob,
+    )
+bert = train.parse_config(importlib.import_module("configs.bert_base").get_config())
+masking = dataclasses.replace(bert.data.masking, next_sentence="none")
+out["bert:none"] = objectives.pretraining_data_problem(bert.model, masking)
+print(json.dumps(out))
+"""
+
+
+def test_mlm_only_recipes_parse_and_fit_their_objective():
     """configs/modernbert.py and configs/roberta.py give runs whose data (masked LM alone)
     fits their family's objective; a BERT config asked for no sentence pairs is refused."""
-    import importlib
+    import subprocess
     import sys
 
     from cli import ROOT
 
-    sys.path.insert(0, ROOT)
-    import train
-    from bert_jax import objectives
-
-    config = importlib.import_module(f"configs.{name}").get_config(arg)
-    config.data.vocab_file = "tokenizer.json"  # theirs, which bert_jax reads and does not learn
-    run = train.parse_config(config)
-    assert objectives.pretraining_objective(run.model) is objectives.MASKED_LM
-    assert objectives.pretraining_data_problem(run.model, run.data.masking) == ""
-    if name == "modernbert":
-        extend = "extend" in arg
-        assert run.model.global_rope_theta == (160_000.0 if extend else 10_000.0)
-        assert run.data.masking.max_seq_length == (8192 if extend else 1024)
-        assert run.optim.name == "stable_adamw" and run.data.masking.masked_lm_prob == 0.3
-    bert = train.parse_config(importlib.import_module("configs.bert_base").get_config())
-    masking = dataclasses.replace(bert.data.masking, next_sentence="none")
-    assert "set --config.data.next_sentence=nsp" in objectives.pretraining_data_problem(
-        bert.model, masking
+    proc = subprocess.run(
+        [sys.executable, "-c", _RECIPES, ROOT], capture_output=True, text=True, cwd=ROOT
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "set --config.data.next_sentence=nsp" in out.pop("bert:none")
+    for key, run in out.items():
+        assert run["masked_lm_only"] and run["problem"] == "", key
+    for key, theta, length in [("base", 10_000.0, 1024), ("large,extend", 160_000.0, 8192)]:
+        run = out[f"modernbert:{key}"]
+        assert (run["theta"], run["length"]) == (theta, length)
+        assert (run["optimizer"], run["masking"]) == ("stable_adamw", 0.3)

@@ -155,7 +155,10 @@ class ProgramReport:
 
     Memory in bytes. `fits` is the compiler's verdict; `required` is its total (arguments,
     outputs not aliased to them, temporaries and code), which a program that does not fit
-    takes from the compiler's error. `kernels` lists the custom kernels (Mosaic calls) by name.
+    takes from the compiler's error. `kernels` lists the custom kernels (Mosaic calls) by name,
+    `kernel_sites` how many places of the program call each (ModernBERT's scanned layers call
+    two splash kernels, the global and the local mask's, one per branch of the layer's
+    choice; kernels of one name differ by their masks).
     """
 
     name: str
@@ -170,6 +173,7 @@ class ProgramReport:
     flops: float = 0.0
     collectives: dict[str, Collective] = dataclasses.field(default_factory=dict)
     kernels: tuple[str, ...] = ()
+    kernel_sites: dict[str, int] = dataclasses.field(default_factory=dict)
     compile_seconds: float = 0.0
     error: str = ""
 
@@ -267,6 +271,7 @@ def analyze(
         flops=flops,
         collectives=count_collectives(text),
         kernels=custom_kernels(text),
+        kernel_sites=kernel_sites(text),
         compile_seconds=seconds,
     )
 
@@ -330,6 +335,16 @@ def _pallas_flops(eqn) -> float:
             q, k = [s for s in shapes if len(s) == rank][:2]
             return per_pair * math.prod(q) * k[-2]
     return 0.0
+
+
+def kernel_sites(hlo_text: str) -> dict[str, int]:
+    """How many instructions of a compiled TPU program call each Mosaic kernel (by name)."""
+    names = re.findall(r"%([\w.\-]+) = [^\n]*custom_call_target=\"tpu_custom_call\"", hlo_text)
+    sites: dict[str, int] = {}
+    for name in names:
+        base = re.sub(r"(\.\d+)+$", "", name)
+        sites[base] = sites.get(base, 0) + 1
+    return dict(sorted(sites.items()))
 
 
 def custom_kernels(hlo_text: str) -> tuple[str, ...]:
@@ -547,5 +562,6 @@ def format_table(rows: Sequence[tuple[str, ProgramReport]], tokens_per_chip: flo
                 f"({c.bytes / tokens_per_chip:,.0f} B/token)"
             )
         if r.kernels:
-            lines.append(f"{'':<26}kernels: {', '.join(r.kernels)}")
+            named = [f"{k} x{r.kernel_sites[k]}" if k in r.kernel_sites else k for k in r.kernels]
+            lines.append(f"{'':<26}kernels (call sites): {', '.join(named)}")
     return "\n".join(lines)
