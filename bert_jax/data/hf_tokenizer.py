@@ -10,7 +10,58 @@ import tokenizers
 from bert_jax import files
 
 
-class HFTokenizer:
+class TokenizersBacked:
+    """What every tokenizer over a `tokenizers.Tokenizer` (`_tok`; `_words` for words given
+    apart) computes alike: ids, batches, words, offsets, pieces, decoding."""
+
+    _tok: tokenizers.Tokenizer
+    _words: tokenizers.Tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+        """Per text, its pieces' ids and the index of each piece's word among `str.split`'s
+        words, from one batched call of the words as given (`is_pretokenized`)."""
+        encodings = self._words.encode_batch(
+            [t.split() for t in texts], is_pretokenized=True, add_special_tokens=False
+        )
+        return [(e.ids, e.word_ids) for e in encodings]
+
+    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
+        """Per text, the ids of each whitespace-separated word (`str.split`'s words), from
+        one batched call; the same as encoding every word alone."""
+        out = []
+        for text, (ids, word_ids) in zip(texts, self.encode_word_ids(texts), strict=True):
+            words: list[list[int]] = [[] for _ in text.split()]
+            for token_id, word in zip(ids, word_ids, strict=True):
+                words[word].append(token_id)
+            out.append(words)
+        return out
+
+    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
+        """Per text, its token ids and each token's (start, end) character span in that text
+        (as given, before any normalization), from one batched call."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encodings]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The pieces of `text` as strings."""
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+
+class HFTokenizer(TokenizersBacked):
     """Any Hugging Face `tokenizer.json` through `tokenizers`: byte-level BPE (RoBERTa,
     ModernBERT), XLM-R's SentencePiece (converted), WordPiece. Ids, special tokens and the
     pair layout (`<s> A </s></s> B </s>`, `[CLS] A [SEP] B [SEP]`) are the file's own, as
@@ -43,41 +94,6 @@ class HFTokenizer:
             if token_id is not None:
                 return token_id
         raise ValueError(f"{source} has none of the tokens {[n for n in names if n]}")
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-        """Per text, its pieces' ids and each piece's word among `str.split`'s words."""
-        encodings = self._words.encode_batch(
-            [t.split() for t in texts], is_pretokenized=True, add_special_tokens=False
-        )
-        return [(e.ids, e.word_ids) for e in encodings]
-
-    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
-        out = []
-        for text, (ids, word_ids) in zip(texts, self.encode_word_ids(texts), strict=True):
-            words: list[list[int]] = [[] for _ in text.split()]
-            for token_id, word in zip(ids, word_ids, strict=True):
-                words[word].append(token_id)
-            out.append(words)
-        return out
-
-    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [(e.ids, e.offsets) for e in encodings]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=False).tokens
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def id_to_token(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id)
 
     def is_continuation(self) -> list[bool]:
         """Per id, whether the piece continues a word: it lacks the word-start mark of its

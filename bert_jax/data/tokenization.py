@@ -20,7 +20,7 @@ import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers, trainers
 
 from bert_jax import files
-from bert_jax.data.hf_tokenizer import HFTokenizer
+from bert_jax.data.hf_tokenizer import HFTokenizer, TokenizersBacked
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -103,7 +103,7 @@ def encode_grouped(tokenizer: Tokenizer, groups: Sequence[Sequence[str]]) -> lis
 _WORD = re.compile(r"\S+")  # the words of str.split(): the same notion of whitespace
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(TokenizersBacked):
     """The original BERT WordPiece tokenizer for a `vocab.txt` (one token per line)."""
 
     def __init__(self, vocab_file: str | os.PathLike, *, do_lower_case: bool = True):
@@ -120,7 +120,9 @@ class WordPieceTokenizer:
         model = tokenizers.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
         tok = _bert_tokenizer(model, do_lower_case)
         tok.decoder = decoders.WordPiece(prefix="##")
-        self._tok = tok
+        # Words given apart are pieced by the same tokenizer: every word alone, so that
+        # separators BERT's text cleaning deletes (\x0b, \x1c-\x1f, \x85) never glue two.
+        self._tok = self._words = tok
         self._vocab = vocab
         self.vocab_file = os.fspath(vocab_file)
         self.do_lower_case = do_lower_case
@@ -129,51 +131,6 @@ class WordPieceTokenizer:
             vocab[t] for t in SPECIAL_TOKENS
         )
         self.pair_middle = (self.sep_id,)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without [CLS]/[SEP]."""
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of many texts, encoded in parallel."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def encode_words(self, texts: Sequence[str]) -> list[list[list[int]]]:
-        """Per text, the ids of each whitespace-separated word (`str.split`'s words), from
-        one batched call; the same as encoding every word alone."""
-        out = []
-        for text, (ids, word_ids) in zip(texts, self.encode_word_ids(texts), strict=True):
-            words: list[list[int]] = [[] for _ in text.split()]
-            for token_id, word in zip(ids, word_ids, strict=True):
-                words[word].append(token_id)
-            out.append(words)
-        return out
-
-    def encode_word_ids(self, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-        """Per text, its pieces' ids and the index of each piece's word among `str.split`'s
-        words, from one batched call of the words as given (`is_pretokenized`): every word is
-        pieced alone, so separators that BERT's text cleaning deletes (\\x0b, \\x0c, \\x1c-\\x1f,
-        \\x85) never glue two words into one."""
-        encodings = self._tok.encode_batch(
-            [t.split() for t in texts], is_pretokenized=True, add_special_tokens=False
-        )
-        return [(e.ids, e.word_ids) for e in encodings]
-
-    def encode_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple]]]:
-        """Per text, its token ids and each token's (start, end) character span in that text
-        (as given, before lower-casing and accent stripping), from one batched call."""
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        return [(e.ids, e.offsets) for e in encodings]
-
-    def tokenize(self, text: str) -> list[str]:
-        """Word pieces of `text` as strings (`##` marks a continuation)."""
-        return self._tok.encode(text, add_special_tokens=False).tokens
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
-
-    def id_to_token(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id)
 
     def is_continuation(self) -> list[bool]:
         """Per id, whether the piece continues a word (`##...`); whole-word masking needs it."""
