@@ -381,8 +381,9 @@ def model_problems(run: loop_lib.RunConfig, mesh, model_known: bool = True) -> l
     if model_known and run.model.length_problem(run.data.masking.max_seq_length):
         length = run.data.masking.max_seq_length
         problems.append(f"data.{run.model.length_problem(length)}; lower one or raise the other")
-    if model_known and objectives.pretraining_data_problem(run.model, run.data.masking):
-        problems.append(objectives.pretraining_data_problem(run.model, run.data.masking))
+    data_problem = objectives.pretraining_data_problem(run.model, run.data.masking)
+    if model_known and data_problem:
+        problems.append(data_problem)
     replicas = sharding.data_parallel_size(mesh, run.mesh.rules) * run.optim.grad_accum_steps
     if run.train.batch_size % replicas:
         problems.append(
