@@ -71,7 +71,8 @@ def exit_status(error: BaseException) -> int:
 
 def message(error: BaseException) -> str:
     if isinstance(error, Terminated):
-        return "stopped by SIGTERM during start-up, before training began; nothing was lost"
+        text = "stopped by SIGTERM during start-up, before training began; nothing was lost"
+        return f"{text} ({error.args[0]})" if error.args else text
     if isinstance(error, OSError) and error.strerror and error.errno is not None:
         text = error.strerror if not error.filename else f"{error.filename}: {error.strerror}"
     else:
@@ -82,7 +83,15 @@ def message(error: BaseException) -> str:
 
 
 def report(error: BaseException, verbose: bool) -> int:
-    """Prints the error (its traceback too when `verbose`); returns the exit status."""
+    """Prints the error (its traceback too when `verbose`); returns the exit status.
+
+    After a start-up SIGTERM every error is the SIGTERM's: code it interrupted (a library
+    that wraps what it catches, a half-made object used later) may fail with an error of
+    its own, which is named but does not turn the stop into a failure."""
+    if _terminated and not isinstance(error, Terminated):
+        stopped = Terminated(f"while it stopped: {message(error)}")
+        stopped.__cause__ = error
+        error = stopped
     if verbose:
         traceback.print_exception(error)
     else:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 
@@ -118,6 +119,22 @@ class WorkdirLock:
         self.release()
 
 
+def _import_tensorboardx():
+    """tensorboardX, imported here (the library's other modules do not need it) and without
+    PyTorch: where torch is installed, tensorboardX imports it (3 s on a 2-core machine) only
+    to accept its tensors, and bert_jax writes floats. A torch already imported is kept."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as where it is absent
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class SummaryWriter:
     """TensorBoard scalars into `logdir`, local or remote.
 
@@ -128,8 +145,7 @@ class SummaryWriter:
     """
 
     def __init__(self, logdir: str, upload_seconds: float = 30.0):
-        import tensorboardX  # imported here: the library's other modules do not need it
-
+        tensorboardX = _import_tensorboardx()
         self.logdir = str(logdir)
         self.remote = files.is_url(self.logdir)
         self.upload_seconds = upload_seconds

@@ -79,13 +79,18 @@ def _reference(directory, model, line, layers, pooling, max_len=16):
     }
 
 
-@pytest.mark.parametrize("pooling", ["first", "mean"])
-def test_features_equal_transformers_hidden_states(tmp_path, pooling):
+# Rows of 16 positions: with 8 rows (one per device) the batch packs three lines in a row;
+# with one row (one device) each batch ends when the next line does not fit.
+@pytest.mark.parametrize("pooling,rows", [("first", 8), ("mean", 8), ("first", 1)])
+def test_features_equal_transformers_hidden_states(tmp_path, pooling, rows):
     directory, model = _hf_model(tmp_path)
     lines = tmp_path / "lines.txt"
     lines.write_text("\n".join(LINES) + "\n")
     layers = [-1, -2, 0]
-    mesh = sharding.make_mesh(sharding.MeshConfig())  # the batch is split over 8 devices
+    if rows == 8:
+        mesh = sharding.make_mesh(sharding.MeshConfig())  # the batch is split over 8 devices
+    else:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=1), __import__("jax").devices()[:1])
     outputs = {}
     for ext in ("jsonl", "array_record"):
         result = extract.extract(
@@ -95,7 +100,7 @@ def test_features_equal_transformers_hidden_states(tmp_path, pooling):
             layers=layers,
             pooling=pooling,
             max_seq_length=16,
-            batch_size=8,
+            batch_size=rows,
             mesh=mesh,
             progress=False,
         )

@@ -432,7 +432,7 @@ def test_o11_sigterm_during_start_up_says_so(tmp_path):
     wait_for(tmp_path / "cache", proc)  # preprocessing has begun; compiling is still ahead
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM during start-up" in err
 
 
@@ -451,6 +451,30 @@ def test_a_start_up_sigterm_that_a_library_swallowed_still_stops_the_run(monkeyp
             cli.take_over_sigterm(lambda signum, frame: None)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_start_up_sigterm_that_a_library_turned_into_another_error_still_exits_143(
+    monkeypatch, capsys
+):
+    def main(argv):
+        del argv
+        try:
+            raise cli.Terminated()  # as the handler does, inside a library's call
+        except BaseException as e:  # the library wraps what it caught
+            raise RuntimeError("worker pool broke") from e
+
+    monkeypatch.setattr(cli, "_terminated", True)  # the handler ran
+    with pytest.raises(SystemExit) as stop:
+        cli.run(main, [])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: stopped by SIGTERM during start-up, before training began; nothing was lost "
+        "(while it stopped: worker pool broke)"
+    )
+    monkeypatch.setattr(cli, "_terminated", False)  # without a SIGTERM the error is the error
+    with pytest.raises(SystemExit) as stop:
+        cli.run(main, [])
+    assert stop.value.code == 1
 
 
 def test_o9_words_get_their_own_pieces_around_every_separator_the_tokenizer_deletes(tmp_path):

@@ -167,9 +167,11 @@ def test_quantization_aware_training_becomes_the_int8_model_it_saw():
     gradients straight through), the model learns, and the int8-dynamic model made from its
     float weights computes the outputs training evaluated: the same roundings, but for an
     activation that float summation order moves across a rounding boundary (one step of its
-    row's scale), a difference far below quantization's own (test above: 0.0135 of 3.69)."""
+    row's scale), a difference far below quantization's own (test above: 0.0135 of 3.69).
+    Accuracy on 2,048 held-out examples, as above: on 1,024 its sampling error (1.2 points)
+    reached the threshold (0.7998 on one CPU, 0.8315 on 2,048)."""
     config = dataclasses.replace(tiny_training.config(40, 24), quantization="int8-aware")
-    dev = tiny_training.noisy_counting(1024, 1)
+    dev = tiny_training.noisy_counting(2048, 1)
     logits, params = tiny_training.train_and_predict(
         objectives.classification(2),
         config,

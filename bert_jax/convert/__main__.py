@@ -6,6 +6,8 @@ python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
 python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
 python -m bert_jax.convert export-onnx  SOURCE  OUT_DIR [--architecture A --num_labels N]
     [--int8]
+python -m bert_jax.convert export-sentence-transformers  SOURCE  OUT_DIR [--pooling mean
+    --normalize --max_seq_length N --prompt query="query: "]
 python -m bert_jax.convert quantize  SOURCE  OUT_WORKDIR [--mode int8|int8-dynamic|none]
     [--architecture A --num_labels N]
     (SOURCE: a bert_jax run, or hf:/tf: released weights; see bert_jax/convert/stablehlo.py
@@ -15,6 +17,7 @@ Errors print one line (exit 2 for bad input, 1 otherwise); add --verbose for the
 """
 
 import argparse
+import dataclasses
 import functools
 import os
 import warnings
@@ -22,6 +25,7 @@ import warnings
 import jax
 
 from bert_jax import cli, files, models, sharding
+from bert_jax.convert import sentence_transformers as st
 from bert_jax.convert.names import model_class
 from bert_jax.convert.onnx_export import export_onnx
 from bert_jax.convert.runs import (
@@ -61,12 +65,48 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="also model.int8.onnx: ONNX Runtime's dynamic int8 quantization of it",
             )
+        if name == "export-sentence-transformers":
+            _sentence_transformers_flags(p)
         if name in ("export-stablehlo", "export-onnx", "quantize"):
             p.add_argument(
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
     return parser
+
+
+def _sentence_transformers_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", default="", help="comma-separated modes (default: the "
+                   "source folder's, else mean)")  # fmt: skip
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--max_seq_length", type=int, default=0, help="default: the source's")
+    p.add_argument("--prompt", action="append", default=[], help='a named prompt, query="query: "')
+
+
+def export_sentence_transformers(args, mesh, mesh_config) -> None:
+    """A model (a sentence-transformers folder, hf:, a bert_jax workdir) with its pooling as
+    a sentence-transformers folder."""
+    del mesh_config
+    modes = args.pooling.split(",") if args.pooling else None
+    spec = st.embedding_spec(args.source, modes, args.normalize)
+    prompts = dict(spec.prompts)
+    for item in args.prompt:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f'--prompt={item!r}: write NAME="TEXT", e.g. query="query: "')
+        prompts[name] = text
+    spec = dataclasses.replace(spec, prompts=prompts)
+    if args.max_seq_length:
+        spec = dataclasses.replace(spec, max_seq_length=args.max_seq_length)
+    loaded = load_pretrained(spec.model, "BertModel", mesh=mesh)
+    if loaded.config.length_problem(spec.max_seq_length or 0):
+        raise ValueError(loaded.config.length_problem(spec.max_seq_length))
+    params = jax.device_get(loaded.params)
+    st.write_folder(params, loaded.config, loaded.tokenizer, spec, args.output)
+    print(
+        f"wrote {loaded.description} to {args.output} as a sentence-transformers model "
+        f"({'+'.join(spec.pooling)} pooling{', normalized' * spec.normalize})"
+    )
 
 
 def _load_model(args, mesh, **mode):
@@ -203,6 +243,10 @@ COMMANDS = {
     "export-onnx": (
         "a model -> ONNX file (through the transformers PyTorch model)",
         export_program,
+    ),
+    "export-sentence-transformers": (
+        "a model and a pooling -> sentence-transformers folder",
+        export_sentence_transformers,
     ),
     "quantize": ("a model -> bert_jax workdir with int8 (or float) weights", quantize),
 }

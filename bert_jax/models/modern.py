@@ -28,6 +28,7 @@ from bert_jax.models.encoder import (
     check_head_mask,
     check_input_shapes,
     stack_layers,
+    unroll_layers,
 )
 
 
@@ -188,7 +189,7 @@ class ModernBertEncoder(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         xs = (nnx.to_pure_dict(stacked), keys, local, first, head_mask)
-        h, (hidden, probs) = jax.lax.scan(body, x, xs, length=n)
+        h, (hidden, probs) = jax.lax.scan(body, x, xs, length=n, unroll=unroll_layers(self.remat))
         return self.final_layer_norm(h), hidden, probs
 
 

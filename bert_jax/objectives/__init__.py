@@ -1,5 +1,6 @@
 """What a train step computes: pretraining, the task heads' losses and distillation, each an
-`Objective` that the one train step of `bert_jax.training` runs."""
+`Objective` that the one train step of `bert_jax.training` runs; `contrastive`: the losses of
+sentence embeddings and GradCache."""
 
 from bert_jax.objectives.base import OWN_PARAMS, Batch, Distillation, Objective
 from bert_jax.objectives.distillation import (

@@ -12,9 +12,13 @@ tokenizer removes (control characters) has no piece and no vector (`null`). Line
 `max_seq_length` pieces are cut as the original cuts pairs (from the longer segment's end);
 the words cut off have no vector and the line is marked `truncated`.
 
-Outputs (by the extension of `--output`), both written as the batches come so that memory stays
-flat whatever the input's length (batches are as long as their longest line needs: 16, 32, ...
-up to `max_seq_length`):
+Lines are packed: a batch is `--batch_size` rows of `max_seq_length` positions, each row holding
+as many whole lines, one after another, as fit (kept apart by the attention mask, positions
+restarting at each line, so a line's vectors equal those of the line alone): no position is
+computed for padding but a row's end, and one shape is compiled for the whole input.
+
+Outputs (by the extension of `--output`), both written in line order as the batches come, so
+that memory stays flat whatever the input's length:
 - `.jsonl`: one JSON object per line: `line_index`, `words` (each with `word`, `pieces`,
   `layers`: [{"index": -1, "values": [...]}, ...]), `cls`, `mean`, `truncated`.
 - `.array_record`: one record per line holding `words` [W] str, `features` [len(layers), W, D]
@@ -27,9 +31,8 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,21 +41,29 @@ import tqdm
 
 from bert_jax import axes, cli, convert, files, models, sharding, tools
 from bert_jax.data.tokenization import Tokenizer, vocabulary
+from bert_jax.models import attention
+from bert_jax.tools.feature_files import (  # noqa: F401 (the readers, where users found them)
+    ArrayRecordWriter,
+    JsonlWriter,
+    decode_arrays,
+    encode_arrays,
+    read_array_record,
+)
 
 POOLINGS = ("first", "mean", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One input line: its words (segment A, then B) and its model input (views of a batch's
-    rows when it came from `batches`)."""
+    """One input line: its words (segment A, then B) and its model input (as long as the
+    line's pieces; `encode`'s padded to `max_seq_length`)."""
 
     index: int
     words: list[str]
-    input_ids: np.ndarray  # [L] int32
-    segment_ids: np.ndarray  # [L] int32
-    input_mask: np.ndarray  # [L] int32
-    piece_word: np.ndarray  # [L] int32: the word of each position, -1 for specials/padding
+    input_ids: np.ndarray  # [n] int32
+    segment_ids: np.ndarray  # [n] int32
+    input_mask: np.ndarray  # [n] int32
+    piece_word: np.ndarray  # [n] int32: the word of each position, -1 for specials/padding
     truncated: bool
 
     def pieces(self, vocabulary: Sequence[str]) -> list[list[str]]:
@@ -127,162 +138,44 @@ def _offset_words(encoded, n_a):
 
 
 def make_extract_step(graphdef, layers: Sequence[int], pooling: str, rules: sharding.Rules):
-    """`extract_step(params, batch) -> dict` of word vectors [B, N, W, D] (W = L: word slots;
-    NaN for a word without pieces), pooled [CLS] [B, D] and mean-pooled last layer [B, D]."""
+    """`extract_step(params, batch) -> dict` over packed rows (`packed_batches`): word vectors
+    [R, N, S, D] by word slot (`piece_slot`: each row's words with pieces, numbered in the
+    row; `first` pooling marks only each word's first piece), and per line slot the pooled
+    [CLS] [R, K, D] and the mean-pooled last layer [R, K, D]."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; use one of {POOLINGS}")
 
     def extract_step(params, batch):
         model = models.merge_params(graphdef, params)
+        packing = models.Packing(
+            batch["example_ids"], batch["position_ids"], batch["cls_positions"]
+        )
         with axes.axis_rules(rules):
             out = model(
                 batch["input_ids"],
                 batch["input_mask"],
                 batch["segment_ids"],
                 output_hidden_states=True,
+                packing=packing,
             )
-        hidden = jnp.stack([out.hidden_states[i] for i in layers]).astype(jnp.float32)  # [N,B,L,D]
+        hidden = jnp.stack([out.hidden_states[i] for i in layers]).astype(jnp.float32)  # [N,R,L,D]
         length = batch["input_ids"].shape[1]
-        piece_word = batch["piece_word"]
-        # [B, L, W]: which word each position belongs to; `first` keeps each word's first piece.
-        onehot = (piece_word[:, :, None] == jnp.arange(length)[None, None, :]).astype(jnp.float32)
-        pieces = onehot.sum(axis=1)  # [B, W]
-        pick = onehot * (jnp.cumsum(onehot, axis=1) == 1) if pooling == "first" else onehot
-        words = jnp.einsum("blw,nbld->bnwd", pick, hidden)
+        # [R, L, S]: the word slot of each position (a batched matmul pools every word).
+        onehot = (batch["piece_slot"][:, :, None] == jnp.arange(length)).astype(jnp.float32)
+        words = jnp.einsum("bls,nbld->bnsd", onehot, hidden)
         if pooling == "mean":
-            words = words / jnp.maximum(pieces, 1.0)[:, None, :, None]
-        mask = batch["input_mask"].astype(jnp.float32)
-        mean = jnp.einsum("bl,bld->bd", mask, out.sequence_output.astype(jnp.float32))
-        mean = mean / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-        cls = out.pooled_output if out.pooled_output is not None else out.sequence_output[:, 0]
-        words = jnp.where(pieces[:, None, :, None] > 0, words, jnp.nan)  # no piece: no vector
+            words = words / jnp.maximum(onehot.sum(axis=1), 1.0)[:, None, :, None]
+        slots = jnp.arange(1, packing.cls_positions.shape[1] + 1)
+        member = (packing.example_ids[:, :, None] == slots).astype(jnp.float32)  # [R, L, K]
+        seq = out.sequence_output.astype(jnp.float32)
+        mean = jnp.einsum("blk,bld->bkd", member, seq)
+        mean = mean / jnp.maximum(member.sum(axis=1), 1.0)[..., None]
+        cls = out.pooled_output
+        if cls is None:
+            cls = attention.gather(out.sequence_output, packing.cls_positions)
         return {"words": words, "cls": cls.astype(jnp.float32), "mean": mean}
 
     return extract_step
-
-
-class _Output:
-    """An output file written aside and published whole by `close()` (renamed into place,
-    or uploaded to a bucket); `abort()` drops it, so a failed run leaves no partial file."""
-
-    def __init__(self, path: str):
-        self._stage = files.atomic_path(path)
-        self.local = self._stage.__enter__()
-
-    def close(self):
-        self._stage.__exit__(None, None, None)
-
-    def abort(self):
-        self._stage.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-
-class JsonlWriter(_Output):
-    """The JSON-lines output (values rounded to 6 digits, as the original)."""
-
-    def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
-        super().__init__(path)
-        self.f = open(self.local, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
-        self.layers = list(layers)
-        self.vocabulary = vocabulary
-
-    def write(self, example: Example, features: np.ndarray, cls: np.ndarray, mean: np.ndarray):
-        words = []
-        kept = example.pieces(self.vocabulary)
-        for w, (word, pieces) in enumerate(zip(example.words, kept, strict=True)):
-            layers = (
-                [
-                    {"index": layer, "values": [round(float(x), 6) for x in features[n, w]]}
-                    for n, layer in enumerate(self.layers)
-                ]
-                if pieces
-                else None
-            )
-            words.append({"word": word, "pieces": pieces, "layers": layers})
-        record = {
-            "line_index": example.index,
-            "words": words,
-            "cls": [round(float(x), 6) for x in cls],
-            "mean": [round(float(x), 6) for x in mean],
-            "truncated": example.truncated,
-        }
-        self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def close(self):
-        self.f.close()
-        super().close()
-
-    def abort(self):
-        self.f.close()
-        super().abort()
-
-
-def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Named arrays as one record: a length-prefixed JSON header (name, dtype, shape, offset),
-    then the raw bytes; a tenth of the cost of an `.npz` archive per line."""
-    header, blobs, offset = [], [], 0
-    for name, value in arrays.items():
-        value = np.ascontiguousarray(value)
-        header.append([name, value.dtype.str, list(value.shape), offset])
-        blobs.append(value.tobytes())
-        offset += len(blobs[-1])
-    head = json.dumps(header).encode()
-    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
-
-
-def decode_arrays(record: bytes) -> dict[str, np.ndarray]:
-    """The arrays of an `encode_arrays` record."""
-    n = int.from_bytes(record[:4], "little")
-    body = memoryview(record)[4 + n :]
-    out = {}
-    for name, dtype, shape, offset in json.loads(record[4 : 4 + n]):
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        out[name] = np.frombuffer(body[offset : offset + size], dtype).reshape(shape)
-    return out
-
-
-class ArrayRecordWriter(_Output):
-    """One record per line in an ArrayRecord file (`encode_arrays`)."""
-
-    def __init__(self, path: str, layers: Sequence[int], vocabulary: Sequence[str]):
-        from array_record.python import array_record_module
-
-        super().__init__(path)
-        self.writer = array_record_module.ArrayRecordWriter(self.local, "group_size:1,uncompressed")
-        self.layers = np.asarray(layers, np.int32)
-
-    def write(self, example: Example, features: np.ndarray, cls: np.ndarray, mean: np.ndarray):
-        record = encode_arrays(
-            {
-                "line_index": np.int64(example.index),
-                "words": np.asarray(example.words, dtype=str),
-                "features": features.astype(np.float32),
-                "cls": cls,
-                "mean": mean,
-                "layers": self.layers,
-                "truncated": np.bool_(example.truncated),
-            }
-        )
-        self.writer.write(record)
-
-    def close(self):
-        self.writer.close()
-        super().close()
-
-    def abort(self):
-        self.writer.close()
-        super().abort()
-
-
-def read_array_record(path: str) -> Iterator[dict[str, np.ndarray]]:
-    """The records of an `.array_record` output, in line order."""
-    from array_record.python import array_record_module
-
-    reader = array_record_module.ArrayRecordReader(path)
-    try:
-        for i in range(reader.num_records()):
-            yield decode_arrays(reader.read([i])[0])
-    finally:
-        reader.close()
 
 
 def extract(
@@ -304,6 +197,7 @@ def extract(
     Args:
       model: `hf:DIR`, `tf:DIR` or a bert_jax workdir (as `--config.init_from`).
       layers: hidden-state indices: 0 the embeddings, 1..N the layers, negative from the end.
+      batch_size: rows of `max_seq_length` positions a step, each holding whole lines.
       quantization: hold the weights as `models.quantize` says ("int8", "int8-dynamic",
         "none"); empty: as the model holds them.
     """
@@ -334,7 +228,8 @@ def extract(
     try:
         with jax.set_mesh(mesh):
             run = functools.partial(step, pretrained.params)
-            batched = batches(read_lines(input_path), tokenizer, max_seq_length, batch_size)
+            lines = read_lines(input_path)
+            batched = packed_batches(lines, tokenizer, max_seq_length, batch_size, pooling)
             lines, truncated = _run_and_write(run, batched, mesh, rules, writer, bar)
     except BaseException:
         writer.abort()
@@ -373,13 +268,13 @@ def _run_and_write(run, batched, mesh, rules, writer, bar) -> tuple[int, int]:
     input)."""
     lines, truncated, pending = 0, 0, None
     for batch in batched:
-        examples = batch.pop("examples")
+        placed = batch.pop("placed")
         out = run(sharding.global_batch(batch, mesh, rules))
         if pending is not None:
             truncated += _write(writer, *pending)
             lines += len(pending[1])
             bar.update(len(pending[1]))
-        pending = (out, examples)
+        pending = (out, placed)
     if pending is not None:
         truncated += _write(writer, *pending)
         lines += len(pending[1])
@@ -387,38 +282,168 @@ def _run_and_write(run, batched, mesh, rules, writer, bar) -> tuple[int, int]:
     return lines, truncated
 
 
-def _write(writer, out, examples) -> int:
-    """Writes a step's lines; returns how many were cut."""
+def _write(writer, out, placed) -> int:
+    """Writes a step's lines, in their order; returns how many were cut."""
     out = jax.device_get(out)
-    for i, ex in enumerate(examples):
-        writer.write(ex, out["words"][i, :, : len(ex.words)], out["cls"][i], out["mean"][i])
-    return sum(ex.truncated for ex in examples)
+    words = out["words"]
+    for line in placed:
+        ex, r, k = line.example, line.row, line.slot
+        features = np.full((words.shape[1], len(ex.words), words.shape[3]), np.nan, np.float32)
+        features[:, line.kept] = words[r, :, line.first_slot : line.first_slot + len(line.kept)]
+        writer.write(ex, features, out["cls"][r, k], out["mean"][r, k])
+    return sum(line.example.truncated for line in placed)
 
 
-def batches(lines, tokenizer, max_seq_length, batch_size) -> Iterator[dict]:
-    """Batches of `batch_size` rows (the last padded with empty rows), each as long as the
-    smallest of 16, 32, 64, ... `max_seq_length` that holds its longest line: short lines do
-    not pay for the longest possible, and there are a few shapes to compile, not one per batch."""
-    chunk: list[tuple[int, str, str | None]] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == batch_size:
-            yield _batch(chunk, tokenizer, max_seq_length, batch_size)
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """Where a line sits in a packed batch: its row, its slot there (the K axis of `cls` and
+    `mean`), and its words with pieces (`kept`, word indices) at word slots `first_slot`,
+    `first_slot + 1`, ... of its row."""
+
+    example: Example
+    row: int
+    slot: int
+    first_slot: int
+    kept: np.ndarray
+
+
+class _Packer:
+    """Lines placed in `rows` rows of `width` positions as they come (each into the fullest
+    row that holds it: best fit, at most `max_per_row` lines a row), and the batch they make.
+    A batch ends when the next line fits no row, so that a batch's lines are consecutive."""
+
+    def __init__(self, rows: int, width: int, max_per_row: int, pooling: str):
+        self.rows, self.width, self.max_per_row, self.pooling = rows, width, max_per_row, pooling
+        self._reset()
+
+    def _reset(self):
+        self.used = [0] * self.rows
+        self.count = [0] * self.rows
+        self.slots = [0] * self.rows
+        self.lines: list[tuple[Example, int, int]] = []  # (example, row, start)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def place(self, ex: Example) -> bool:
+        """Places `ex`; False (nothing placed) when no row holds it."""
+        n, best = len(ex.input_ids), -1
+        for r in range(self.rows):
+            room = self.used[r] + n <= self.width and self.count[r] < self.max_per_row
+            if room and (best < 0 or self.used[r] > self.used[best]):
+                best = r
+        if best < 0:
+            return False
+        self.lines.append((ex, best, self.used[best]))
+        self.used[best] += n
+        self.count[best] += 1
+        return True
+
+    def batch(self) -> dict:
+        """The arrays of the lines placed (`Placed` of each, in order, under `placed`)."""
+        shape = (self.rows, self.width)
+        arrays = {
+            k: np.zeros(shape, np.int32)
+            for k in ("input_ids", "segment_ids", "input_mask", "example_ids", "position_ids")
+        }
+        arrays["piece_slot"] = np.full(shape, -1, np.int32)
+        arrays["cls_positions"] = np.zeros((self.rows, self.max_per_row), np.int32)
+        placed, count, slots = [], [0] * self.rows, [0] * self.rows
+        for ex, r, start in self.lines:
+            k, n = count[r], len(ex.input_ids)
+            at = slice(start, start + n)
+            arrays["input_ids"][r, at] = ex.input_ids
+            arrays["segment_ids"][r, at] = ex.segment_ids
+            arrays["input_mask"][r, at] = 1
+            arrays["example_ids"][r, at] = k + 1
+            arrays["position_ids"][r, at] = np.arange(n)
+            arrays["cls_positions"][r, k] = start
+            kept, positions, rank, first = _word_pieces(ex.piece_word)
+            if self.pooling == "first":
+                positions, rank = positions[first], rank[first]
+            arrays["piece_slot"][r, start + positions] = slots[r] + rank
+            placed.append(Placed(ex, r, k, slots[r], kept))
+            count[r] += 1
+            slots[r] += len(kept)
+        self._reset()
+        return {**arrays, "placed": placed}
+
+
+def _word_pieces(piece_word: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(the words with pieces, in order; the positions of their pieces; each piece's word as
+    its rank among those words; whether the piece is its word's first). A word's pieces are
+    consecutive, the words in order."""
+    positions = np.flatnonzero(piece_word >= 0)
+    words = piece_word[positions]
+    first = np.ones(len(words), bool)
+    first[1:] = words[1:] != words[:-1]
+    return words[first], positions, np.cumsum(first) - 1, first
+
+
+def packed_batches(
+    lines, tokenizer, max_seq_length: int, rows: int, pooling: str, max_per_row: int = 16
+) -> Iterator[dict]:
+    """Batches of `rows` rows of `max_seq_length` positions, each row holding whole lines one
+    after another (at most `max_per_row`; `models.Packing` keeps them apart, so each line's
+    vectors equal those of the line alone): one shape for the whole input, and no position
+    computed for padding but the ends of rows. Lines are tokenized `rows` x 16 at a time."""
+    packer = _Packer(rows, max_seq_length, max_per_row, pooling)
+    for chunk in _chunks(lines, rows * 16):
+        for ex in _examples(chunk, tokenizer, max_seq_length):
+            if not packer.place(ex):
+                yield packer.batch()
+                packer.place(ex)
+    if len(packer):
+        yield packer.batch()
+
+
+def _chunks(items, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
             chunk = []
     if chunk:
-        yield _batch(chunk, tokenizer, max_seq_length, batch_size)
+        yield chunk
 
 
-def _batch(chunk, tokenizer, max_seq_length, batch_size) -> dict:
-    # One tokenizer call for every segment of the batch (run in parallel by `tokenizers`).
+def _examples(chunk, tokenizer, max_seq_length) -> Iterator[Example]:
+    """The `Example` of each (index, text A, text B) of `chunk`, unpadded, tokenized in one
+    call (run in parallel by `tokenizers`)."""
     texts = [t for _, a, b in chunk for t in (a, b) if t is not None]
     per_text = iter(tokenizer.encode_word_ids(texts))
-    rows = []
     for index, a, b in chunk:
         words, n_a = _segment_words(a, b)
         encoded = [next(per_text)] if b is None else [next(per_text), next(per_text)]
-        rows.append((index, words, _layout(tokenizer, _offset_words(encoded, n_a), max_seq_length)))
-    longest = max(len(ids) for _, _, (ids, _, _, _) in rows)
+        ids, piece_word, second, truncated = _layout(
+            tokenizer, _offset_words(encoded, n_a), max_seq_length
+        )
+        n = len(ids)
+        segments = np.zeros(n, np.int32)
+        segments[second:] = 1
+        yield Example(
+            index,
+            words,
+            np.asarray(ids, np.int32),
+            segments,
+            np.ones(n, np.int32),
+            np.asarray(piece_word, np.int32),
+            truncated,
+        )
+
+
+def batches(lines, tokenizer, max_seq_length, batch_size) -> Iterator[dict]:
+    """Batches of `batch_size` rows of one line each (the last padded with empty rows), each
+    as long as the smallest of 16, 32, 64, ... `max_seq_length` that holds its longest line:
+    short lines do not pay for the longest possible, and there are a few shapes to compile,
+    not one per batch. (For the attention analysis, which reads each line's own row.)"""
+    for chunk in _chunks(lines, batch_size):
+        yield _batch(list(_examples(chunk, tokenizer, max_seq_length)), max_seq_length, batch_size)
+
+
+def _batch(examples: list[Example], max_seq_length, batch_size) -> dict:
+    longest = max(len(ex.input_ids) for ex in examples)
     length = 16
     while length < longest:
         length *= 2
@@ -427,13 +452,10 @@ def _batch(chunk, tokenizer, max_seq_length, batch_size) -> dict:
     segments = np.zeros((batch_size, length), np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     piece_word = np.full((batch_size, length), -1, np.int32)
-    examples = []
-    for r, (index, words, (row_ids, row_words, second, truncated)) in enumerate(rows):
-        n = len(row_ids)
-        ids[r, :n], piece_word[r, :n], segments[r, second:n], mask[r, :n] = row_ids, row_words, 1, 1
-        examples.append(
-            Example(index, words, ids[r], segments[r], mask[r], piece_word[r], truncated)
-        )
+    for r, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[r, :n], segments[r, :n], mask[r, :n] = ex.input_ids, ex.segment_ids, 1
+        piece_word[r, :n] = ex.piece_word
     return {
         "examples": examples,
         "input_ids": ids,
@@ -452,7 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", default="-1,-2,-3,-4")
     parser.add_argument("--pooling", default="first", choices=POOLINGS)
     parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="rows of max_seq_length a step, lines packed"
+    )
     args = parser.parse_args(argv)
     result = extract(
         args.model,

@@ -26,6 +26,13 @@ each batch is split over the devices. Output: stdout or `--output`, written as b
   compare with the threshold tuned on dev, `results.json`), decoded over windows with the
   max-context rule; each word's tag and the entities; the best ending and each one's
   probability.
+- `embed`: each line's sentence embedding (`{"embedding": [...]}`, or all of them to a `.npy`
+  `--output`), pooled and normalized as a sentence-transformers folder says (or
+  `--pooling`, `--normalize`), with `--prompt` or `--prompt_name` (E5's "query: ") before
+  each line: `bert_jax.tools.embed`.
+- `search`: each line's `--top_k` most similar lines of `--corpus` (`{"query", "hits":
+  [{"id", "score", "text"}]}`), exact, the corpus's vectors spread over the devices
+  (`bert_jax.tools.search`); `--corpus_prompt_name=passage` for E5-like models.
 - `classify`, `qa`, `ner`: any sequence classifier, SQuAD model or token classifier (a
   Hugging Face directory, say), as `classify:`, `squad_v2` and `tag:` read them.
 Label names come from the model (a `finetune.py` run records them; a Hugging Face directory's
@@ -45,7 +52,9 @@ import numpy as np
 
 from bert_jax import cli, convert, files, models, sharding, tools
 from bert_jax.data import encoding
+from bert_jax.models import pooling
 from bert_jax.tasks import base, own, registry, squad
+from bert_jax.tools import embed, search
 
 MASK = "[MASK]"
 PRETRAINING_HEADS = {"fill-mask": "BertForMaskedLM", "next-sentence": "BertForPreTraining"}
@@ -94,14 +103,10 @@ def _bucket(n: int, cap: int) -> int:
 
 
 def _rows(lines: Iterator[str], batch_size: int) -> Iterator[list[tuple[int, str]]]:
-    chunk = []
-    for index, line in enumerate(lines):
-        chunk.append((index, line.rstrip("\n")))
-        if len(chunk) == batch_size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    start = 0
+    for chunk in embed.chunks(lines, batch_size):
+        yield list(enumerate(chunk, start))
+        start += len(chunk)
 
 
 def decoding_settings(model: str, data_dir: str, max_seq_length: int) -> base.Settings:
@@ -225,13 +230,38 @@ class Predictor:
         return encoding.pair_tokens(tok.encode(a), tok.encode(b), tok, self.max_seq_length)
 
     def _outputs(self, features: dict[str, np.ndarray]):
-        """The jitted step over rows of features, padded to the devices, cut back."""
+        """The jitted step over rows of features (one example each, padded to
+        `max_seq_length`): packed several to a row where the task's model reads packed rows
+        (`encoding.pack`, as `finetune.py` predicts: a short line no longer computes a whole
+        row; each line's outputs equal those of the line alone), in the rows the examples
+        need, cut back."""
         n = len(features["input_ids"])
-        rows = -(-n // self.data_size) * self.data_size
+        if self.task is not None and self.task.packable:
+            lengths = features["input_mask"].sum(axis=1)
+            needed = len(encoding.pack_rows(lengths, features["input_ids"].shape[1]))
+            packed = encoding.pack(features, rows=-(-needed // self.data_size) * self.data_size)
+            source = packed.pop("source")
+            return encoding.unpack(self._run(packed), source, n)
+        return self._run(features)
+
+    def _run(self, features: dict[str, np.ndarray]):
+        """The step over `features` in dispatches of at most `_STEP_ROWS` rows a device,
+        each padded to a quarter of that (a few shapes, each compiled once)."""
+        n = len(features["input_ids"])
+        most = _STEP_ROWS * self.data_size
+        outs = [
+            self._dispatch({k: v[start : start + most] for k, v in features.items()}, most // 4)
+            for start in range(0, n, most)
+        ]
+        return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+    def _dispatch(self, features: dict[str, np.ndarray], granule: int):
+        n = len(features["input_ids"])
+        rows = -(-n // granule) * granule
         batch = {
             k: np.concatenate([v, np.zeros((rows - n, *v.shape[1:]), v.dtype)])
             for k, v in features.items()
-            if k in ("input_ids", "input_mask", "segment_ids")
+            if k in _INPUTS + _PACKING
         }
         with jax.set_mesh(self.mesh):
             out = self.step(
@@ -298,52 +328,45 @@ class Predictor:
         filled = self.tokenizer.decode(ids[1:-1])
         return {"line_index": index, "text": line, "masks": masks, "filled": filled}
 
-    def run(self, lines: Iterator[str], batch_size: int = 32) -> Iterator[dict]:
+    def run(self, lines: Iterator[str], batch_size: int = 256) -> Iterator[dict]:
         for chunk in _rows(lines, batch_size):
             yield from self.answer(chunk)
 
 
 _INPUTS = ("input_ids", "input_mask", "segment_ids")
+_PACKING = ("example_ids", "position_ids", "cls_positions")
+# Rows of max_seq_length a device computes in one dispatch: larger matrices than a batch of
+# 32 short lines packed (5 or so rows), few enough to keep a CPU's caches warm.
+_STEP_ROWS = 32
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.predict", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "task",
-        help="fill-mask, next-sentence, task (a finetune.py run's own), a task's name (sst2, "
-        "squad_v2, conll2003, swag, classify:<folder>, tag:<folder>, ...), classify, qa or ner",
-    )
-    tools.add_model_flags(parser)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", help="one line to answer")
-    source.add_argument("--input", help="a file of lines (default: stdin)")
-    parser.add_argument("--output", help="JSON lines file (default: stdout)")
-    parser.add_argument("--top_k", type=int, default=5)
-    parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument(
-        "--data_dir", default="", help="where a classify:/tag: folder's labels.txt is read from"
-    )
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError("--top_k and --batch_size must be positive")
+    if args.task == "embed":
+        embed.check_output(args.output)  # before the model loads
+    if args.task == "search" and not (args.corpus and files.isfile(args.corpus)):
+        raise FileNotFoundError(f"search needs --corpus, a file of lines: {args.corpus!r}")
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    predictor = Predictor(
-        args.task,
-        args.model,
-        max_seq_length=args.max_seq_length,
-        top_k=args.top_k,
-        mesh=mesh,
-        quantization=args.quantization,
-        data_dir=args.data_dir,
-    )
     if args.text is not None:
         lines: Iterator[str] = iter([args.text])
     elif args.input:
         lines = files.open(args.input, encoding="utf-8")  # noqa: SIM115 (streamed, closed at exit)
     else:
         lines = sys.stdin
+    if args.task in ("embed", "search"):
+        _embed_or_search(args, lines, mesh)
+        return
+    predictor = Predictor(
+        args.task,
+        args.model,
+        max_seq_length=args.max_seq_length or 128,
+        top_k=args.top_k,
+        mesh=mesh,
+        quantization=args.quantization,
+        data_dir=args.data_dir,
+    )
     out = files.open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         for answer in predictor.run(lines, args.batch_size):
@@ -352,6 +375,98 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+def _embed_or_search(args, lines: Iterator[str], mesh) -> None:
+    """`embed`: every line's vector; `search`: every line's `--top_k` best lines of
+    `--corpus` (embedded first, without the queries' prompt unless `--corpus_prompt*`)."""
+    embedder = embed.Embedder(
+        args.model,
+        pooling_modes=args.pooling.split(",") if args.pooling else None,
+        normalize={"": None, "true": True, "false": False}[args.normalize],
+        max_seq_length=args.max_seq_length,
+        mesh=mesh,
+    )
+    prompts = {"prompt": args.prompt, "prompt_name": args.prompt_name}
+    if args.task == "embed":
+        embed.write_embeddings(embedder, lines, args.output, batch_size=args.batch_size, **prompts)
+        return
+    with files.open(args.corpus, encoding="utf-8") as f:
+        corpus = [line.rstrip("\n") for line in f]
+    vectors = embedder.encode(
+        corpus, prompt=args.corpus_prompt, prompt_name=args.corpus_prompt_name
+    )
+    index = search.Index(vectors, similarity=args.similarity or embedder.spec.similarity, mesh=mesh)
+    out = files.open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for chunk in embed.chunks(lines, args.batch_size):
+            scores, ids = index.search(embedder.encode(chunk, **prompts), args.top_k)
+            for query, row_scores, row_ids in zip(chunk, scores, ids, strict=True):
+                hits = [
+                    {"id": int(i), "score": round(float(s), 6), "text": corpus[i]}
+                    for s, i in zip(row_scores, row_ids, strict=True)
+                ]
+                out.write(json.dumps({"query": query, "hits": hits}, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.tools.predict", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "task",
+        help="fill-mask, next-sentence, embed, search, task (a finetune.py run's own), a "
+        "task's name (sst2, squad_v2, conll2003, swag, classify:<folder>, tag:<folder>, ...), "
+        "classify, qa or ner",
+    )
+    tools.add_model_flags(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", help="one line to answer")
+    source.add_argument("--input", help="a file of lines (default: stdin)")
+    parser.add_argument(
+        "--output", help="JSON lines file (default: stdout); for embed also a .npy file"
+    )
+    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument(
+        "--max_seq_length",
+        type=int,
+        default=None,
+        help="where lines are cut (default 128; embed: the model folder's length)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=256,
+        help="lines read, answered and written at a time (computed in rows of up to 32 a device)",
+    )
+    parser.add_argument(
+        "--data_dir", default="", help="where a classify:/tag: folder's labels.txt is read from"
+    )
+    embedding = parser.add_argument_group("embed")
+    embedding.add_argument("--prompt", default=None, help='text put before every line ("query: ")')
+    embedding.add_argument("--prompt_name", default=None, help="one of the model's prompts")
+    modes = ", ".join(pooling.MODES)
+    embedding.add_argument(
+        "--pooling",
+        default="",
+        help=f"comma-separated modes of {modes} (default: the sentence-transformers "
+        "folder's, else mean)",
+    )
+    embedding.add_argument(
+        "--normalize", default="", choices=("", "true", "false"),
+        help="unit-length vectors (default: as the folder says; others: false)",
+    )  # fmt: skip
+    embedding.add_argument("--corpus", default="", help="search: a file of lines to search")
+    embedding.add_argument("--corpus_prompt", default=None, help="search: the corpus's prompt")
+    embedding.add_argument("--corpus_prompt_name", default=None, help='search: e.g. "passage"')
+    embedding.add_argument(
+        "--similarity", default="", choices=("", *search.SIMILARITIES),
+        help="search: cosine or dot (default: the model folder's, else cosine)",
+    )  # fmt: skip
+    return parser
 
 
 if __name__ == "__main__":

@@ -204,9 +204,14 @@ def make_train_step(
 
 
 def _all_finite(tree) -> jax.Array:
-    """One bool: every floating-point value of `tree` is finite."""
+    """One bool: every floating-point value of `tree` is finite. As the largest magnitude of
+    each array (a NaN or an infinity makes it non-finite): one fused read of the array, where
+    `isfinite(x).all()` made XLA:CPU write a boolean array of its size and reduce that (a
+    tenth of a small model's fine-tuning step)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+    return jnp.all(
+        jnp.stack([jnp.array(True)] + [jnp.isfinite(jnp.max(jnp.abs(x))) for x in leaves if x.size])
+    )
 
 
 def make_eval_step(

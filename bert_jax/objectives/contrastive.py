@@ -1,0 +1,168 @@
+"""Contrastive losses of sentence embeddings, and GradCache to train them at large batches.
+
+The losses take embeddings, not models, as sentence-transformers' `compute_loss_from_embeddings`
+does, and match it (tests/test_contrastive.py):
+
+- `in_batch_negatives`: MultipleNegativesRankingLoss (InfoNCE): each anchor's positive among
+  every candidate of the batch (all positives, then any hard negatives), cosine x `scale`;
+  `symmetric` adds each positive finding its anchor (`directions=("query_to_doc",
+  "doc_to_query")`, `partition_mode="per_direction"`).
+- `cosent`: CoSENT for scored pairs: every pair of pairs ordered by their gold scores.
+- `matryoshka`: a loss applied to nested prefixes of the vectors and summed, weighted.
+
+Computed on global arrays, the loss of a batch split over devices and hosts is the loss over
+the whole global batch: the similarity matrix of sharded embeddings makes the compiler gather
+the embeddings (a [B, D] array, not the tokens), so every anchor meets global batch - 1
+negatives. `grad_cache` computes the same loss and gradients while holding the activations
+of one chunk of the batch at a time (Gao et al., 2021).
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from bert_jax.models import pooling
+
+
+def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A, B] cosine similarities of [A, D] and [B, D] (vectors of norm 0 score 0)."""
+    a, b = pooling.normalize(a.astype(jnp.float32)), pooling.normalize(b.astype(jnp.float32))
+    return a @ b.T
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+
+
+def in_batch_negatives(
+    anchors: jax.Array,
+    candidates: jax.Array,
+    scale: float = 20.0,
+    symmetric: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MultipleNegativesRankingLoss of a batch.
+
+    Args:
+      anchors: [B, D] the anchors' embeddings (queries).
+      candidates: [(1 + n) * B, D]: the B positives (row i is anchor i's), then n blocks of B
+        hard negatives (block j row i: anchor i's j-th negative).
+      scale: the cosine similarities' multiplier (1 / temperature).
+      symmetric: also each positive's cross-entropy of finding its anchor among the anchors.
+
+    Returns:
+      (the mean loss, {"loss_sum", "correct", "count"}: sums for the logs; correct counts
+      anchors whose positive scores highest).
+    """
+    batch = anchors.shape[0]
+    if candidates.shape[0] % batch:
+        raise ValueError(
+            f"candidates ({candidates.shape[0]}) must be the {batch} positives followed by "
+            f"whole blocks of {batch} negatives"
+        )
+    scores = cosine_matrix(anchors, candidates) * scale  # [B, (1 + n) B]
+    labels = jnp.arange(batch)
+    per_anchor = _cross_entropy(scores, labels)
+    if symmetric:
+        backward = _cross_entropy(scores[:, :batch].T, labels)
+        per_anchor = (per_anchor + backward) / 2
+    correct = (jnp.argmax(scores, axis=-1) == labels).sum()
+    loss = per_anchor.mean()
+    sums = {"loss_sum": per_anchor.sum(), "correct": correct, "count": jnp.float32(batch)}
+    return loss, sums
+
+
+def cosent(
+    first: jax.Array, second: jax.Array, labels: jax.Array, scale: float = 20.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """CoSENT of scored pairs: log(1 + sum over pairs (i, j) with label_i < label_j of
+    exp(scale * (cos_i - cos_j))). `first`, `second`: [B, D]; `labels`: [B] gold scores."""
+    scores = (
+        jnp.sum(
+            pooling.normalize(first.astype(jnp.float32))
+            * pooling.normalize(second.astype(jnp.float32)),
+            axis=-1,
+        )
+        * scale
+    )
+    differences = scores[:, None] - scores[None, :]
+    ordered = labels[:, None] < labels[None, :]
+    differences = jnp.where(ordered, differences, -jnp.inf)
+    loss = jax.nn.logsumexp(jnp.concatenate([jnp.zeros(1), differences.reshape(-1)]))
+    batch = jnp.float32(first.shape[0])
+    return loss, {"loss_sum": loss * batch, "count": batch}
+
+
+def matryoshka(
+    loss: Callable[..., tuple[jax.Array, dict]],
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> Callable[..., tuple[jax.Array, dict]]:
+    """`loss(*embeddings, *rest)` applied to the first `d` dimensions of every embedding for
+    each `d` of `dims`, summed with `weights` (1 each by default), as MatryoshkaLoss: the
+    vectors stay good when cut to any of `dims`. `n_embeddings` leading arguments are cut."""
+    weights = tuple(weights) if weights is not None else (1.0,) * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"{len(weights)} weights for {len(dims)} matryoshka dims")
+
+    def nested(*args, n_embeddings: int = 2, **kwargs):
+        """The weighted sum of the losses, with the sums (for the logs) of the first of `dims`."""
+        results = [
+            loss(*[x[..., :dim] for x in args[:n_embeddings]], *args[n_embeddings:], **kwargs)
+            for dim in dims
+        ]
+        total = sum(weight * value for weight, (value, _) in zip(weights, results, strict=True))
+        return total, results[0][1]
+
+    return nested
+
+
+def grad_cache(
+    embed: Callable[[object, dict, jax.Array], jax.Array],
+    loss: Callable[[jax.Array], tuple[jax.Array, dict]],
+    params,
+    inputs: dict,
+    rng: jax.Array,
+    chunk_size: int,
+) -> tuple[tuple[jax.Array, dict], object]:
+    """The loss of a whole batch and its gradient with respect to `params`, computed with the
+    activations of one chunk at a time (GradCache).
+
+    1. Every chunk is embedded without keeping activations (its embeddings only).
+    2. The loss of all the embeddings and its gradient with respect to each embedding.
+    3. Each chunk is embedded again, now differentiated, and its embeddings' cached gradients
+       are pulled back to the parameters (`jax.vjp`) and added up.
+    Chunk c draws its dropout from `fold_in(rng, c)` in both passes, so the two embeddings
+    of a chunk are the same. The result equals differentiating `loss(embed(...))` of the
+    whole batch with those dropout keys, up to float rounding.
+
+    Args:
+      embed: `(params, chunk inputs, rng) -> [chunk, D]` embeddings.
+      loss: `(embeddings [N, D]) -> (loss, sums)` over the whole batch's embeddings.
+      inputs: arrays with a leading dimension N, a multiple of `chunk_size`.
+
+    Returns:
+      ((loss, sums), gradients like `params`).
+    """
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    if n % chunk_size:
+        raise ValueError(f"the batch ({n} rows) must be a multiple of chunk_size={chunk_size}")
+    chunks = n // chunk_size
+    split = jax.tree.map(lambda x: x.reshape(chunks, chunk_size, *x.shape[1:]), inputs)
+    keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(chunks))
+    frozen = jax.lax.stop_gradient(params)
+    embeddings = jax.lax.map(lambda c: embed(frozen, c[0], c[1]), (split, keys))
+    flat = embeddings.reshape(n, *embeddings.shape[2:])
+    (value, sums), cached = jax.value_and_grad(loss, has_aux=True)(flat)
+    cached = cached.reshape(embeddings.shape)
+
+    def add_chunk(total, chunk):
+        chunk_inputs, key, gradient = chunk
+        _, pull_back = jax.vjp(lambda p: embed(p, chunk_inputs, key), params)
+        (grads,) = pull_back(gradient.astype(embeddings.dtype))
+        return jax.tree.map(jnp.add, total, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(add_chunk, zeros, (split, keys, cached))
+    return (value, sums), grads
