@@ -101,6 +101,7 @@ class FinetuneConfig:
     max_answer_length: int = 30
     checkpoint_every_steps: int = 500
     checkpoint_minutes: float = 10.0
+    embedding: tuple = ()
 
     def settings(self) -> base.Settings:
         return base.Settings(
@@ -113,6 +114,7 @@ class FinetuneConfig:
             max_query_length=self.max_query_length,
             n_best_size=self.n_best_size,
             max_answer_length=self.max_answer_length,
+            embedding=self.embedding,
         )
 
 
@@ -159,8 +161,31 @@ def parse_config(cfg, need_data: bool = True) -> FinetuneConfig:
         student_layers=_layer_list(cfg.get("student_layers", "")),
         checkpoint_every_steps=cfg.get("checkpoint_every_steps", 500),
         checkpoint_minutes=cfg.get("checkpoint_minutes", 10.0),
+        embedding=_embedding_options(cfg.get("embedding") or {}),
         **qa,
     )
+
+
+def _embedding_options(embedding) -> tuple:
+    """`objectives.Embedding`'s options from --config.embedding, checked here (a bad pooling
+    mode or loss option fails before any work)."""
+    if not embedding:
+        return ()
+    options = {
+        "modes": tuple(m.strip() for m in str(embedding.get("pooling", "mean")).split(",")),
+        "scale": float(embedding.get("scale", 20.0)),
+        "symmetric": bool(embedding.get("symmetric", False)),
+        "matryoshka_dims": tuple(
+            int(d) for d in str(embedding.get("matryoshka_dims", "")).split(",") if d.strip()
+        ),
+        "chunk_size": int(embedding.get("chunk_size", 0)),
+    }
+    chosen = objectives.Embedding(**options)  # raises naming a bad mode
+    if options["chunk_size"] < 0:
+        raise ValueError(f"--config.embedding.chunk_size={options['chunk_size']}; use 0 or more")
+    if chosen == objectives.Embedding():  # recorded only when set
+        return ()
+    return tuple(options.items())
 
 
 def _check_values(cfg, need_data: bool) -> None:
@@ -256,6 +281,8 @@ def run_settings(cfg: FinetuneConfig) -> dict:
     settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
     if cfg.mesh.rules == sharding.MeshConfig.rules:  # as recorded before rules were a setting
         del settings["mesh"]["rules"]
+    if not cfg.embedding:  # as recorded before embedding tasks
+        del settings["embedding"]
     return {k: v for k, v in settings.items() if k not in _SWEEP_FIELDS}
 
 
@@ -274,6 +301,7 @@ def finetune_task(cfg: FinetuneConfig, name: str, mesh, workdir: str) -> dict:
     }
     if all(done.values()):  # nothing to train: not even the model is loaded
         tqdm.tqdm.write(f"{task.name}: all {len(done)} run(s) finished earlier; nothing to train")
+        task.prepare(cfg.settings())
         runs = [_finished(workdir, task.name, lr, seed, r) for (lr, seed), r in done.items()]
         return {**summarize_task(task, runs), "test_predicted": sorted(runs[0]["predictions"])}
     task.prepare(cfg.settings())
@@ -434,19 +462,22 @@ def results_table(results: dict, bert_base: bool) -> str:
     for name, res in results.items():
         task = registry.get_task(name)
         stats = res["by_learning_rate"][res["chosen_learning_rate"]]
-        for split in task.dev_names:
-            for metric in task.metrics:
-                s = stats[f"{split}/{metric}"]
-                label = metric if len(task.dev_names) == 1 else f"{metric} ({split})"
-                row = (
-                    f"| {name} | {label} | {res['chosen_learning_rate']} | "
-                    f"{100 * s['median']:.2f} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
-                    f"{s['n']} |"
-                )
-                if bert_base:
-                    published = task.published_figure(split, metric)
-                    row += f" {published:.2f} |" if published is not None else " |"
-                lines.append(row)
+        # What the summary holds (a task's dev sets and metrics can depend on its data).
+        named = [key.split("/", 1) for key in stats if not key.endswith("/score")]
+        named = named or [key.split("/", 1) for key in stats]
+        splits = {split for split, _ in named}
+        for split, metric in named:
+            s = stats[f"{split}/{metric}"]
+            label = metric if len(splits) == 1 else f"{metric} ({split})"
+            row = (
+                f"| {name} | {label} | {res['chosen_learning_rate']} | "
+                f"{100 * s['median']:.2f} | {100 * s['mean']:.2f} ± {100 * s['std']:.2f} | "
+                f"{s['n']} |"
+            )
+            if bert_base:
+                published = task.published_figure(split, metric)
+                row += f" {published:.2f} |" if published is not None else " |"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 

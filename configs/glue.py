@@ -74,6 +74,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Empty: all of init_from's layers.
     config.student_layers = ""
 
+    # Sentence-embedding tasks (embed:<folder>; configs/embed.py): the pooling of the
+    # encoder's last hidden states (cls, mean, max, ... comma-separated), the similarity's
+    # scale (1 / temperature), whether the in-batch loss also finds each positive's anchor,
+    # Matryoshka prefixes ("384,256,128,64": the loss on each, summed), and GradCache's
+    # chunk: texts embedded at once (a divisor of batch_size x texts per example; 0: all).
+    config.embedding = ml_collections.ConfigDict()
+    config.embedding.pooling = "mean"
+    config.embedding.scale = 20.0
+    config.embedding.symmetric = False
+    config.embedding.matryoshka_dims = ""
+    config.embedding.chunk_size = 0
+
     # Numerics of this run (the encoder's sizes come from init_from).
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"

@@ -156,13 +156,14 @@ def test_grad_cache_with_dropout_uses_each_chunk_s_key_in_both_passes():
     inputs = _pair_inputs()
     rng, chunk = jax.random.key(1), 14
 
-    def whole(p):
+    chunks = 2 * PAIRS // chunk
+
+    def whole(p):  # chunk c: rows c, c + chunks, ...; the rows put back in order
         parts = [
-            embed(p, {k: v[c * chunk : (c + 1) * chunk] for k, v in inputs.items()},
-                  jax.random.fold_in(rng, c))
-            for c in range(2 * PAIRS // chunk)
-        ]  # fmt: skip
-        return _pair_loss(jnp.concatenate(parts))
+            embed(p, {k: v[c::chunks] for k, v in inputs.items()}, jax.random.fold_in(rng, c))
+            for c in range(chunks)
+        ]
+        return _pair_loss(jnp.stack(parts, axis=1).reshape(2 * PAIRS, -1))
 
     (want, _), want_grads = jax.jit(jax.value_and_grad(whole, has_aux=True))(params)
     (got, _), grads = jax.jit(

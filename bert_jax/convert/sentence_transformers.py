@@ -135,13 +135,15 @@ def _modes(config: dict) -> tuple[str, ...]:
 def embedding_spec(model: str, pooling_modes=None, normalize: bool | None = None) -> EmbeddingSpec:
     """The spec of `model`: a sentence-transformers folder (its own pooling, unless
     `pooling_modes` or `normalize` are given), or any encoder `convert.load_pretrained` takes
-    (`hf:DIR`, a bert_jax workdir) pooled by `pooling_modes` (mean by default)."""
+    (`hf:DIR`, a bert_jax workdir) pooled by `pooling_modes` (by default the pooling a
+    finetune.py embedding run recorded, else mean)."""
     path = model.split(":", 1)[1] if model.startswith(("hf:", "st:")) else model
     path = os.path.expanduser(path)
     if is_folder(path):
         spec = read_folder(path)
-    else:
-        spec = EmbeddingSpec(model=model)
+    else:  # a run of `embed:<folder>` records the pooling it was trained with
+        recorded = _read_json(files.join(path, "config.json"), {}).get("pooling")
+        spec = EmbeddingSpec(model=model, pooling=tuple(recorded or ("mean",)))
     if pooling_modes:
         spec = dataclasses.replace(spec, pooling=pooling.check_modes(pooling_modes))
     if normalize is not None:

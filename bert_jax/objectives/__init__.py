@@ -3,6 +3,7 @@
 sentence embeddings and GradCache."""
 
 from bert_jax.objectives.base import OWN_PARAMS, Batch, Distillation, Objective
+from bert_jax.objectives.contrastive import Embedding, embedding_objective
 from bert_jax.objectives.distillation import (
     pretraining_distillation,
     task_distillation,
@@ -25,8 +26,10 @@ __all__ = [
     "QUESTION_ANSWERING",
     "Batch",
     "Distillation",
+    "Embedding",
     "Objective",
     "classification",
+    "embedding_objective",
     "multiple_choice",
     "pretraining_data_problem",
     "pretraining_distillation",

@@ -33,6 +33,10 @@ class Objective:
     # Set: the train step also takes a frozen teacher's parameters and trains with this loss;
     # evaluation and prediction stay the student's own (`loss`, `predict`).
     distill: "Distillation | None" = None
+    # Set (`contrastive.Embedding`): a sentence-embedding objective, whose train step embeds
+    # the whole batch in chunks (GradCache) rather than accumulating micro-batches, so that
+    # every example meets the whole batch's negatives.
+    embedding: Any = None
 
     def train_loss(self, model, own, batch, rng, frozen=None):
         """The loss the train step differentiates, with dropout: `loss`, or a distillation's

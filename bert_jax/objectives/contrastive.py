@@ -17,12 +17,18 @@ negatives. `grad_cache` computes the same loss and gradients while holding the a
 of one chunk of the batch at a time (Gao et al., 2021).
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from bert_jax import models
 from bert_jax.models import pooling
+from bert_jax.objectives.base import Batch, Objective
+
+TEXT_KEYS = ("input_ids", "input_mask", "segment_ids")
+KINDS = ("ranking", "scored")
 
 
 def cosine_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -52,7 +58,7 @@ def in_batch_negatives(
       symmetric: also each positive's cross-entropy of finding its anchor among the anchors.
 
     Returns:
-      (the mean loss, {"loss_sum", "correct", "count"}: sums for the logs; correct counts
+      (the mean loss, {"loss_sum", "correct_sum", "count"}: sums for the logs; correct counts
       anchors whose positive scores highest).
     """
     batch = anchors.shape[0]
@@ -69,7 +75,7 @@ def in_batch_negatives(
         per_anchor = (per_anchor + backward) / 2
     correct = (jnp.argmax(scores, axis=-1) == labels).sum()
     loss = per_anchor.mean()
-    sums = {"loss_sum": per_anchor.sum(), "correct": correct, "count": jnp.float32(batch)}
+    sums = {"loss_sum": per_anchor.sum(), "correct_sum": correct, "count": jnp.float32(batch)}
     return loss, sums
 
 
@@ -133,13 +139,17 @@ def grad_cache(
     2. The loss of all the embeddings and its gradient with respect to each embedding.
     3. Each chunk is embedded again, now differentiated, and its embeddings' cached gradients
        are pulled back to the parameters (`jax.vjp`) and added up.
-    Chunk c draws its dropout from `fold_in(rng, c)` in both passes, so the two embeddings
-    of a chunk are the same. The result equals differentiating `loss(embed(...))` of the
-    whole batch with those dropout keys, up to float rounding.
+    Chunk c holds rows c, c + C, c + 2C, ... of the N rows (C = N / chunk_size chunks), as
+    gradient accumulation's micro-batches do: every device's rows of a batch split over the
+    devices are spread evenly over the chunks, so forming them moves no data and each chunk
+    keeps every device busy. Chunk c draws its dropout from `fold_in(rng, c)` in both passes,
+    so the two embeddings of a chunk are the same. The result equals differentiating
+    `loss(embed(...))` of the whole batch with those dropout keys, up to float rounding.
 
     Args:
       embed: `(params, chunk inputs, rng) -> [chunk, D]` embeddings.
-      loss: `(embeddings [N, D]) -> (loss, sums)` over the whole batch's embeddings.
+      loss: `(embeddings [N, D]) -> (loss, sums)` over the whole batch's embeddings, in the
+        order of the rows.
       inputs: arrays with a leading dimension N, a multiple of `chunk_size`.
 
     Returns:
@@ -149,13 +159,17 @@ def grad_cache(
     if n % chunk_size:
         raise ValueError(f"the batch ({n} rows) must be a multiple of chunk_size={chunk_size}")
     chunks = n // chunk_size
-    split = jax.tree.map(lambda x: x.reshape(chunks, chunk_size, *x.shape[1:]), inputs)
+
+    def split(x):  # [N, ...] -> [chunks, chunk_size, ...], chunk c: rows c, c + chunks, ...
+        return x.reshape(chunk_size, chunks, *x.shape[1:]).swapaxes(0, 1)
+
+    pieces = jax.tree.map(split, inputs)
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(chunks))
     frozen = jax.lax.stop_gradient(params)
-    embeddings = jax.lax.map(lambda c: embed(frozen, c[0], c[1]), (split, keys))
-    flat = embeddings.reshape(n, *embeddings.shape[2:])
+    embeddings = jax.lax.map(lambda c: embed(frozen, c[0], c[1]), (pieces, keys))
+    flat = embeddings.swapaxes(0, 1).reshape(n, *embeddings.shape[2:])
     (value, sums), cached = jax.value_and_grad(loss, has_aux=True)(flat)
-    cached = cached.reshape(embeddings.shape)
+    cached = split(cached)
 
     def add_chunk(total, chunk):
         chunk_inputs, key, gradient = chunk
@@ -164,5 +178,87 @@ def grad_cache(
         return jax.tree.map(jnp.add, total, grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(add_chunk, zeros, (split, keys, cached))
+    grads, _ = jax.lax.scan(add_chunk, zeros, (pieces, keys, cached))
     return (value, sums), grads
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding:
+    """How a sentence-embedding model trains: its texts' vectors (the encoder's last hidden
+    states pooled with `modes`) and the loss of a batch's vectors.
+
+    A batch holds T texts per example: `input_ids`, `input_mask`, `segment_ids` [B, T, L]
+    (and `label` [B] float32 scores for "scored"). `kind` "ranking": (anchor, positive,
+    hard negatives...) with `in_batch_negatives`; "scored": (first, second) with `cosent`
+    against `label`. `matryoshka_dims`: the loss also on these prefixes of the vectors,
+    summed. `chunk_size`: texts embedded at once by the train step's GradCache (a divisor of
+    B x T); 0 embeds the whole batch at once, keeping every text's activations."""
+
+    kind: str = "ranking"
+    modes: tuple[str, ...] = ("mean",)
+    scale: float = 20.0
+    symmetric: bool = False
+    matryoshka_dims: tuple[int, ...] = ()
+    chunk_size: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"embedding loss kind {self.kind!r}; use one of {KINDS}")
+        pooling.check_modes(self.modes)
+
+    def embed(self, model, texts: Batch, rng, deterministic: bool) -> jax.Array:
+        """[N, D] float32 vectors of N texts (`TEXT_KEYS` arrays [N, L])."""
+        out = model(
+            texts["input_ids"],
+            texts["input_mask"],
+            texts["segment_ids"],
+            rng=rng,
+            deterministic=deterministic,
+        )
+        return pooling.pool(out.sequence_output, texts["input_mask"], self.modes)
+
+    def loss(self, vectors: jax.Array, batch: Batch) -> tuple[jax.Array, dict]:
+        """The loss of [B, T, D] vectors, with its sums for the logs."""
+        if self.kind == "ranking":
+            anchors = vectors[:, 0]
+            # The positives, then each block of the examples' j-th hard negatives.
+            candidates = vectors[:, 1:].swapaxes(0, 1).reshape(-1, vectors.shape[-1])
+            args, fn = (anchors, candidates), in_batch_negatives
+            options = {"scale": self.scale, "symmetric": self.symmetric}
+        else:
+            args, fn = (vectors[:, 0], vectors[:, 1], batch["label"]), cosent
+            options = {"scale": self.scale}
+        if self.matryoshka_dims:
+            return matryoshka(fn, self.matryoshka_dims)(*args, **options)
+        return fn(*args, **options)
+
+
+def texts_of(batch: Batch) -> Batch:
+    """A batch's texts as rows: `TEXT_KEYS` [B, T, L] -> [B x T, L] (example-major, so rows
+    stay on the device that held their example)."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in TEXT_KEYS}
+
+
+def summarize(sums: dict) -> dict[str, float]:
+    """The mean loss, and for ranking the fraction of anchors whose positive scored best."""
+    count = max(float(sums["count"]), 1e-5)
+    out = {"loss": float(sums["loss_sum"]) / count}
+    if "correct_sum" in sums:
+        out["accuracy"] = float(sums["correct_sum"]) / count
+    return out
+
+
+def embedding_objective(spec: Embedding) -> Objective:
+    """The objective of a sentence-embedding model (the encoder without a head): `loss` over
+    the whole batch (its train step uses GradCache when `spec.chunk_size` is set), `predict`
+    the texts' vectors [B, T, D]."""
+
+    def loss(model, batch, rng, deterministic):
+        vectors = spec.embed(model, texts_of(batch), rng, deterministic)
+        return spec.loss(vectors.reshape(*batch["input_ids"].shape[:2], -1), batch)
+
+    def predict(model, batch):
+        vectors = spec.embed(model, texts_of(batch), None, True)
+        return vectors.reshape(*batch["input_ids"].shape[:2], -1)
+
+    return Objective(models.make_encoder, loss, predict, summarize=summarize, embedding=spec)

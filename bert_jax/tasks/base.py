@@ -8,13 +8,15 @@ rates, results tables) is the harness's, the same for every task.
 """
 
 import abc
+import csv
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from bert_jax import objectives
+from bert_jax import files, objectives
 
 
 @dataclasses.dataclass
@@ -46,6 +48,9 @@ class Settings:
     max_query_length: int = 64
     n_best_size: int = 20
     max_answer_length: int = 30
+    # Sentence-embedding tasks: `objectives.Embedding`'s options (modes, scale, symmetric,
+    # matryoshka_dims, chunk_size) as (name, value) pairs.
+    embedding: tuple = ()
 
 
 class Task(abc.ABC):
@@ -101,6 +106,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def write_predictions(self, directory: str, name: str, split: Split, outputs) -> str:
         """Writes the predictions of `split` in the task's official layout; returns the path."""
+
+    def run_record(self) -> dict:
+        """What a run's `config.json` records of the task besides its name and labels (an
+        embedding model's pooling)."""
+        return {}
 
     # What `tools.predict` reads: how one input line spells an example of the task.
     line_format: str = "a text, or `A ||| B` for a pair"
@@ -159,3 +169,39 @@ def problems_of(*reads: Callable[[], Any]) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(str(e))
     return problems
+
+
+def read_rows(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) of each example of a user's `.jsonl` (a JSON object a line) or
+    `.tsv` file (a header naming the columns, tab-separated, no quoting).
+
+    Raises:
+      ValueError naming the file and line: invalid JSON, a line that is not an object, a TSV
+      row with another number of columns than its header, an empty TSV file.
+    """
+    rows: list[tuple[int, dict]] = []
+    with files.open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: each line must be a JSON object")
+                rows.append((number, row))
+            return rows
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}:1: empty; a .tsv file starts with a header of its columns")
+        for row in reader:
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: {len(row)} columns where the header has "
+                    f"{len(header)}"
+                )
+            rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    return rows

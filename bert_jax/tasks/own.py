@@ -10,9 +10,7 @@ A user's own data, in `<data_dir>/<folder>/` with a `labels.txt` (one label per 
   layout.
 """
 
-import csv
 import functools
-import json
 import os
 
 import numpy as np
@@ -37,34 +35,12 @@ def read_labels(folder: str) -> tuple[str, ...]:
 
 def read_classification(path: str, labels: tuple[str, ...]) -> glue.Examples:
     """A `.tsv` (header with text, optional text_b, label, optional id) or `.jsonl` file."""
-    rows: list[tuple[int, dict]] = []
-    with files.open(path, encoding="utf-8", newline="") as f:
-        if path.endswith(".jsonl"):
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: each line must be a JSON object")
-                rows.append((number, row))
-        else:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if not header or "text" not in header:
-                raise ValueError(
-                    f"{path}:1: the header must name a 'text' column (and 'label'; 'text_b', "
-                    f"'id' optional), got {header}"
-                )
-            for row in reader:
-                if len(row) != len(header):
-                    raise ValueError(
-                        f"{path}:{reader.line_num}: {len(row)} columns where the header has "
-                        f"{len(header)}"
-                    )
-                rows.append((reader.line_num, dict(zip(header, row, strict=True))))
+    rows = base.read_rows(path)
+    if rows and "text" not in rows[0][1]:
+        raise ValueError(
+            f"{path}:{rows[0][0]}: the columns must include 'text' (and 'label'; 'text_b', "
+            f"'id' optional), got {sorted(rows[0][1])}"
+        )
     if not rows:
         raise ValueError(f"{path}: no examples")
     text_a, text_b, label_ids, index = [], [], [], []

@@ -3,7 +3,7 @@ task is a module with its `base.Task` and a line here."""
 
 from collections.abc import Callable
 
-from bert_jax.tasks import base, conll, glue, own, squad, swag
+from bert_jax.tasks import base, conll, embedding, glue, own, squad, swag
 
 _TASKS: dict[str, Callable[[], base.Task]] = {
     **{name: (lambda spec=spec: glue.GlueTask(spec)) for name, spec in glue.TASKS.items()},
@@ -12,16 +12,18 @@ _TASKS: dict[str, Callable[[], base.Task]] = {
     "conll2003": conll.Conll2003Task,
     "swag": swag.SwagTask,
 }
-# Tasks on a user's folder: `classify:<folder>`, `tag:<folder>`.
+# Tasks on a user's folder: `classify:<folder>`, `tag:<folder>`, `embed:<folder>`.
 _ON_FOLDERS: dict[str, Callable[[str], base.Task]] = {
     "classify": own.ClassifyTask,
     "tag": own.TagTask,
+    "embed": embedding.EmbeddingTask,
 }
 
 
 def get_task(name: str) -> base.Task:
     """A task by name: a GLUE task (`mrpc`, or `glue:mrpc`), `squad_v1`, `squad_v2`,
-    `conll2003`, `swag`, or your own data: `classify:<folder>`, `tag:<folder>`."""
+    `conll2003`, `swag`, or your own data: `classify:<folder>`, `tag:<folder>`, `embed:<folder>`
+    (sentence embeddings)."""
     key = name.lower().removeprefix("glue:")
     prefix, sep, folder = name.partition(":")
     if sep and prefix.lower() in _ON_FOLDERS:
@@ -35,8 +37,8 @@ def get_task(name: str) -> base.Task:
             others = sorted(set(_TASKS) - set(glue.TASKS))
             raise ValueError(
                 f"unknown task {name!r}: choose a GLUE task ({', '.join(glue.TASKS)}, or all), "
-                f"one of {', '.join(others)}, or your own data as classify:<folder> or "
-                f"tag:<folder>"
+                f"one of {', '.join(others)}, or your own data as classify:<folder>, "
+                f"tag:<folder> or embed:<folder>"
             ) from None
     return _TASKS[key]()
 

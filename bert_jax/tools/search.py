@@ -1,5 +1,5 @@
-"""Exact top-k search of query vectors against an embedded corpus spread over the devices, and
-the evaluation of embedding models on BEIR folders and STS pairs.
+"""The evaluation of embedding models on BEIR folders and STS pairs, by exact top-k search of
+the query vectors against the embedded corpus spread over the devices (`tasks.retrieval.Index`).
 
     index = search.Index(corpus_vectors)                 # [N, D], rows split over the devices
     scores, ids = index.search(query_vectors, k=10)      # [Q, k] each, best first
@@ -18,110 +18,17 @@ or "dot".
 
 import argparse
 import csv
-import functools
 import io
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from bert_jax import cli, files, sharding
-from bert_jax.models import pooling
+from bert_jax import cli, files
 from bert_jax.tasks import retrieval
+from bert_jax.tasks.retrieval import SIMILARITIES, Index
 from bert_jax.tools import embed
 
-SIMILARITIES = ("cosine", "dot")
-
-
-class Index:
-    """A corpus of vectors placed over a mesh's devices, row-wise, for `search`."""
-
-    def __init__(
-        self,
-        vectors: np.ndarray,
-        *,
-        similarity: str = "cosine",
-        mesh: jax.sharding.Mesh | None = None,
-        query_block: int = 256,
-    ):
-        """`vectors`: [N, D] float; `query_block`: queries scored a step (bounds the [block,
-        N / devices] score matrix each device holds)."""
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity={similarity!r}; use one of {SIMILARITIES}")
-        vectors = np.asarray(vectors, np.float32)
-        if vectors.ndim != 2 or not len(vectors):
-            raise ValueError(f"the corpus must be a non-empty [N, D] array, got {vectors.shape}")
-        self.mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
-        self.similarity, self.query_block, self.size = similarity, query_block, len(vectors)
-        self.axes = tuple(self.mesh.axis_names)
-        shards = self.mesh.devices.size
-        rows = -(-len(vectors) // shards) * shards  # every device the same number of rows
-        padded = np.zeros((rows, vectors.shape[1]), np.float32)
-        padded[: len(vectors)] = vectors
-        valid = np.arange(rows) < len(vectors)
-        split = NamedSharding(self.mesh, PartitionSpec(self.axes))
-        self.corpus = jax.device_put(padded, split)
-        self.valid = jax.device_put(valid, split)
-        if similarity == "cosine":
-            self.corpus = jax.jit(pooling.normalize)(self.corpus)
-
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` best corpus rows of each query: (scores [Q, k] float32, ids [Q, k] int64),
-        best first; `k` larger than the corpus is cut to its size."""
-        queries = np.asarray(queries, np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.corpus.shape[1]:
-            raise ValueError(
-                f"queries must be [Q, {self.corpus.shape[1]}] (the corpus's dimension), got "
-                f"{queries.shape}"
-            )
-        k = min(k, self.size)
-        step = _search_step(self.mesh, self.axes, k, self.similarity == "cosine")
-        scores, ids = [], []
-        for start in range(0, len(queries), self.query_block):
-            block = queries[start : start + self.query_block]
-            rows = len(block)
-            if rows < self.query_block and len(queries) > self.query_block:
-                block = np.concatenate([block, np.zeros((self.query_block - rows, block.shape[1]))])
-            s, i = jax.device_get(step(jnp.asarray(block, jnp.float32), self.corpus, self.valid))
-            scores.append(s[:rows])
-            ids.append(i[:rows])
-        return np.concatenate(scores), np.concatenate(ids).astype(np.int64)
-
-
-@functools.lru_cache(maxsize=16)
-def _search_step(mesh, axes: tuple[str, ...], k: int, normalize: bool):
-    """The jitted search of a query block: per device, scores against its rows and its k best;
-    then the devices' candidates merged into the k best."""
-
-    def local(queries, corpus, valid):
-        scores = queries @ corpus.T  # [Q, n]: this device's rows
-        scores = jnp.where(valid[None], scores, -jnp.inf)
-        n = corpus.shape[0]
-        best, index = jax.lax.top_k(scores, min(k, n))
-        index = index + jax.lax.axis_index(axes) * n  # the corpus row
-        # Every device's candidates, in device order (so in row order among equal scores).
-        best = jax.lax.all_gather(best, axes, axis=1, tiled=True)
-        index = jax.lax.all_gather(index, axes, axis=1, tiled=True)
-        merged, where = jax.lax.top_k(best, k)
-        return merged, jnp.take_along_axis(index, where, axis=1)
-
-    split = PartitionSpec(axes)
-    run = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(axes, None), split),
-        out_specs=(PartitionSpec(), PartitionSpec()),
-        check_vma=False,
-    )
-
-    def search_step(queries, corpus, valid):
-        if normalize:
-            queries = pooling.normalize(queries)
-        return run(queries, corpus, valid)
-
-    return jax.jit(search_step)
+__all__ = ["SIMILARITIES", "Index", "evaluate_beir", "evaluate_sts", "main"]
 
 
 def evaluate_beir(
@@ -140,14 +47,16 @@ def evaluate_beir(
     corpus, queries, qrels = retrieval.read_beir(folder, split)
     doc_ids, query_ids = list(corpus), [q for q in queries if q in qrels]
     vectors = embedder.encode([corpus[d] for d in doc_ids], prompt_name=corpus_prompt_name)
-    index = Index(vectors, similarity=embedder.spec.similarity, mesh=embedder.mesh)
     asked = embedder.encode([queries[q] for q in query_ids], prompt_name=query_prompt_name)
-    scores, ids = index.search(asked, depth + 1)
-    run = {}
-    for query, row_scores, row_ids in zip(query_ids, scores, ids, strict=True):
-        found = {doc_ids[i]: float(s) for s, i in zip(row_scores, row_ids, strict=True)}
-        found.pop(query, None)
-        run[query] = dict(list(found.items())[:depth])
+    run = retrieval.search_run(
+        asked,
+        query_ids,
+        vectors,
+        doc_ids,
+        similarity=embedder.spec.similarity,
+        depth=depth,
+        mesh=embedder.mesh,
+    )
     return retrieval.evaluate(qrels, run)
 
 

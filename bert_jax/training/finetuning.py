@@ -55,6 +55,7 @@ class Run:
             extra={
                 "task": task.name,
                 "labels": list(task.label_names),
+                **task.run_record(),
                 **({"distilled_from": dict(cfg.distill)} if cfg.distill else {}),
             },
         )

@@ -11,7 +11,7 @@ import optax
 from flax import nnx, struct
 
 from bert_jax import axes, models, sharding
-from bert_jax.objectives import OWN_PARAMS, PRETRAINING, Batch, Objective
+from bert_jax.objectives import OWN_PARAMS, PRETRAINING, Batch, Objective, contrastive
 from bert_jax.optim import OptimConfig, make_schedule
 
 
@@ -76,6 +76,10 @@ class _Gradients:
     rules: sharding.Rules
 
     def __call__(self, params, frozen, batch, rng):
+        embedding = self.objective.embedding
+        if embedding is not None and embedding.chunk_size and frozen is None:
+            return self._cached(embedding, params, batch, rng)
+
         def loss_fn(p):
             model = models.merge_params(self.graphdef, model_params(p))
             with axes.axis_rules(self.rules):
@@ -83,6 +87,25 @@ class _Gradients:
 
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, sums, grads
+
+    def _cached(self, embedding, params, batch, rng):
+        """A sentence-embedding objective's loss and gradients by GradCache: the batch's
+        texts embedded `embedding.chunk_size` at a time, the loss over all of them."""
+        texts = contrastive.texts_of(batch)
+        examples = batch["input_ids"].shape[:2]
+
+        def embed(p, chunk, key):
+            model = models.merge_params(self.graphdef, model_params(p))
+            with axes.axis_rules(self.rules):
+                return embedding.embed(model, chunk, key, False)
+
+        def loss(vectors):
+            return embedding.loss(vectors.reshape(*examples, -1), batch)
+
+        (value, sums), grads = contrastive.grad_cache(
+            embed, loss, params, texts, rng, embedding.chunk_size
+        )
+        return value, sums, grads
 
     def per_replica(self, replicas: int):
         """The same over a batch split between `replicas` along the `data` axis: each
@@ -180,6 +203,12 @@ def make_train_step(
     micro-batch of activations; over `replicas` > 1 per replica (see `_accumulate`).
     """
     k = config.grad_accum_steps
+    if k > 1 and objective.embedding is not None:
+        raise ValueError(
+            f"grad_accum_steps={k} would split the batch and shrink each example's in-batch "
+            f"negatives; a sentence-embedding objective bounds memory with GradCache instead: "
+            f"set its chunk_size (texts embedded at once) and keep grad_accum_steps=1"
+        )
     schedule = make_schedule(config)
     gradients = _Gradients(graphdef, objective, rules)
 
