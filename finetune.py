@@ -510,13 +510,19 @@ def main(argv):
 
 def compile_for_topology(cfg: FinetuneConfig) -> None:
     """`--topology`: every task's fine-tuning step (a full batch of one example per row, the
-    largest a packed batch can be) and prediction step, compiled for a TPU slice."""
+    largest a packed batch can be) and prediction step (a batch of `eval_batch_size`, as
+    evaluation runs it), compiled for a TPU slice."""
     devices = aot.topology_devices(_TOPOLOGY.value)
     kind, path = convert.model_kind(cfg.init_from)
     if kind == "bert_jax":
         model = convert.read_run(path)["config"]
+    elif kind == "hf":  # its config.json alone: no weights are needed to compile
+        config_file = os.path.join(path, "config.json")
+        if not files.exists(config_file):
+            raise FileNotFoundError(f"{path} has no config.json (a Hugging Face model's sizes)")
+        model = convert.config_from_hf(json.loads(files.read_bytes(config_file)), config_file)
     else:
-        model = (convert.read_hf_dir if kind == "hf" else convert.read_tf_checkpoint)(path).config
+        model = convert.read_tf_checkpoint(path).config
     model = dataclasses.replace(model, **cfg.numerics)
     settings = cfg.settings()
     groups: dict[tuple, list[str]] = {}  # tasks that compile the same programs
@@ -539,6 +545,7 @@ def compile_for_topology(cfg: FinetuneConfig) -> None:
             specs=dict(specs),
             objective=task.objective(None),
             programs=("train_step", "predict_step"),
+            eval_batch_size=cfg.eval_batch_size,
         )
         report, _ = planner.compile_target(setup, devices)
         label = f"{architecture}, {labels} label(s)"

@@ -2,6 +2,10 @@
 GradCache against differentiating the whole batch."""
 
 import functools
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sentence_transformers.sentence_transformer import losses as st_losses
 
 from bert_jax import axes, models, sharding
+from bert_jax.compile import aot
 from bert_jax.models import pooling
 from bert_jax.objectives import contrastive
 
@@ -130,6 +135,44 @@ def test_the_loss_over_8_devices_is_the_loss_over_the_whole_global_batch():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_the_loss_over_two_processes_is_the_loss_over_the_whole_global_batch(tmp_path):
+    """Two processes of 4 CPU devices, joined through jax.distributed, one holding the
+    anchors and the other the positives: every anchor still meets all 27 other positives,
+    so loss and gradients equal one device's over the whole batch."""
+    graphdef, params = _encoder()
+    embed = _embed(graphdef, dropout=False)
+    inputs = _pair_inputs()
+    (single, _), single_grads = jax.jit(
+        jax.value_and_grad(lambda p: _pair_loss(embed(p, inputs, None)), has_aux=True)
+    )(params)
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "contrastive_process.py")
+    out = tmp_path / "two.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(port), str(i), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    two = np.load(out)
+    np.testing.assert_allclose(float(two["loss"]), float(single), rtol=1e-6)
+    leaves = jax.tree.leaves(single_grads)
+    assert len(two.files) == len(leaves) + 1
+    for i, want in enumerate(leaves):
+        np.testing.assert_allclose(two[f"grad_{i}"], np.asarray(want), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 2 * PAIRS])
 def test_grad_cache_gradients_equal_the_whole_batch_s(chunk_size):
     graphdef, params = _encoder()
@@ -145,6 +188,41 @@ def test_grad_cache_gradients_equal_the_whole_batch_s(chunk_size):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
+def test_grad_cache_per_replica_on_8_devices_equals_the_whole_batch_s():
+    """Each of 8 replicas differentiating its own rows of every chunk (one gradient sum
+    across replicas at the end): the whole batch's loss and gradients, and the compiled
+    program sums the gradient across devices once, not once per chunk."""
+    graphdef, params = _encoder()
+    embed = _embed(graphdef, dropout=False)
+    inputs = _pair_inputs()
+    (want, _), want_grads = jax.jit(
+        jax.value_and_grad(lambda p: _pair_loss(embed(p, inputs, None)), has_aux=True)
+    )(params)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=8))
+
+    def step(p, x, replicas):
+        return contrastive.grad_cache(
+            embed, _pair_loss, p, x, jax.random.key(0), 8, replicas=replicas,
+            spmd_axis_name="data" if replicas > 1 else None,
+        )  # fmt: skip
+
+    with jax.set_mesh(mesh):
+        spread = {
+            k: jax.device_put(v, NamedSharding(mesh, PartitionSpec("data")))
+            for k, v in inputs.items()
+        }
+        (got, _), grads = jax.jit(step, static_argnums=2)(params, spread, 8)
+        hlo = {r: jax.jit(step, static_argnums=2).lower(params, spread, r).compile().as_text()
+               for r in (1, 8)}  # fmt: skip
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+    # Per step (loops weighted by their trip counts): 7 chunks' gradients summed across the
+    # devices in each chunk without replicas, once with them.
+    summed = {r: aot.count_collectives(text)["all-reduce"] for r, text in hlo.items()}
+    assert summed[8].bytes < summed[1].bytes / 3, summed
 
 
 def test_grad_cache_with_dropout_uses_each_chunk_s_key_in_both_passes():

@@ -234,6 +234,7 @@ class Setup:
     specs: aot.Specs
     objective: objectives.Objective = objectives.PRETRAINING
     programs: tuple[str, ...] = ("train_step", "eval_step")
+    eval_batch_size: int | None = None  # the eval and predict steps' batch (None: a micro-batch)
 
     def with_candidate(self, c: Candidate) -> "Setup":
         return dataclasses.replace(
@@ -263,7 +264,7 @@ class Setup:
             objective=self.objective,
             programs=programs or self.programs,
             capacity=capacity,
-            eval_batch_size=self.batch_size // k,
+            eval_batch_size=self.eval_batch_size or self.batch_size // k,
         )
 
 

@@ -131,6 +131,9 @@ def grad_cache(
     inputs: dict,
     rng: jax.Array,
     chunk_size: int,
+    *,
+    replicas: int = 1,
+    spmd_axis_name: str | None = None,
 ) -> tuple[tuple[jax.Array, dict], object]:
     """The loss of a whole batch and its gradient with respect to `params`, computed with the
     activations of one chunk at a time (GradCache).
@@ -145,6 +148,13 @@ def grad_cache(
     keeps every device busy. Chunk c draws its dropout from `fold_in(rng, c)` in both passes,
     so the two embeddings of a chunk are the same. The result equals differentiating
     `loss(embed(...))` of the whole batch with those dropout keys, up to float rounding.
+
+    With `replicas` > 1 (the batch split over the `spmd_axis_name` mesh axis of that size),
+    each replica embeds and differentiates its own rows of a chunk (`vmap` over the axis,
+    dropout from `fold_in(chunk key, replica)`) and keeps its own gradient, summed across
+    replicas once after the last chunk: without that, the partitioner sums every chunk's
+    gradient across the replicas, an all-reduce of the whole gradient per chunk. `embed`
+    then sees one replica's rows (its sharding rules must not split them over that axis).
 
     Args:
       embed: `(params, chunk inputs, rng) -> [chunk, D]` embeddings.
@@ -165,20 +175,42 @@ def grad_cache(
 
     pieces = jax.tree.map(split, inputs)
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(chunks))
+
+    def per_replica(fn, chunk_inputs, key, *rest):
+        """`fn(replica's rows, replica's key, *rest's rows)` over the replicas: [R, ...]."""
+        parts = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), chunk_inputs)
+        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(replicas))
+        rest = [x.reshape(replicas, -1, *x.shape[1:]) for x in rest]
+        return jax.vmap(fn, spmd_axis_name=spmd_axis_name)(parts, keys, *rest)
+
     frozen = jax.lax.stop_gradient(params)
-    embeddings = jax.lax.map(lambda c: embed(frozen, c[0], c[1]), (pieces, keys))
+
+    def embed_chunk(c):
+        if replicas == 1:
+            return embed(frozen, *c)
+        return per_replica(lambda x, k: embed(frozen, x, k), *c).reshape(chunk_size, -1)
+
+    embeddings = jax.lax.map(embed_chunk, (pieces, keys))
     flat = embeddings.swapaxes(0, 1).reshape(n, *embeddings.shape[2:])
     (value, sums), cached = jax.value_and_grad(loss, has_aux=True)(flat)
-    cached = split(cached)
+    cached = split(cached).astype(embeddings.dtype)
+
+    def pull_back(chunk_inputs, key, gradient):
+        _, vjp = jax.vjp(lambda p: embed(p, chunk_inputs, key), params)
+        return vjp(gradient)[0]
 
     def add_chunk(total, chunk):
-        chunk_inputs, key, gradient = chunk
-        _, pull_back = jax.vjp(lambda p: embed(p, chunk_inputs, key), params)
-        (grads,) = pull_back(gradient.astype(embeddings.dtype))
+        if replicas == 1:
+            grads = pull_back(*chunk)
+        else:
+            grads = per_replica(pull_back, *chunk)
         return jax.tree.map(jnp.add, total, grads), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    stack = (replicas,) if replicas > 1 else ()
+    zeros = jax.tree.map(lambda x: jnp.zeros((*stack, *x.shape), x.dtype), params)
     grads, _ = jax.lax.scan(add_chunk, zeros, (pieces, keys, cached))
+    if replicas > 1:  # the one sum across replicas
+        grads = jax.tree.map(lambda g: g.sum(0), grads)
     return (value, sums), grads
 
 

@@ -74,6 +74,7 @@ class _Gradients:
     graphdef: nnx.GraphDef
     objective: Objective
     rules: sharding.Rules
+    replicas: int = 1  # the `data` mesh axis's size when the batch is split over it
 
     def __call__(self, params, frozen, batch, rng):
         embedding = self.objective.embedding
@@ -93,17 +94,28 @@ class _Gradients:
         texts embedded `embedding.chunk_size` at a time, the loss over all of them."""
         texts = contrastive.texts_of(batch)
         examples = batch["input_ids"].shape[:2]
+        # Per replica (each its own rows of a chunk, one gradient sum after the last chunk)
+        # when every replica has rows of each chunk to itself.
+        replicas = self.replicas if embedding.chunk_size % self.replicas == 0 else 1
+        rules = _without_data(self.rules) if replicas > 1 else self.rules
 
         def embed(p, chunk, key):
             model = models.merge_params(self.graphdef, model_params(p))
-            with axes.axis_rules(self.rules):
+            with axes.axis_rules(rules):
                 return embedding.embed(model, chunk, key, False)
 
         def loss(vectors):
             return embedding.loss(vectors.reshape(*examples, -1), batch)
 
         (value, sums), grads = contrastive.grad_cache(
-            embed, loss, params, texts, rng, embedding.chunk_size
+            embed,
+            loss,
+            params,
+            texts,
+            rng,
+            embedding.chunk_size,
+            replicas=replicas,
+            spmd_axis_name="data" if replicas > 1 else None,
         )
         return value, sums, grads
 
@@ -111,13 +123,7 @@ class _Gradients:
         """The same over a batch split between `replicas` along the `data` axis: each
         replica's (loss, sums, grads) [R, ...] of its own rows, within which the batch is
         split over the other batch axes (fsdp) only."""
-        rules = tuple(
-            (name, tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "data"))
-            if name == axes.BATCH
-            else (name, t)
-            for name, t in self.rules
-        )
-        inner = dataclasses.replace(self, rules=rules)
+        inner = dataclasses.replace(self, rules=_without_data(self.rules))
 
         def grads(params, frozen, batch, rng):
             split = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
@@ -126,6 +132,17 @@ class _Gradients:
             )
 
         return grads
+
+
+def _without_data(rules: sharding.Rules) -> sharding.Rules:
+    """`rules` with the batch no longer split over the `data` mesh axis (inside a `vmap`
+    over that axis, each replica's rows stay on its devices)."""
+    return tuple(
+        (name, tuple(a for a in ((t,) if isinstance(t, str) else t or ()) if a != "data"))
+        if name == axes.BATCH
+        else (name, t)
+        for name, t in rules
+    )
 
 
 def _accumulate(gradients: _Gradients, params, frozen, batch, key, k: int, replicas: int):
@@ -210,7 +227,7 @@ def make_train_step(
             f"set its chunk_size (texts embedded at once) and keep grad_accum_steps=1"
         )
     schedule = make_schedule(config)
-    gradients = _Gradients(graphdef, objective, rules)
+    gradients = _Gradients(graphdef, objective, rules, replicas)
 
     def train_step(state: TrainState, batch: Batch, frozen=None) -> tuple[TrainState, dict]:
         if batch["input_ids"].shape[0] % k:
