@@ -335,3 +335,41 @@ def test_beir_and_sts_evaluation_equal_sentence_transformers_and_pytrec_eval(
     spearman = next(v for k, v in theirs.items() if k.endswith("spearman_cosine"))
     assert got["pearson"] == pytest.approx(pearson, abs=1e-5)
     assert got["spearman"] == pytest.approx(spearman, abs=1e-9)
+
+
+@pytest.mark.parametrize("mode,normalize", [("mean", True), (("cls", "max"), False)])
+def test_stablehlo_and_onnx_exports_carry_the_pooling_and_embed_as_sentence_transformers(
+    encoder_dir, tmp_path, mode, normalize
+):
+    """A sentence-transformers folder exported by the command line: both graphs end in its
+    pooling (and normalization) and give `SentenceTransformer.encode`'s vectors on padded
+    batches of the folder's tokenization."""
+    import importlib.util
+
+    import onnxruntime
+
+    from bert_jax.convert import __main__ as convert_cli
+
+    reference = _st_model(encoder_dir, mode, normalize)
+    reference.save(str(tmp_path / "st"))
+    expected = reference.encode(TEXTS, batch_size=8, convert_to_numpy=True)
+    features = reference.tokenize(TEXTS)  # padded to the longest text, as encode's batch
+    inputs = [
+        features[k].numpy().astype(np.int32)
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    convert_cli.main(["export-stablehlo", str(tmp_path / "st"), str(tmp_path / "hlo")])
+    convert_cli.main(["export-onnx", str(tmp_path / "st"), str(tmp_path / "onnx")])
+    meta = json.loads((tmp_path / "hlo" / "meta.json").read_text())
+    assert meta["outputs"] == ["sentence_embedding"]
+    assert meta["pooling"] == list(pooling.check_modes(mode)) and meta["normalize"] == normalize
+    spec = importlib.util.spec_from_file_location("run_exported", tmp_path / "hlo/run_exported.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    hlo = loader.ExportedModel(str(tmp_path / "hlo"))(*inputs)["sentence_embedding"]
+    np.testing.assert_allclose(hlo, expected, atol=1e-5, rtol=0)
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    taken = [i.name for i in session.get_inputs()]
+    feed = dict(zip(("input_ids", "input_mask", "segment_ids"), inputs, strict=True))
+    (onnx,) = session.run(None, {k: feed[k].astype(np.int64) for k in taken})
+    np.testing.assert_allclose(onnx, expected, atol=1e-5, rtol=0)

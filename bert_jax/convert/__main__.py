@@ -4,8 +4,9 @@ python -m bert_jax.convert import-hf  HF_DIR   OUT_WORKDIR
 python -m bert_jax.convert import-tf  TF_DIR   OUT_WORKDIR
 python -m bert_jax.convert export-hf  WORKDIR  OUT_HF_DIR [--step N]
 python -m bert_jax.convert export-stablehlo  SOURCE  OUT_DIR [--architecture A --num_labels N]
+    [--pooling mean --normalize]
 python -m bert_jax.convert export-onnx  SOURCE  OUT_DIR [--architecture A --num_labels N]
-    [--int8]
+    [--int8] [--pooling mean --normalize]
 python -m bert_jax.convert export-sentence-transformers  SOURCE  OUT_DIR [--pooling mean
     --normalize --max_seq_length N --prompt query="query: "]
 python -m bert_jax.convert quantize  SOURCE  OUT_WORKDIR [--mode int8|int8-dynamic|none]
@@ -37,7 +38,7 @@ from bert_jax.convert.runs import (
     write_run,
 )
 from bert_jax.convert.sources import export_hf, read_hf_dir, read_json, read_tf_checkpoint
-from bert_jax.convert.stablehlo import export_stablehlo
+from bert_jax.convert.stablehlo import Pooled, export_stablehlo
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
                 "--architecture", default="", help="default: a run's own; BertModel otherwise"
             )
             p.add_argument("--num_labels", type=int, default=0, help="default: a run's own")
+        if name in ("export-stablehlo", "export-onnx"):
+            p.add_argument("--pooling", default="", help="comma-separated modes: the encoder "
+                           "as a sentence-embedding model (a sentence-transformers folder or "
+                           "an embed: run: its own)")  # fmt: skip
+            p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     return parser
 
 
@@ -145,10 +151,32 @@ def quantize(args, mesh, mesh_config) -> None:
     )
 
 
+def _pooled(args) -> tuple[str, object]:
+    """(the source to load, the `Pooled` output or None): a sentence-transformers folder and
+    an `embed:` run export as embedding models with their pooling; --pooling makes any
+    encoder one."""
+    kind, path = model_kind(args.source)
+    recorded = kind == "bert_jax" and read_run(path).get("pooling")
+    if not (args.pooling or args.normalize or st.is_folder(path) or recorded):
+        return args.source, None
+    spec = st.embedding_spec(args.source, args.pooling.split(",") if args.pooling else None,
+                             args.normalize)  # fmt: skip
+    if not spec.include_prompt:
+        raise ValueError(
+            f"{args.source} leaves its prompt out of the pooling (include_prompt=false): the "
+            f"exported graph pools every token it is given; export it with the prompt pooled "
+            f"(export-sentence-transformers to change the folder) or embed with bert_jax"
+        )
+    return spec.model, Pooled(spec.pooling, spec.normalize)
+
+
 def export_program(args, mesh, mesh_config) -> None:
     """export-stablehlo and export-onnx."""
     del mesh_config
-    loaded, _, architecture, num_labels = _load_model(args, mesh)
+    source, pooled = _pooled(args)
+    loaded, _, architecture, num_labels = _load_model(
+        argparse.Namespace(**{**vars(args), "source": source}), mesh
+    )
     onnx = args.command == "export-onnx"
     export = functools.partial(export_onnx, int8=args.int8) if onnx else export_stablehlo
     meta = export(
@@ -158,6 +186,7 @@ def export_program(args, mesh, mesh_config) -> None:
         num_labels,
         loaded.tokenizer,
         args.output,
+        pooled=pooled,
     )
     how = (
         f"{args.output}/model.onnx in any ONNX runtime (checked with onnxruntime: at most "

@@ -29,7 +29,16 @@ import numpy as np
 
 from bert_jax import files, models
 from bert_jax.convert.names import config_to_hf, family, model_class, params_to_hf
-from bert_jax.convert.stablehlo import INPUTS, OUTPUTS, _head, _outputs, fresh_output
+from bert_jax.convert.stablehlo import (
+    INPUTS,
+    Pooled,
+    _head,
+    _outputs,
+    embedding_head,
+    fresh_output,
+    output_names,
+    pooled_meta,
+)
 from bert_jax.models import registry
 
 # The export-time check: ONNX Runtime against bert_jax in fp32 (the test asks 1e-5), and the
@@ -58,7 +67,8 @@ def _torch_model(torch, transformers, params, config, architecture, num_labels, 
     hf_config = transformers.AutoConfig.for_model(**hf_config)
     model = getattr(transformers, architecture)(hf_config)
     state = {k: torch.from_numpy(v) for k, v in params_to_hf(params, config, architecture).items()}
-    if head == "Model":  # a bare encoder's names have no prefix; the pooler may be absent
+    bare = head == "Model" or isinstance(head, Pooled)
+    if bare:  # a bare encoder's names have no prefix; the pooler may be absent
         pooled = "pooler.dense.weight" in state or "pooler.weight" in state
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()  # the MLM decoder is the word embeddings (and the output bias)
@@ -91,6 +101,8 @@ def _torch_model(torch, transformers, params, config, architecture, num_labels, 
                 one_type = config.type_vocab_size == 1
                 types["token_type_ids"] = torch.zeros_like(segment_ids) if one_type else segment_ids
             out = self.model(input_ids=input_ids, attention_mask=input_mask, **types)
+            if isinstance(head, Pooled):
+                return (_torch_pool(torch, out.last_hidden_state, input_mask, head),)
             if head == "Model":
                 sequence = out.last_hidden_state
                 if pooled:
@@ -101,6 +113,31 @@ def _torch_model(torch, transformers, params, config, architecture, num_labels, 
             return (out.logits,)
 
     return Exported().eval()
+
+
+def _torch_pool(torch, hidden, mask, pooled: Pooled):
+    """`models.pooling.pool` in the exported graph (no prompt: every real token pooled)."""
+    weight = mask.unsqueeze(-1).to(hidden.dtype)
+    count = weight.sum(1).clamp(min=1e-9)
+    vectors = []
+    for mode in pooled.modes:
+        if mode == "cls":
+            vectors.append(hidden[:, 0])
+        elif mode == "max":
+            vectors.append(hidden.masked_fill(weight == 0, float("-inf")).max(1).values)
+        elif mode == "mean":
+            vectors.append((hidden * weight).sum(1) / count)
+        elif mode == "mean_sqrt_len_tokens":
+            vectors.append((hidden * weight).sum(1) / count.sqrt())
+        elif mode == "weightedmean":
+            positions = torch.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype)
+            weights = weight * positions.view(1, -1, 1)
+            vectors.append((hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9))
+        else:  # lasttoken
+            last = (mask.sum(1) - 1).clamp(min=0)
+            vectors.append(hidden[torch.arange(hidden.shape[0]), last])
+    out = torch.cat(vectors, dim=-1)
+    return torch.nn.functional.normalize(out, dim=-1, eps=1e-12) if pooled.normalize else out
 
 
 def _inputs(shape, vocab_size, seed):
@@ -118,7 +155,7 @@ def _bert_jax(params, config, architecture, num_labels, head, inputs):
     )
     model = models.merge_params(graphdef, params)
     arrays = [np.asarray(x, np.int32) for x in inputs]
-    return [np.asarray(x) for x in _outputs(head, model(*arrays))]
+    return [np.asarray(x) for x in _outputs(head, model(*arrays), arrays[1])]
 
 
 def _check(session, params, config, architecture, num_labels, head, shapes, tolerance, fate):
@@ -132,7 +169,7 @@ def _check(session, params, config, architecture, num_labels, head, shapes, tole
         feed = {k: v for k, v in zip(INPUTS, inputs, strict=True) if k in taken}
         got = session.run(None, feed)
         want = _bert_jax(params, config, architecture, num_labels, head, inputs)
-        for name, g, w in zip(OUTPUTS[head], got, want, strict=True):
+        for name, g, w in zip(output_names(head), got, want, strict=True):
             error = float(np.max(np.abs(g - w))) if g.shape == w.shape else float("inf")
             if error > tolerance * max(1.0, float(np.max(np.abs(w)))):
                 raise ValueError(
@@ -153,8 +190,8 @@ def _traced(torch, module, traced, dims, head, opset, vocab_size) -> io.BytesIO:
             tuple(torch.from_numpy(x) for x in _inputs(traced, vocab_size, 0)),
             buffer,
             input_names=list(INPUTS),
-            output_names=list(OUTPUTS[head]),
-            dynamic_axes={name: dynamic for name in (*INPUTS, *OUTPUTS[head])},
+            output_names=list(output_names(head)),
+            dynamic_axes={name: dynamic for name in (*INPUTS, *output_names(head))},
             opset_version=opset,
             dynamo=False,
         )
@@ -188,6 +225,7 @@ def export_onnx(
     output: str,
     opset: int = 17,
     int8: bool = False,
+    pooled: Pooled | None = None,
 ) -> dict:
     """Writes `output` (see the module doc) and returns its meta.json, with the check's
     largest difference from bert_jax under "max_abs_error".
@@ -195,9 +233,11 @@ def export_onnx(
     `int8`: also `model.int8.onnx`, the file through ONNX Runtime's dynamic quantization
     (int8 weights per output channel, activations quantized as they run; ONNX Runtime's
     VNNI/AVX-512 int8 kernels), its difference from bert_jax's float outputs under
-    "int8_max_abs_error" (refused over INT8_TOLERANCE of the outputs' largest magnitude)."""
-    head = _head(architecture)
-    architecture = registry.architecture(family(config), head)
+    "int8_max_abs_error" (refused over INT8_TOLERANCE of the outputs' largest magnitude).
+    `pooled`: the encoder as a sentence-embedding model (pooling and normalization in the
+    graph, checked against bert_jax's like every output)."""
+    architecture = registry.architecture(family(config), _head(architecture))
+    head = embedding_head(_head(architecture), pooled)
     fresh_output(output)
     torch, transformers, onnxruntime = _imports()
     params = jax.device_get(params)
@@ -223,7 +263,8 @@ def export_onnx(
         "input_shape": ", ".join(dims),
         "input_dtype": "int64",
         "max_length": limit,
-        "outputs": list(OUTPUTS[head]),
+        "outputs": list(output_names(head)),
+        **pooled_meta(head),
         "opset": opset,
         "tokenizer": {"vocab_file": vocab, "do_lower_case": tokenizer.do_lower_case},
         "max_abs_error": worst,

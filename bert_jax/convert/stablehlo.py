@@ -4,11 +4,13 @@
 
 OUT_DIR holds `model.jax_export` (the serialized forward pass, batch and length symbolic: any
 batch, any length up to the model's `max_position_embeddings`; multiple choice also any
-number of choices), `params.npz` (its weights), `meta.json` (architecture, input and output
+number of choices; an embedding model's pooling and normalization inside the graph, its
+output the sentence vector), `params.npz` (its weights), `meta.json` (architecture, input and output
 names, the tokenizer), the tokenizer's vocabulary file, and `run_exported.py`: a loader that
 needs jax, numpy and flatbuffers only.
 """
 
+import dataclasses
 import json
 import os
 
@@ -19,7 +21,7 @@ from jax import export
 
 from bert_jax import files, models
 from bert_jax.convert.names import model_class
-from bert_jax.models import registry
+from bert_jax.models import pooling, registry
 
 INPUTS = ("input_ids", "input_mask", "segment_ids")
 # Each head's outputs, by name, from the model's return value.
@@ -33,6 +35,24 @@ OUTPUTS = {
 }
 
 
+EMBEDDING_OUTPUTS = ("sentence_embedding",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pooled:
+    """An encoder exported as a sentence-embedding model: its last hidden states pooled with
+    `modes` (`models.pooling`, over the tokens `input_mask` marks) and, when `normalize`, of
+    unit length: the graph's one output, `sentence_embedding` [batch, len(modes) x D]."""
+
+    modes: tuple[str, ...]
+    normalize: bool = False
+
+
+def output_names(head) -> tuple[str, ...]:
+    """The output names of a head (or of a `Pooled` encoder)."""
+    return EMBEDDING_OUTPUTS if isinstance(head, Pooled) else OUTPUTS[head]
+
+
 def _head(architecture: str) -> str:
     head = registry.head_of(architecture)
     if head not in OUTPUTS:
@@ -44,6 +64,24 @@ def _head(architecture: str) -> str:
     return head
 
 
+def embedding_head(head: str, pooled: Pooled | None):
+    """`pooled` in place of a bare encoder's head; refused on a task head."""
+    if pooled is None:
+        return head
+    if head != "Model":
+        raise ValueError(
+            f"--pooling exports an encoder as a sentence-embedding model; this model has the "
+            f"{head} head: export the encoder (--architecture=BertModel)"
+        )
+    return pooled
+
+
+def pooled_meta(head) -> dict:
+    if not isinstance(head, Pooled):
+        return {}
+    return {"pooling": list(head.modes), "normalize": head.normalize}
+
+
 def fresh_output(output: str) -> None:
     """Refuses an output directory that already holds files; creates it otherwise."""
     if files.isdir(output) and files.listdir(output):
@@ -53,7 +91,10 @@ def fresh_output(output: str) -> None:
         raise OSError(problem)
 
 
-def _outputs(head: str, result) -> tuple[jax.Array, ...]:
+def _outputs(head, result, input_mask=None) -> tuple[jax.Array, ...]:
+    if isinstance(head, Pooled):
+        vectors = pooling.pool(result.sequence_output, input_mask, head.modes)
+        return (pooling.normalize(vectors) if head.normalize else vectors,)
     if head == "Model":
         pooled = result.pooled_output
         if pooled is None:
@@ -71,16 +112,18 @@ def export_stablehlo(
     num_labels: int,
     tokenizer,
     output: str,
+    pooled: Pooled | None = None,
 ) -> dict:
-    """Writes the artifact (see the module doc) to `output`; returns its meta.json."""
-    head = _head(architecture)
+    """Writes the artifact (see the module doc) to `output`; returns its meta.json.
+    `pooled`: the encoder (`architecture` a bare model) as a sentence-embedding model."""
+    head = embedding_head(_head(architecture), pooled)
     graphdef, _ = models.split_params(
         models.abstract_model(config, model_class(architecture, num_labels))
     )
 
     def forward(params, input_ids, input_mask, segment_ids):
         model = models.merge_params(graphdef, params)
-        return _outputs(head, model(input_ids, input_mask, segment_ids))
+        return _outputs(head, model(input_ids, input_mask, segment_ids), input_mask)
 
     limit = f"length <= {config.max_length}"
     dims = "batch, choices, length" if head == "ForMultipleChoice" else "batch, length"
@@ -104,7 +147,8 @@ def export_stablehlo(
         "inputs": list(INPUTS),
         "input_shape": dims,
         "max_length": config.max_length,
-        "outputs": list(OUTPUTS[head]),
+        "outputs": list(output_names(head)),
+        **pooled_meta(head),
         "tokenizer": {"vocab_file": vocab, "do_lower_case": tokenizer.do_lower_case},
         "jax_version": jax.__version__,
     }
@@ -125,6 +169,7 @@ Needs jax, numpy and flatbuffers only (not bert_jax):
     outputs["logits"]                                      # names in meta.json
 """
 
+import dataclasses
 import json
 import os
 
