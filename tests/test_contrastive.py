@@ -227,8 +227,8 @@ def test_grad_cache_per_replica_on_8_devices_equals_the_whole_batch_s():
 
 def test_grad_cache_with_dropout_uses_each_chunk_s_key_in_both_passes():
     """With dropout, the gradients equal differentiating the whole batch embedded chunk by
-    chunk with the keys GradCache gives each chunk (fold_in(rng, c)): the second pass drew
-    the same masks as the first."""
+    chunk with the keys GradCache gives each chunk (one replica: fold_in(fold_in(rng, c),
+    0)): the second pass drew the same masks as the first."""
     graphdef, params = _encoder()
     embed = _embed(graphdef, dropout=True)
     inputs = _pair_inputs()
@@ -238,7 +238,11 @@ def test_grad_cache_with_dropout_uses_each_chunk_s_key_in_both_passes():
 
     def whole(p):  # chunk c: rows c, c + chunks, ...; the rows put back in order
         parts = [
-            embed(p, {k: v[c::chunks] for k, v in inputs.items()}, jax.random.fold_in(rng, c))
+            embed(
+                p,
+                {k: v[c::chunks] for k, v in inputs.items()},
+                jax.random.fold_in(jax.random.fold_in(rng, c), 0),  # replica 0 of chunk c
+            )
             for c in range(chunks)
         ]
         return _pair_loss(jnp.stack(parts, axis=1).reshape(2 * PAIRS, -1))

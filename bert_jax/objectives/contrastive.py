@@ -15,9 +15,23 @@ the whole global batch: the similarity matrix of sharded embeddings makes the co
 the embeddings (a [B, D] array, not the tokens), so every anchor meets global batch - 1
 negatives. `grad_cache` computes the same loss and gradients while holding the activations
 of one chunk of the batch at a time (Gao et al., 2021).
+
+In `grad_cache`, chunk c holds rows c, c + C, c + 2C, ... of the N rows (C = N / chunk_size
+chunks), as gradient accumulation's micro-batches do: every device's rows of a batch split
+over the devices are spread evenly over the chunks, so forming them moves no data and each
+chunk keeps every device busy. Each of `replicas` (the batch split over the `spmd_axis_name`
+mesh axis of that size; 1: the whole chunk at once) embeds and differentiates its own rows
+of a chunk (`vmap` over the axis) and keeps its own gradient, summed across replicas once
+after the last chunk: otherwise the partitioner sums every chunk's gradient across the
+replicas, an all-reduce of the whole gradient per chunk. `embed` sees one replica's rows
+(its sharding rules must not split them over that axis). Replica r of chunk c draws its
+dropout from `fold_in(fold_in(rng, c), r)` in both passes, so the two embeddings of a chunk
+are the same: the result equals differentiating `loss(embed(...))` of the whole batch with
+those dropout keys, up to float rounding.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -124,6 +138,18 @@ def matryoshka(
     return nested
 
 
+def _strided(x: jax.Array, chunks: int) -> jax.Array:
+    """[N, ...] -> [chunks, N / chunks, ...]: chunk c holds rows c, c + chunks, ..."""
+    return x.reshape(-1, chunks, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _per_replica(fn, chunk_inputs, key, *rest, replicas: int, axis: str | None):
+    """`fn(replica's rows, replica's key, *rest's rows)` over the replicas: [R, ...]."""
+    rows = functools.partial(jax.tree.map, lambda x: x.reshape(replicas, -1, *x.shape[1:]))
+    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(replicas))
+    return jax.vmap(fn, spmd_axis_name=axis)(rows(chunk_inputs), keys, *rows(rest))
+
+
 def grad_cache(
     embed: Callable[[object, dict, jax.Array], jax.Array],
     loss: Callable[[jax.Array], tuple[jax.Array, dict]],
@@ -142,76 +168,47 @@ def grad_cache(
     2. The loss of all the embeddings and its gradient with respect to each embedding.
     3. Each chunk is embedded again, now differentiated, and its embeddings' cached gradients
        are pulled back to the parameters (`jax.vjp`) and added up.
-    Chunk c holds rows c, c + C, c + 2C, ... of the N rows (C = N / chunk_size chunks), as
-    gradient accumulation's micro-batches do: every device's rows of a batch split over the
-    devices are spread evenly over the chunks, so forming them moves no data and each chunk
-    keeps every device busy. Chunk c draws its dropout from `fold_in(rng, c)` in both passes,
-    so the two embeddings of a chunk are the same. The result equals differentiating
-    `loss(embed(...))` of the whole batch with those dropout keys, up to float rounding.
-
-    With `replicas` > 1 (the batch split over the `spmd_axis_name` mesh axis of that size),
-    each replica embeds and differentiates its own rows of a chunk (`vmap` over the axis,
-    dropout from `fold_in(chunk key, replica)`) and keeps its own gradient, summed across
-    replicas once after the last chunk: without that, the partitioner sums every chunk's
-    gradient across the replicas, an all-reduce of the whole gradient per chunk. `embed`
-    then sees one replica's rows (its sharding rules must not split them over that axis).
+    The chunks' layout, the replicas and the dropout keys: see the module's docstring.
 
     Args:
       embed: `(params, chunk inputs, rng) -> [chunk, D]` embeddings.
       loss: `(embeddings [N, D]) -> (loss, sums)` over the whole batch's embeddings, in the
         order of the rows.
-      inputs: arrays with a leading dimension N, a multiple of `chunk_size`.
+      inputs: arrays with a leading dimension N, a multiple of `chunk_size`, whose chunks
+        are multiples of `replicas`.
 
     Returns:
       ((loss, sums), gradients like `params`).
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
-    if n % chunk_size:
-        raise ValueError(f"the batch ({n} rows) must be a multiple of chunk_size={chunk_size}")
+    if n % chunk_size or chunk_size % replicas:
+        raise ValueError(
+            f"the batch ({n} rows) must be a multiple of chunk_size={chunk_size}, itself a "
+            f"multiple of the {replicas} replicas"
+        )
     chunks = n // chunk_size
-
-    def split(x):  # [N, ...] -> [chunks, chunk_size, ...], chunk c: rows c, c + chunks, ...
-        return x.reshape(chunk_size, chunks, *x.shape[1:]).swapaxes(0, 1)
-
+    split = functools.partial(_strided, chunks=chunks)
+    per_replica = functools.partial(_per_replica, replicas=replicas, axis=spmd_axis_name)
     pieces = jax.tree.map(split, inputs)
     keys = jax.vmap(lambda c: jax.random.fold_in(rng, c))(jnp.arange(chunks))
-
-    def per_replica(fn, chunk_inputs, key, *rest):
-        """`fn(replica's rows, replica's key, *rest's rows)` over the replicas: [R, ...]."""
-        parts = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), chunk_inputs)
-        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(replicas))
-        rest = [x.reshape(replicas, -1, *x.shape[1:]) for x in rest]
-        return jax.vmap(fn, spmd_axis_name=spmd_axis_name)(parts, keys, *rest)
-
     frozen = jax.lax.stop_gradient(params)
-
-    def embed_chunk(c):
-        if replicas == 1:
-            return embed(frozen, *c)
-        return per_replica(lambda x, k: embed(frozen, x, k), *c).reshape(chunk_size, -1)
-
-    embeddings = jax.lax.map(embed_chunk, (pieces, keys))
+    embeddings = jax.lax.map(
+        lambda c: per_replica(functools.partial(embed, frozen), *c).reshape(chunk_size, -1),
+        (pieces, keys),
+    )
     flat = embeddings.swapaxes(0, 1).reshape(n, *embeddings.shape[2:])
     (value, sums), cached = jax.value_and_grad(loss, has_aux=True)(flat)
-    cached = split(cached).astype(embeddings.dtype)
 
     def pull_back(chunk_inputs, key, gradient):
-        _, vjp = jax.vjp(lambda p: embed(p, chunk_inputs, key), params)
-        return vjp(gradient)[0]
+        return jax.vjp(lambda p: embed(p, chunk_inputs, key), params)[1](gradient)[0]
 
     def add_chunk(total, chunk):
-        if replicas == 1:
-            grads = pull_back(*chunk)
-        else:
-            grads = per_replica(pull_back, *chunk)
-        return jax.tree.map(jnp.add, total, grads), None
+        return jax.tree.map(jnp.add, total, per_replica(pull_back, *chunk)), None
 
-    stack = (replicas,) if replicas > 1 else ()
-    zeros = jax.tree.map(lambda x: jnp.zeros((*stack, *x.shape), x.dtype), params)
+    zeros = jax.tree.map(lambda x: jnp.zeros((replicas, *x.shape), x.dtype), params)
+    cached = split(cached).astype(embeddings.dtype)
     grads, _ = jax.lax.scan(add_chunk, zeros, (pieces, keys, cached))
-    if replicas > 1:  # the one sum across replicas
-        grads = jax.tree.map(lambda g: g.sum(0), grads)
-    return (value, sums), grads
+    return (value, sums), jax.tree.map(lambda g: g.sum(0), grads)  # the one sum of replicas
 
 
 @dataclasses.dataclass(frozen=True)
