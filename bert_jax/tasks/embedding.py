@@ -127,15 +127,18 @@ class EmbeddingTask(base.Task):
         self.spec = objectives.Embedding()
         # Until `prepare` reads the folder: what it holds decides these.
         self.dev_names, self.metrics = ("sts",), ("spearman", "pearson")
+        self.texts_per_example = 2
 
     # -- what the harness reads before the data ------------------------------------------
 
     def prepare(self, settings):
         folder = self._folder(settings)
         train = _first(folder, "train")
-        kind = "ranking"
-        if train:
-            kind = "scored" if read_examples(train).scores is not None else "ranking"
+        # Read once here: the loss and every batch's shape follow from its layout (without
+        # data, as when only compiling: pairs).
+        examples = read_examples(train) if train else Examples([("", "")], None)
+        kind = "scored" if examples.scores is not None else "ranking"
+        self.texts_per_example = len(examples.texts[0])
         self.spec = objectives.Embedding(kind=kind, **dict(settings.embedding))
         self.dev_names = tuple(n for n, _ in self._evaluations(settings, "dev"))
         self.metrics = ("spearman", "pearson") if self.dev_names[:1] == ("sts",) else ()
@@ -150,16 +153,11 @@ class EmbeddingTask(base.Task):
         return {"pooling": list(self.spec.modes)}
 
     def feature_specs(self, settings):
-        texts = 2 if self.spec.kind == "scored" else 2 + self._negatives(settings)
-        row = ((texts, settings.max_seq_length), np.dtype(np.int32))
+        row = ((self.texts_per_example, settings.max_seq_length), np.dtype(np.int32))
         specs = {"input_ids": row, "input_mask": row, "segment_ids": row}
         if self.spec.kind == "scored":
             specs["label"] = ((), np.dtype(np.float32))
         return specs
-
-    def _negatives(self, settings) -> int:
-        train = _first(self._folder(settings), "train")
-        return len(read_examples(train).texts[0]) - 2 if train else 0
 
     # -- reading -------------------------------------------------------------------------
 
