@@ -22,9 +22,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 MODELS = {
-    "bert_base": ("BERT-Base, length 128, batch 256 (paper)", "bert_base.py:phase1,bf16"),
-    "bert_large_p1": ("BERT-Large phase 1, 128, 64k (LAMB)", "bert_large.py:phase1,lamb,bf16"),
-    "bert_large_p2": ("BERT-Large phase 2, 512, 32k (LAMB)", "bert_large.py:phase2,lamb,bf16"),
+    "bert_base": ("BERT-Base, 128, batch 256 (paper), XLA attn.", "bert_base.py:phase1,bf16"),
+    "bert_base_fd": ("BERT-Base, 128, batch 256, flash-drop.", "bert_base.py:phase1,bf16"),
+    "bert_large_p1": ("BERT-Large phase 1, 128, 64k, XLA attn.", "bert_large.py:phase1,lamb,bf16"),
+    "bert_large_p2": ("BERT-Large phase 2, 512, 32k, XLA attn.", "bert_large.py:phase2,lamb,bf16"),
+    "bert_large_p2_fd": ("BERT-Large p2, 512, 32k, flash-drop.", "bert_large.py:phase2,lamb,bf16"),
     "albert_base": ("ALBERT-base, 512, batch 4096", "albert_base.py:bf16"),
     "albert_xxlarge": ("ALBERT-xxlarge, 512, batch 4096", "albert_xxlarge.py:bf16"),
     "modernbert_base": ("ModernBERT-base, 1,024, batch 4,608", "modernbert.py:base,bf16"),
@@ -32,6 +34,10 @@ MODELS = {
     "modernbert_large": ("ModernBERT-large, 1,024, batch 4,608", "modernbert.py:large,bf16"),
     "modernbert_large_8k": ("ModernBERT-large, 8,192, 576", "modernbert.py:large,extend,bf16"),
 }  # fmt: skip
+# BERT's recipe drops out attention probabilities: the rows named "XLA attention" keep the
+# attention that ran before the flash-dropout kernel (attention_kernel=xla), the "_fd" rows
+# run the kernel (attention_kernel=auto on TPU).
+XLA_ROWS = ("bert_base", "bert_large_p1", "bert_large_p2")
 # Compiled from the config alone: ModernBERT's tokenizer.json is not needed for the programs
 # (the vocabulary size is the model's), and the extension's optimizer state would come from
 # phase 1.
@@ -40,7 +46,7 @@ EXTRA = {
     + ["--config.init_optimizer=false"] * name.endswith("_8k")
     for name in MODELS
     if name.startswith("modernbert")
-}
+} | {name: ["--config.model.attention_kernel=xla"] for name in XLA_ROWS}
 SLICES = ("v5e-8", "v4-8", "v5p-8", "v6e-8", "v5e-256")
 
 

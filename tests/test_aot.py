@@ -109,8 +109,13 @@ def test_mesh_candidates_follow_the_families_and_the_model():
 
 def test_attention_path_names_the_kernel_and_why():
     config = models.BertConfig()
-    assert aot.attention_path(config, "tpu", 128, training=True).startswith("XLA (attention_")
+    assert aot.attention_path(config, "tpu", 128, training=True) == (
+        "flash_dropout (Mosaic kernel, attention dropout in the kernel); the last layer's "
+        "masked positions: XLA"
+    )
     assert aot.attention_path(config, "tpu", 128, training=False) == "splash (Mosaic kernel)"
+    xla = models.BertConfig(attention_kernel="xla")
+    assert aot.attention_path(xla, "tpu", 128, training=True) == "XLA (attention_kernel=xla)"
     no_dropout = models.BertConfig(attention_probs_dropout_prob=0.0)
     assert aot.attention_path(no_dropout, "tpu", 128, training=True).startswith("splash")
     assert "not a multiple of 128" in aot.attention_path(no_dropout, "tpu", 96, training=False)
@@ -404,6 +409,12 @@ def test_finetune_compiles_each_task_for_a_tpu_slice(tmp_path):
     assert train_step["name"] == "train_step" and predict_step["name"] == "predict_step"
     assert train_step["fits"] and predict_step["fits"] and train_step["flops"] > 0
     assert train_step["collectives"]["all-reduce"]["bytes"] > 0
-    # Fine-tuning keeps BERT's attention dropout: XLA attention in training, splash after.
-    assert report["attention"]["train_step"].startswith("XLA (attention_probs_dropout_prob")
+    # Fine-tuning keeps BERT's attention dropout: the flash-dropout kernels in training
+    # (forward, and both backward kernels), splash after.
+    assert report["attention"]["train_step"].startswith("flash_dropout (Mosaic kernel")
+    assert {k for k in train_step["kernels"] if k.startswith("flash_dropout")} == {
+        "flash_dropout_fwd",
+        "flash_dropout_dkv",
+        "flash_dropout_dq",
+    }
     assert {k.split("_segmented")[0] for k in predict_step["kernels"]} == {"splash_mha_fwd"}

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from bert_jax import objectives, sharding, training
-from bert_jax.models import BertConfig
+from bert_jax.models import BertConfig, attention
 from bert_jax.optim import OptimConfig
 
 GIB = 2**30
@@ -278,7 +278,9 @@ def analyze(
 
 # Multiply-adds per query-key pair and head dimension in the splash kernels: the forward
 # (QK', PV), the backward's dK/dV kernel (QK', dO V', P' dO, dS' Q) and its dQ kernel.
+# bert_jax's flash-dropout kernels do the same matmuls.
 _SPLASH_FLOPS = {"fwd": 4, "dkv": 8, "dq": 6}
+_KERNEL_FAMILIES = ("splash_mha", "flash_attention", "flash_dropout")
 
 
 def step_flops(jaxpr, chips: int) -> float:
@@ -325,10 +327,11 @@ def step_flops(jaxpr, chips: int) -> float:
 
 
 def _pallas_flops(eqn) -> float:
-    """FLOPs of a splash attention kernel call from its query and key shapes ([..., L, K])."""
+    """FLOPs of an attention kernel call (splash, flash dropout) from its query and key
+    shapes ([..., L, K])."""
     label = str(eqn.params.get("name", "")) + str(eqn.params.get("name_and_src_info", ""))
     for kind, per_pair in _SPLASH_FLOPS.items():
-        if f"splash_mha_{kind}" in label or f"flash_attention_{kind}" in label:
+        if any(f"{family}_{kind}" in label for family in _KERNEL_FAMILIES):
             # Operands: the mask's block tables first, then q, k, v ([B,] H, L, K).
             shapes = [getattr(v.aval, "shape", ()) for v in eqn.invars]
             rank = max(len(s) for s in shapes)
@@ -494,20 +497,24 @@ def batch_structs(trainer: training.Trainer, specs: Specs, batch_size: int) -> d
 
 
 def attention_path(config: BertConfig, platform: str, seq_len: int, training: bool) -> str:
-    """Which attention runs in a step, and why (splash cannot drop out probabilities)."""
-    if training and config.attention_probs_dropout_prob > 0:
-        return (
-            "XLA (attention_probs_dropout_prob > 0 in training: the splash kernel cannot drop "
-            "out attention probabilities)"
-        )
-    kernel = config.attention_kernel
-    if kernel == "splash" or (kernel == "auto" and platform == "tpu" and seq_len % 128 == 0):
-        compiled = "Mosaic kernel" if platform == "tpu" else "Pallas interpreter"
+    """Which attention runs in a step, and why."""
+    dropout = training and config.attention_probs_dropout_prob > 0
+    kernel = attention.fused_kernel(config.attention_kernel, seq_len, dropout, platform)
+    compiled = "Mosaic kernel" if platform == "tpu" else "Pallas interpreter"
+    tail = "; the last layer's masked positions: XLA" * training
+    if kernel == "flash_dropout":
+        if config.model_type == "modernbert":
+            return (
+                f"flash_dropout ({compiled}, attention dropout "
+                f"{config.attention_probs_dropout_prob}; local layers: XLA)"
+            )
+        return f"flash_dropout ({compiled}, attention dropout in the kernel){tail}"
+    if kernel == "splash":
         if config.model_type == "modernbert":  # every layer, the local ones with a local mask
             return f"splash ({compiled}; local layers: a {config.local_attention}-token window)"
-        return f"splash ({compiled})" + ("; the last layer's masked positions: XLA" * training)
+        return f"splash ({compiled}){tail}"
     reason = "not a TPU" if platform != "tpu" else f"length {seq_len} not a multiple of 128"
-    return f"XLA ({'attention_kernel=xla' if kernel == 'xla' else reason})"
+    return f"XLA ({'attention_kernel=xla' if config.attention_kernel == 'xla' else reason})"
 
 
 def compile_steps(

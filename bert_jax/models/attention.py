@@ -11,6 +11,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
 from bert_jax import axes
+from bert_jax.models import flash_dropout
 from bert_jax.models.layers import Dense, Dtype, dropout
 
 ATTENTION_KERNELS = ("auto", "xla", "splash")
@@ -78,12 +79,15 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def uses_splash(kernel: str, length: int) -> bool:
-    """Whether attention without dropout on its probabilities runs the splash kernel:
-    always with "splash"; with "auto" on TPU when the length is a multiple of 128."""
-    return kernel == "splash" or (
-        kernel == "auto" and target_platform() == "tpu" and length % 128 == 0
-    )
+def fused_kernel(kernel: str, length: int, dropout: bool, platform: str | None = None) -> str:
+    """Which kernel runs a layer's attention over all its queries: "splash" (the Pallas splash
+    kernel, no dropout on the probabilities), "flash_dropout" (bert_jax's Pallas kernel that
+    drops them out, `flash_dropout`) or "xla". `kernel` "splash" asks for the Pallas kernels
+    anywhere (interpreted off TPU); "auto" picks them on TPU at lengths divisible by 128."""
+    platform = platform or target_platform()
+    if kernel == "splash" or (kernel == "auto" and platform == "tpu" and length % 128 == 0):
+        return "flash_dropout" if dropout else "splash"
+    return "xla"
 
 
 def splash_attention(
@@ -104,24 +108,58 @@ def splash_attention(
             f"pad the inputs or use attention_kernel='xla'"
         )
     run = functools.partial(_splash_local, length=length, head_dim=head_dim, window=window)
+    return _per_shard(lambda q, k, v, ids, keys: run(q, k, v, ids), q, k, v, ids, None)
+
+
+def dropout_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, rate: float, rng: jax.Array
+) -> jax.Array:
+    """Attention with dropout on its probabilities through the Pallas flash-dropout kernel:
+    q, k, v [B, L, H, D] -> [B, L, H, D]; the mask is `flash_dropout.keep_mask` of the
+    (example, head) words `rng` draws, as the XLA path's. Compiled by Mosaic for the TPU,
+    interpreted elsewhere; per shard of the batch and heads under a mesh."""
+    keys = flash_dropout.head_keys(rng, q.shape[0], q.shape[2])
+
+    def run(q, k, v, ids, keys):
+        out = flash_dropout.flash_dropout_attention(
+            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)),
+            ids,
+            keys,
+            rate=rate,
+            packed=mask.packed,
+            interpret=target_platform() != "tpu",
+        )
+        return jnp.swapaxes(out, 1, 2)
+
+    return _per_shard(run, q, k, v, mask.ids, keys)
+
+
+def _per_shard(run, q, k, v, ids, keys) -> jax.Array:
+    """`run(q, k, v, ids, keys)` on each shard's batch and heads under the active mesh and
+    rules ([B, L, H, D] inputs, keys [2, B, H] or None), or whole without a mesh."""
     mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
     if mesh.empty or rules is None:
-        return run(q, k, v, ids)
+        return run(q, k, v, ids, keys)
     spec = axes.partition_spec(
         (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV), q.shape, dict(mesh.shape), rules
     )
     if spec[1] is not None or spec[3] is not None:
         raise ValueError(
-            f"splash attention shards the batch and the heads only; the rules split the "
-            f"sequence or the head size ({spec}); use attention_kernel='xla'"
+            f"the Pallas attention kernels shard the batch and the heads only; the rules split "
+            f"the sequence or the head size ({spec}); use attention_kernel='xla'"
         )
+    specs = [spec, spec, spec, PartitionSpec(spec[0], None)]
+    args = [q, k, v, ids]
+    if keys is not None:
+        specs.append(PartitionSpec(None, spec[0], spec[2]))
+        args.append(keys)
     return jax.shard_map(
-        run,
+        lambda *a: run(*a, *[None] * (keys is None)),
         mesh=mesh,
-        in_specs=(spec, spec, spec, PartitionSpec(spec[0], None)),
+        in_specs=tuple(specs),
         out_specs=spec,
         check_vma=False,
-    )(q, k, v, ids)
+    )(*args)
 
 
 def _splash_local(q, k, v, ids, *, length: int, head_dim: int, window: int):
@@ -180,25 +218,44 @@ def attend(
     """q [B, Q, H, K], k, v [B, L, H, K] -> (context [B, Q, H, K], probabilities [B, H, Q, L]
     float32 or None), by the explicit path (to return or drop out the probabilities), the
     splash kernel or XLA's fused attention; arguments as `SelfAttention`'s."""
-    dense_mask = mask.dense(query_positions)
-    if window:
-        far = jnp.logical_not(mask.near(window, query_positions))
-        dense_mask = dense_mask & jnp.logical_not(far & jnp.asarray(is_local))
     use_dropout = not deterministic and probs_dropout > 0.0
-    if return_probs or use_dropout:
-        # The explicit path: needed to return or drop out the probabilities. The fused
-        # kernels below cannot do either.
+    if use_dropout and rng is None:
+        raise ValueError("dropout needs an rng key when deterministic=False")
+    fused = fused_kernel(kernel, q.shape[1], use_dropout)
+    # A run whose layers drop out in the flash-dropout kernel draws the kernel's hashed mask
+    # wherever it attends by XLA too (the last layer's masked positions, local windows);
+    # a run on XLA attention keeps jax.random's masks, as before the kernel (resumed runs
+    # train on as they did).
+    hashed = fused == "flash_dropout"
+    if return_probs or query_positions is not None or (hashed and window):
+        # The kernels attend every query and return no probabilities; the flash-dropout
+        # kernel has no local window.
+        fused = "xla"
+    if fused == "flash_dropout":
+        ctx = dropout_attention(q, k, v, mask, probs_dropout, rng)
+    elif fused == "splash":
+        ctx = _splash_layer(q, k, v, mask.ids, window, is_local)
+    else:
+        dense_mask = mask.dense(query_positions)
+        if window:
+            far = jnp.logical_not(mask.near(window, query_positions))
+            dense_mask = dense_mask & jnp.logical_not(far & jnp.asarray(is_local))
+        if not (use_dropout or return_probs):
+            return jax.nn.dot_product_attention(q, k, v, mask=dense_mask), None
+        # The explicit path: it returns the probabilities, or drops them out.
         scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
         logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
         logits = jnp.where(dense_mask, logits * scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        dropped = dropout(probs, probs_dropout, rng, deterministic)
+        if use_dropout and hashed:
+            keys = flash_dropout.head_keys(rng, q.shape[0], q.shape[2])
+            keep = flash_dropout.keep_mask(keys, k.shape[1], probs_dropout, query_positions)
+            dropped = jnp.where(keep, probs / (1.0 - probs_dropout), 0.0)
+        else:
+            dropped = dropout(probs, probs_dropout, rng, deterministic)
         ctx = jnp.einsum("bhqs,bshk->bqhk", dropped.astype(v.dtype), v)
-    elif query_positions is None and uses_splash(kernel, q.shape[1]):
-        ctx = _splash_layer(q, k, v, mask.ids, window, is_local)
-    else:
-        ctx = jax.nn.dot_product_attention(q, k, v, mask=dense_mask)
-    return ctx, probs if return_probs or use_dropout else None
+        return ctx, probs if return_probs else None
+    return ctx, None
 
 
 class SelfAttention(nnx.Module):

@@ -149,9 +149,10 @@ class BertConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"  # "minimal" or "full" (see REMAT_POLICIES); True / False: full / none.
-    # Attention without dropout on its probabilities (evaluation, inference, ALBERT's
-    # recipe): "xla" (jax.nn.dot_product_attention), "splash" (the Pallas splash kernel, on
-    # TPU; interpreted elsewhere, for tests) or "auto" (splash on TPU, XLA elsewhere).
+    # Which attention runs: "xla" (XLA's attention; jax.random's dropout masks), "splash"
+    # (the Pallas kernels: splash without dropout on the probabilities, bert_jax's
+    # flash-dropout kernel with it; compiled by Mosaic on TPU, interpreted elsewhere, for
+    # tests) or "auto" (the Pallas kernels on TPU at lengths divisible by 128, XLA elsewhere).
     attention_kernel: str = "auto"
     # Heads removed from each layer (per layer, in the original numbering, as Hugging Face's
     # `pruned_heads`); a pruned model runs its layers one by one, each of its own size.
