@@ -154,14 +154,18 @@ def test_splash_attention_kernel_matches_the_xla_path():
     results = []
     for config in (xla, splash):
         trainer = training.create_trainer(
-            config, optim.OptimConfig(warmup_steps=1, total_steps=10), mesh, axes.DEFAULT_RULES
+            config, optim.OptimConfig(warmup_steps=0, total_steps=10), mesh, axes.DEFAULT_RULES
         )
         with jax.set_mesh(mesh):
             state = trainer.init(0)
+            before = jax.device_get(state.params)
             state, metrics = trainer.train_step(
                 state, sharding.global_batch(batch, mesh, axes.DEFAULT_RULES)
             )
         results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    # The step moved the parameters (no warmup: the first step's rate is the peak's).
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), results[0][1], before)
+    assert max(jax.tree.leaves(moved)) > 1e-5
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), *[r[1] for r in results]
