@@ -116,6 +116,13 @@ def test_attention_path_names_the_kernel_and_why():
     assert aot.attention_path(config, "tpu", 128, training=False) == "splash (Mosaic kernel)"
     xla = models.BertConfig(attention_kernel="xla")
     assert aot.attention_path(xla, "tpu", 128, training=True) == "XLA (attention_kernel=xla)"
+    modern = models.BertConfig(
+        model_type="modernbert", global_attn_every_n_layers=3, attention_probs_dropout_prob=0.1
+    )
+    assert aot.attention_path(modern, "tpu", 512, training=True) == (
+        "XLA (attention dropout with local windows: the flash-dropout kernel has none)"
+    )
+    assert aot.attention_path(modern, "tpu", 512, training=False).startswith("splash")
     no_dropout = models.BertConfig(attention_probs_dropout_prob=0.0)
     assert aot.attention_path(no_dropout, "tpu", 128, training=True).startswith("splash")
     assert "not a multiple of 128" in aot.attention_path(no_dropout, "tpu", 96, training=False)

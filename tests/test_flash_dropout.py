@@ -306,6 +306,9 @@ def test_auto_picks_the_kernel_for_training_with_dropout_on_tpu():
     assert attention.fused_kernel("auto", 512, dropout=True, platform="cpu") == "xla"
     assert attention.fused_kernel("xla", 512, dropout=True, platform="tpu") == "xla"
     assert attention.fused_kernel("splash", 128, dropout=True, platform="cpu") == "flash_dropout"
+    # ModernBERT's local windows: splash has them, the flash-dropout kernel does not.
+    assert attention.fused_kernel("auto", 512, False, "tpu", window=128) == "splash"
+    assert attention.fused_kernel("auto", 512, True, "tpu", window=128) == "xla"
     with pytest.raises(ValueError, match="length divisible by 128, got 96.*attention_kernel='xla'"):
         q = jnp.zeros((1, 1, 96, 64))
         flash_dropout.flash_dropout_attention(

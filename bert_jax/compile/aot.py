@@ -499,22 +499,26 @@ def batch_structs(trainer: training.Trainer, specs: Specs, batch_size: int) -> d
 def attention_path(config: BertConfig, platform: str, seq_len: int, training: bool) -> str:
     """Which attention runs in a step, and why."""
     dropout = training and config.attention_probs_dropout_prob > 0
-    kernel = attention.fused_kernel(config.attention_kernel, seq_len, dropout, platform)
+    kernel = attention.fused_kernel(
+        config.attention_kernel, seq_len, dropout, platform, config.attention_window
+    )
     compiled = "Mosaic kernel" if platform == "tpu" else "Pallas interpreter"
     tail = "; the last layer's masked positions: XLA" * training
     if kernel == "flash_dropout":
-        if config.model_type == "modernbert":
-            return (
-                f"flash_dropout ({compiled}, attention dropout "
-                f"{config.attention_probs_dropout_prob}; local layers: XLA)"
-            )
         return f"flash_dropout ({compiled}, attention dropout in the kernel){tail}"
     if kernel == "splash":
         if config.model_type == "modernbert":  # every layer, the local ones with a local mask
             return f"splash ({compiled}; local layers: a {config.local_attention}-token window)"
         return f"splash ({compiled}){tail}"
-    reason = "not a TPU" if platform != "tpu" else f"length {seq_len} not a multiple of 128"
-    return f"XLA ({'attention_kernel=xla' if config.attention_kernel == 'xla' else reason})"
+    if config.attention_kernel == "xla":
+        reason = "attention_kernel=xla"
+    elif attention.fused_kernel(config.attention_kernel, seq_len, False, platform) != "xla":
+        reason = "attention dropout with local windows: the flash-dropout kernel has none"
+    elif platform != "tpu":
+        reason = "not a TPU"
+    else:
+        reason = f"length {seq_len} not a multiple of 128"
+    return f"XLA ({reason})"
 
 
 def compile_steps(

@@ -79,14 +79,19 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def fused_kernel(kernel: str, length: int, dropout: bool, platform: str | None = None) -> str:
+def fused_kernel(
+    kernel: str, length: int, dropout: bool, platform: str | None = None, window: int = 0
+) -> str:
     """Which kernel runs a layer's attention over all its queries: "splash" (the Pallas splash
-    kernel, no dropout on the probabilities), "flash_dropout" (bert_jax's Pallas kernel that
-    drops them out, `flash_dropout`) or "xla". `kernel` "splash" asks for the Pallas kernels
-    anywhere (interpreted off TPU); "auto" picks them on TPU at lengths divisible by 128."""
+    kernel, no dropout on the probabilities, full or local masks), "flash_dropout" (bert_jax's
+    Pallas kernel that drops them out, `flash_dropout`; no local window) or "xla". `kernel`
+    "splash" asks for the Pallas kernels anywhere (interpreted off TPU); "auto" picks them on
+    TPU at lengths divisible by 128."""
     platform = platform or target_platform()
     if kernel == "splash" or (kernel == "auto" and platform == "tpu" and length % 128 == 0):
-        return "flash_dropout" if dropout else "splash"
+        if not dropout:
+            return "splash"
+        return "xla" if window else "flash_dropout"
     return "xla"
 
 
@@ -108,7 +113,7 @@ def splash_attention(
             f"pad the inputs or use attention_kernel='xla'"
         )
     run = functools.partial(_splash_local, length=length, head_dim=head_dim, window=window)
-    return _per_shard(lambda q, k, v, ids, keys: run(q, k, v, ids), q, k, v, ids, None)
+    return _per_shard(run, q, k, v, ids)
 
 
 def dropout_attention(
@@ -134,12 +139,13 @@ def dropout_attention(
     return _per_shard(run, q, k, v, mask.ids, keys)
 
 
-def _per_shard(run, q, k, v, ids, keys) -> jax.Array:
-    """`run(q, k, v, ids, keys)` on each shard's batch and heads under the active mesh and
-    rules ([B, L, H, D] inputs, keys [2, B, H] or None), or whole without a mesh."""
+def _per_shard(run, q, k, v, ids, keys=None) -> jax.Array:
+    """`run(q, k, v, ids[, keys])` on each shard's batch and heads under the active mesh and
+    rules ([B, L, H, D] inputs, ids [B, L], keys [2, B, H]), or whole without a mesh."""
+    args = [q, k, v, ids] + [keys] * (keys is not None)
     mesh, rules = jax.sharding.get_abstract_mesh(), axes.active_rules()
     if mesh.empty or rules is None:
-        return run(q, k, v, ids, keys)
+        return run(*args)
     spec = axes.partition_spec(
         (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV), q.shape, dict(mesh.shape), rules
     )
@@ -148,15 +154,11 @@ def _per_shard(run, q, k, v, ids, keys) -> jax.Array:
             f"the Pallas attention kernels shard the batch and the heads only; the rules split "
             f"the sequence or the head size ({spec}); use attention_kernel='xla'"
         )
-    specs = [spec, spec, spec, PartitionSpec(spec[0], None)]
-    args = [q, k, v, ids]
-    if keys is not None:
-        specs.append(PartitionSpec(None, spec[0], spec[2]))
-        args.append(keys)
+    specs = [spec, spec, spec, PartitionSpec(spec[0], None), PartitionSpec(None, spec[0], spec[2])]
     return jax.shard_map(
-        lambda *a: run(*a, *[None] * (keys is None)),
+        run,
         mesh=mesh,
-        in_specs=tuple(specs),
+        in_specs=tuple(specs[: len(args)]),
         out_specs=spec,
         check_vma=False,
     )(*args)
@@ -221,16 +223,13 @@ def attend(
     use_dropout = not deterministic and probs_dropout > 0.0
     if use_dropout and rng is None:
         raise ValueError("dropout needs an rng key when deterministic=False")
-    fused = fused_kernel(kernel, q.shape[1], use_dropout)
+    fused = fused_kernel(kernel, q.shape[1], use_dropout, window=window)
     # A run whose layers drop out in the flash-dropout kernel draws the kernel's hashed mask
-    # wherever it attends by XLA too (the last layer's masked positions, local windows);
-    # a run on XLA attention keeps jax.random's masks, as before the kernel (resumed runs
-    # train on as they did).
+    # where it attends by XLA too (the last layer's masked positions); a run on XLA attention
+    # keeps jax.random's masks, as before the kernel (resumed runs train on as they did).
     hashed = fused == "flash_dropout"
-    if return_probs or query_positions is not None or (hashed and window):
-        # The kernels attend every query and return no probabilities; the flash-dropout
-        # kernel has no local window.
-        fused = "xla"
+    if return_probs or query_positions is not None:
+        fused = "xla"  # the kernels attend every query and return no probabilities
     if fused == "flash_dropout":
         ctx = dropout_attention(q, k, v, mask, probs_dropout, rng)
     elif fused == "splash":

@@ -246,6 +246,11 @@ class BertConfig:
             f"{self.max_position_embeddings}{offset}"
         )
 
+    @property
+    def attention_window(self) -> int:
+        """The local layers' window when some layer attends locally (ModernBERT), else 0."""
+        return self.local_attention if not all(self.global_layers()) else 0
+
     def global_layers(self) -> tuple[bool, ...]:
         """Per layer, whether it attends globally (ModernBERT; every layer of the others)."""
         n = self.global_attn_every_n_layers if self.model_type == "modernbert" else 1

@@ -15,8 +15,8 @@ with k1, k2 two 32-bit words per (example, head) drawn by `jax.random` from the 
 dropout key (which folds in the step and the layer), and lowbias32 Chris Wellons' 32-bit
 integer hash (two multiplies, three xor-shifts). The forward and both backward kernels
 regenerate the same bits tile by tile, and `keep_mask` draws them for the whole [B, H, L, L]
-in plain JAX: the XLA attention path drops out with it too, so both paths train the same
-model and the tests compare the kernel with XLA's attention given the same mask.
+in plain JAX: where a run on the kernel attends by XLA (the last layer's masked positions) it
+drops out with that mask, and the tests compare the kernel with XLA's attention given it.
 
 The hash is integer arithmetic in int32 (a multiply wraps as on uint32; logical right
 shifts), which Mosaic compiles for the TPU's vector units and Pallas's interpreter runs on
@@ -88,15 +88,17 @@ def _lanes(x: jax.Array, n: int) -> jax.Array:
     return jnp.tile(x, (1, n // LANES))
 
 
-def _tile_mask(qid_ref, kid_ref, keys_ref, rate: float, tile: tuple[int, int], starts, length):
-    """The tile's (valid, keep) [block_q, block_k] bool: valid where the query may see the key
-    (same id, the key not padding), keep where dropout keeps the probability."""
+def _tile_mask(qid_ref, kid_ref, keys_ref, qi, ki, rate: float, length: int):
+    """The (valid, keep) [block_q, block_k] bool of query block `qi` against key block `ki`:
+    valid where the query may see the key (same id, the key not padding), keep where dropout
+    keeps the probability."""
     h = pl.program_id(1)
     q_ids = qid_ref[...][:, :1]  # [block_q, 1]
     k_ids = kid_ref[...][:1, :]  # [1, block_k]
     valid = (q_ids == k_ids) & (k_ids != 0)
-    rows = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + starts[0]
-    cols = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + starts[1]
+    tile = (q_ids.shape[0], k_ids.shape[1])
+    rows = jax.lax.broadcasted_iota(jnp.int32, tile, 0) + qi * tile[0]
+    cols = jax.lax.broadcasted_iota(jnp.int32, tile, 1) + ki * tile[1]
     keep = _keep_bits(rows * length + cols, keys_ref[0, h], keys_ref[1, h], _threshold(rate))
     return valid, keep
 
@@ -104,7 +106,7 @@ def _tile_mask(qid_ref, kid_ref, keys_ref, rate: float, tile: tuple[int, int], s
 def _fwd_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref, m_sc, l_sc,
                 acc_sc, *, scale: float, rate: float, length: int):  # fmt: skip
     qi, ki = pl.program_id(2), pl.program_id(3)
-    block_q, block_k, head_dim = q_ref.shape[0], k_ref.shape[0], q_ref.shape[1]
+    block_k, head_dim = k_ref.shape[0], q_ref.shape[1]
 
     @pl.when(ki == 0)
     def _init():
@@ -114,9 +116,7 @@ def _fwd_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, o_ref, lse_ref,
 
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     s = jax.lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-    valid, keep = _tile_mask(
-        qid_ref, kid_ref, keys_ref, rate, (block_q, block_k), (qi * block_q, ki * block_k), length
-    )
+    valid, keep = _tile_mask(qid_ref, kid_ref, keys_ref, qi, ki, rate, length)
     s = jnp.where(valid, s, MASK_VALUE)
     m_prev = m_sc[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [block_q, 128]
@@ -157,7 +157,7 @@ def _dkv_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref
                 dk_ref, dv_ref, dk_sc, dv_sc, *, scale: float, rate: float,
                 length: int):  # fmt: skip
     ki, qi = pl.program_id(2), pl.program_id(3)
-    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    block_k = k_ref.shape[0]
 
     @pl.when(qi == 0)
     def _init():
@@ -165,9 +165,7 @@ def _dkv_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    valid, keep = _tile_mask(
-        qid_ref, kid_ref, keys_ref, rate, (block_q, block_k), (qi * block_q, ki * block_k), length
-    )
+    valid, keep = _tile_mask(qid_ref, kid_ref, keys_ref, qi, ki, rate, length)
     p = _probabilities(q, k, lse_ref[...], valid, scale, block_k, length)
     dropped, ds = _score_grads(p, keep, valid, do, v, di_ref[...], rate, block_k)
     dv_sc[...] += jax.lax.dot_general(
@@ -186,16 +184,14 @@ def _dkv_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref
 def _dq_kernel(keys_ref, q_ref, k_ref, v_ref, qid_ref, kid_ref, lse_ref, di_ref, do_ref, dq_ref,
                dq_sc, *, scale: float, rate: float, length: int):  # fmt: skip
     qi, ki = pl.program_id(2), pl.program_id(3)
-    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+    block_k = k_ref.shape[0]
 
     @pl.when(ki == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    valid, keep = _tile_mask(
-        qid_ref, kid_ref, keys_ref, rate, (block_q, block_k), (qi * block_q, ki * block_k), length
-    )
+    valid, keep = _tile_mask(qid_ref, kid_ref, keys_ref, qi, ki, rate, length)
     p = _probabilities(q, k, lse_ref[...], valid, scale, block_k, length)
     _, ds = _score_grads(p, keep, valid, do, v, di_ref[...], rate, block_k)
     dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)

@@ -96,7 +96,7 @@ class ModernBertLayer(nnx.Module):
         self.hidden_act = config.hidden_act
         self.hidden_dropout = config.hidden_dropout_prob
         self.attention_dropout = config.attention_probs_dropout_prob
-        self.window = config.local_attention if not all(config.global_layers()) else 0
+        self.window = config.attention_window
 
     def __call__(
         self,

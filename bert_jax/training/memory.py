@@ -24,7 +24,8 @@ def memory_estimate(
     params = sharding.bytes_per_device(abstract_state.params)
     opt = sharding.bytes_per_device(abstract_state.opt_state)
     dropout = config.attention_probs_dropout_prob > 0
-    fused = attention.fused_kernel(config.attention_kernel, seq_len, dropout) != "xla"
+    window = config.attention_window
+    fused = attention.fused_kernel(config.attention_kernel, seq_len, dropout, None, window) != "xla"
     activations = activation_bytes_estimate(
         config, batch_per_device, seq_len, predictions, tensor_degree, fused
     )
